@@ -1,0 +1,27 @@
+"""Typed errors: each carries one sentence naming the problem and the fix.
+
+The CLI turns any `SouverainError` into that sentence and exit code 2; the HTTP server turns
+it into a 4xx JSON body. Nothing else should reach a user as a traceback.
+"""
+
+from __future__ import annotations
+
+
+class SouverainError(Exception):
+    """Base class of every error a user can cause and fix."""
+
+
+class CheckpointError(SouverainError):
+    """A model folder or file is missing, ambiguous, corrupt or of an unsupported kind."""
+
+
+class UnknownModelError(CheckpointError):
+    """A model name is neither a path nor a known alias."""
+
+
+class TokenizerError(SouverainError):
+    """A tokenizer is missing, unreadable, or cannot do what was asked (e.g. FIM, chat)."""
+
+
+class RequestError(SouverainError):
+    """A generation request is invalid (bad sampling parameter, prompt too long, ...)."""

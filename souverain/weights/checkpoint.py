@@ -1,0 +1,129 @@
+"""`Checkpoint`: what every reader returns — args, lazily read tensors, tokenizer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Iterator
+
+import torch
+
+from souverain.errors import CheckpointError
+from souverain.models.args import ModelArgs
+
+if TYPE_CHECKING:
+    from souverain.tokenizer import Tokenizer
+
+
+@dataclass
+class TensorInfo:
+    """Where one model tensor comes from, without reading it."""
+
+    shape: tuple[int, ...]  # shape in our layout (PyTorch order)
+    source_dtype: str  # as stored: "BF16", "F32", "Q4_K", ...
+    read: Callable[[], torch.Tensor]  # reads (and, if needed, converts) the tensor
+
+
+@dataclass
+class Checkpoint:
+    """A model on disk, opened but not yet read.
+
+    ``tensors`` maps mistral-inference names (``layers.0.attention.wq.weight``) to
+    `TensorInfo`; q/k rows are already in the interleaved RoPE layout whatever the format.
+    Reading a tensor materialises only that tensor, so a loader can stream tensors into the
+    model one at a time and keep peak memory near the size of the final weights.
+    """
+
+    path: Path
+    format: str  # "consolidated" | "huggingface" | "gguf"
+    args: ModelArgs
+    tensors: dict[str, TensorInfo]
+    tokenizer: "Tokenizer | None" = None
+    metadata: dict[str, object] = field(default_factory=dict)  # format-specific facts for inspect
+    closers: list[Callable[[], None]] = field(default_factory=list, repr=False)
+
+    def read(self, name: str) -> torch.Tensor:
+        """Read one tensor by its mistral-inference name."""
+        info = self.tensors.get(name)
+        if info is None:
+            raise CheckpointError(f"{self.path}: tensor {name!r} is missing from the checkpoint.")
+        return info.read()
+
+    def items(self) -> Iterator[tuple[str, TensorInfo]]:
+        return iter(self.tensors.items())
+
+    @property
+    def n_params(self) -> int:
+        total = 0
+        for info in self.tensors.values():
+            n = 1
+            for d in info.shape:
+                n *= d
+            total += n
+        return total
+
+    def source_dtypes(self) -> dict[str, int]:
+        """How many tensors of each stored dtype / quantization type."""
+        counts: dict[str, int] = {}
+        for info in self.tensors.values():
+            counts[info.source_dtype] = counts.get(info.source_dtype, 0) + 1
+        return counts
+
+    def close(self) -> None:
+        for close in self.closers:
+            close()
+        self.closers.clear()
+
+
+def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """Every tensor a model with ``args`` needs, by mistral-inference name, with its shape."""
+    d, hd = args.dim, args.head_dim
+    shapes: dict[str, tuple[int, ...]] = {
+        "tok_embeddings.weight": (args.vocab_size, d),
+        "norm.weight": (d,),
+    }
+    if not args.tied_embeddings:
+        shapes["output.weight"] = (args.vocab_size, d)
+    for i in range(args.n_layers):
+        p = f"layers.{i}."
+        shapes[p + "attention.wq.weight"] = (args.n_heads * hd, d)
+        shapes[p + "attention.wk.weight"] = (args.n_kv_heads * hd, d)
+        shapes[p + "attention.wv.weight"] = (args.n_kv_heads * hd, d)
+        shapes[p + "attention.wo.weight"] = (d, args.n_heads * hd)
+        shapes[p + "attention_norm.weight"] = (d,)
+        shapes[p + "ffn_norm.weight"] = (d,)
+        ffns = [p + "feed_forward."]
+        if args.moe is not None:
+            shapes[p + "feed_forward.gate.weight"] = (args.moe.num_experts, d)
+            ffns = [p + f"feed_forward.experts.{j}." for j in range(args.moe.num_experts)]
+        for f in ffns:
+            shapes[f + "w1.weight"] = (args.hidden_dim, d)
+            shapes[f + "w2.weight"] = (d, args.hidden_dim)
+            shapes[f + "w3.weight"] = (args.hidden_dim, d)
+    return shapes
+
+
+def validate(ckpt: Checkpoint, config_name: str) -> None:
+    """Check names and shapes against the args before anything is read, so a mismatch is
+    one clear sentence instead of a crash deep inside the model."""
+    want = expected_shapes(ckpt.args)
+    missing = [n for n in want if n not in ckpt.tensors]
+    if missing:
+        more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+        raise CheckpointError(
+            f"{ckpt.path}: tensor(s) {', '.join(missing[:3])}{more} are missing: the weights are "
+            f"incomplete or do not match {config_name}; re-download or re-convert the checkpoint."
+        )
+    for name, shape in want.items():
+        got = ckpt.tensors[name].shape
+        if tuple(got) != shape:
+            raise CheckpointError(
+                f"{ckpt.path}: tensor {name} has shape {list(got)} but {config_name} implies "
+                f"{list(shape)}; the weights and the config do not belong together."
+            )
+    extra = [n for n in ckpt.tensors if n not in want]
+    if extra:
+        raise CheckpointError(
+            f"{ckpt.path}: unexpected tensor(s) {', '.join(extra[:3])}: this checkpoint has parts "
+            f"souverain does not support (or {config_name} is wrong)."
+        )
