@@ -1,0 +1,50 @@
+"""Shared pytest fixtures.
+
+Tiny random reference checkpoints (see ``tests/checkpoints.py``): built once per session with
+transformers, seeded, float32, written in every format souverain reads.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+_TESTS_DIR = Path(__file__).resolve().parent
+if str(_TESTS_DIR) not in sys.path:  # `import checkpoints` also under --import-mode=importlib
+    sys.path.insert(0, str(_TESTS_DIR))
+
+from checkpoints import build_tiny_checkpoint  # noqa: E402
+
+
+def _build(tmp_path_factory: pytest.TempPathFactory, name: str) -> dict:
+    return build_tiny_checkpoint(name, tmp_path_factory.mktemp(f"tiny-{name}"))
+
+
+@pytest.fixture(scope="session")
+def tiny_mistral(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """MistralForCausalLM: 3 layers, head_dim 32 != 64/4, GQA 4/2, sliding_window 6, untied."""
+    return _build(tmp_path_factory, "mistral")
+
+
+@pytest.fixture(scope="session")
+def tiny_mixtral(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """MixtralForCausalLM: 2 layers, 4 experts top-2, GQA 4/2, no window, untied."""
+    return _build(tmp_path_factory, "mixtral")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """LlamaForCausalLM: 2 layers, GQA 4/1, rope_theta 1e4, eps 1e-6, tied embeddings."""
+    return _build(tmp_path_factory, "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_mistral: dict, tiny_mixtral: dict, tiny_llama: dict) -> dict[str, dict]:
+    """``{"mistral" | "mixtral" | "llama": {"hf", "consolidated", "pth", "gguf_f32", "gguf_f16",
+    "gguf_q8_0": Path, "args": params.json dict, "tokenizer": Path, "spec": TinySpec}}``.
+
+    ``hf``/``consolidated``/``pth`` are folders; ``gguf_*`` are files (all three in one folder).
+    Compare against ``checkpoints.hf_reference_logits(entry["hf"], ids)`` / ``hf_greedy``."""
+    return {"mistral": tiny_mistral, "mixtral": tiny_mixtral, "llama": tiny_llama}
