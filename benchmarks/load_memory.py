@@ -4,7 +4,8 @@
 
 Each model loads in a fresh subprocess. RSS is read from /proc: the peak (VmHWM) is reset
 after imports (``clear_refs`` 5), so the figure is the load's own cost:
-``(peak RSS during load - RSS before load) / bytes of the final weights``.
+``(peak RSS while reading weights - RSS once the checkpoint is open) / bytes of the final
+weights``; opening (metadata, tokenizer) is reported on its own as "open MB".
 ``--synthetic-bf16 DIM`` first writes a random Mistral-shaped consolidated checkpoint in bf16
 (dim DIM, 8 layers) under /tmp to measure the safetensors path on a bigger model.
 """
@@ -25,18 +26,19 @@ def rss(field):
     for line in open('/proc/self/status'):
         if line.startswith(field):
             return int(line.split()[1]) * 1024
-open('/proc/self/clear_refs', 'w').write('5')  # reset VmHWM to the current RSS
-base = rss('VmRSS:')
-t = time.perf_counter()
 from souverain.weights import load
 from souverain.models.loader import load_model
-ckpt = load(sys.argv[1])
+start = rss('VmRSS:')
+t = time.perf_counter()
+ckpt = load(sys.argv[1])  # opens files, parses metadata, builds the tokenizer
+opened = rss('VmRSS:')
+open('/proc/self/clear_refs', 'w').write('5')  # reset VmHWM to the current RSS
 model = load_model(ckpt, sys.argv[2])
 secs = time.perf_counter() - t
 weights = sum(p.numel() * p.element_size() for p in model.state_dict().values())
 print(json.dumps({"model": sys.argv[1], "dtype": sys.argv[2], "weights_mb": weights / 1e6,
-                  "peak_delta_mb": (rss('VmHWM:') - base) / 1e6, "after_mb": (rss('VmRSS:') - base) / 1e6,
-                  "seconds": secs}))
+                  "open_mb": (opened - start) / 1e6,
+                  "peak_delta_mb": (rss('VmHWM:') - opened) / 1e6, "seconds": secs}))
 """
 
 
@@ -74,12 +76,12 @@ def main() -> None:
     models = list(a.models)
     if a.synthetic_bf16:
         models.append(write_synthetic(a.synthetic_bf16))
-    print(f"{'model':<44} {'dtype':<9} {'weights MB':>10} {'peak+ MB':>9} {'ratio':>6} {'s':>6}")
+    print(f"{'model':<44} {'dtype':<9} {'open MB':>8} {'weights MB':>10} {'peak+ MB':>9} {'ratio':>6} {'s':>6}")
     for m in models:
         for dtype in a.dtype or ["float32"]:
             r = json.loads(subprocess.run([sys.executable, "-c", CHILD, m, dtype], check=True,
                                           capture_output=True, text=True).stdout.strip().splitlines()[-1])
-            print(f"{m[-44:]:<44} {dtype:<9} {r['weights_mb']:>10.0f} {r['peak_delta_mb']:>9.0f} "
+            print(f"{m[-44:]:<44} {dtype:<9} {r['open_mb']:>8.0f} {r['weights_mb']:>10.0f} {r['peak_delta_mb']:>9.0f} "
                   f"{r['peak_delta_mb'] / r['weights_mb']:>6.2f} {r['seconds']:>6.1f}")
 
 

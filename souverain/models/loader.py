@@ -41,9 +41,9 @@ def load_model(ckpt: Checkpoint, dtype: str | torch.dtype = "float32",
     names = list(model.state_dict().keys())
     state: dict[str, torch.Tensor] = {}
     for i, name in enumerate(names):
-        tensor = ckpt.read(name)
-        if tensor.dtype != target or tensor.device != torch.device(device):
-            tensor = tensor.to(device=device, dtype=target)
+        tensor = ckpt.read(name, target)
+        if tensor.device != torch.device(device):
+            tensor = tensor.to(device=device)
         state[name] = tensor
         if progress is not None:
             progress(i + 1, len(names))

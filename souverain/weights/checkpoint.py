@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import mmap
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
@@ -21,7 +25,9 @@ class TensorInfo:
 
     shape: tuple[int, ...]  # shape in our layout (PyTorch order)
     source_dtype: str  # as stored: "BF16", "F32", "Q4_K", ...
-    read: Callable[[], torch.Tensor]  # reads (and, if needed, converts) the tensor
+    # read(dtype): the tensor in our layout, converted to ``dtype`` (None: a natural float
+    # dtype for the source); a view of the file's memory map when nothing had to change
+    read: Callable[[torch.dtype | None], torch.Tensor]
 
 
 @dataclass
@@ -42,12 +48,12 @@ class Checkpoint:
     metadata: dict[str, object] = field(default_factory=dict)  # format-specific facts for inspect
     closers: list[Callable[[], None]] = field(default_factory=list, repr=False)
 
-    def read(self, name: str) -> torch.Tensor:
-        """Read one tensor by its mistral-inference name."""
+    def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Read one tensor by its mistral-inference name, converted to ``dtype`` if given."""
         info = self.tensors.get(name)
         if info is None:
             raise CheckpointError(f"{self.path}: tensor {name!r} is missing from the checkpoint.")
-        return info.read()
+        return info.read(dtype)
 
     def items(self) -> Iterator[tuple[str, TensorInfo]]:
         return iter(self.tensors.items())
@@ -73,6 +79,42 @@ class Checkpoint:
         for close in self.closers:
             close()
         self.closers.clear()
+
+
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True) if sys.platform == "linux" else None
+_MADV_DONTNEED = 4
+
+
+def drop_pages(address: int, nbytes: int) -> None:
+    """Tell the kernel we are done with the memory-mapped file pages of a source tensor that
+    has been copied (converted, dequantized, permuted), so they stop counting in our RSS.
+
+    Only whole pages strictly inside ``[address, address + nbytes)`` are dropped, so nothing
+    outside the source tensor is touched; for a file mapping the data is simply re-read from
+    the file if it is ever accessed again. A no-op off Linux.
+    """
+    if _LIBC is None or nbytes <= 0:
+        return
+    page = mmap.PAGESIZE
+    start = -(-address // page) * page
+    end = (address + nbytes) // page * page
+    if end > start:
+        _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)
+
+
+def convert_mapped(
+    source: torch.Tensor,
+    dtype: torch.dtype | None,
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """``transform(source)`` in ``dtype``; when that made a copy, the memory-mapped pages of
+    ``source`` are released at once, so peak memory is the final weights plus one tensor."""
+    out = transform(source) if transform is not None else source
+    if dtype is not None and out.dtype != dtype:
+        out = out.to(dtype)
+    if out.untyped_storage().data_ptr() != source.untyped_storage().data_ptr():
+        drop_pages(source.data_ptr(), source.numel() * source.element_size())
+    return out
 
 
 def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:

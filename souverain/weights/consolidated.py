@@ -13,7 +13,7 @@ import torch
 
 from souverain.errors import CheckpointError
 from souverain.models.args import ModelArgs
-from souverain.weights.checkpoint import Checkpoint, TensorInfo, validate
+from souverain.weights.checkpoint import Checkpoint, TensorInfo, convert_mapped, validate
 from souverain.weights.safetensors_files import SafetensorsFiles
 
 _TORCH_DTYPE_NAMES = {
@@ -54,7 +54,7 @@ def open_consolidated(folder: Path) -> Checkpoint:
         closers.append(files.close)
         for key in files.keys():
             tensors[key] = TensorInfo(files.shape(key), files.dtype(key),
-                                      (lambda k=key: files.get(k)))
+                                      (lambda dt, k=key: convert_mapped(files.get(k), dt)))
     else:
         if len(pth) > 1:
             raise CheckpointError(
@@ -72,7 +72,7 @@ def open_consolidated(folder: Path) -> Checkpoint:
             raise CheckpointError(f"{pth[0]} does not hold a state dict of tensors.")
         for key, t in state.items():
             tensors[key] = TensorInfo(tuple(t.shape), _TORCH_DTYPE_NAMES.get(t.dtype, str(t.dtype)),
-                                      (lambda t=t: t))
+                                      (lambda dt, t=t: convert_mapped(t, dt)))
     if args.tied_embeddings:
         tensors.pop("output.weight", None)
     ckpt = Checkpoint(path=folder, format="consolidated", args=args, tensors=tensors,

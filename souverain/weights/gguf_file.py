@@ -19,7 +19,7 @@ from gguf.quants import dequantize
 
 from souverain.errors import CheckpointError
 from souverain.models.args import ModelArgs, MoeArgs
-from souverain.weights.checkpoint import Checkpoint, TensorInfo, validate
+from souverain.weights.checkpoint import Checkpoint, TensorInfo, convert_mapped, drop_pages, validate
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 
@@ -111,12 +111,25 @@ def args_from_gguf(reader: GGUFReader, path: Path) -> ModelArgs:
     )
 
 
-def _to_torch(data: np.ndarray, qtype: GGMLQuantizationType) -> torch.Tensor:
+_CHUNK_BYTES = 8 << 20  # dequantize this much quantized data at a time
+
+
+def _read(data: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, ...],
+          dtype: torch.dtype | None) -> torch.Tensor:
+    """One tensor from its memory-mapped bytes, in ``dtype`` (default float32)."""
     if qtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
         with warnings.catch_warnings():  # the memory map is read-only; we never write to it
             warnings.simplefilter("ignore", UserWarning)
-            return torch.from_numpy(data)
-    return torch.from_numpy(dequantize(data, qtype))
+            return convert_mapped(torch.from_numpy(data), dtype or torch.float32)
+    # Quantized rows are independent: dequantize a few MB of rows at a time straight into the
+    # final tensor, so the float32 intermediate never exists for the whole tensor at once.
+    out = torch.empty(shape, dtype=dtype or torch.float32)
+    rows_out, rows_in = out.view(-1, shape[-1]), data.reshape(-1, data.shape[-1])
+    step = max(1, _CHUNK_BYTES // max(1, rows_in.shape[-1]))
+    for r in range(0, rows_in.shape[0], step):
+        rows_out[r:r + step] = torch.from_numpy(dequantize(rows_in[r:r + step], qtype))
+    drop_pages(data.ctypes.data, data.nbytes)
+    return out
 
 
 def open_gguf(path: Path) -> Checkpoint:
@@ -128,7 +141,7 @@ def open_gguf(path: Path) -> Checkpoint:
         qname = t.tensor_type.name
         if t.name in _GLOBAL:
             tensors[_GLOBAL[t.name]] = TensorInfo(
-                shape, qname, lambda t=t: _to_torch(t.data, t.tensor_type))
+                shape, qname, lambda dt, t=t, s=shape: _read(t.data, t.tensor_type, s, dt))
             continue
         m = _BLK.match(t.name)
         if m is None:
@@ -136,15 +149,16 @@ def open_gguf(path: Path) -> Checkpoint:
         prefix, rest = f"layers.{m.group(1)}.", m.group(2)
         if rest in _BLOCK:
             tensors[prefix + _BLOCK[rest]] = TensorInfo(
-                shape, qname, lambda t=t: _to_torch(t.data, t.tensor_type))
+                shape, qname, lambda dt, t=t, s=shape: _read(t.data, t.tensor_type, s, dt))
         elif rest in _STACKED:  # (n_experts, rows, cols): one expert is one leading slice
             w = _STACKED[rest]
             for j in range(shape[0]):
                 tensors[f"{prefix}feed_forward.experts.{j}.{w}.weight"] = TensorInfo(
-                    shape[1:], qname, lambda t=t, j=j: _to_torch(t.data[j], t.tensor_type))
+                    shape[1:], qname,
+                    lambda dt, t=t, j=j, s=shape[1:]: _read(t.data[j], t.tensor_type, s, dt))
         elif (e := _OLD_EXPERT.match(rest)) is not None:
             tensors[f"{prefix}feed_forward.experts.{e.group(2)}.{_OLD_NAMES[e.group(1)]}.weight"] = (
-                TensorInfo(shape, qname, lambda t=t: _to_torch(t.data, t.tensor_type)))
+                TensorInfo(shape, qname, lambda dt, t=t, s=shape: _read(t.data, t.tensor_type, s, dt)))
         else:
             raise CheckpointError(f"{path}: unexpected tensor {t.name}; souverain cannot load it.")
     qtypes = {}

@@ -16,7 +16,7 @@ import torch
 
 from souverain.errors import CheckpointError
 from souverain.models.args import ModelArgs, MoeArgs
-from souverain.weights.checkpoint import Checkpoint, TensorInfo, validate
+from souverain.weights.checkpoint import Checkpoint, TensorInfo, convert_mapped, validate
 from souverain.weights.safetensors_files import SafetensorsFiles
 
 SUPPORTED_ARCHITECTURES = ("MistralForCausalLM", "MixtralForCausalLM", "LlamaForCausalLM")
@@ -128,8 +128,10 @@ def open_huggingface(folder: Path) -> Checkpoint:
 
     tensors: dict[str, TensorInfo] = {}
 
-    def add(name: str, shape: tuple[int, ...], dtype: str, read: Callable[[], torch.Tensor]) -> None:
-        tensors[name] = TensorInfo(shape, dtype, read)
+    def add(name: str, shape: tuple[int, ...], dtype: str, get: Callable[[], torch.Tensor],
+            transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        tensors[name] = TensorInfo(shape, dtype,
+                                   lambda dt: convert_mapped(get(), dt, transform))
 
     for key in st.keys():
         shape, dtype = st.shape(key), st.dtype(key)
@@ -147,8 +149,8 @@ def open_huggingface(folder: Path) -> Checkpoint:
             prefix = f"layers.{i}."
             if rest in ("self_attn.q_proj.weight", "self_attn.k_proj.weight"):
                 heads = args.n_heads if "q_proj" in rest else args.n_kv_heads
-                add(prefix + _RENAME[rest], shape, dtype,
-                    lambda k=key, h=heads: hf_to_interleaved(st.get(k), h))
+                add(prefix + _RENAME[rest], shape, dtype, lambda k=key: st.get(k),
+                    lambda w, h=heads: hf_to_interleaved(w, h))
             elif rest in _RENAME:
                 add(prefix + _RENAME[rest], shape, dtype, lambda k=key: st.get(k))
             elif (e := _EXPERT.match(rest)) is not None:
