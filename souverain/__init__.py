@@ -1,10 +1,12 @@
 """souverain: your own La Plateforme — Mistral-family models on machines you own."""
 
-from souverain.engine.generate import CompletionOutput
-from souverain.engine.sampling import SamplingParams
+from souverain.engine import (
+    AsyncLLMEngine, CompletionOutput, EngineConfig, LLMEngine, RequestOutput, SamplingParams,
+)
 from souverain.errors import SouverainError
 from souverain.llm import LLM
 from souverain.models.args import ModelArgs, MoeArgs
 
-__all__ = ["LLM", "SamplingParams", "CompletionOutput", "ModelArgs", "MoeArgs", "SouverainError"]
+__all__ = ["LLM", "LLMEngine", "AsyncLLMEngine", "EngineConfig", "SamplingParams",
+           "RequestOutput", "CompletionOutput", "ModelArgs", "MoeArgs", "SouverainError"]
 __version__ = "0.1.0"

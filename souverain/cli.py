@@ -47,6 +47,11 @@ TemperatureOpt = typer.Option(0.7, "--temperature", "-t", min=0.0,
 TopPOpt = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass.")
 SeedOpt = typer.Option(None, "--seed", help="Random seed for reproducible sampling.")
 ThreadsOpt = typer.Option(None, "--threads", min=1, help="CPU threads (default: physical cores).")
+QuantOpt = typer.Option("none", "--quantization", "-q",
+                        help="Weight-only quantization of the linears: none, int8 or int4 "
+                             "(faster decode on CPU, small accuracy cost).")
+KvOpt = typer.Option(None, "--kv-cache-gib", min=0.001,
+                     help="KV-cache budget in GiB (default: 25% of free memory, at most 4).")
 
 
 @contextlib.contextmanager
@@ -65,7 +70,8 @@ def user_errors() -> Iterator[None]:
         raise typer.Exit(130) from None
 
 
-def load_llm(model: str, dtype: str, threads: Optional[int]) -> Any:
+def load_llm(model: str, dtype: str, threads: Optional[int], quantization: str = "none",
+             kv_cache_gib: Optional[float] = None) -> Any:
     from souverain.llm import LLM
 
     with Progress(TextColumn("[bold]loading[/] {task.description}"), BarColumn(),
@@ -76,11 +82,13 @@ def load_llm(model: str, dtype: str, threads: Optional[int]) -> Any:
         def progress(done: int, total: int) -> None:
             bar.update(task, completed=done, total=total)
 
-        llm = LLM(model, dtype=dtype, threads=threads, progress=progress)
+        llm = LLM(model, dtype=dtype, quantization=quantization, threads=threads,
+                  progress=progress, kv_cache_gib=kv_cache_gib)
     a = llm.args
     err.print(f"[dim]{llm.checkpoint.path} · {llm.checkpoint.format} · "
               f"{a.n_params / 1e6:.0f}M params · {str(llm.dtype).replace('torch.', '')} · "
-              f"{llm.threads} threads[/]")
+              f"{'' if quantization == 'none' else quantization + ' · '}{llm.threads} threads · "
+              f"KV {llm.engine.kv_tokens} tokens[/]")
     return llm
 
 
@@ -123,6 +131,8 @@ def chat(
     top_p: float = TopPOpt,
     seed: Optional[int] = SeedOpt,
     threads: Optional[int] = ThreadsOpt,
+    quantization: str = QuantOpt,
+    kv_cache_gib: Optional[float] = KvOpt,
 ) -> None:
     """Chat with a model in the terminal; answers stream as they are generated.
 
@@ -135,7 +145,7 @@ def chat(
     """
     with user_errors():
         params = sampling(max_tokens, temperature, top_p, seed)
-        llm = load_llm(model, dtype, threads)
+        llm = load_llm(model, dtype, threads, quantization, kv_cache_gib)
         llm._require_tokenizer("chat")
         history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
         interactive = sys.stdin.isatty()
@@ -171,6 +181,8 @@ def generate(
     top_p: float = TopPOpt,
     seed: Optional[int] = SeedOpt,
     threads: Optional[int] = ThreadsOpt,
+    quantization: str = QuantOpt,
+    kv_cache_gib: Optional[float] = KvOpt,
 ) -> None:
     """Continue a prompt once and stream the text to stdout (stats go to stderr).
 
@@ -180,7 +192,7 @@ def generate(
     """
     with user_errors():
         params = sampling(max_tokens, temperature, top_p, seed)
-        llm = load_llm(model, dtype, threads)
+        llm = load_llm(model, dtype, threads, quantization, kv_cache_gib)
         if chat_mode:
             chunks = llm.stream_chat([{"role": "user", "content": prompt}], params)
         else:

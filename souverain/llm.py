@@ -1,4 +1,4 @@
-"""`LLM`: the offline Python API (shaped like vLLM's).
+"""`LLM`: the offline Python API (shaped like vLLM's), running on the `LLMEngine`.
 
 >>> from souverain import LLM, SamplingParams
 >>> llm = LLM("smollm2-135m-instruct")
@@ -8,17 +8,15 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, Iterator, Sequence, Union
 
 import torch
 
-from souverain.engine.generate import CompletionOutput, generate_stream
+from souverain.engine.engine import EngineConfig, LLMEngine
 from souverain.engine.sampling import SamplingParams
-from souverain.errors import TokenizerError
-from souverain.models.loader import ProgressFn, load_model, parse_dtype
-from souverain.runtime import configure_threads, default_dtype
-from souverain.weights import load
+from souverain.engine.sequence import RequestOutput
+from souverain.errors import RequestError, TokenizerError
+from souverain.models.loader import ProgressFn
 
 Prompt = Union[str, Sequence[int]]
 Messages = list[dict[str, Any]]
@@ -33,16 +31,19 @@ class LLM:
     """
 
     def __init__(self, model: str | os.PathLike[str] = "smollm2-135m-instruct",
-                 dtype: str = "auto", threads: int | None = None,
-                 progress: ProgressFn | None = None):
-        self.threads = configure_threads(threads)
-        self.checkpoint = load(model)
-        self.args = self.checkpoint.args
-        self.tokenizer = self.checkpoint.tokenizer
-        self.dtype = parse_dtype(default_dtype(self.args.n_params) if dtype == "auto" else dtype)
-        self.model = load_model(self.checkpoint, self.dtype, progress=progress)
-        self.context = self.args.max_seq_len
-        self.name = str(model) if not Path(str(model)).exists() else Path(str(model)).name
+                 dtype: str = "auto", quantization: str = "none", threads: int | None = None,
+                 progress: ProgressFn | None = None, **engine_options: Any):
+        config = EngineConfig(dtype=dtype, quantization=quantization, threads=threads,
+                              **engine_options)
+        self.engine = LLMEngine(model, config, progress=progress)
+        self.checkpoint = self.engine.checkpoint
+        self.args = self.engine.args
+        self.tokenizer = self.engine.tokenizer
+        self.model = self.engine.model
+        self.dtype = self.engine.dtype
+        self.threads = self.engine.threads
+        self.context = self.engine.max_model_len
+        self.last_output: RequestOutput | None = None
 
     # -- prompts -----------------------------------------------------------------------------
     def _require_tokenizer(self, what: str) -> Any:
@@ -90,46 +91,65 @@ class LLM:
     # -- generation --------------------------------------------------------------------------
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  params: SamplingParams | Sequence[SamplingParams] | None = None
-                 ) -> list[CompletionOutput]:
+                 ) -> list[RequestOutput]:
         """Complete each prompt (a string or a list of token ids); all run as one batch."""
         ids = self._prompts(prompts)
         return self._run(ids, self._params(params, len(ids)))
 
     def chat(self, messages: Messages | Sequence[Messages],
              params: SamplingParams | Sequence[SamplingParams] | None = None,
-             tools: list[dict[str, Any]] | None = None) -> list[CompletionOutput]:
+             tools: list[dict[str, Any]] | None = None) -> list[RequestOutput]:
         """Answer one conversation (a list of ``{"role", "content"}`` dicts) or a batch of them."""
         ids = self._chats(messages, tools)
         return self._run(ids, self._params(params, len(ids)))
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[str]:
         """Yield the text of one completion as it is generated (UTF-8 safe deltas)."""
-        return self._stream(self._prompts(prompt), params)
+        return self._stream(self._prompts(prompt)[0], params)
 
     def stream_chat(self, messages: Messages, params: SamplingParams | None = None,
                     tools: list[dict[str, Any]] | None = None) -> Iterator[str]:
         """Yield the text of the answer to one conversation as it is generated."""
-        return self._stream(self._chats(messages, tools), params)
+        return self._stream(self._chats(messages, tools)[0], params)
 
-    def _stream(self, ids: list[list[int]], params: SamplingParams | None) -> Iterator[str]:
-        self.last_output: CompletionOutput | None = None
-        for outputs, deltas in generate_stream(self.model, self.tokenizer, ids,
-                                               self._params(params, 1), self.context):
-            self.last_output = outputs[0]
-            if deltas[0]:
-                yield deltas[0]
+    def _stream(self, ids: list[int], params: SamplingParams | None) -> Iterator[str]:
+        engine = self.engine
+        request_id = engine.add_request(None, ids, params or SamplingParams())
+        finished = False
+        try:
+            while not finished:
+                for out in engine.step():
+                    if out.request_id != request_id:
+                        continue
+                    self.last_output = out
+                    finished = out.finished
+                    if out.outputs[0].delta_text:
+                        yield out.outputs[0].delta_text
+        finally:
+            if not finished:
+                engine.abort(request_id)
 
-    def _run(self, ids: list[list[int]], params: list[SamplingParams]) -> list[CompletionOutput]:
-        outputs: list[CompletionOutput] = []
-        for outputs, _ in generate_stream(self.model, self.tokenizer, ids, params, self.context):
-            pass
-        return outputs
+    def _run(self, ids: list[list[int]], params: list[SamplingParams]) -> list[RequestOutput]:
+        engine = self.engine
+        order = [engine.add_request(None, p, sp) for p, sp in zip(ids, params)]
+        done: dict[str, RequestOutput] = {}
+        try:
+            while len(done) < len(order):
+                for out in engine.step():
+                    if out.finished:
+                        done[out.request_id] = out
+                if not engine.has_unfinished() and len(done) < len(order):
+                    raise RequestError("the engine stopped before every request finished")
+        finally:
+            for request_id in order:
+                if request_id not in done:
+                    engine.abort(request_id)
+        return [done[r] for r in order]
 
     def logits(self, token_ids: Sequence[int]) -> torch.Tensor:
         """Full-prefill logits: float32 tensor ``[len(token_ids), vocab]``."""
-        from souverain.engine.generate import check_prompt
-
-        ids = check_prompt(token_ids, self.args.vocab_size, None)
+        ids = [int(t) for t in token_ids]
+        self.engine.check_token_ids(ids)
         with torch.inference_mode():
             tokens = torch.tensor(ids, dtype=torch.long, device=self.model.device)
             return self.model(tokens, torch.arange(len(ids), device=self.model.device))

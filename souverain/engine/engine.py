@@ -1,0 +1,376 @@
+"""`LLMEngine`: requests in, one batched forward per step, outputs out.
+
+    engine = LLMEngine("smollm2-135m-instruct", EngineConfig(kv_cache_tokens=8192))
+    engine.add_request("r1", "The capital of France is", SamplingParams(max_tokens=16))
+    while engine.has_unfinished():
+        for out in engine.step():
+            print(out.request_id, out.outputs[0].delta_text, out.finished)
+
+Each `step` = scheduler (continuous batching, chunked prefill, prefix cache, preemption) ->
+one forward over the flat batch of every scheduled sequence through a `PagedAttention`
+backend -> batched sampling -> detokenization and stop checks -> blocks of finished
+sequences freed at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+from dataclasses import dataclass, field
+from typing import Any, Sequence as Seq
+
+import torch
+
+from souverain.engine.block_manager import BlockManager
+from souverain.engine.paged_attention import PagedAttention, PagedKVCache, SeqSlice
+from souverain.engine.sampling import SamplingParams
+
+try:
+    from souverain.engine.sampling import SamplingRow, sample_batch
+except ImportError:  # TEMPORARY until the batched sampler lands (lead: remove)
+    from dataclasses import dataclass as _dc
+
+    from souverain.engine.sampling import sample as _sample
+
+    @_dc
+    class SamplingRow:  # type: ignore[no-redef]
+        params: Any
+        generator: Any
+        prompt_token_ids: Any
+        output_token_ids: Any
+
+    SamplingParams.n = 1  # type: ignore[attr-defined]
+    SamplingParams.logprobs = False  # type: ignore[attr-defined]
+
+    def sample_batch(logits, rows):  # type: ignore[no-redef]
+        return [_sample(logits[i], r.params, r.generator) for i, r in enumerate(rows)], [None] * len(rows)
+from souverain.engine.scheduler import Scheduler
+from souverain.engine.sequence import (
+    RequestMetrics, RequestOutput, Sequence, SequenceStatus, now,
+)
+from souverain.errors import RequestError, TokenizerError
+from souverain.models.loader import ProgressFn, load_model, parse_dtype
+from souverain.runtime import available_memory, configure_threads, default_dtype
+from souverain.tokenizer import IncrementalDetokenizer, Tokenizer
+from souverain.weights import load
+
+GiB = 1 << 30
+
+
+@dataclass
+class EngineConfig:
+    """How the engine runs a model; CLI flags map 1:1 onto these fields.
+
+    KV budget: ``kv_cache_tokens`` or ``kv_cache_gib`` (one of them; default: 25% of the
+    memory available after loading, at most 4 GiB, and no more than ``max_num_seqs`` full
+    contexts). The budget is the only KV memory the engine ever uses; when it runs out,
+    sequences are preempted and recomputed, never dropped.
+    """
+
+    dtype: str = "auto"
+    quantization: str = "none"
+    threads: int | None = None
+    block_size: int = 16
+    kv_cache_tokens: int | None = None
+    kv_cache_gib: float | None = None
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    enable_prefix_caching: bool = True
+    max_model_len: int | None = None
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.block_size >= 1, f"block_size={self.block_size} must be >= 1"),
+            (self.max_num_seqs >= 1, f"max_num_seqs={self.max_num_seqs} must be >= 1"),
+            (self.max_num_batched_tokens >= 1,
+             f"max_num_batched_tokens={self.max_num_batched_tokens} must be >= 1"),
+            (self.kv_cache_tokens is None or self.kv_cache_gib is None,
+             "give kv_cache_tokens or kv_cache_gib, not both"),
+            (self.kv_cache_tokens is None or self.kv_cache_tokens >= 2 * self.block_size,
+             f"kv_cache_tokens={self.kv_cache_tokens} must be at least 2 blocks "
+             f"({2 * self.block_size} tokens)"),
+            (self.kv_cache_gib is None or self.kv_cache_gib > 0, "kv_cache_gib must be > 0"),
+            (self.quantization in ("none", "int8", "int4"),
+             f"quantization={self.quantization!r} must be none, int8 or int4"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise RequestError(f"invalid engine setting: {message}.")
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    seqs: list[Sequence]
+    metrics: RequestMetrics
+    finished: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def output(self) -> RequestOutput:
+        """A snapshot: later steps do not change what was handed out (streams may lag)."""
+        return RequestOutput(
+            request_id=self.request_id,
+            prompt_token_ids=self.prompt_token_ids,
+            outputs=[dataclasses.replace(s.output, token_ids=list(s.output.token_ids),
+                                         logprobs=None if s.output.logprobs is None
+                                         else list(s.output.logprobs))
+                     for s in self.seqs],
+            finished=self.finished,
+            metrics=self.metrics,
+            num_cached_tokens=self.seqs[0].num_cached,
+        )
+
+
+class LLMEngine:
+    """The inference engine behind `LLM` and the server (see module docstring)."""
+
+    def __init__(self, model: str | os.PathLike[str] = "smollm2-135m-instruct",
+                 config: EngineConfig | None = None, progress: ProgressFn | None = None):
+        self.config = config = config or EngineConfig()
+        self.threads = configure_threads(config.threads)
+        self.checkpoint = load(model)
+        self.args = args = self.checkpoint.args
+        self.tokenizer: Tokenizer | None = self.checkpoint.tokenizer
+        self.dtype = parse_dtype(
+            default_dtype(args.n_params) if config.dtype == "auto" else config.dtype)
+        self.model = load_model(self.checkpoint, self.dtype, progress=progress,
+                                **({} if config.quantization == "none"
+                                   else {"quantization": config.quantization}))
+        self.device = self.model.device
+
+        windows = {args.window_for_layer(i) for i in range(args.n_layers)}
+        self.window = None if None in windows else max(w for w in windows if w is not None)
+        per_token = PagedKVCache.bytes_per_token(args.n_layers, args.n_kv_heads, args.head_dim,
+                                                 self.dtype)
+        context = config.max_model_len or args.max_seq_len or 32768
+        if config.kv_cache_tokens is not None:
+            tokens = config.kv_cache_tokens
+        else:
+            gib = config.kv_cache_gib
+            budget = gib * GiB if gib is not None else min(4 * GiB, 0.25 * (available_memory() or 8 * GiB))
+            tokens = int(budget // per_token)
+            if gib is None:
+                tokens = min(tokens, config.max_num_seqs * context)
+        num_blocks = max(2, tokens // config.block_size)
+        self.kv_tokens = (num_blocks - 1) * config.block_size  # block 0 is the padding block
+        if self.window is None:
+            # a sequence holds all its tokens: it can never be longer than the whole budget
+            context = min(context, self.kv_tokens)
+        elif self.kv_tokens < self.window + config.max_num_batched_tokens + config.block_size:
+            raise RequestError(
+                f"the KV budget ({self.kv_tokens} tokens) is smaller than one sliding window "
+                f"plus a step ({self.window} + {config.max_num_batched_tokens}); raise "
+                "kv_cache_tokens / kv_cache_gib."
+            )
+        self.max_model_len = context
+        self.kv_bytes_per_token = per_token
+        self.cache = PagedKVCache(args.n_layers, num_blocks, config.block_size, args.n_kv_heads,
+                                  args.head_dim, self.dtype, self.device)
+        self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching,
+                                   self.window)
+        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
+        self.requests: dict[str, _Request] = {}
+        self._seq_ids = itertools.count()
+        self._request_ids = itertools.count()
+        self.eos_ids = set(self.tokenizer.eos_ids) if self.tokenizer is not None else set()
+
+    # -- requests --------------------------------------------------------------------------
+    def encode_prompt(self, prompt: str | Seq[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise TokenizerError(
+                    f"{self.checkpoint.path} has no tokenizer, so a text prompt cannot be "
+                    "encoded; pass token ids instead."
+                )
+            return self.tokenizer.encode(prompt, bos=True)
+        return [int(t) for t in prompt]
+
+    def check_prompt(self, ids: list[int]) -> None:
+        """Reject a prompt that is empty, has unknown ids, or leaves no room to generate."""
+        self.check_token_ids(ids)
+        if len(ids) >= self.max_model_len:
+            raise RequestError(
+                f"the prompt has {len(ids)} tokens but this engine serves at most "
+                f"{self.max_model_len} tokens per sequence (model context and KV budget), "
+                "leaving no room to generate; shorten the prompt (souverain never truncates "
+                "it silently)."
+            )
+
+    def check_token_ids(self, ids: list[int]) -> None:
+        vocab = self.args.vocab_size
+        if not ids:
+            raise RequestError("the prompt is empty; give at least one token.")
+        bad = next((i for i in ids if not 0 <= i < vocab), None)
+        if bad is not None:
+            raise RequestError(
+                f"token id {bad} is outside the vocabulary (0..{vocab - 1}); check the "
+                "tokenizer matches this model."
+            )
+
+    def prepare_request(self, request_id: str | None, prompt: str | Seq[int],
+                        params: SamplingParams | None = None,
+                        arrival_time: float | None = None) -> "_Request":
+        """Encode and validate a request without touching the scheduler (safe to call from
+        another thread; `AsyncLLMEngine` does so, so bad input fails in the caller at once)."""
+        params = params or SamplingParams()
+        request_id = request_id if request_id is not None else f"req-{next(self._request_ids)}"
+        ids = self.encode_prompt(prompt)
+        self.check_prompt(ids)
+        limit = self.max_model_len
+        if params.max_tokens is not None:
+            limit = min(limit, len(ids) + params.max_tokens)
+        arrival = arrival_time if arrival_time is not None else now()
+        seqs = []
+        for index in range(getattr(params, "n", 1)):  # TEMPORARY getattr until the sampler lands
+            p = params.clone_for(index) if index else params
+            detok = (IncrementalDetokenizer(self.tokenizer, ids, p.skip_special_tokens)
+                     if self.tokenizer is not None else None)
+            stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_ids)
+            seqs.append(Sequence(next(self._seq_ids), request_id, index, ids, p, detok,
+                                 stop_ids, limit, arrival))
+        return _Request(request_id, ids, seqs, RequestMetrics(arrival))
+
+    def submit(self, req: "_Request") -> None:
+        """Queue a prepared request; it joins the running batch at the next step."""
+        if req.request_id in self.requests:
+            raise RequestError(f"request id {req.request_id!r} is already in use.")
+        self.requests[req.request_id] = req
+        for seq in req.seqs:
+            self.scheduler.add(seq)
+
+    def add_request(self, request_id: str | None, prompt: str | Seq[int],
+                    params: SamplingParams | None = None,
+                    arrival_time: float | None = None) -> str:
+        """Queue a request (text or token ids); returns its id."""
+        req = self.prepare_request(request_id, prompt, params, arrival_time)
+        self.submit(req)
+        return req.request_id
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request now and free its KV blocks; False if it is unknown or finished."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return False
+        for seq in req.seqs:
+            if not seq.finished:
+                seq.output.finish_reason = "abort"
+                self.scheduler.finish(seq)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # -- one step --------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one batched forward and return the requests that progressed."""
+        scheduled = self.scheduler.schedule()
+        if not scheduled:
+            return []
+        tokens: list[int] = []
+        positions: list[int] = []
+        slices: list[SeqSlice] = []
+        sampling: list[tuple[Sequence, int]] = []  # (seq, flat row of its last token)
+        for item in scheduled:
+            seq, n, c = item.seq, item.num_new, item.seq.num_computed
+            tokens.extend(seq.token_ids[c:c + n])
+            positions.extend(range(c, c + n))
+            slices.append(SeqSlice(c, n, seq.block_table))
+            if c + n == seq.num_tokens:
+                sampling.append((seq, len(tokens) - 1))
+        attn = PagedAttention(self.cache, slices, self.device)
+        rows = torch.tensor([r for _, r in sampling], dtype=torch.long, device=self.device)
+        with torch.inference_mode():
+            logits = self.model(torch.tensor(tokens, dtype=torch.long, device=self.device),
+                                torch.tensor(positions, dtype=torch.long, device=self.device),
+                                attn, logits_indices=rows)
+        t = now()
+        for item in scheduled:
+            item.seq.num_computed += item.num_new
+            self.blocks.commit_computed(item.seq)
+            self.blocks.release_outside_window(item.seq)
+        if not sampling:
+            return []
+        logits = logits.cpu()
+        for i, (seq, _) in enumerate(sampling):
+            if len(seq.output_token_ids) < seq.params.min_tokens and seq.stop_ids:
+                logits[i, list(seq.stop_ids)] = float("-inf")
+        new_tokens, logprobs = sample_batch(logits, [
+            SamplingRow(seq.params, seq.generator, seq.prompt_token_ids, seq.output_token_ids)
+            for seq, _ in sampling
+        ])
+        touched: dict[str, _Request] = {}
+        for (seq, _), token, lp in zip(sampling, new_tokens, logprobs):
+            req = self.requests.get(seq.request_id)
+            if req is None:
+                continue
+            self._append_token(seq, token, lp)
+            if req.metrics.first_token_time is None:
+                req.metrics.first_token_time = t
+            if seq.output.finished:
+                self.scheduler.finish(seq)
+            touched[req.request_id] = req
+        outputs = []
+        for req in touched.values():
+            if all(s.finished for s in req.seqs):
+                req.finished = True
+                req.metrics.finished_time = t
+                del self.requests[req.request_id]
+            outputs.append(req.output())
+            for seq in req.seqs:  # deltas describe one step only
+                seq.output.delta_text = ""
+                seq.output.delta_token_ids = []
+        return outputs
+
+    # -- output processing -------------------------------------------------------------------
+    def _append_token(self, seq: Sequence, token: int, logprob: Any) -> None:
+        """Add a sampled token to ``seq``; update its text and decide whether it is done."""
+        out, p = seq.output, seq.params
+        seq.token_ids.append(token)
+        out.token_ids.append(token)
+        out.delta_token_ids = [token]
+        if out.logprobs is not None and logprob is not None:
+            out.logprobs.append(logprob)
+        if token in seq.stop_ids:
+            out.finish_reason = "stop"
+            out.delta_text = self._flush(seq)
+            return
+        piece = seq.detokenizer.add(token) if seq.detokenizer is not None else ""
+        text = seq.held_text + piece
+        for s in p.stop:
+            cut = text.find(s)
+            if cut >= 0:
+                out.finish_reason = "stop"
+                seq.held_text = ""
+                out.text += text[:cut]
+                out.delta_text = text[:cut]
+                return
+        # hold back a tail that could still grow into a stop string with the next tokens
+        keep = max((k for s in p.stop for k in range(1, len(s)) if text.endswith(s[:k])),
+                   default=0)
+        shown, seq.held_text = text[:len(text) - keep], text[len(text) - keep:]
+        out.text += shown
+        out.delta_text = shown
+        if seq.num_tokens >= seq.limit:
+            hit_max = p.max_tokens is not None and len(out.token_ids) >= p.max_tokens
+            out.finish_reason = "length" if hit_max else "model_length"
+            out.delta_text += self._flush(seq)
+
+    @staticmethod
+    def _flush(seq: Sequence) -> str:
+        rest = seq.held_text + (seq.detokenizer.flush() if seq.detokenizer is not None else "")
+        seq.held_text = ""
+        seq.output.text += rest
+        return rest
+
+    # -- introspection -------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        return {
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting),
+            "free_blocks": self.blocks.num_free_blocks,
+            "usable_blocks": self.blocks.num_usable_blocks,
+            "kv_tokens": self.kv_tokens,
+            "preemptions": self.scheduler.num_preemptions,
+        }
