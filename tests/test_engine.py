@@ -245,7 +245,7 @@ def test_stop_string_across_token_boundary(tiny_mistral):
 def test_utf8_split_across_tokens_streams_whole_characters(tiny_mistral):
     llm = LLM(tiny_mistral["consolidated"], dtype="float32", block_size=4)
     tok = llm.tokenizer
-    target = tok.encode("é 😀 中文 ok", bos=False)
+    target = tok.encode("é 😀 🦜 𝔘 龘 ok", bos=False)  # the last three need byte-fallback tokens
     forced = list(target)
 
     def force(generated: list[int], logits: torch.Tensor) -> torch.Tensor:
@@ -257,7 +257,7 @@ def test_utf8_split_across_tokens_streams_whole_characters(tiny_mistral):
     pieces = list(llm.stream([1, 1500], params))
     assert all("\ufffd" not in p for p in pieces)
     assert "".join(pieces) == llm.last_output.text
-    assert llm.last_output.text.strip() == "é 😀 中文 ok"
+    assert llm.last_output.text.strip() == "é 😀 🦜 𝔘 龘 ok"
     assert len(target) > len(pieces)  # some characters really were split across tokens
 
 

@@ -24,27 +24,7 @@ import torch
 
 from souverain.engine.block_manager import BlockManager
 from souverain.engine.paged_attention import PagedAttention, PagedKVCache, SeqSlice
-from souverain.engine.sampling import SamplingParams
-
-try:
-    from souverain.engine.sampling import SamplingRow, sample_batch
-except ImportError:  # TEMPORARY until the batched sampler lands (lead: remove)
-    from dataclasses import dataclass as _dc
-
-    from souverain.engine.sampling import sample as _sample
-
-    @_dc
-    class SamplingRow:  # type: ignore[no-redef]
-        params: Any
-        generator: Any
-        prompt_token_ids: Any
-        output_token_ids: Any
-
-    SamplingParams.n = 1  # type: ignore[attr-defined]
-    SamplingParams.logprobs = False  # type: ignore[attr-defined]
-
-    def sample_batch(logits, rows):  # type: ignore[no-redef]
-        return [_sample(logits[i], r.params, r.generator) for i, r in enumerate(rows)], [None] * len(rows)
+from souverain.engine.sampling import SamplingParams, SamplingRow, sample_batch
 from souverain.engine.scheduler import Scheduler
 from souverain.engine.sequence import (
     RequestMetrics, RequestOutput, Sequence, SequenceStatus, now,
@@ -223,8 +203,8 @@ class LLMEngine:
             limit = min(limit, len(ids) + params.max_tokens)
         arrival = arrival_time if arrival_time is not None else now()
         seqs = []
-        for index in range(getattr(params, "n", 1)):  # TEMPORARY getattr until the sampler lands
-            p = params.clone_for(index) if index else params
+        for index in range(params.n):
+            p = params.clone_for(index) if params.n > 1 else params
             detok = (IncrementalDetokenizer(self.tokenizer, ids, p.skip_special_tokens)
                      if self.tokenizer is not None else None)
             stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_ids)

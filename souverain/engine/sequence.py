@@ -5,15 +5,11 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
 
 import torch
 
-from souverain.engine.sampling import SamplingParams
+from souverain.engine.sampling import SamplingParams, TokenLogprob
 from souverain.tokenizer import IncrementalDetokenizer
-
-if TYPE_CHECKING:
-    from souverain.engine.sampling import TokenLogprob
 
 
 class SequenceStatus(enum.Enum):
@@ -35,7 +31,7 @@ class CompletionOutput:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
-    logprobs: list[Any] | None = None  # TokenLogprob per generated token when requested
+    logprobs: list[TokenLogprob] | None = None  # one per generated token when requested
     delta_text: str = ""
     delta_token_ids: list[int] = field(default_factory=list)
 
