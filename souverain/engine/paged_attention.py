@@ -70,43 +70,49 @@ class PagedAttention:
         self.prefill_rows = [i for i, s in enumerate(seqs) if s.q_len > 1]
         self._plans: dict[int | None, tuple] = {}  # window -> precomputed gather indices
 
-    def _key_slots(self, s: SeqSlice, window: int | None) -> tuple[torch.Tensor, int]:
-        """Slots of the keys the queries of ``s`` may see, oldest first, and the first position."""
+    def _key_blocks(self, s: SeqSlice, window: int | None) -> tuple[list[int], int, int]:
+        """The blocks holding the keys the queries of ``s`` may see, and that key range
+        ``[lo, end)`` relative to the first of those blocks."""
         end = s.start + s.q_len
         lo = 0 if window is None else max(0, s.start - window + 1)
-        pos = torch.arange(lo, end)
-        table = torch.tensor(s.block_table, dtype=torch.long)
         bs = self.cache.block_size
-        return table[pos // bs] * bs + pos % bs, lo
+        first, last = lo // bs, (end - 1) // bs
+        return s.block_table[first:last + 1], lo - first * bs, end - first * bs
 
     def _plan(self, window: int | None) -> tuple:
-        """Gather indices and masks for this window, shared by every layer that has it."""
+        """Block gathers and masks for this window, shared by every layer that has it.
+
+        Keys are gathered a whole block at a time (a few KB per copy, not one row per token)
+        and the partial blocks at both ends are masked (or sliced, for a single sequence)."""
         plan = self._plans.get(window)
         if plan is not None:
             return plan
+        bs = self.cache.block_size
         decode = None
         if self.decode_rows:
-            keys = [self._key_slots(self.seqs[i], window)[0] for i in self.decode_rows]
-            longest = max(len(k) for k in keys)
-            index = torch.zeros(len(keys), longest, dtype=torch.long)
-            mask = torch.zeros(len(keys), 1, 1, longest, dtype=torch.bool)
-            for r, k in enumerate(keys):
-                index[r, :len(k)] = k
-                mask[r, ..., :len(k)] = True
+            spans = [self._key_blocks(self.seqs[i], window) for i in self.decode_rows]
+            width = max(len(b) for b, _, _ in spans)
+            index = torch.zeros(len(spans), width, dtype=torch.long)  # pad with the zero block
+            mask = torch.zeros(len(spans), 1, 1, width * bs, dtype=torch.bool)
+            for r, (blocks, lo, hi) in enumerate(spans):
+                index[r, :len(blocks)] = torch.tensor(blocks, dtype=torch.long)
+                mask[r, ..., lo:hi] = True
             rows = torch.tensor([self.offsets[i] for i in self.decode_rows])
-            all_full = all(len(k) == longest for k in keys)
+            cut = (spans[0][1], spans[0][2]) if len(spans) == 1 else None
             decode = (rows.to(self.device), index.to(self.device),
-                      None if all_full else mask.to(self.device))
+                      None if cut is not None else mask.to(self.device), cut)
         prefills = []
         for i in self.prefill_rows:
             s = self.seqs[i]
-            slots, lo = self._key_slots(s, window)
+            blocks, lo, hi = self._key_blocks(s, window)
+            first = s.start - (hi - lo) + s.q_len  # absolute position of the first key kept
             q_pos = torch.arange(s.start, s.start + s.q_len)
-            k_pos = torch.arange(lo, s.start + s.q_len)
-            mask = visibility_mask(q_pos, k_pos, window)
-            causal_only = lo == 0 and s.start == 0 and (window is None or window >= s.q_len)
-            prefills.append((self.offsets[i], s.q_len, slots.to(self.device),
-                             None if causal_only else mask.to(self.device)))
+            k_pos = torch.arange(first, s.start + s.q_len)
+            causal_only = first == 0 and s.start == 0 and (window is None or window >= s.q_len)
+            mask = None if causal_only else visibility_mask(q_pos, k_pos, window).to(self.device)
+            prefills.append((self.offsets[i], s.q_len,
+                             torch.tensor(blocks, dtype=torch.long, device=self.device),
+                             lo, hi, mask))
         plan = (decode, prefills)
         self._plans[window] = plan
         return plan
@@ -117,20 +123,26 @@ class PagedAttention:
         k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]
         k_cache.index_copy_(0, self.slot_mapping, k)
         v_cache.index_copy_(0, self.slot_mapping, v)
+        bs = self.cache.block_size
+        k_blocks = k_cache.view(-1, bs, *k_cache.shape[1:])  # (num_blocks, bs, KVH, D)
+        v_blocks = v_cache.view(-1, bs, *v_cache.shape[1:])
         decode, prefills = self._plan(window)
         gqa = q.shape[1] != k.shape[1]
         out = torch.empty_like(q)
         if decode is not None:
-            rows, index, mask = decode
-            keys = k_cache[index].transpose(1, 2)  # (B, KVH, L, D)
-            values = v_cache[index].transpose(1, 2)
+            rows, index, mask, cut = decode
+            keys = k_blocks[index].flatten(1, 2)  # (B, width*bs, KVH, D)
+            values = v_blocks[index].flatten(1, 2)
+            if cut is not None:  # one sequence: slice instead of masking
+                keys, values = keys[:, cut[0]:cut[1]], values[:, cut[0]:cut[1]]
             qd = q[rows].unsqueeze(2)  # (B, H, 1, D)
-            o = F.scaled_dot_product_attention(qd, keys, values, attn_mask=mask, enable_gqa=gqa)
+            o = F.scaled_dot_product_attention(qd, keys.transpose(1, 2), values.transpose(1, 2),
+                                               attn_mask=mask, enable_gqa=gqa)
             out[rows] = o.squeeze(2)
-        for offset, n, slots, mask in prefills:
+        for offset, n, blocks, lo, hi, mask in prefills:
             qs = q[offset:offset + n].transpose(0, 1)  # (H, n, D)
-            keys = k_cache[slots].transpose(0, 1)  # (KVH, L, D)
-            values = v_cache[slots].transpose(0, 1)
+            keys = k_blocks[blocks].flatten(0, 1)[lo:hi].transpose(0, 1)  # (KVH, L, D)
+            values = v_blocks[blocks].flatten(0, 1)[lo:hi].transpose(0, 1)
             o = F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask,
                                                is_causal=mask is None, enable_gqa=gqa)
             out[offset:offset + n] = o.transpose(0, 1)
