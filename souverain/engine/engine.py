@@ -27,7 +27,7 @@ from souverain.engine.paged_attention import PagedAttention, PagedKVCache, SeqSl
 from souverain.engine.sampling import SamplingParams, SamplingRow, sample_batch
 from souverain.engine.scheduler import Scheduler
 from souverain.engine.sequence import (
-    RequestMetrics, RequestOutput, Sequence, SequenceStatus, now,
+    RequestMetrics, RequestOutput, Sequence, now,
 )
 from souverain.errors import RequestError, TokenizerError
 from souverain.models.loader import ProgressFn, load_model, parse_dtype
