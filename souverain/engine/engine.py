@@ -116,8 +116,7 @@ class LLMEngine:
         self.dtype = parse_dtype(
             default_dtype(args.n_params) if config.dtype == "auto" else config.dtype)
         self.model = load_model(self.checkpoint, self.dtype, progress=progress,
-                                **({} if config.quantization == "none"
-                                   else {"quantization": config.quantization}))
+                                quantization=config.quantization)
         self.device = self.model.device
 
         windows = {args.window_for_layer(i) for i in range(args.n_layers)}

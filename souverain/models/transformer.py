@@ -173,5 +173,6 @@ class Transformer(nn.Module):
         if logits_indices is not None:
             h = h[logits_indices]
         h = self.norm(h)
-        head = self.tok_embeddings.weight if self.output is None else self.output.weight
-        return F.linear(h, head).float()
+        if self.output is None:  # tied: the embedding matrix is the head
+            return F.linear(h, self.tok_embeddings.weight).float()
+        return self.output(h).float()  # a module: quantization may have swapped it

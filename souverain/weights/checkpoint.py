@@ -16,6 +16,9 @@ from souverain.errors import CheckpointError
 from souverain.models.args import ModelArgs
 
 if TYPE_CHECKING:
+    import numpy as np
+    from gguf import GGMLQuantizationType
+
     from souverain.tokenizer import Tokenizer
 
 
@@ -28,6 +31,10 @@ class TensorInfo:
     # read(dtype): the tensor in our layout, converted to ``dtype`` (None: a natural float
     # dtype for the source); a view of the file's memory map when nothing had to change
     read: Callable[[torch.dtype | None], torch.Tensor]
+    # raw(): the stored bytes and their GGUF type, for quantized GGUF tensors only (None
+    # elsewhere): (rows, bytes per row) uint8 rows of blocks, a view of the memory map (release
+    # its pages with `drop_pages` once used). Lets a loader keep 4-bit blocks 4-bit.
+    raw: Callable[[], tuple[np.ndarray, GGMLQuantizationType]] | None = None
 
 
 @dataclass
@@ -100,6 +107,43 @@ def drop_pages(address: int, nbytes: int) -> None:
     end = (address + nbytes) // page * page
     if end > start:
         _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)
+
+
+def trim_heap() -> None:
+    """Give the C heap's free memory back to the OS (glibc ``malloc_trim``). Quantizing a
+    tensor allocates and frees a few MB of temporaries between the small final buffers; the
+    holes they leave are otherwise kept by malloc and add up over hundreds of tensors."""
+    trim = getattr(_LIBC, "malloc_trim", None) if _LIBC is not None else None
+    if trim is not None:
+        trim(0)
+
+
+def _file_mapping_ranges() -> list[tuple[int, int]]:
+    ranges = []
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                parts = line.split(maxsplit=5)
+                # file-backed: a path (not [heap]/[stack]/anonymous) and a real inode
+                if len(parts) == 6 and parts[4] != "0" and parts[5].startswith("/"):
+                    lo, hi = parts[0].split("-")
+                    ranges.append((int(lo, 16), int(hi, 16)))
+    except OSError:
+        pass
+    return ranges
+
+
+def release_mapped(tensor: torch.Tensor) -> None:
+    """Drop the pages of ``tensor`` if (and only if) it is a view of a memory-mapped *file*
+    (what `TensorInfo.read` returns when nothing had to be converted), once its values have
+    been used to build something else (a quantized copy). Never touches anonymous memory, so
+    a tensor that is a private copy keeps its values. A no-op off Linux."""
+    if _LIBC is None or tensor.numel() == 0:
+        return
+    start = tensor.data_ptr()
+    end = start + tensor.numel() * tensor.element_size()
+    if any(lo <= start and end <= hi for lo, hi in _file_mapping_ranges()):
+        drop_pages(start, end - start)
 
 
 def convert_mapped(

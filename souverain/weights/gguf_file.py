@@ -111,7 +111,7 @@ def args_from_gguf(reader: GGUFReader, path: Path) -> ModelArgs:
     )
 
 
-_CHUNK_BYTES = 8 << 20  # dequantize this much quantized data at a time
+_CHUNK_BYTES = 2 << 20  # dequantize this much quantized data at a time (float32 temporaries ~4x)
 
 
 def _read(data: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, ...],
@@ -127,9 +127,20 @@ def _read(data: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, ...],
     rows_out, rows_in = out.view(-1, shape[-1]), data.reshape(-1, data.shape[-1])
     step = max(1, _CHUNK_BYTES // max(1, rows_in.shape[-1]))
     for r in range(0, rows_in.shape[0], step):
-        rows_out[r:r + step] = torch.from_numpy(dequantize(rows_in[r:r + step], qtype))
-    drop_pages(data.ctypes.data, data.nbytes)
+        chunk = rows_in[r:r + step]
+        rows_out[r:r + step] = torch.from_numpy(dequantize(chunk, qtype))
+        drop_pages(chunk.ctypes.data, chunk.nbytes)  # the source pages go as we go
+    drop_pages(data.ctypes.data, data.nbytes)  # and the pages at chunk boundaries
     return out
+
+
+_FLOAT_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
+
+
+def _info(data: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, ...]) -> TensorInfo:
+    """A lazy tensor; quantized ones also expose their raw blocks (``TensorInfo.raw``)."""
+    raw = None if qtype in _FLOAT_TYPES else (lambda: (data.reshape(-1, data.shape[-1]), qtype))
+    return TensorInfo(shape, qtype.name, lambda dt: _read(data, qtype, shape, dt), raw)
 
 
 def open_gguf(path: Path) -> Checkpoint:
@@ -138,27 +149,23 @@ def open_gguf(path: Path) -> Checkpoint:
     tensors: dict[str, TensorInfo] = {}
     for t in reader.tensors:
         shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dims innermost-first
-        qname = t.tensor_type.name
         if t.name in _GLOBAL:
-            tensors[_GLOBAL[t.name]] = TensorInfo(
-                shape, qname, lambda dt, t=t, s=shape: _read(t.data, t.tensor_type, s, dt))
+            tensors[_GLOBAL[t.name]] = _info(t.data, t.tensor_type, shape)
             continue
         m = _BLK.match(t.name)
         if m is None:
             raise CheckpointError(f"{path}: unexpected tensor {t.name}; souverain cannot load it.")
         prefix, rest = f"layers.{m.group(1)}.", m.group(2)
         if rest in _BLOCK:
-            tensors[prefix + _BLOCK[rest]] = TensorInfo(
-                shape, qname, lambda dt, t=t, s=shape: _read(t.data, t.tensor_type, s, dt))
+            tensors[prefix + _BLOCK[rest]] = _info(t.data, t.tensor_type, shape)
         elif rest in _STACKED:  # (n_experts, rows, cols): one expert is one leading slice
             w = _STACKED[rest]
             for j in range(shape[0]):
-                tensors[f"{prefix}feed_forward.experts.{j}.{w}.weight"] = TensorInfo(
-                    shape[1:], qname,
-                    lambda dt, t=t, j=j, s=shape[1:]: _read(t.data[j], t.tensor_type, s, dt))
+                tensors[f"{prefix}feed_forward.experts.{j}.{w}.weight"] = _info(
+                    t.data[j], t.tensor_type, shape[1:])
         elif (e := _OLD_EXPERT.match(rest)) is not None:
             tensors[f"{prefix}feed_forward.experts.{e.group(2)}.{_OLD_NAMES[e.group(1)]}.weight"] = (
-                TensorInfo(shape, qname, lambda dt, t=t, s=shape: _read(t.data, t.tensor_type, s, dt)))
+                _info(t.data, t.tensor_type, shape))
         else:
             raise CheckpointError(f"{path}: unexpected tensor {t.name}; souverain cannot load it.")
     qtypes = {}

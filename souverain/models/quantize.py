@@ -1,0 +1,468 @@
+"""Weight-only quantized linears on PyTorch's own CPU kernels, swapped in module by module.
+
+``quantize_model_(model, "int8" | "int4")`` replaces the `nn.Linear` modules of the blocks
+(``wq wk wv wo w1 w2 w3``, MoE experts included; the MoE gate stays float) and the output head
+by `Int8Linear` / `Int4Linear`, in the gpt-fast style: the model's maths is never edited, only
+its modules. For a tied head a separate quantized copy becomes ``model.output``; the embedding
+stays as it is (so a tied model pays the quantized head on top: vocab x dim x 1 byte for int8,
+x 0.5 byte + scales for int4).
+
+The kernels (ATen, CPU):
+
+- ``aten._weight_int8pack_mm(x, w_int8 [N, K], scales [N])``: ``y = x @ (w_int8 * scales).T``.
+  Per output channel, symmetric; any N, K.
+- ``aten._weight_int4pack_mm_for_cpu(x, packed, group, scales_and_zeros [K/group, N, 2])``
+  with ``packed = aten._convert_weight_to_int4pack_for_cpu(q_int32 [N, K] in 0..15, 1)``
+  (a CPU-specific uint8 [N, K/2] layout: pack on the machine that runs it, never store it):
+  ``w = (q - 8) * scale + zero`` per group of ``group`` input columns. ``group`` in
+  32/64/128/256, ``K % group == 0``, ``N % 16 == 0``.
+
+Both take float32, bfloat16 or float16 activations, with scales in the *same* dtype as the
+activations, and accumulate in float32; only bfloat16 has a vectorised (AVX-512/AVX2) path: the
+float32 and float16 ones are scalar loops (batch 1, one thread, on the Cascade Lake of
+PERF-NOTES: int8 9x, int4 27-34x slower than bf16). So the default ``compute_dtype`` is
+bfloat16: activations are cast to bf16 for the matmul and the bf16 result back to the model's
+dtype (the residual stream, norms, attention and the KV cache keep the model's dtype); that
+costs about what a bf16 model costs in accuracy (relative error ~2e-3 per matmul: one rounding
+in, one out). ``compute_dtype=torch.float32`` keeps every bit of the source (a Q4 GGUF then gives
+bit-identical logits to the dequantized float32 model) at that speed cost; tests use it.
+
+Both kernels are batch invariant: row i of a batch is bitwise the row computed alone, at any
+batch size or thread count (float32/bf16 ``F.linear`` are not), so a quantized model gives the
+same logits for a sequence whatever else shares its batch.
+
+The head: vocab x dim is the biggest single matrix of a small model (SmolLM2-135M: 28M of
+135M weights). By default it is int8 per channel under both schemes: on SmolLM2 an int4 head
+was ~10% faster per token but tripled the logits error (rel. RMS .064 vs .020) and changed the
+first greedy token on 2 of 5 chat prompts; ``head="int4"`` or ``"none"`` choose otherwise.
+
+GGUF 4-bit blocks map exactly onto the int4 form (group 32):
+
+- Q4_0 ``w = (q - 8) * d``            -> scale d, zero 0
+- Q4_1 ``w = q * d + m``              -> scale d, zero m + 8d
+- Q4_K ``w = (d*sc) * q - dmin*mn``   -> scale d*sc, zero 8*d*sc - dmin*mn  (sub-blocks of 32)
+
+so `int4_from_gguf` packs them straight from their raw bytes; the only rounding is of the scale
+and zero to ``compute_dtype`` (bf16: 8 significant bits instead of fp16's 11).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Self
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from souverain.errors import CheckpointError
+from souverain.weights.checkpoint import drop_pages, release_mapped
+
+if TYPE_CHECKING:
+    from gguf import GGMLQuantizationType
+
+    from souverain.models.transformer import Transformer
+
+SCHEMES = ("none", "int8", "int4")
+HEAD_KINDS = ("none", "int8", "int4")
+DEFAULT_GROUP_SIZE = 32
+DEFAULT_HEAD = {"int8": "int8", "int4": "int8"}  # the head stays int8 under int4 (see above)
+INT4_GROUP_SIZES = (32, 64, 128, 256)
+_CHUNK_ELEMS = 1 << 20  # quantize this many weights at a time (bounded transient memory)
+
+
+def parse_quantization(scheme: str | None) -> str:
+    scheme = "none" if scheme is None else str(scheme).lower()
+    if scheme not in SCHEMES:
+        raise CheckpointError(
+            f"quantization {scheme!r} is not supported; use one of {', '.join(SCHEMES)}.")
+    return scheme
+
+
+# ---------------------------------------------------------------------------------------------
+# Modules
+# ---------------------------------------------------------------------------------------------
+
+
+class _LinearWeight(torch.Tensor):
+    """The ``.weight`` of a quantized linear: a storage-less stand-in so that code written for
+    `nn.Linear` (``F.linear(x, module.weight)``, as `Transformer.forward` does for the head)
+    runs the module's kernel. Shape and dtype are those of the float weight it replaces; any
+    other use of it raises."""
+
+    _module: nn.Module
+
+    @staticmethod
+    def __new__(cls, module: nn.Module, out_features: int, in_features: int,
+                dtype: torch.dtype) -> Self:
+        t = torch.Tensor._make_wrapper_subclass(cls, (out_features, in_features), dtype=dtype,
+                                                device="cpu")
+        t._module = module
+        return t
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):  # type: ignore[override]
+        kwargs = kwargs or {}
+        if func is F.linear and len(args) >= 2 and isinstance(args[1], cls):
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            if bias is None and not isinstance(args[0], cls):
+                return args[1]._module(args[0])
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **kwargs)  # attribute reads (shape, dtype); ops end in dispatch
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):  # type: ignore[override]
+        raise TypeError(f"{func} on a quantized weight: only F.linear(x, weight) is supported; "
+                        "call the module's dequantize() for a float tensor.")
+
+    def __repr__(self) -> str:  # type: ignore[override]
+        return f"QuantizedWeight(shape={tuple(self.shape)}, via={type(self._module).__name__})"
+
+
+# the overload packets resolved once (``torch.ops.aten.x`` is an attribute lookup chain)
+_int8_mm = torch.ops.aten._weight_int8pack_mm.default
+_int4_mm = torch.ops.aten._weight_int4pack_mm_for_cpu.default
+_int4_pack = torch.ops.aten._convert_weight_to_int4pack_for_cpu.default
+
+
+def _as_2d(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` as the contiguous 2-D ``dtype`` matrix the kernels take (few ops: at batch 1 the
+    Python/dispatch overhead of a linear is a sizeable part of its time)."""
+    if x.dim() != 2:
+        x = x.reshape(-1, x.shape[-1])
+    if x.dtype != dtype:
+        return x.to(dtype, memory_format=torch.contiguous_format)
+    return x if x.is_contiguous() else x.contiguous()
+
+
+class Int8Linear(nn.Module):
+    """``y = x @ (qweight * scales[:, None]).T``: int8 weights, one scale per output channel
+    (symmetric), on ``aten._weight_int8pack_mm``."""
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor):
+        super().__init__()
+        assert qweight.dtype == torch.int8 and qweight.dim() == 2
+        assert scales.shape == (qweight.shape[0],)
+        self.out_features, self.in_features = qweight.shape
+        self.compute_dtype = scales.dtype
+        self.register_buffer("qweight", qweight.contiguous())
+        self.register_buffer("scales", scales.contiguous())
+        self.weight = _LinearWeight(self, self.out_features, self.in_features, scales.dtype)
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, compute_dtype: torch.dtype = torch.bfloat16,
+                   ) -> Int8Linear:
+        """Round-to-nearest per-channel int8 of ``weight`` (any float dtype, may be a memory
+        map: read in chunks of rows, never converted whole)."""
+        n, k = weight.shape
+        qweight = torch.empty((n, k), dtype=torch.int8)
+        scales = torch.empty((n,), dtype=compute_dtype)
+        for r, w in _row_chunks(weight, 1):
+            lo, hi = torch.aminmax(w, dim=1)
+            amax = torch.maximum(hi, -lo)
+            s = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax)).to(compute_dtype)
+            q = w / s.float()[:, None]  # a new tensor: ``w`` may be a view of the source
+            qweight[r:r + w.shape[0]] = q.round_().clamp_(-128, 127)
+            scales[r:r + w.shape[0]] = s
+        return cls(qweight, scales)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = _int8_mm(_as_2d(x, self.compute_dtype), self.qweight, self.scales)
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
+        return y if x.dim() == 2 else y.view(*x.shape[:-1], self.out_features)
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 weight the kernel multiplies by."""
+        return self.qweight.float() * self.scales.float()[:, None]
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"compute_dtype={self.compute_dtype}")
+
+
+class Int4Linear(nn.Module):
+    """``w = (q - 8) * scale + zero`` per group of ``group_size`` input columns (q in 0..15),
+    packed for ``aten._weight_int4pack_mm_for_cpu``."""
+
+    def __init__(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,
+                 in_features: int):
+        super().__init__()
+        self.out_features, self.in_features = scales_and_zeros.shape[1], in_features
+        assert packed.dtype == torch.uint8 and packed.shape == (self.out_features, in_features // 2)
+        assert scales_and_zeros.shape == (in_features // group_size, self.out_features, 2)
+        self.group_size = group_size
+        self.compute_dtype = scales_and_zeros.dtype
+        self.register_buffer("qweight", packed)
+        self.register_buffer("scales_and_zeros", scales_and_zeros.contiguous())
+        self.weight = _LinearWeight(self, self.out_features, in_features, self.compute_dtype)
+
+    @staticmethod
+    def supports(out_features: int, in_features: int, group_size: int) -> bool:
+        return (group_size in INT4_GROUP_SIZES and in_features % group_size == 0
+                and out_features % 16 == 0)
+
+    @classmethod
+    def from_int4(cls, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                  group_size: int, compute_dtype: torch.dtype = torch.bfloat16) -> Int4Linear:
+        """From unpacked values: ``q`` (N, K) integers in 0..15, ``scales``/``zeros``
+        (N, K/group_size) float, meaning ``w = (q - 8) * scale + zero``."""
+        builder = _Int4Builder(q.shape[0], q.shape[1], group_size, compute_dtype)
+        for r in range(0, q.shape[0], builder.rows_per_chunk):
+            e = r + builder.rows_per_chunk
+            builder.add(r, q[r:e], scales[r:e], zeros[r:e])
+        return builder.build()
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE,
+                   compute_dtype: torch.dtype = torch.bfloat16) -> Int4Linear:
+        """Asymmetric min/max round-to-nearest int4 of ``weight``, per group of columns (read in
+        chunks of rows, never converted whole)."""
+        n, k = weight.shape
+        builder = _Int4Builder(n, k, group_size, compute_dtype)
+        for r, w in _row_chunks(weight, builder.rows_per_chunk):
+            g = w.view(w.shape[0], k // group_size, group_size)
+            lo, hi = torch.aminmax(g, dim=-1)
+            scale = ((hi - lo).clamp(min=1e-6) / 15).to(compute_dtype).float()
+            zero = (lo + 8 * scale).to(compute_dtype).float()
+            # q from the *rounded* scale and zero: the best q for what the kernel will use
+            q = g - zero[..., None]  # a new tensor: ``w`` may be a view of the source
+            q.div_(scale[..., None]).add_(8).round_().clamp_(0, 15)
+            builder.add(r, q.view(w.shape[0], k), scale, zero)
+        return builder.build()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = _int4_mm(_as_2d(x, self.compute_dtype), self.qweight, self.group_size,
+                     self.scales_and_zeros)
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
+        return y if x.dim() == 2 else y.view(*x.shape[:-1], self.out_features)
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 weight (N, K) the kernel multiplies by, for tests and debugging. The
+        packed layout is CPU-specific, so the kernel unpacks it itself: identity rows times the
+        weight on the float32 path (exact), ``block`` input columns at a time."""
+        sz = self.scales_and_zeros.float()
+        out = torch.empty((self.out_features, self.in_features), dtype=torch.float32)
+        block = 512
+        for c in range(0, self.in_features, block):
+            eye = torch.zeros((min(block, self.in_features - c), self.in_features))
+            eye[:, c:c + block].fill_diagonal_(1.0)
+            out[:, c:c + block] = _int4_mm(eye, self.qweight, self.group_size, sz).t()
+        return out
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"group_size={self.group_size}, compute_dtype={self.compute_dtype}")
+
+
+class _Int4Builder:
+    """Packs an (N, K) int4 weight a few rows at a time: the kernel's layout is made of
+    independent blocks of 64 rows (32 on AVX2), so packing 64-row multiples separately and
+    concatenating gives the same bytes as packing the whole matrix, without the whole int32
+    intermediate."""
+
+    def __init__(self, n: int, k: int, group_size: int, compute_dtype: torch.dtype):
+        if not Int4Linear.supports(n, k, group_size):
+            raise ValueError(f"int4 needs out_features % 16 == 0 and in_features % group == 0 "
+                             f"with group in {INT4_GROUP_SIZES}; got ({n}, {k}), "
+                             f"group {group_size}")
+        self.n, self.k, self.group_size = n, k, group_size
+        self.packed = torch.empty((n, k // 2), dtype=torch.uint8)
+        self.sz = torch.empty((k // group_size, n, 2), dtype=compute_dtype)
+        self.rows_per_chunk = max(64, (_CHUNK_ELEMS // k) // 64 * 64)
+
+    def add(self, row: int, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> None:
+        rows = q.shape[0]
+        assert row % 64 == 0 and (rows % 64 == 0 or row + rows == self.n)
+        packed = _int4_pack(q.to(torch.int32).contiguous(), 1)
+        self.packed[row:row + rows] = packed.view(rows, self.k // 2)
+        self.sz[:, row:row + rows, 0] = scales.t()
+        self.sz[:, row:row + rows, 1] = zeros.t()
+
+    def build(self) -> Int4Linear:
+        return Int4Linear(self.packed, self.sz, self.group_size, self.k)
+
+
+def _row_chunks(weight: torch.Tensor, multiple: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(first row, float32 rows)`` of a 2-D weight, a few MB at a time."""
+    n, k = weight.shape
+    step = max(multiple, (_CHUNK_ELEMS // max(1, k)) // multiple * multiple)
+    for r in range(0, n, step):
+        yield r, weight[r:r + step].to(torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# GGUF 4-bit blocks -> int4 groups of 32
+# ---------------------------------------------------------------------------------------------
+
+
+def gguf_int4_types() -> dict[GGMLQuantizationType, int]:
+    """The GGUF types `int4_from_gguf` maps exactly, with their block size in weights."""
+    from gguf import GGMLQuantizationType as T
+
+    return {T.Q4_0: 32, T.Q4_1: 32, T.Q4_K: 256}
+
+
+def _f16(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a).view(np.float16).astype(np.float32)
+
+
+def gguf_int4_groups(blocks: np.ndarray, qtype: GGMLQuantizationType
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Decode raw GGUF rows ``blocks`` (rows, bytes per row; uint8) of type Q4_0, Q4_1 or Q4_K
+    into ``q`` (rows, K) uint8 in 0..15 and float32 ``scales``, ``zeros`` (rows, K/32) with
+    ``w = (q - 8) * scale + zero`` exactly the weight ``gguf.quants.dequantize`` gives (up to
+    one float32 rounding of ``zero`` for Q4_1/Q4_K)."""
+    from gguf import GGMLQuantizationType as T
+    from gguf.quants import Q4_K
+
+    rows = blocks.shape[0]
+    if qtype == T.Q4_0:
+        b = blocks.reshape(rows, -1, 18)
+        d = _f16(b[..., 0:2])[..., 0]
+        qs = b[..., 2:]
+        q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
+        return q.reshape(rows, -1), d, np.zeros_like(d)
+    if qtype == T.Q4_1:
+        b = blocks.reshape(rows, -1, 20)
+        d, m = _f16(b[..., 0:2])[..., 0], _f16(b[..., 2:4])[..., 0]
+        qs = b[..., 4:]
+        q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
+        return q.reshape(rows, -1), d, m + np.float32(8) * d
+    if qtype == T.Q4_K:
+        b = blocks.reshape(rows, -1, 144)  # d, dmin (f16), 12 bytes of 6-bit scales/mins, 128 qs
+        nb = b.shape[1]
+        d, dmin = _f16(b[..., 0:2]), _f16(b[..., 2:4])  # (rows, nb, 1)
+        sc, mn = Q4_K.get_scale_min(np.ascontiguousarray(b[..., 4:16]).reshape(-1, 12))
+        scale = d * sc.reshape(rows, nb, 8).astype(np.float32)
+        zero = np.float32(8) * scale - dmin * mn.reshape(rows, nb, 8).astype(np.float32)
+        qs = b[..., 16:].reshape(rows, nb, 4, 1, 32)  # 4 x 32 bytes: sub-blocks 2c (low), 2c+1
+        q = np.concatenate([qs & 0x0F, qs >> 4], axis=-2)
+        return q.reshape(rows, -1), scale.reshape(rows, -1), zero.reshape(rows, -1)
+    raise ValueError(f"{qtype!r} does not map onto int4 groups")
+
+
+class GGUFRows:
+    """A quantized GGUF matrix seen as float32 rows, dequantized only when sliced
+    (``rows[a:b]``): what the float quantizers read when no exact int4 mapping exists."""
+
+    def __init__(self, blocks: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, int]):
+        self.blocks, self.qtype, self.shape = blocks, qtype, tuple(shape)
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        from gguf.quants import dequantize
+
+        blocks = self.blocks[rows]
+        out = torch.from_numpy(dequantize(blocks, self.qtype)).view(-1, self.shape[1])
+        _drop(blocks)  # done with these bytes of the memory map
+        return out
+
+
+def _drop(blocks: np.ndarray) -> None:
+    """Release the memory-mapped pages of raw GGUF rows once decoded."""
+    drop_pages(blocks.ctypes.data, blocks.nbytes)
+
+
+def int4_from_gguf(blocks: np.ndarray, qtype: GGMLQuantizationType,
+                   compute_dtype: torch.dtype = torch.bfloat16) -> Int4Linear:
+    """An `Int4Linear` (group 32) straight from raw GGUF rows of Q4_0 / Q4_1 / Q4_K, decoded a
+    few rows at a time (``blocks``: (out_features, bytes per row) uint8, e.g. a memory map)."""
+    from gguf.constants import GGML_QUANT_SIZES
+
+    if qtype not in gguf_int4_types():
+        raise ValueError(f"{qtype!r} does not map onto int4 groups")
+    block_weights, block_bytes = GGML_QUANT_SIZES[qtype]
+    rows = blocks.shape[0]
+    k = blocks.shape[1] // block_bytes * block_weights
+    builder = _Int4Builder(rows, k, 32, compute_dtype)
+    for r in range(0, rows, builder.rows_per_chunk):
+        chunk = blocks[r:r + builder.rows_per_chunk]
+        q, s, z = gguf_int4_groups(chunk, qtype)
+        _drop(chunk)
+        builder.add(r, torch.from_numpy(q), torch.from_numpy(s), torch.from_numpy(z))
+    return builder.build()
+
+
+# ---------------------------------------------------------------------------------------------
+# Which modules, and the in-place swap
+# ---------------------------------------------------------------------------------------------
+
+
+def quantization_plan(model: Transformer, scheme: str, head: str | None = None
+                      ) -> dict[str, str]:
+    """``{module name: "int8" | "int4"}`` for the linears ``scheme`` quantizes: every
+    `nn.Linear` under ``layers`` except the MoE gate, plus ``"output"`` (also for a tied
+    head, which then gets its own quantized copy). ``head`` overrides the head's kind
+    ("none" keeps it float); by default it is int8 under both schemes."""
+    scheme = parse_quantization(scheme)
+    if scheme == "none":
+        return {}
+    head = DEFAULT_HEAD[scheme] if head is None else head
+    if head not in HEAD_KINDS:
+        raise CheckpointError(f"head quantization {head!r} is not supported; use one of "
+                              f"{', '.join(HEAD_KINDS)}.")
+    plan: dict[str, str] = {}
+    for name, module in model.named_modules():
+        if (name.startswith("layers.") and isinstance(module, nn.Linear)
+                and not name.endswith("feed_forward.gate")):
+            plan[name] = scheme
+    if head != "none":
+        plan["output"] = head
+    return plan
+
+
+def quantized_linear(weight: torch.Tensor | GGUFRows, kind: str,
+                     group_size: int = DEFAULT_GROUP_SIZE,
+                     compute_dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """An `Int8Linear` or `Int4Linear` for a float ``weight`` (out, in). int4 falls back to
+    int8 for a shape its kernel cannot take (out % 16, in % group)."""
+    n, k = weight.shape
+    if kind == "int4" and Int4Linear.supports(n, k, group_size):
+        return Int4Linear.from_float(weight, group_size, compute_dtype)
+    if kind in ("int4", "int8"):
+        return Int8Linear.from_float(weight, compute_dtype)
+    raise ValueError(f"unknown quantized kind {kind!r}")
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)
+
+
+@torch.no_grad()
+def quantize_model_(model: Transformer, scheme: str, *, group_size: int = DEFAULT_GROUP_SIZE,
+                    head: str | None = None,
+                    compute_dtype: torch.dtype = torch.bfloat16) -> Transformer:
+    """Swap ``model``'s linears for quantized ones in place (see `quantization_plan`) and
+    return it. ``scheme`` "none" leaves it untouched. The float weights of swapped modules
+    are released (for a tied head the embedding is kept and quantized as a copy).
+
+    This quantizes whatever floats the model holds (for a GGUF: the dequantized blocks, re-
+    quantized by min/max); `souverain.models.loader.load_model(..., quantization=...)` builds
+    the same modules without ever holding the float model, and maps Q4 blocks exactly."""
+    plan = quantization_plan(model, scheme, head)
+    for name, kind in plan.items():
+        if name == "output" and model.output is None:
+            weight = model.tok_embeddings.weight
+        else:
+            module = model.get_submodule(name)
+            if not isinstance(module, nn.Linear):
+                continue  # already quantized
+            weight = module.weight
+        set_submodule(model, name, quantized_linear(weight.detach(), kind, group_size,
+                                                    compute_dtype))
+        release_mapped(weight)  # a float weight still mapped from its file: drop its pages
+    return model
+
+
+def quantized_bytes(model: nn.Module) -> int:
+    """Bytes of all parameters and buffers (quantized weights, scales, float rest)."""
+    seen: set[int] = set()
+    total = 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
