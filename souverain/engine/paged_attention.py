@@ -135,10 +135,14 @@ class PagedAttention:
             values = v_blocks[index].flatten(1, 2)
             if cut is not None:  # one sequence: slice instead of masking
                 keys, values = keys[:, cut[0]:cut[1]], values[:, cut[0]:cut[1]]
-            qd = q[rows].unsqueeze(2)  # (B, H, 1, D)
+            # One query per head and no causality inside a step: the g query heads sharing a
+            # KV head become g "query positions" of that head, so SDPA sees no GQA at all.
+            B, H, D = len(self.decode_rows), q.shape[1], q.shape[2]
+            kvh = k.shape[1]
+            qd = q[rows].view(B, kvh, H // kvh, D)  # (B, KVH, g, D)
             o = F.scaled_dot_product_attention(qd, keys.transpose(1, 2), values.transpose(1, 2),
-                                               attn_mask=mask, enable_gqa=gqa)
-            out[rows] = o.squeeze(2)
+                                               attn_mask=mask)
+            out[rows] = o.reshape(B, H, D)
         for offset, n, blocks, lo, hi, mask in prefills:
             qs = q[offset:offset + n].transpose(0, 1)  # (H, n, D)
             keys = k_blocks[blocks].flatten(0, 1)[lo:hi].transpose(0, 1)  # (KVH, L, D)
