@@ -255,6 +255,20 @@ def inspect(
             out.print("[bold]chat template[/]: built-in Mistral instruct format (mistral-common)")
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
+                               "help_option_names": []}, add_help_option=False)
+def bench(ctx: typer.Context) -> None:
+    """Benchmark souverain against llama.cpp and transformers on the same workload, in one run
+    (`souverain bench --help` lists the options; llama.cpp needs `pip install llama-cpp-python`).
+
+    Example:
+      souverain bench --model smollm2 --threads 2 --quantization none,int4
+    """
+    from souverain.bench import main as bench_main
+
+    raise typer.Exit(bench_main(list(ctx.args)))
+
+
 def main() -> None:
     app()
 
