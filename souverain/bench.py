@@ -270,9 +270,9 @@ def _v3_tokenizer_path() -> Path:
     return path
 
 
-def add_sentencepiece_vocab(writer: Any, model_file: Path) -> None:
+def add_sentencepiece_vocab(writer: Any, model_file: Path, add_bos: bool | None = True) -> None:
     """llama/SPM tokenizer metadata (tokens, scores, types, bos/eos/unk) from a SentencePiece
-    model, so llama.cpp accepts the file (same logic as ``tests/checkpoints.py``)."""
+    model, so llama.cpp accepts the file; ``add_bos=None`` leaves add_bos_token unwritten."""
     import sentencepiece as spm
 
     sp = spm.SentencePieceProcessor(model_file=str(model_file))
@@ -297,7 +297,8 @@ def add_sentencepiece_vocab(writer: Any, model_file: Path) -> None:
     writer.add_bos_token_id(sp.bos_id())
     writer.add_eos_token_id(sp.eos_id())
     writer.add_unk_token_id(sp.unk_id())
-    writer.add_add_bos_token(True)
+    if add_bos is not None:
+        writer.add_add_bos_token(add_bos)
     writer.add_add_eos_token(False)
 
 

@@ -512,30 +512,9 @@ def write_gguf(hf_dir: str | Path, out_dir: str | Path, qtype: str = "f32", *,
 
 def _add_sentencepiece_vocab(w, model_file: Path) -> None:
     """Minimal llama/SPM tokenizer metadata (tokens, scores, types, bos/eos/unk ids)."""
-    import sentencepiece as spm
+    from souverain.bench import add_sentencepiece_vocab
 
-    sp = spm.SentencePieceProcessor(model_file=str(model_file))
-    tokens, scores, types = [], [], []
-    for i in range(sp.get_piece_size()):
-        tokens.append(sp.id_to_piece(i))
-        scores.append(sp.get_score(i))
-        if sp.is_unknown(i):
-            types.append(2)
-        elif sp.is_control(i):
-            types.append(3)
-        elif sp.is_byte(i):
-            types.append(6)
-        elif sp.is_unused(i):
-            types.append(5)
-        else:
-            types.append(1)
-    w.add_tokenizer_model("llama")
-    w.add_token_list(tokens)
-    w.add_token_scores(scores)
-    w.add_token_types(types)
-    w.add_bos_token_id(sp.bos_id())
-    w.add_eos_token_id(sp.eos_id())
-    w.add_unk_token_id(sp.unk_id())
+    add_sentencepiece_vocab(w, model_file, add_bos=None)
 
 
 # --------------------------------------------------------------------------------------
