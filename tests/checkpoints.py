@@ -450,6 +450,28 @@ def gguf_path(out_dir: str | Path, qtype: str) -> Path:
     return Path(out_dir) / f"model-{qtype}.gguf"
 
 
+def add_llama_hparams(w, params: dict[str, Any], context_length: int) -> None:
+    """GGUF ``llama.*`` hyper-parameters of a params.json dict (head_dim explicit, window
+    under ``llama.attention.sliding_window``, which souverain reads and llama.cpp ignores)."""
+    w.add_block_count(params["n_layers"])
+    w.add_context_length(context_length)
+    w.add_embedding_length(params["dim"])
+    w.add_feed_forward_length(params["hidden_dim"])
+    w.add_head_count(params["n_heads"])
+    w.add_head_count_kv(params["n_kv_heads"])
+    w.add_layer_norm_rms_eps(params["norm_eps"])
+    w.add_rope_freq_base(params["rope_theta"])
+    w.add_key_length(params["head_dim"])
+    w.add_value_length(params["head_dim"])
+    w.add_rope_dimension_count(params["head_dim"])
+    w.add_vocab_size(params["vocab_size"])
+    if "moe" in params:
+        w.add_expert_count(params["moe"]["num_experts"])
+        w.add_expert_used_count(params["moe"]["num_experts_per_tok"])
+    if params.get("sliding_window") is not None:
+        w.add_sliding_window(params["sliding_window"])
+
+
 def write_gguf(hf_dir: str | Path, out_dir: str | Path, qtype: str = "f32", *,
                name: str | None = None, with_tokenizer: bool = False) -> Path:
     """``out_dir/model-{qtype}.gguf`` (qtype f32 | f16 | q8_0), architecture ``llama``.
@@ -472,23 +494,7 @@ def write_gguf(hf_dir: str | Path, out_dir: str | Path, qtype: str = "f32", *,
 
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_name(name or f"souverain-tiny-{cfg.get('model_type', 'llama')}")
-    w.add_block_count(params["n_layers"])
-    w.add_context_length(cfg.get("max_position_embeddings", 512))
-    w.add_embedding_length(params["dim"])
-    w.add_feed_forward_length(params["hidden_dim"])
-    w.add_head_count(params["n_heads"])
-    w.add_head_count_kv(params["n_kv_heads"])
-    w.add_layer_norm_rms_eps(params["norm_eps"])
-    w.add_rope_freq_base(params["rope_theta"])
-    w.add_key_length(params["head_dim"])
-    w.add_value_length(params["head_dim"])
-    w.add_rope_dimension_count(params["head_dim"])
-    w.add_vocab_size(params["vocab_size"])
-    if "moe" in params:
-        w.add_expert_count(params["moe"]["num_experts"])
-        w.add_expert_used_count(params["moe"]["num_experts_per_tok"])
-    if params.get("sliding_window") is not None:
-        w.add_sliding_window(params["sliding_window"])
+    add_llama_hparams(w, params, cfg.get("max_position_embeddings", 512))
     w.add_file_type(_GGUF_FILE_TYPE[qtype])
     if with_tokenizer:
         _add_sentencepiece_vocab(w, v3_tokenizer_path())

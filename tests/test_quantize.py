@@ -298,6 +298,7 @@ def _write_q4_gguf(entry: dict, qtype: T, path: Path) -> Path:
     the MoE router F32)."""
     import gguf
     from checkpoints import (
+        add_llama_hparams,
         hf_config,
         hf_state_dict,
         hf_to_mistral_state_dict,
@@ -309,22 +310,7 @@ def _write_q4_gguf(entry: dict, qtype: T, path: Path) -> Path:
     p = params_from_hf_config(cfg)
     tensors = mistral_to_gguf_tensors(hf_to_mistral_state_dict(hf_state_dict(entry["hf"]), cfg), p)
     w = gguf.GGUFWriter(str(path), "llama")
-    w.add_block_count(p["n_layers"])
-    w.add_context_length(512)
-    w.add_embedding_length(p["dim"])
-    w.add_feed_forward_length(p["hidden_dim"])
-    w.add_head_count(p["n_heads"])
-    w.add_head_count_kv(p["n_kv_heads"])
-    w.add_layer_norm_rms_eps(p["norm_eps"])
-    w.add_rope_freq_base(p["rope_theta"])
-    w.add_key_length(p["head_dim"])
-    w.add_value_length(p["head_dim"])
-    w.add_vocab_size(p["vocab_size"])
-    if "moe" in p:
-        w.add_expert_count(p["moe"]["num_experts"])
-        w.add_expert_used_count(p["moe"]["num_experts_per_tok"])
-    if p.get("sliding_window") is not None:
-        w.add_sliding_window(p["sliding_window"])
+    add_llama_hparams(w, p, 512)
     for name, arr in tensors.items():
         if arr.ndim == 1 or ".ffn_gate_inp." in name:
             w.add_tensor(name, arr.astype(np.float32))

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence as Seq
 
 import torch
@@ -86,7 +86,6 @@ class _Request:
     seqs: list[Sequence]
     metrics: RequestMetrics
     finished: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def output(self) -> RequestOutput:
         """A snapshot: later steps do not change what was handed out (streams may lag)."""
