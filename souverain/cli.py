@@ -1,4 +1,4 @@
-"""The `souverain` command line: chat, generate, inspect.
+"""The `souverain` command line: serve, keys, chat, generate, inspect, bench.
 
 Every user-fixable problem (a bad path, a corrupt file, a bad flag value) ends the command with
 one sentence on stderr and exit code 2, never a traceback.
@@ -253,6 +253,172 @@ def inspect(
             out.print(tok.chat_template, markup=False)
         elif tok is not None:
             out.print("[bold]chat template[/]: built-in Mistral instruct format (mistral-common)")
+
+
+def _default_name(model: str) -> str:
+    from pathlib import Path
+
+    p = Path(model)
+    if not p.exists():
+        return model  # an alias
+    return p.stem if p.is_file() else p.name
+
+
+@app.command()
+def serve(
+    model: str = ModelArg,
+    name: Optional[str] = typer.Option(
+        None, "--name", help="Model id clients send (default: the alias, file stem or folder "
+                             "name), e.g. mistral-small-latest."),
+    more_models: list[str] = typer.Option(
+        [], "--model", "-m", help="Serve another model too: NAME=PATH (repeatable)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
+    port: int = typer.Option(8000, "--port", "-p", min=1, max=65535, help="Port."),
+    api_keys_file: Optional[str] = typer.Option(
+        None, "--api-keys-file", help="Keys file made by `souverain keys add` (hashes only). "
+                                      "Without it only clients on this machine are answered."),
+    insecure_no_auth: bool = typer.Option(
+        False, "--insecure-no-auth", help="Answer any client without a key (trusted networks "
+                                          "only)."),
+    lazy: bool = typer.Option(False, "--lazy/--eager",
+                              help="Load models on their first request, or all at start-up."),
+    memory_budget_gib: Optional[float] = typer.Option(
+        None, "--memory-budget-gib", min=0.01,
+        help="Most memory all loaded models (weights + KV) may hold; idle models are unloaded "
+             "to make room for a lazy one."),
+    max_pending: int = typer.Option(256, "--max-pending", min=1,
+                                    help="Requests running or queued at once; more get 429."),
+    max_request_mib: float = typer.Option(4.0, "--max-request-mib", min=0.001,
+                                          help="Largest request body accepted (413 above)."),
+    rate_limit_rpm: Optional[float] = typer.Option(
+        None, "--rate-limit-rpm", min=0.001, help="Requests per minute per API key (429)."),
+    rate_limit_tpm: Optional[float] = typer.Option(
+        None, "--rate-limit-tpm", min=1, help="Tokens (prompt + completion) per minute per key."),
+    default_temperature: float = typer.Option(
+        0.7, "--default-temperature", min=0.0, help="Temperature when a request gives none."),
+    dtype: str = DtypeOpt,
+    quantization: str = QuantOpt,
+    kv_cache_gib: Optional[float] = KvOpt,
+    threads: Optional[int] = ThreadsOpt,
+    max_model_len: Optional[int] = typer.Option(
+        None, "--max-model-len", min=16, help="Context served per sequence (default: the "
+                                              "model's, bounded by the KV budget)."),
+    max_num_seqs: int = typer.Option(64, "--max-num-seqs", min=1,
+                                     help="Sequences decoded together in one batch."),
+    log_level: str = typer.Option("info", "--log-level", help="debug, info, warning, error."),
+) -> None:
+    """Serve La Plateforme's HTTP API (chat completions, FIM, models, metrics) on this machine.
+
+    The official SDKs work unchanged with only the URL changed:
+      Mistral(api_key=KEY, server_url="http://127.0.0.1:8000")
+      OpenAI(api_key=KEY, base_url="http://127.0.0.1:8000/v1")
+
+    Examples:
+      souverain serve                                   # bundled model on 127.0.0.1:8000
+      souverain keys add keys.txt alice                 # prints a new key once, stores its hash
+      souverain serve /models/Mistral-7B-Instruct-v0.3 --name mistral-small-latest \\
+          --api-keys-file keys.txt --host 0.0.0.0 --quantization int8
+      souverain serve --model codestral=/models/codestral.gguf --lazy --memory-budget-gib 12
+    """
+    import logging
+
+    with user_errors():
+        import uvicorn
+
+        from souverain.engine.engine import EngineConfig
+        from souverain.server.app import ServerConfig, create_app
+        from souverain.server.auth import APIKeys, is_loopback
+        from souverain.server.registry import ModelRegistry, ServedModel
+
+        def engine_config() -> EngineConfig:
+            return EngineConfig(dtype=dtype, quantization=quantization, threads=threads,
+                                kv_cache_gib=kv_cache_gib, max_model_len=max_model_len,
+                                max_num_seqs=max_num_seqs)
+
+        served = [ServedModel(name or _default_name(model), model, engine_config())]
+        for spec in more_models:
+            n, sep, path = spec.partition("=")
+            if not sep or not n or not path:
+                raise typer.BadParameter(f"--model {spec!r} must be NAME=PATH")
+            served.append(ServedModel(n, path, engine_config()))
+        registry = ModelRegistry(served, memory_budget_gib)
+        keys = APIKeys.from_file(api_keys_file) if api_keys_file else None
+        config = ServerConfig(api_keys=keys, insecure_no_auth=insecure_no_auth,
+                              max_pending=max_pending,
+                              max_request_bytes=int(max_request_mib * (1 << 20)),
+                              rate_limit_rpm=rate_limit_rpm, rate_limit_tpm=rate_limit_tpm,
+                              default_temperature=default_temperature)
+        logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        if not lazy:
+            for m in served:
+                with Progress(TextColumn("[bold]loading[/] {task.description}"), BarColumn(),
+                              MofNCompleteColumn(), TextColumn("tensors"), TimeElapsedColumn(),
+                              console=err, transient=True) as bar:
+                    task = bar.add_task(f"{m.name} ({m.model})", total=None)
+                    registry.load_now(m, progress=lambda d, t: bar.update(task, completed=d,
+                                                                           total=t))
+        app_ = create_app(registry, config)
+        auth = (f"{len(keys)} API key(s) from {api_keys_file}" if keys is not None
+                else "no auth (--insecure-no-auth)" if insecure_no_auth
+                else "no API keys: loopback clients only")
+        err.print(f"[bold]souverain[/] serving {', '.join(m.name for m in served)} on "
+                  f"http://{host}:{port} · {auth}")
+        if keys is None and not insecure_no_auth and not is_loopback(host):
+            err.print("[yellow]warning:[/] listening beyond loopback without API keys: remote "
+                      "clients get 403 until you pass --api-keys-file.")
+        uvicorn.run(app_, host=host, port=port, log_level=log_level.lower(),
+                    timeout_graceful_shutdown=30)
+
+
+keys_app = typer.Typer(help="Manage the API keys file of `souverain serve` (only hashes are "
+                            "stored; a key is shown once, when it is made).",
+                       no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("add")
+def keys_add(
+    file: str = typer.Argument(..., help="Keys file (created with mode 0600 if missing)."),
+    key_name: str = typer.Argument(..., help="Who or what the key is for, e.g. alice."),
+    models: Optional[str] = typer.Option(None, "--models",
+                                         help="Comma-separated model ids it may use (all if unset)."),
+) -> None:
+    """Make a new API key: prints it once; the file keeps only its SHA-256 hash.
+
+    Example: souverain keys add keys.txt alice --models mistral-small-latest
+    """
+    with user_errors():
+        from souverain.server.auth import add_key
+
+        key_id, key = add_key(file, key_name, models.split(",") if models else None)
+        err.print(f"key id {key_id} for {key_name} added to {file}; the key (shown only now):")
+        out.print(key)
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    file: str = typer.Argument(..., help="Keys file."),
+    key: str = typer.Argument(..., help="Key id or name to revoke."),
+) -> None:
+    """Revoke a key (by id or name); a running server stops accepting it within a second."""
+    with user_errors():
+        from souverain.server.auth import revoke_key
+
+        if not revoke_key(file, key):
+            err.print(f"[bold red]error:[/] no key with id or name {key!r} in {file}.")
+            raise typer.Exit(2)
+        err.print(f"revoked {key}")
+
+
+@keys_app.command("list")
+def keys_list(file: str = typer.Argument(..., help="Keys file.")) -> None:
+    """List key ids, names and allowed models (never the keys: they are not stored)."""
+    with user_errors():
+        from souverain.server.auth import APIKeys
+
+        for k in APIKeys.from_file(file).keys():
+            models = ",".join(sorted(k.models)) if k.models else "all models"
+            out.print(f"{k.key_id}  {k.name}  {models}")
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True,

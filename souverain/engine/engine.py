@@ -351,4 +351,6 @@ class LLMEngine:
             "usable_blocks": self.blocks.num_usable_blocks,
             "kv_tokens": self.kv_tokens,
             "preemptions": self.scheduler.num_preemptions,
+            "prefix_cache_queries": self.scheduler.prefix_queried_tokens,
+            "prefix_cache_hits": self.scheduler.prefix_hit_tokens,
         }

@@ -35,6 +35,9 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
         self.num_preemptions = 0
+        # prefix cache effectiveness, in tokens, counted at each admission (re-admissions too)
+        self.prefix_queried_tokens = 0
+        self.prefix_hit_tokens = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -76,6 +79,8 @@ class Scheduler:
                     break  # keep FIFO order: wait for blocks to free up
             self.waiting.popleft()
             self.blocks.allocate(seq, seq.num_computed + n)
+            self.prefix_queried_tokens += seq.num_tokens
+            self.prefix_hit_tokens += seq.num_cached
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             scheduled.append(ScheduledSeq(seq, n))

@@ -1,0 +1,320 @@
+"""The La Plateforme request and response schemas, as pydantic v2 models.
+
+Source of truth: Mistral's public OpenAPI spec and the official `mistralai` SDK (3.x) models.
+Request models reject unknown fields (422, as La Plateforme does) but accept every field the
+`mistralai` and `openai` SDKs send; fields that cannot change anything on this server are
+accepted and documented in their description (``prediction``, ``prompt_cache_key``,
+``service_tier``, ``metadata``, ``user``). These models also generate `/openapi.json`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SAFE_PROMPT = (
+    "Always assist with care, respect, and truth. Respond with utmost utility yet securely. "
+    "Avoid harmful, unethical, prejudiced, or negative content. Ensure replies promote fairness "
+    "and positivity."
+)
+"""Mistral's guardrail system prompt, verbatim, prepended when ``safe_prompt`` is true."""
+
+MAX_N = 16
+MAX_STOP_STRINGS = 16
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+# -- messages -------------------------------------------------------------------------------
+
+class TextChunk(_Request):
+    type: Literal["text"] = "text"
+    text: str
+
+
+class OtherChunk(_Open):
+    """Image, audio, document or reference chunks: accepted by the schema, then refused with a
+    400 naming the chunk type, since the models served here read text only."""
+
+    type: str
+
+
+ContentChunk = Union[TextChunk, OtherChunk]
+Content = Union[str, list[ContentChunk], None]
+
+
+class FunctionCall(_Request):
+    name: str
+    arguments: Union[str, dict[str, Any]] = Field(
+        description="A JSON string (or object) with the call's arguments.")
+
+
+class ToolCall(_Request):
+    id: str | None = Field(default=None, description="9 characters [a-zA-Z0-9] for Mistral models.")
+    type: Literal["function"] | None = "function"
+    function: FunctionCall
+    index: int | None = None
+
+
+class Message(_Request):
+    """A message of the conversation; which fields apply depends on ``role``."""
+
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: Content = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = Field(default=None, description="assistant only")
+    tool_call_id: str | None = Field(default=None, description="tool only")
+    prefix: bool = Field(default=False, description=(
+        "assistant only, last message only: the answer continues this text (and starts "
+        "with it)."))
+
+
+# -- tools and formats -----------------------------------------------------------------------
+
+class Function(_Request):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = ""
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object",
+                                                                "properties": {}})
+    strict: bool | None = None
+
+
+class Tool(_Request):
+    type: Literal["function"] = "function"
+    function: Function
+
+
+class FunctionName(_Request):
+    name: str
+
+
+class ToolChoice(_Request):
+    type: Literal["function"] = "function"
+    function: FunctionName
+
+
+class JsonSchema(_Request):
+    name: str = "response"
+    schema_: dict[str, Any] = Field(alias="schema")
+    description: str | None = None
+    strict: bool | None = None
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: JsonSchema | None = None
+
+
+class Prediction(_Request):
+    type: Literal["content"] = "content"
+    content: str = ""
+
+
+class StreamOptions(_Request):
+    include_usage: bool | None = None
+
+
+class Guardrail(_Open):
+    pass
+
+
+class ChatCompletionRequest(_Request):
+    model: str = Field(description="A model id from GET /v1/models.")
+    messages: list[Message] = Field(min_length=1)
+    temperature: float | None = Field(default=None, ge=0, le=2, description=(
+        "Default: the model's default_model_temperature (GET /v1/models/{id})."))
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=-1)
+    max_tokens: int | None = Field(default=None, ge=1, description=(
+        "Default: until the end of the answer or of the context. Prompt + max_tokens over "
+        "the context is a 400, never a truncation."))
+    max_completion_tokens: int | None = Field(default=None, ge=1,
+                                              description="OpenAI name of max_tokens.")
+    min_tokens: int | None = Field(default=None, ge=0)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: Union[str, list[str], None] = None
+    random_seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1,
+                             description="OpenAI name of random_seed.")
+    response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Union[Literal["auto", "none", "any", "required"], ToolChoice, None] = None
+    parallel_tool_calls: bool | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(default=None, gt=0, le=10)
+    n: int | None = Field(default=None, ge=1, le=MAX_N)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    logit_bias: dict[str, float] | None = Field(default=None, description=(
+        "OpenAI: token id (as a string) -> bias in [-100, 100] added to its logit."))
+    safe_prompt: bool | None = False
+    prediction: Prediction | None = Field(default=None, description=(
+        "Accepted; a speed hint that never changes the output. Not used here."))
+    prompt_cache_key: str | None = Field(default=None, description=(
+        "Accepted; prefix caching is automatic here, for every request."))
+    service_tier: str | None = Field(default=None, description="Accepted; one tier here.")
+    metadata: dict[str, Any] | None = Field(default=None, description="Accepted; not stored.")
+    user: str | None = Field(default=None, description="OpenAI; accepted, not stored.")
+    prompt_logprobs: bool | None = Field(default=None, description="Only false/null here.")
+    top_prompt_logprobs: int | None = Field(default=None, description="Only 0/null here.")
+    reasoning_effort: str | None = Field(default=None, description=(
+        "Only null/'none' here: the served models have no reasoning mode."))
+    prompt_mode: str | None = Field(default=None, description="Only null here.")
+    guardrails: list[Guardrail] | None = Field(default=None, description=(
+        "Only null/empty here: use safe_prompt."))
+
+
+class FIMCompletionRequest(_Request):
+    model: str
+    prompt: str
+    suffix: str | None = ""
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    min_tokens: int | None = Field(default=None, ge=0)
+    stream: bool = False
+    stop: Union[str, list[str], None] = None
+    random_seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    metadata: dict[str, Any] | None = None
+    prompt_cache_key: str | None = None
+
+
+# -- responses -------------------------------------------------------------------------------
+
+class UsageInfo(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ResponseFunctionCall(BaseModel):
+    name: str
+    arguments: str
+
+
+class ResponseToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: ResponseFunctionCall
+    index: int | None = None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+    token_id: int
+
+
+class TokenLogprobs(TopLogprob):
+    top_logprobs: list[TopLogprob] = []
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprobs]
+
+
+FinishReason = Literal["stop", "length", "model_length", "error", "tool_calls"]
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None
+    tool_calls: list[ResponseToolCall] | None = None
+    prefix: bool = False
+
+
+class ChatCompletionChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: FinishReason
+    logprobs: ChoiceLogprobs | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatCompletionChoice]
+    usage: UsageInfo
+
+
+class DeltaMessage(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    tool_calls: list[ResponseToolCall] | None = None
+
+
+class StreamChoice(BaseModel):
+    index: int
+    delta: DeltaMessage
+    finish_reason: FinishReason | None = None
+    logprobs: ChoiceLogprobs | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One SSE event (``data: {...}``); the stream ends with ``data: [DONE]``."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[StreamChoice]
+    usage: UsageInfo | None = None
+
+
+class ModelCapabilities(BaseModel):
+    completion_chat: bool
+    completion_fim: bool
+    function_calling: bool
+    fine_tuning: bool = False
+    vision: bool = False
+    classification: bool = False
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "souverain"
+    name: str | None = None
+    description: str | None = None
+    max_context_length: int
+    aliases: list[str] = []
+    default_model_temperature: float | None = None
+    capabilities: ModelCapabilities
+    type: Literal["base", "fine-tuned"] = "base"
+    loaded: bool = Field(description="souverain: whether the weights are in memory now.")
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorBody(BaseModel):
+    """Every error: La Plateforme's shape. 422s add pydantic's ``detail`` list."""
+
+    object: Literal["error"] = "error"
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+    detail: list[dict[str, Any]] | None = None
+
+
+class Health(BaseModel):
+    status: Literal["ok", "draining"]
+    models: dict[str, str] = Field(description="model id -> loaded | not loaded")

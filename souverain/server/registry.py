@@ -1,0 +1,162 @@
+"""The models a server offers: names, lazy or eager loading, and a memory budget.
+
+Each served model is a name (the id clients send) bound to a model path or alias and an
+`EngineConfig`. Its `AsyncLLMEngine` is created at start-up (``eager``) or on the first request
+that names it (``lazy``). With a memory budget, loading a model that would not fit first unloads
+the least recently used idle models (no request in flight); if it still does not fit, the
+request gets a 503 naming the budget, and nothing already running is disturbed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from souverain.engine import AsyncLLMEngine
+from souverain.engine.engine import EngineConfig
+from souverain.errors import SouverainError
+from souverain.server.errors import APIError
+from souverain.weights import load
+
+log = logging.getLogger("souverain.server")
+
+GiB = 1 << 30
+_BYTES_PER_PARAM = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "int8": 1.0, "int4": 0.5}
+
+
+@dataclass
+class ServedModel:
+    name: str
+    model: str  # path or alias
+    config: EngineConfig
+    aliases: list[str] = field(default_factory=list)
+    engine: AsyncLLMEngine | None = None
+    in_flight: int = 0
+    last_used: float = 0.0
+    created: int = field(default_factory=lambda: int(time.time()))
+    load_error: str | None = None
+    _lock: asyncio.Lock | None = None
+
+    @property
+    def loaded(self) -> bool:
+        return self.engine is not None
+
+    def memory_bytes(self) -> int:
+        """What this model holds now: weights + its KV budget (0 when not loaded)."""
+        if self.engine is None:
+            return 0
+        eng = self.engine.engine
+        weights = sum(t.numel() * t.element_size() for t in eng.model.state_dict().values())
+        return int(weights + eng.kv_tokens * eng.kv_bytes_per_token)
+
+    def estimate_bytes(self) -> int:
+        """Weights + KV budget before loading (from the checkpoint's header only)."""
+        if self.engine is not None:
+            return self.memory_bytes()
+        ckpt = load(self.model)
+        n_params = ckpt.args.n_params
+        cfg = self.config
+        if cfg.quantization != "none":
+            per = _BYTES_PER_PARAM[cfg.quantization]
+        elif cfg.dtype in _BYTES_PER_PARAM:
+            per = _BYTES_PER_PARAM[cfg.dtype]
+        else:
+            per = 4.0 if n_params < 3e9 else 2.0
+        kv = (cfg.kv_cache_gib or 0) * GiB
+        return int(n_params * per + kv)
+
+
+class ModelRegistry:
+    def __init__(self, models: list[ServedModel], memory_budget_gib: float | None = None):
+        names: dict[str, ServedModel] = {}
+        for m in models:
+            for n in [m.name, *m.aliases]:
+                if n in names:
+                    raise SouverainError(f"the model name {n!r} is given twice; give each "
+                                         "--model a distinct --name.")
+                names[n] = m
+        self.models = models
+        self._by_name = names
+        self.budget = int(memory_budget_gib * GiB) if memory_budget_gib else None
+
+    def names(self) -> list[str]:
+        return [m.name for m in self.models]
+
+    def find(self, name: str) -> ServedModel:
+        m = self._by_name.get(name)
+        if m is None:
+            raise APIError(404, f"Model {name!r} is not served here; GET /v1/models lists the "
+                                f"models: {', '.join(sorted(self._by_name))}.",
+                           param="model", code="model_not_found")
+        return m
+
+    def load_now(self, m: ServedModel, progress: Any = None) -> AsyncLLMEngine:
+        """Load synchronously (start-up of an eager model)."""
+        if m.engine is None:
+            self._make_room(m)
+            t = time.perf_counter()
+            m.engine = AsyncLLMEngine(m.model, m.config, progress=progress)
+            log.info("loaded %s (%s) in %.1f s", m.name, m.model, time.perf_counter() - t)
+        return m.engine
+
+    async def acquire(self, name: str) -> tuple[ServedModel, AsyncLLMEngine]:
+        """The model's engine, loading it first if needed; the caller must `release` it."""
+        m = self.find(name)
+        if m._lock is None:
+            m._lock = asyncio.Lock()
+        m.in_flight += 1
+        try:
+            if m.engine is None:
+                async with m._lock:
+                    if m.engine is None:
+                        try:
+                            await asyncio.to_thread(self.load_now, m)
+                        except SouverainError as exc:
+                            m.load_error = str(exc)
+                            raise APIError(503, f"Model {m.name!r} could not be loaded: {exc}",
+                                           code="model_load_failed") from None
+        except BaseException:
+            m.in_flight -= 1
+            raise
+        m.last_used = time.monotonic()
+        return m, m.engine  # type: ignore[return-value]
+
+    def release(self, m: ServedModel) -> None:
+        m.in_flight -= 1
+        m.last_used = time.monotonic()
+
+    def _make_room(self, m: ServedModel) -> None:
+        if self.budget is None:
+            return
+        need = m.estimate_bytes()
+        used = sum(o.memory_bytes() for o in self.models if o is not m)
+        if used + need <= self.budget:
+            return
+        idle = sorted((o for o in self.models if o is not m and o.loaded and o.in_flight == 0),
+                      key=lambda o: o.last_used)
+        for victim in idle:
+            used -= victim.memory_bytes()
+            self.unload(victim)
+            if used + need <= self.budget:
+                return
+        raise SouverainError(
+            f"it needs about {need / GiB:.2f} GiB but the server's memory budget is "
+            f"{self.budget / GiB:.2f} GiB with {used / GiB:.2f} GiB held by models in use; "
+            "retry later or raise --memory-budget-gib")
+
+    def unload(self, m: ServedModel) -> None:
+        if m.engine is not None:
+            log.info("unloading %s to stay within the memory budget", m.name)
+            m.engine.shutdown()
+            m.engine = None
+            gc.collect()
+
+    def shutdown(self) -> None:
+        for m in self.models:
+            if m.engine is not None:
+                m.engine.shutdown()
+                m.engine = None
