@@ -366,6 +366,11 @@ def serve(
         if keys is None and not insecure_no_auth and not is_loopback(host):
             err.print("[yellow]warning:[/] listening beyond loopback without API keys: remote "
                       "clients get 403 until you pass --api-keys-file.")
+        import signal
+
+        # uvicorn drains on SIGTERM, then re-raises it: make that re-raise a clean exit (0),
+        # not a death by signal (-15).
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         uvicorn.run(app_, host=host, port=port, log_level=log_level.lower(),
                     timeout_graceful_shutdown=30)
 

@@ -271,9 +271,10 @@ class LLMEngine:
         if not sampling:
             return []
         logits = logits.cpu()
-        for i, (seq, _) in enumerate(sampling):
-            if len(seq.output_token_ids) < seq.params.min_tokens and seq.stop_ids:
-                logits[i, list(seq.stop_ids)] = float("-inf")
+        with torch.inference_mode():  # logits is an inference tensor: edit it in that mode
+            for i, (seq, _) in enumerate(sampling):
+                if len(seq.output_token_ids) < seq.params.min_tokens and seq.stop_ids:
+                    logits[i, list(seq.stop_ids)] = float("-inf")
         new_tokens, logprobs = sample_batch(logits, [
             SamplingRow(seq.params, seq.generator, seq.prompt_token_ids, seq.output_token_ids)
             for seq, _ in sampling

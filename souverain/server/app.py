@@ -25,6 +25,7 @@ from typing import Any, AsyncIterator
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from souverain import __version__
 from souverain.server import chat as chatmod
@@ -72,6 +73,53 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
 _GEN_ERRORS = _errors(400, 401, 403, 404, 413, 422, 429, 503)
 
 
+def _inline_schema(model: Any) -> dict[str, Any]:
+    """``model``'s JSON schema with its ``$defs`` inlined: in /openapi.json a ``#/$defs/..``
+    reference would resolve against the document root, where there is no ``$defs``."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(x: Any) -> Any:
+        if isinstance(x, dict):
+            ref = x.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                rest = {k: v for k, v in x.items() if k != "$ref"}
+                return inline({**defs[ref[len("#/$defs/"):]], **rest})
+            return {k: inline(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [inline(v) for v in x]
+        return x
+
+    return inline(schema)
+
+
+def _sse_chunks() -> dict[str, Any]:
+    """The ``text/event-stream`` media type of a streamed completion, as FastAPI documents SSE
+    (OpenAPI 3.2 ``itemSchema``: one SSE event): ``data`` is a chunk as JSON, or ``[DONE]``."""
+    return {"itemSchema": {
+        "type": "object", "required": ["data"],
+        "properties": {"data": {"anyOf": [
+            {"type": "string", "const": "[DONE]"},
+            {"type": "string", "contentMediaType": "application/json",
+             "contentSchema": _inline_schema(ChatCompletionChunk)}]}}}}
+
+
+def _int_bounds(node: Any) -> None:
+    """Write the bounds of integer schemas as integers: FastAPI's OpenAPI models turn them into
+    floats (``0.0``, and ``9.223372036854775e+18`` whose decimal value is not the bound)."""
+    if isinstance(node, dict):
+        if node.get("type") == "integer":
+            for k in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
+                v = node.get(k)
+                if isinstance(v, float) and v.is_integer():
+                    node[k] = int(v)
+        for v in node.values():
+            _int_bounds(v)
+    elif isinstance(node, list):
+        for v in node:
+            _int_bounds(v)
+
+
 class _BodyLimit:
     """ASGI middleware: refuse bodies over the limit (413) before they are read into memory."""
 
@@ -98,7 +146,7 @@ class _BodyLimit:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
-                    raise _TooLarge()
+                    raise _TooLarge(413, self._message())
             return message
 
         try:
@@ -106,18 +154,21 @@ class _BodyLimit:
         except _TooLarge:
             await self._reject(send)
 
+    def _message(self) -> str:
+        return (f"The request body is over the server's limit of {self.limit} bytes; send "
+                "less (or raise --max-request-mib).")
+
     async def _reject(self, send: Any) -> None:
-        body = json.dumps(error_body(413, f"The request body is over the server's limit of "
-                                          f"{self.limit} bytes; send less (or raise "
-                                          "--max-request-mib).")).encode()
+        body = json.dumps(error_body(413, self._message())).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"),
                                 (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
 
 
-class _TooLarge(Exception):
-    pass
+class _TooLarge(StarletteHTTPException):
+    """An HTTPException, so that FastAPI lets it through (it turns other errors raised while
+    reading the body into a 400) to the handler that answers 413 in the error shape."""
 
 
 class _Metrics:
@@ -175,6 +226,13 @@ def create_app(registry: ModelRegistry, config: ServerConfig | None = None) -> F
     app.state.admission = admission
     app.state.config = config
     install_error_handlers(app)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            _int_bounds(FastAPI.openapi(app))
+        return app.openapi_schema  # type: ignore[return-value]
+
+    app.openapi = openapi  # type: ignore[method-assign]
     app.add_middleware(_BodyLimit, limit=config.max_request_bytes)
     app.add_middleware(_Metrics, metrics=metrics)
 
@@ -307,8 +365,7 @@ def create_app(registry: ModelRegistry, config: ServerConfig | None = None) -> F
                 release()
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse,
-              responses={200: {"content": {"text/event-stream": {
-                  "schema": ChatCompletionChunk.model_json_schema()}},
+              responses={200: {"content": {"text/event-stream": _sse_chunks()},
                   "description": "JSON, or an SSE stream of chat.completion.chunk events "
                                  "ending with `data: [DONE]` when stream=true"},
                   **_GEN_ERRORS},
@@ -318,8 +375,7 @@ def create_app(registry: ModelRegistry, config: ServerConfig | None = None) -> F
         return await run(request, body, key, "chat")
 
     @app.post("/v1/fim/completions", response_model=ChatCompletionResponse,
-              responses={200: {"content": {"text/event-stream": {
-                  "schema": ChatCompletionChunk.model_json_schema()}}}, **_GEN_ERRORS},
+              responses={200: {"content": {"text/event-stream": _sse_chunks()}}, **_GEN_ERRORS},
               tags=["fim"], summary="Fill-in-the-middle completion (Codestral)")
     async def fim_completions(body: FIMCompletionRequest, request: Request,
                               key: KeyInfo | None = Depends(authorize)) -> Response:

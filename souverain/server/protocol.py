@@ -22,6 +22,9 @@ SAFE_PROMPT = (
 
 MAX_N = 16
 MAX_STOP_STRINGS = 16
+# The largest seed: /openapi.json writes numeric bounds as floats (FastAPI), and 2**63 - 1 would
+# read back as 2**63; 2**63 - 1024 is the largest int64 a float64 holds exactly.
+MAX_SEED = 2**63 - 1024
 
 
 class _Request(BaseModel):
@@ -143,8 +146,8 @@ class ChatCompletionRequest(_Request):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: Union[str, list[str], None] = None
-    random_seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
-    seed: int | None = Field(default=None, ge=0, le=2**63 - 1,
+    random_seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED,
                              description="OpenAI name of random_seed.")
     response_format: ResponseFormat | None = None
     tools: list[Tool] | None = None
@@ -185,7 +188,7 @@ class FIMCompletionRequest(_Request):
     min_tokens: int | None = Field(default=None, ge=0)
     stream: bool = False
     stop: Union[str, list[str], None] = None
-    random_seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    random_seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     metadata: dict[str, Any] | None = None
     prompt_cache_key: str | None = None
 
