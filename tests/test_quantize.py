@@ -339,7 +339,7 @@ def test_q4_gguf_int4_is_the_dequantized_model(q4_ggufs, name, qtype):
     assert ckpt.tensors["norm.weight"].raw is None
     ref_model = load_model(ckpt, "float32")  # dequantized by gguf at load (today's path)
     exact = load_model(ckpt, "float32", quantization="int4", head="none",
-                       compute_dtype=torch.float32)
+                       compute_dtype=torch.float32, fuse=False)  # module by module
     ref_weights = ref_model.state_dict()
     for mod_name, module in exact.named_modules():
         if isinstance(module, Int4Linear):  # every block linear, experts included
@@ -348,6 +348,11 @@ def test_q4_gguf_int4_is_the_dequantized_model(q4_ggufs, name, qtype):
         7 * 3 if name == "mistral" else (4 + 3 * 4) * 2)
     ref = _logits(ref_model)
     torch.testing.assert_close(_logits(exact), ref, rtol=0, atol=1e-4)  # measured: 0.0
+    fused = load_model(ckpt, "float32", quantization="int4", head="none",
+                       compute_dtype=torch.float32)  # wq|wk|wv and w1|w3 as one kernel call
+    # fused where the int4 tiles allow it (tiny mixtral's 32-row wk does not)
+    assert any(b.attention.wqkv is not None for b in fused.layers) == (name == "mistral")
+    assert torch.equal(_logits(fused), _logits(exact))
     fast = load_model(ckpt, "float32", quantization="int4")  # bf16 scales + activations, int8 head
     assert _rel(_logits(fast), ref) < 0.02  # measured .0065-.0083
 
@@ -357,7 +362,7 @@ def test_q4_gguf_int8_and_q8_0_gguf_load(q4_ggufs, tiny_models):
         ckpt = load(path)
         ref = _logits(load_model(ckpt, "float32"))
         model = load_model(ckpt, "float32", quantization="int8")
-        assert isinstance(model.layers[0].attention.wq, Int8Linear)
+        assert isinstance(model.layers[0].attention.wqkv, Int8Linear)  # wq|wk|wv fused
         # int8 per channel re-quantizes the 32-blocks: measured .030 (Q4_1), .011 (Q8_0)
         assert _rel(_logits(model), ref) < 0.05
 

@@ -128,25 +128,30 @@ class PagedAttention:
         v_blocks = v_cache.view(-1, bs, *v_cache.shape[1:])
         decode, prefills = self._plan(window)
         gqa = q.shape[1] != k.shape[1]
-        out = torch.empty_like(q)
+        out = q.new_empty(q.shape)
         if decode is not None:
             rows, index, mask, cut = decode
-            keys = k_blocks[index].flatten(1, 2)  # (B, width*bs, KVH, D)
-            values = v_blocks[index].flatten(1, 2)
+            # index_select, not k_blocks[index]: advanced indexing is several times slower
+            B, width = index.shape
+            keys = k_blocks.index_select(0, index.view(-1)).view(B, width * bs, *k.shape[1:])
+            values = v_blocks.index_select(0, index.view(-1)).view(B, width * bs, *v.shape[1:])
             if cut is not None:  # one sequence: slice instead of masking
                 keys, values = keys[:, cut[0]:cut[1]], values[:, cut[0]:cut[1]]
             # One query per head and no causality inside a step: the g query heads sharing a
             # KV head become g "query positions" of that head, so SDPA sees no GQA at all.
-            B, H, D = len(self.decode_rows), q.shape[1], q.shape[2]
+            H, D = q.shape[1], q.shape[2]
             kvh = k.shape[1]
-            qd = q[rows].view(B, kvh, H // kvh, D)  # (B, KVH, g, D)
+            all_rows = not prefills  # a pure decode step: row i is sequence i, no gather
+            qd = (q if all_rows else q.index_select(0, rows)).view(B, kvh, H // kvh, D)
             o = F.scaled_dot_product_attention(qd, keys.transpose(1, 2), values.transpose(1, 2),
                                                attn_mask=mask)
-            out[rows] = o.reshape(B, H, D)
+            if all_rows:
+                return o.reshape(B, H, D)
+            out.index_copy_(0, rows, o.reshape(B, H, D))
         for offset, n, blocks, lo, hi, mask in prefills:
             qs = q[offset:offset + n].transpose(0, 1)  # (H, n, D)
-            keys = k_blocks[blocks].flatten(0, 1)[lo:hi].transpose(0, 1)  # (KVH, L, D)
-            values = v_blocks[blocks].flatten(0, 1)[lo:hi].transpose(0, 1)
+            keys = k_blocks.index_select(0, blocks).flatten(0, 1)[lo:hi].transpose(0, 1)
+            values = v_blocks.index_select(0, blocks).flatten(0, 1)[lo:hi].transpose(0, 1)
             o = F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask,
                                                is_causal=mask is None, enable_gqa=gqa)
             out[offset:offset + n] = o.transpose(0, 1)

@@ -23,6 +23,7 @@ from torch import nn
 
 from souverain.errors import CheckpointError
 from souverain.models.quantize import (
+    fuse_projections_,
     DEFAULT_GROUP_SIZE,
     GGUFRows,
     Int4Linear,
@@ -85,13 +86,15 @@ def load_model(ckpt: Checkpoint, dtype: str | torch.dtype = "float32",
                quantization: str = "none", *,
                group_size: int = DEFAULT_GROUP_SIZE,
                head: str | None = None,
-               compute_dtype: torch.dtype = torch.bfloat16) -> Transformer:
+               compute_dtype: torch.dtype = torch.bfloat16,
+               fuse: bool = True) -> Transformer:
     """Instantiate ``ckpt``'s model in ``dtype`` on ``device`` (inference mode, no grads).
 
     ``quantization`` "int8" / "int4" swaps the block linears (and the head: int8 unless
     ``head`` says "int4" or "none") for weight-only quantized ones (CPU only; see
     `souverain.models.quantize`); ``dtype`` is then the dtype of everything else (embedding,
-    norms, residual stream, KV cache). "none" is the plain float model."""
+    norms, residual stream, KV cache). "none" is the plain float model. ``fuse`` (quantized
+    only) merges wq|wk|wv and w1|w3 into one kernel call each (`fuse_projections_`)."""
     target = parse_dtype(dtype)
     scheme = parse_quantization(quantization)
     with _skip_init(), torch.device("meta"):
@@ -145,6 +148,8 @@ def load_model(ckpt: Checkpoint, dtype: str | torch.dtype = "float32",
     if missing or unexpected:  # cannot happen with a validated checkpoint
         raise CheckpointError(f"{ckpt.path}: loading left {missing[:3]} unset and "
                               f"{unexpected[:3]} unused.")
+    if fuse:
+        fuse_projections_(model)
     model.requires_grad_(False)
     return model.eval()
 

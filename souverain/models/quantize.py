@@ -123,6 +123,7 @@ class _LinearWeight(torch.Tensor):
 # the overload packets resolved once (``torch.ops.aten.x`` is an attribute lookup chain)
 _int8_mm = torch.ops.aten._weight_int8pack_mm.default
 _int4_mm = torch.ops.aten._weight_int4pack_mm_for_cpu.default
+_INT4_TILE_N = 64  # output rows per tile of the CPU int4 packed layout
 _int4_pack = torch.ops.aten._convert_weight_to_int4pack_for_cpu.default
 
 
@@ -454,6 +455,52 @@ def quantize_model_(model: Transformer, scheme: str, *, group_size: int = DEFAUL
         set_submodule(model, name, quantized_linear(weight.detach(), kind, group_size,
                                                     compute_dtype))
         release_mapped(weight)  # a float weight still mapped from its file: drop its pages
+    return model
+
+
+def fuse_linears(parts: list[nn.Module]) -> nn.Module | None:
+    """One quantized linear computing ``cat([p(x) for p in parts], -1)`` exactly, or None when
+    the parts are not all `Int4Linear` (same group) or all `Int8Linear` (same compute dtype).
+    Output rows of both packed layouts are independent, so fusing is a concatenation; the
+    int4 CPU layout packs N in tiles of 64 rows, so every part but the last must fill whole
+    tiles (measured: a 96-row part breaks it)."""
+    first = parts[0]
+    if not all(type(p) is type(first) and p.in_features == first.in_features
+               and p.compute_dtype == first.compute_dtype for p in parts):
+        return None
+    if isinstance(first, Int4Linear):
+        if any(p.group_size != first.group_size for p in parts):
+            return None
+        if any(p.out_features % _INT4_TILE_N for p in parts[:-1]):
+            return None
+        return Int4Linear(torch.cat([p.qweight for p in parts]),
+                          torch.cat([p.scales_and_zeros for p in parts], dim=1),
+                          first.group_size, first.in_features)
+    if isinstance(first, Int8Linear):
+        return Int8Linear(torch.cat([p.qweight for p in parts]),
+                          torch.cat([p.scales for p in parts]))
+    return None
+
+
+@torch.no_grad()
+def fuse_projections_(model: Transformer) -> Transformer:
+    """Fuse each block's quantized wq|wk|wv into ``attention.wqkv`` and w1|w3 into
+    ``feed_forward.w13`` (dense FFNs), removing the parts: at batch 1 every kernel call costs
+    dispatch and two dtype casts, so 7 calls per block become 4. Float linears are left alone
+    (fusing them would copy weights that may be memory-mapped)."""
+    for block in model.layers:
+        att = block.attention
+        if att.wqkv is None and all(hasattr(att, n) for n in ("wq", "wk", "wv")):
+            fused = fuse_linears([att.wq, att.wk, att.wv])
+            if fused is not None:
+                att.wqkv = fused
+                del att.wq, att.wk, att.wv
+        ff = block.feed_forward
+        if getattr(ff, "w13", "n/a") is None and hasattr(ff, "w1") and hasattr(ff, "w3"):
+            fused = fuse_linears([ff.w1, ff.w3])
+            if fused is not None:
+                ff.w13 = fused
+                del ff.w1, ff.w3
     return model
 
 

@@ -69,13 +69,23 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        # wq|wk|wv as one matmul (set by `souverain.models.quantize.fuse_projections_`, which
+        # then removes wq, wk and wv): one kernel call instead of three per token
+        self.wqkv: nn.Module | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 attn: AttentionBackend) -> torch.Tensor:
         T = x.shape[0]
-        q = self.wq(x).view(T, self.n_heads, self.head_dim)
-        k = self.wk(x).view(T, self.n_kv_heads, self.head_dim)
-        v = self.wv(x).view(T, self.n_kv_heads, self.head_dim)
+        if self.wqkv is not None:
+            nq, nkv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+            q, k, v = self.wqkv(x).split((nq, nkv, nkv), dim=-1)
+            q = q.view(T, self.n_heads, self.head_dim)
+            k = k.view(T, self.n_kv_heads, self.head_dim)
+            v = v.view(T, self.n_kv_heads, self.head_dim)
+        else:
+            q = self.wq(x).view(T, self.n_heads, self.head_dim)
+            k = self.wk(x).view(T, self.n_kv_heads, self.head_dim)
+            v = self.wv(x).view(T, self.n_kv_heads, self.head_dim)
         q, k = Rotary.apply(q, cos, sin), Rotary.apply(k, cos, sin)
         out = attn.attend(self.layer, q, k, v, self.window)  # (T, n_heads, head_dim)
         return self.wo(out.reshape(T, self.n_heads * self.head_dim))
@@ -89,8 +99,12 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(dim, hidden_dim, bias=False)
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w13: nn.Module | None = None  # w1|w3 fused (see Attention.wqkv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.w13 is not None:
+            gate, up = self.w13(x).chunk(2, dim=-1)
+            return self.w2(F.silu(gate) * up)
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
@@ -115,7 +129,7 @@ class MoeLayer(nn.Module):
         for i, expert in enumerate(self.experts):
             rows, nth = torch.where(chosen == i)
             if rows.numel():
-                out.index_add_(0, rows, weights[rows, nth, None] * expert(x[rows]))
+                out.index_add_(0, rows, weights[rows, nth, None] * expert(x.index_select(0, rows)))
         return out
 
 
@@ -171,7 +185,7 @@ class Transformer(nn.Module):
         for layer in self.layers:
             h = layer(h, cos, sin, attn)
         if logits_indices is not None:
-            h = h[logits_indices]
+            h = h.index_select(0, logits_indices)
         h = self.norm(h)
         if self.output is None:  # tied: the embedding matrix is the head
             return F.linear(h, self.tok_embeddings.weight).float()
