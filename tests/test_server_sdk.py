@@ -11,7 +11,6 @@ valid.
 from __future__ import annotations
 
 import json
-import signal
 
 import jsonschema
 import pytest
@@ -56,7 +55,7 @@ def server(tiny_mistral: dict):
                         "--model", f"{TINY}={tiny_mistral['consolidated']}",
                         "--kv-cache-gib", "0.5")
     yield srv
-    assert srv.stop() in (0, -signal.SIGTERM), srv.log()  # uvicorn re-raises SIGTERM after draining
+    assert srv.stop() == 0, srv.log()  # SIGTERM: drain, then a clean exit
 
 
 @pytest.fixture(scope="module")

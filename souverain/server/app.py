@@ -193,7 +193,13 @@ class _Metrics:
             await self.app(scope, receive, send_status)
         finally:
             route = scope.get("route")
-            template = getattr(route, "path", None) or "unmatched"
+            template = getattr(route, "path", None)
+            if template is None:  # plain Starlette routes (/openapi.json, /docs): fixed paths
+                app = scope.get("app")
+                path = scope.get("path", "")
+                routes = getattr(app, "routes", ())
+                template = path if any(getattr(r, "path", None) == path for r in routes) \
+                    else "unmatched"
             self.metrics.observe_request(template, scope.get("method", "GET"), status,
                                          time.perf_counter() - start)
 
