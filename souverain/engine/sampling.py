@@ -171,9 +171,10 @@ class SamplingParams:
         Seed rule (vLLM's): with ``seed=None`` every sample stays randomly seeded; with
         ``seed=s`` sample ``i`` is seeded ``s + i`` (wrapped modulo 2**64 past the top of the
         range), so sample 0 is exactly the ``n=1`` request and every sample is reproducible
-        and distinct from its siblings. Everything else is kept (``n`` included); the
-        ``logits_processors`` list is copied but the processors themselves are shared, so a
-        processor should derive its state from the ids it is given.
+        and distinct from its siblings. Everything else is kept (``n`` included). Logits
+        processors with a ``clone()`` method (stateful ones, e.g. grammar matchers) are
+        cloned, so every sample owns its own state; other processors are shared and should
+        derive their state from the ids they are given.
         """
         if not (_is_int(index) and 0 <= index):
             raise ValueError(f"sample index {index!r} must be an integer >= 0")
@@ -183,7 +184,8 @@ class SamplingParams:
             if seed > _SEED_MAX:
                 seed %= 1 << 64
         return dataclasses.replace(self, seed=seed,
-                                   logits_processors=list(self.logits_processors),
+                                   logits_processors=[f.clone() if hasattr(f, "clone") else f
+                                                      for f in self.logits_processors],
                                    stop=list(self.stop),
                                    stop_token_ids=list(self.stop_token_ids))
 
