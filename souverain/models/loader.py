@@ -23,6 +23,7 @@ from torch import nn
 
 from souverain.errors import CheckpointError
 from souverain.models.quantize import (
+    fuse_block_,
     fuse_projections_,
     DEFAULT_GROUP_SIZE,
     GGUFRows,
@@ -133,6 +134,8 @@ def load_model(ckpt: Checkpoint, dtype: str | torch.dtype = "float32",
                 ckpt.read(name)  # raises the checkpoint's "missing tensor" error
             set_submodule(model, name[: -len(".weight")],
                           build_quantized(info, kind, group_size, compute_dtype))
+            if fuse and name.endswith((".attention.wv.weight", ".feed_forward.w3.weight")):
+                fuse_block_(model.layers[int(name.split(".")[1])])  # its parts are all built
             trim_heap()
         if progress is not None:
             progress(i + 1, total)
@@ -144,7 +147,8 @@ def load_model(ckpt: Checkpoint, dtype: str | torch.dtype = "float32",
             progress(total, total)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     del state
-    missing = [k for k in missing if k.rpartition(".")[0] not in plan]
+    built = set(plan) | {n for n, _ in model.named_modules() if n.endswith((".wqkv", ".w13"))}
+    missing = [k for k in missing if k.rpartition(".")[0] not in built]
     if missing or unexpected:  # cannot happen with a validated checkpoint
         raise CheckpointError(f"{ckpt.path}: loading left {missing[:3]} unset and "
                               f"{unexpected[:3]} unused.")

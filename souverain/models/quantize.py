@@ -465,6 +465,8 @@ def fuse_linears(parts: list[nn.Module]) -> nn.Module | None:
     int4 CPU layout packs N in tiles of 64 rows, so every part but the last must fill whole
     tiles (measured: a 96-row part breaks it)."""
     first = parts[0]
+    if not isinstance(first, (Int4Linear, Int8Linear)):
+        return None
     if not all(type(p) is type(first) and p.in_features == first.in_features
                and p.compute_dtype == first.compute_dtype for p in parts):
         return None
@@ -489,19 +491,25 @@ def fuse_projections_(model: Transformer) -> Transformer:
     dispatch and two dtype casts, so 7 calls per block become 4. Float linears are left alone
     (fusing them would copy weights that may be memory-mapped)."""
     for block in model.layers:
-        att = block.attention
-        if att.wqkv is None and all(hasattr(att, n) for n in ("wq", "wk", "wv")):
-            fused = fuse_linears([att.wq, att.wk, att.wv])
-            if fused is not None:
-                att.wqkv = fused
-                del att.wq, att.wk, att.wv
-        ff = block.feed_forward
-        if getattr(ff, "w13", "n/a") is None and hasattr(ff, "w1") and hasattr(ff, "w3"):
-            fused = fuse_linears([ff.w1, ff.w3])
-            if fused is not None:
-                ff.w13 = fused
-                del ff.w1, ff.w3
+        fuse_block_(block)
     return model
+
+
+def fuse_block_(block: nn.Module) -> None:
+    """`fuse_projections_` for one `TransformerBlock` (the loader fuses each block as soon as
+    its parts are built, so the copies never add up to more than one block)."""
+    att = block.attention
+    if att.wqkv is None and all(hasattr(att, n) for n in ("wq", "wk", "wv")):
+        fused = fuse_linears([att.wq, att.wk, att.wv])
+        if fused is not None:
+            att.wqkv = fused
+            del att.wq, att.wk, att.wv
+    ff = block.feed_forward
+    if getattr(ff, "w13", "n/a") is None and hasattr(ff, "w1") and hasattr(ff, "w3"):
+        fused = fuse_linears([ff.w1, ff.w3])
+        if fused is not None:
+            ff.w13 = fused
+            del ff.w1, ff.w3
 
 
 def quantized_bytes(model: nn.Module) -> int:

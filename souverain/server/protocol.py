@@ -28,7 +28,9 @@ MAX_SEED = 2**63 - 1024
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: JSON types as the schema says ("5" is not an integer, 5.0 is not an integer, true
+    # is not a number), as /openapi.json documents and La Plateforme enforces
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class _Open(BaseModel):
@@ -109,7 +111,7 @@ class JsonSchema(_Request):
     description: str | None = None
     strict: bool | None = None
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
 
 
 class ResponseFormat(_Request):
