@@ -558,3 +558,16 @@ def test_bfloat16_logits_and_empty_batch():
     assert sample_batch(torch.zeros(0, 10), []) == ([], [])
     with pytest.raises(ValueError):
         sample_batch(torch.zeros(3, 10), rows_for([SamplingParams()]))
+
+
+def test_tiny_temperatures_are_greedy_not_nan():
+    """Found by fuzzing the server: 2.7e-254 is 0 in float32, and logits / 0 made NaN (an
+    IndexError deep in the draw). Below 1e-5 a temperature is greedy, as in vLLM."""
+    torch.manual_seed(0)
+    for t, p in [(2.7e-254, 3.5e-88), (1e-30, 1.0), (1e-300, 0.5), (9e-6, 1.0)]:
+        for V in (128, 32768):
+            x = torch.randn(V)
+            params = SamplingParams(temperature=t, top_p=p, seed=1)
+            assert params.greedy and params.make_generator() is None
+            assert sample(x, params, None) == int(x.argmax())
+    assert not SamplingParams(temperature=1e-5).greedy

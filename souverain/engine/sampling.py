@@ -7,7 +7,8 @@ this order (vLLM's):
 2. penalties: ``repetition_penalty`` (HF/vLLM: over prompt and output tokens, positive logits
    divided, negative multiplied), then ``frequency_penalty`` / ``presence_penalty`` (OpenAI:
    ``logit -= count * frequency + (count > 0) * presence`` over output tokens only);
-3. ``temperature == 0``: argmax (ties go to the lowest id); otherwise divide by temperature,
+3. ``temperature < 1e-5`` (0 included): argmax (ties go to the lowest id; dividing float32
+   logits by a smaller temperature would overflow); otherwise divide by temperature,
    then ``top_k``, ``top_p`` (over the top-k renormalized distribution), ``min_p``; ties at a
    cut-off are kept (as HF and vLLM do);
 4. one draw with the row's own generator.
@@ -48,6 +49,7 @@ from souverain.errors import RequestError
 LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]
 
 MAX_TOP_LOGPROBS = 20
+GREEDY_BELOW = 1e-5  # temperatures under this are greedy (vLLM's _SAMPLING_EPS)
 _SEED_MIN, _SEED_MAX = -(1 << 63), (1 << 64) - 1  # what torch.Generator.manual_seed accepts
 _BLOCK = 256  # tokens per block of the two-level inverse-CDF draw
 
@@ -158,7 +160,7 @@ class SamplingParams:
     # -- helpers the engine uses --------------------------------------------------------
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
     @property
     def has_penalties(self) -> bool:
@@ -191,7 +193,7 @@ class SamplingParams:
 
     def make_generator(self) -> torch.Generator | None:
         """This sequence's generator: seeded with ``seed``, or randomly; None when greedy."""
-        if self.temperature == 0:
+        if self.greedy:
             return None
         g = torch.Generator(device="cpu")
         if self.seed is not None:
@@ -250,7 +252,7 @@ def sample_batch(logits: torch.Tensor, rows: Sequence[SamplingRow]
 
     modified = {i for i, p in enumerate(params) if p.logits_processors or p.has_penalties}
 
-    greedy = [i for i, p in enumerate(params) if p.temperature == 0]
+    greedy = [i for i, p in enumerate(params) if p.greedy]
     raw_greedy = [i for i in greedy if i not in modified]
     if raw_greedy:
         src = logits if len(raw_greedy) == B else torch.index_select(
@@ -265,7 +267,7 @@ def sample_batch(logits: torch.Tensor, rows: Sequence[SamplingRow]
         for i, t in zip(mod_greedy, best.tolist()):
             tokens[i] = t
 
-    sampled = [i for i, p in enumerate(params) if p.temperature > 0]
+    sampled = [i for i, p in enumerate(params) if not p.greedy]
     if sampled:
         # exactly one uniform per sampled row per step, whatever happens next
         u = torch.tensor([float(torch.rand(1, dtype=torch.float64, generator=rows[i].generator))

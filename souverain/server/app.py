@@ -579,6 +579,11 @@ async def _stream(ctx: _Ctx, gen: AsyncIterator[Any], metrics: ServerMetrics,
                 yield chunk(i, delta, reason, logprobs=lp, usage=usage)
         finished_ok = True
         yield b"data: [DONE]\n\n"
+    except Exception as exc:  # a bug after the 200 went out: say so in the stream, then end it
+        log.exception("stream %s failed", ctx.request_id)
+        yield _sse(error_body(500, f"Internal server error while streaming ({type(exc).__name__}"
+                                   "); the server log has the details."))
+        yield b"data: [DONE]\n\n"
     finally:
         if not finished_ok:
             metrics.observe_abort(ctx.model)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 SAFE_PROMPT = (
     "Always assist with care, respect, and truth. Respond with utmost utility yet securely. "
@@ -28,9 +28,18 @@ MAX_SEED = 2**63 - 1024
 
 
 class _Request(BaseModel):
-    # strict: JSON types as the schema says ("5" is not an integer, 5.0 is not an integer, true
-    # is not a number), as /openapi.json documents and La Plateforme enforces
+    # strict: JSON types as the schema says ("5" is not an integer, true is not a number), as
+    # /openapi.json documents and La Plateforme enforces
     model_config = ConfigDict(extra="forbid", strict=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _integral(cls, v: Any) -> Any:
+        """JSON Schema counts 10.0 as an integer (strict pydantic does not): read it as 10.
+        Harmless for float fields, which take integers."""
+        if isinstance(v, float) and v.is_integer():
+            return int(v)
+        return v
 
 
 class _Open(BaseModel):
