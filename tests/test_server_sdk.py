@@ -316,3 +316,17 @@ def test_langchain_invoke_and_stream(server) -> None:
     assert "Paris" in msg.content
     streamed = "".join(chunk.content for chunk in llm.stream("What is the capital of France?"))
     assert streamed == msg.content
+
+
+def test_openai_logprobs_bytes_spell_the_answer(oai) -> None:
+    r = oai.chat.completions.create(model=SMOL, messages=ask("Write one emoji and a word."),
+                                    temperature=0, max_tokens=12, logprobs=True, top_logprobs=2)
+    choice = r.choices[0]
+    items = choice.logprobs.content
+    assert len(items) == r.usage.completion_tokens
+    spelled = b"".join(bytes(t.bytes) for t in items)
+    # exact token bytes (a byte-fallback token holds part of a character), EOS spells nothing
+    assert spelled.decode("utf-8").replace("<|im_end|>", "") == choice.message.content
+    for t in items:
+        assert len(t.top_logprobs) == 2 and t.top_logprobs[0].logprob >= t.top_logprobs[1].logprob
+        assert t.logprob <= 0 and abs(t.logprob - t.top_logprobs[0].logprob) < 1e-5  # greedy

@@ -399,10 +399,16 @@ def logprobs_body(lps: list[TokenLogprob] | None, tok: Any) -> dict[str, Any] | 
     if lps is None:
         return None
 
+    table = _byte_table(tok)
+
     def one(tid: int, lp: float) -> dict[str, Any]:
-        piece = tok.decode([tid], skip_special_tokens=False) if tok is not None else ""
-        return {"token": piece, "logprob": float(lp), "bytes": list(piece.encode("utf-8")),
-                "token_id": int(tid)}
+        if table is not None and 0 <= tid < len(table):
+            raw = table[tid]  # exact: a byte-fallback token may hold part of a character
+            piece = raw.decode("utf-8", errors="replace")
+        else:
+            piece = tok.decode([tid], skip_special_tokens=False) if tok is not None else ""
+            raw = piece.encode("utf-8")
+        return {"token": piece, "logprob": float(lp), "bytes": list(raw), "token_id": int(tid)}
 
     content = []
     for t in lps:
@@ -410,3 +416,15 @@ def logprobs_body(lps: list[TokenLogprob] | None, tok: Any) -> dict[str, Any] | 
         d["top_logprobs"] = [one(i, v) for i, v in t.top]
         content.append(d)
     return {"content": content}
+
+
+def _byte_table(tok: Any) -> list[bytes] | None:
+    """Every token's bytes (from the grammar's exact tables), or None for an unknown kind."""
+    if tok is None:
+        return None
+    try:
+        from souverain.grammar.vocab import _table_cached
+
+        return _table_cached(tok)[0]
+    except Exception:  # noqa: BLE001 - logprobs still work with decoded pieces
+        return None
