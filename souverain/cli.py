@@ -40,7 +40,8 @@ out = Console(highlight=False)
 ModelArg = typer.Argument(DEFAULT_MODEL, help="Alias, .gguf file or model folder.",
                           show_default=True)
 DtypeOpt = typer.Option("auto", "--dtype",
-                        help="Weights dtype: auto (float32 if it fits in RAM), float32, bfloat16.")
+                        help="Weights/activations dtype: auto (float32 if it fits in RAM; "
+                             "bfloat16 with --quantization), float32, bfloat16.")
 MaxTokensOpt = typer.Option(256, "--max-tokens", "-n", min=1, help="Most tokens to generate.")
 TemperatureOpt = typer.Option(0.7, "--temperature", "-t", min=0.0,
                               help="0 = greedy (deterministic); higher = more varied.")

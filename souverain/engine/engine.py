@@ -112,8 +112,17 @@ class LLMEngine:
         self.checkpoint = load(model)
         self.args = args = self.checkpoint.args
         self.tokenizer: Tokenizer | None = self.checkpoint.tokenizer
-        self.dtype = parse_dtype(
-            default_dtype(args.n_params) if config.dtype == "auto" else config.dtype)
+        if config.dtype != "auto":
+            dtype = config.dtype
+        elif config.quantization != "none":
+            # the quantized kernels compute in bf16 anyway: a bf16 residual stream and KV cache
+            # save two casts per linear and half the KV memory (SmolLM2 int4, `souverain bench`:
+            # peak RSS 1340 -> 643 MB, decode b=1 unchanged at 61 tok/s; logits rel. error vs
+            # fp32 .021 -> .032, same greedy tokens)
+            dtype = "bfloat16"
+        else:
+            dtype = default_dtype(args.n_params)
+        self.dtype = parse_dtype(dtype)
         self.model = load_model(self.checkpoint, self.dtype, progress=progress,
                                 quantization=config.quantization)
         self.device = self.model.device
