@@ -99,8 +99,13 @@ class PagedAttention:
                 mask[r, ..., lo:hi] = True
             rows = torch.tensor([self.offsets[i] for i in self.decode_rows])
             cut = (spans[0][1], spans[0][2]) if len(spans) == 1 else None
+            contig = None  # one sequence on consecutive blocks: read its slots in place
+            if cut is not None:
+                blocks = spans[0][0]
+                if blocks == list(range(blocks[0], blocks[0] + len(blocks))):
+                    contig = (blocks[0] * bs + cut[0], blocks[0] * bs + cut[1])
             decode = (rows.to(self.device), index.to(self.device),
-                      None if cut is not None else mask.to(self.device), cut)
+                      None if cut is not None else mask.to(self.device), cut, contig)
         prefills = []
         for i in self.prefill_rows:
             s = self.seqs[i]
@@ -130,13 +135,18 @@ class PagedAttention:
         gqa = q.shape[1] != k.shape[1]
         out = q.new_empty(q.shape)
         if decode is not None:
-            rows, index, mask, cut = decode
-            # index_select, not k_blocks[index]: advanced indexing is several times slower
+            rows, index, mask, cut, contig = decode
             B, width = index.shape
-            keys = k_blocks.index_select(0, index.view(-1)).view(B, width * bs, *k.shape[1:])
-            values = v_blocks.index_select(0, index.view(-1)).view(B, width * bs, *v.shape[1:])
-            if cut is not None:  # one sequence: slice instead of masking
-                keys, values = keys[:, cut[0]:cut[1]], values[:, cut[0]:cut[1]]
+            if contig is not None:  # no copy at all: a view of the cache
+                keys = k_cache[contig[0]:contig[1]].unsqueeze(0)
+                values = v_cache[contig[0]:contig[1]].unsqueeze(0)
+            else:
+                # index_select, not k_blocks[index]: advanced indexing is several times slower
+                keys = k_blocks.index_select(0, index.view(-1)).view(B, width * bs, *k.shape[1:])
+                values = v_blocks.index_select(0, index.view(-1)).view(B, width * bs,
+                                                                        *v.shape[1:])
+                if cut is not None:  # one sequence: slice instead of masking
+                    keys, values = keys[:, cut[0]:cut[1]], values[:, cut[0]:cut[1]]
             # One query per head and no causality inside a step: the g query heads sharing a
             # KV head become g "query positions" of that head, so SDPA sees no GQA at all.
             H, D = q.shape[1], q.shape[2]
