@@ -28,12 +28,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # the fp32 maths below in one fused kernel (bit-identical, fewer ops at batch 1):
+        #   xf = x.float(); (xf * rsqrt(mean(xf**2) + eps)).type_as(x) * weight
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
-            # the same fp32 maths in one fused kernel (bit-identical; a third faster at batch 1)
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        xf = x.float()
-        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return normed.type_as(x) * self.weight
+        return F.rms_norm(x.float(), self.weight.shape, None, self.eps).type_as(x) * self.weight
 
 
 class Rotary:
