@@ -183,7 +183,7 @@ def _functions(tools: Any) -> list[tuple[str, dict[str, Any]]]:
 def _tool_format(tokenizer: Tokenizer) -> tuple[str, dict[str, int]] | None:
     """``("list" | "v11", special ids)`` for Mistral tokenizers, ``("hermes", {})`` for the
     others, None for a Mistral tokenizer without tool calls (v1)."""
-    ids = {name: _control_id(tokenizer, f"[{name}]") for name in ("TOOL_CALLS", "ARGS")}
+    ids = {name: tokenizer.control_id(f"[{name}]") for name in ("TOOL_CALLS", "ARGS")}
     if getattr(tokenizer, "mistral", None) is not None:
         if ids["TOOL_CALLS"] is None:
             return None
@@ -191,19 +191,6 @@ def _tool_format(tokenizer: Tokenizer) -> tuple[str, dict[str, int]] | None:
     if ids["TOOL_CALLS"] is not None:
         return ("v11" if ids["ARGS"] is not None else "list"), ids  # type: ignore[return-value]
     return "hermes", {}
-
-
-def _control_id(tokenizer: Tokenizer, piece: str) -> int | None:
-    mistral = getattr(tokenizer, "mistral", None)
-    if mistral is not None:
-        raw = mistral.instruct_tokenizer.tokenizer
-        try:
-            token = int(raw.get_special_token(piece))
-        except (ValueError, KeyError, AttributeError):
-            return None
-        return token if token in tokenizer.special_ids else None
-    backend = getattr(tokenizer, "backend", None)
-    return backend.token_to_id(piece) if backend is not None else None
 
 
 def _lit(text: str) -> str:

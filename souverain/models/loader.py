@@ -24,7 +24,6 @@ from torch import nn
 from souverain.errors import CheckpointError
 from souverain.models.quantize import (
     fuse_block_,
-    fuse_projections_,
     DEFAULT_GROUP_SIZE,
     GGUFRows,
     Int4Linear,
@@ -95,7 +94,7 @@ def load_model(ckpt: Checkpoint, dtype: str | torch.dtype = "float32",
     ``head`` says "int4" or "none") for weight-only quantized ones (CPU only; see
     `souverain.models.quantize`); ``dtype`` is then the dtype of everything else (embedding,
     norms, residual stream, KV cache). "none" is the plain float model. ``fuse`` (quantized
-    only) merges wq|wk|wv and w1|w3 into one kernel call each (`fuse_projections_`)."""
+    only) merges wq|wk|wv and w1|w3 into one kernel call each (`fuse_block_`, as each block is built)."""
     target = parse_dtype(dtype)
     scheme = parse_quantization(quantization)
     with _skip_init(), torch.device("meta"):
@@ -152,8 +151,6 @@ def load_model(ckpt: Checkpoint, dtype: str | torch.dtype = "float32",
     if missing or unexpected:  # cannot happen with a validated checkpoint
         raise CheckpointError(f"{ckpt.path}: loading left {missing[:3]} unset and "
                               f"{unexpected[:3]} unused.")
-    if fuse:
-        fuse_projections_(model)
     model.requires_grad_(False)
     return model.eval()
 

@@ -485,19 +485,12 @@ def fuse_linears(parts: list[nn.Module]) -> nn.Module | None:
 
 
 @torch.no_grad()
-def fuse_projections_(model: Transformer) -> Transformer:
-    """Fuse each block's quantized wq|wk|wv into ``attention.wqkv`` and w1|w3 into
-    ``feed_forward.w13`` (dense FFNs), removing the parts: at batch 1 every kernel call costs
-    dispatch and two dtype casts, so 7 calls per block become 4. Float linears are left alone
-    (fusing them would copy weights that may be memory-mapped)."""
-    for block in model.layers:
-        fuse_block_(block)
-    return model
-
-
 def fuse_block_(block: nn.Module) -> None:
-    """`fuse_projections_` for one `TransformerBlock` (the loader fuses each block as soon as
-    its parts are built, so the copies never add up to more than one block)."""
+    """Fuse one `TransformerBlock`'s quantized wq|wk|wv into ``attention.wqkv`` and w1|w3 into
+    ``feed_forward.w13`` (dense FFNs), removing the parts: at batch 1 every kernel call costs
+    dispatch and casts, so 7 calls per block become 4. Float linears are left alone (fusing
+    them would copy weights that may be memory-mapped). The loader fuses each block as soon as
+    its parts are built, so the copies never add up to more than one block."""
     att = block.attention
     if att.wqkv is None and all(hasattr(att, n) for n in ("wq", "wk", "wv")):
         fused = fuse_linears([att.wq, att.wk, att.wv])

@@ -76,7 +76,7 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
-        # wq|wk|wv as one matmul (set by `souverain.models.quantize.fuse_projections_`, which
+        # wq|wk|wv as one matmul (set by `souverain.models.quantize.fuse_block_`, which
         # then removes wq, wk and wv): one kernel call instead of three per token
         self.wqkv: nn.Module | None = None
 

@@ -260,7 +260,7 @@ def create_app(registry: ModelRegistry, config: ServerConfig | None = None) -> F
             headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
             raise APIError(exc.status, exc.message, code=exc.code, headers=headers) from None
         if limiter is not None:
-            wait = limiter.check_request(key.key_id if key else "anonymous")
+            wait = limiter.check_request(_bucket(key))
             if wait is not None:
                 seconds = max(1, math.ceil(wait))
                 raise APIError(429, f"Rate limit reached for this API key; retry in {seconds} s.",
@@ -282,8 +282,11 @@ def create_app(registry: ModelRegistry, config: ServerConfig | None = None) -> F
             tok = m.engine.engine.tokenizer
             ctx = m.engine.engine.max_model_len
         else:
-            info = _static_info(m)
-            tok, ctx = info["tokenizer"], ctx or info["context"]
+            try:
+                ckpt = m.checkpoint()
+                tok, ctx = ckpt.tokenizer, ctx or ckpt.args.max_seq_len or 32768
+            except Exception:  # noqa: BLE001 - a card must still list the model
+                pass
         fim = chatmod.fim_capable(tok)
         return ModelCard(
             id=name or m.name, created=m.created, name=m.name, aliases=m.aliases,
@@ -346,7 +349,7 @@ def create_app(registry: ModelRegistry, config: ServerConfig | None = None) -> F
             request_id = f"cmpl-{uuid.uuid4().hex}"
             gen = engine.generate(plan.prompt_ids, plan.params, request_id)
             ctx = _Ctx(request_id=request_id, model=body.model, created=int(time.time()),
-                       plan=plan, tok=tok, served=served, key=key)
+                       plan=plan, tok=tok, key=key)
             if not body.stream:
                 return await _complete(request, ctx, gen, metrics, limiter)
             stream = _stream(ctx, gen, metrics, limiter)
@@ -390,21 +393,6 @@ def create_app(registry: ModelRegistry, config: ServerConfig | None = None) -> F
     return app
 
 
-def _static_info(m: ServedModel) -> dict[str, Any]:
-    """Context length and tokenizer of a model that is not loaded (header and tokenizer only)."""
-    cached = getattr(m, "_static", None)
-    if cached is None:
-        from souverain.weights import load
-
-        try:
-            ckpt = load(m.model)
-            cached = {"tokenizer": ckpt.tokenizer, "context": ckpt.args.max_seq_len or 32768}
-        except Exception:  # noqa: BLE001 - a card must still list the model
-            cached = {"tokenizer": None, "context": 0}
-        m._static = cached  # type: ignore[attr-defined]
-    return cached
-
-
 class _Release:
     """Run a release callback exactly once, whoever gets there first."""
 
@@ -426,7 +414,6 @@ class _Ctx:
     created: int
     plan: chatmod.ChatPlan
     tok: Any
-    served: ServedModel
     key: KeyInfo | None
 
 
@@ -447,7 +434,7 @@ class _Timer:
         if self.last is None:
             self.metrics.observe_ttft(self.model, t - self.start)
             new -= 1
-        elif new > 0:
+        else:
             per = (t - self.last) / new
             for _ in range(new):
                 self.metrics.observe_itl(self.model, per)
@@ -460,9 +447,14 @@ def _usage(prompt: int, completion: int) -> dict[str, int]:
             "total_tokens": prompt + completion}
 
 
+def _bucket(key: KeyInfo | None) -> str:
+    """The rate-limit bucket of a request: its key id, or one shared bucket without keys."""
+    return key.key_id if key else "anonymous"
+
+
 def _charge(limiter: RateLimiter | None, key: KeyInfo | None, n: int) -> None:
     if limiter is not None:
-        limiter.charge_tokens(key.key_id if key else "anonymous", n)
+        limiter.charge_tokens(_bucket(key), n)
 
 
 async def _complete(request: Request, ctx: _Ctx, gen: AsyncIterator[Any],
@@ -505,7 +497,7 @@ async def _complete(request: Request, ctx: _Ctx, gen: AsyncIterator[Any],
                         "tool_calls": calls or None, "prefix": False},
             "finish_reason": reason,
         }
-        if plan.logprobs:
+        if plan.params.logprobs:
             choice["logprobs"] = chatmod.logprobs_body(o.logprobs, ctx.tok)
         choices.append(choice)
     prompt = len(final.prompt_token_ids)
@@ -553,7 +545,7 @@ async def _stream(ctx: _Ctx, gen: AsyncIterator[Any], metrics: ServerMetrics,
                 if done[i]:
                     continue
                 lp = None
-                if plan.logprobs and o.logprobs is not None and len(o.logprobs) > lp_sent[i]:
+                if plan.params.logprobs and o.logprobs is not None and len(o.logprobs) > lp_sent[i]:
                     lp = chatmod.logprobs_body(o.logprobs[lp_sent[i]:], ctx.tok)
                     lp_sent[i] = len(o.logprobs)
                 if o.finish_reason is None:

@@ -13,7 +13,7 @@ call and a JSON response format are asked, the tool call wins (its arguments are
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -22,10 +22,10 @@ from souverain.engine.sampling import SamplingParams, TokenLogprob
 from souverain.engine.sequence import CompletionOutput
 from souverain.server.errors import APIError
 from souverain.server.protocol import (
+    MAX_STOP_STRINGS,
     SAFE_PROMPT,
     ChatCompletionRequest,
     FIMCompletionRequest,
-    Message,
 )
 from souverain.tokenizer.mistral import MistralCommonTokenizer
 
@@ -41,9 +41,6 @@ class ChatPlan:
     native_tools: bool = False  # [TOOL_CALLS] token (else <tool_call> tags)
     tool_calls_id: int | None = None
     prefix: str = ""  # assistant prefix the answer starts with
-    logprobs: bool = False
-    top_logprobs: int = 0
-    extras: dict[str, Any] = field(default_factory=dict)
 
 
 # -- requests --------------------------------------------------------------------------------
@@ -61,18 +58,6 @@ def _text(content: Any, where: str) -> str:
                            param=f"{where}.content")
         parts.append(chunk.text)
     return "".join(parts)
-
-
-def _native_tools(tok: Any) -> int | None:
-    """The [TOOL_CALLS] id when the tokenizer has native Mistral tool tokens, else None."""
-    if isinstance(tok, MistralCommonTokenizer):
-        if tok.version.value == "v1":
-            return None
-        return tok._special_id("[TOOL_CALLS]")
-    backend = getattr(tok, "backend", None)
-    if backend is not None and hasattr(backend, "token_to_id"):
-        return backend.token_to_id("[TOOL_CALLS]")
-    return None
 
 
 def can_chat(tok: Any) -> bool:
@@ -116,34 +101,36 @@ def _messages(body: ChatCompletionRequest, tok: Any, native: bool,
                 raise APIError(400, f"{where} has tool_calls but role {m.role!r}; only "
                                     "assistant messages carry tool calls.",
                                param=f"{where}.tool_calls")
-            calls = []
+            calls, tags = [], []
             for c in m.tool_calls:
                 args = c.function.arguments
                 if isinstance(args, str):
                     try:
-                        json.loads(args)
+                        parsed = json.loads(args)
                     except ValueError:
                         raise APIError(400, f"{where}.tool_calls: the arguments of "
                                             f"{c.function.name!r} are not valid JSON.",
                                        param=f"{where}.tool_calls") from None
                 else:
-                    args = json.dumps(args, ensure_ascii=False)
+                    parsed, args = args, json.dumps(args, ensure_ascii=False)
                 calls.append({"id": c.id, "type": "function",
                               "function": {"name": c.function.name, "arguments": args}})
+                call = json.dumps({"name": c.function.name, "arguments": parsed},
+                                  ensure_ascii=False)
+                tags.append(f"<tool_call>\n{call}\n</tool_call>")
             if plain_template:
-                d["content"] = (d["content"] + "".join(
-                    f"<tool_call>\n{json.dumps({'name': c['function']['name'], 'arguments': json.loads(c['function']['arguments'])}, ensure_ascii=False)}\n</tool_call>"
-                    for c in calls))
+                d["content"] += "".join(tags)
             else:
                 d["tool_calls"] = calls
         if role == "tool":
-            if m.tool_call_id is not None:
-                d["tool_call_id"] = m.tool_call_id
             if plain_template:
                 d = {"role": "user",
                      "content": f"<tool_response>\n{d['content']}\n</tool_response>"}
-        if m.name is not None and role in ("tool",) and not plain_template:
-            d["name"] = m.name
+            else:
+                if m.tool_call_id is not None:
+                    d["tool_call_id"] = m.tool_call_id
+                if m.name is not None:
+                    d["name"] = m.name
         out.append(d)
     if body.safe_prompt or tool_prompt:
         # the guardrail first, then the user's system prompt, then tool instructions
@@ -164,8 +151,9 @@ def _stops(stop: Any) -> list[str]:
     stops = [stop] if isinstance(stop, str) else list(stop)
     if any(not s for s in stops):
         raise APIError(400, "stop strings must be non-empty.", param="stop")
-    if len(stops) > 16:
-        raise APIError(400, f"{len(stops)} stop strings given; at most 16.", param="stop")
+    if len(stops) > MAX_STOP_STRINGS:
+        raise APIError(400, f"{len(stops)} stop strings given; at most {MAX_STOP_STRINGS}.",
+                       param="stop")
     return stops
 
 
@@ -242,7 +230,7 @@ def plan_chat(body: ChatCompletionRequest, tok: Any, *, vocab_size: int, max_mod
     if mode in ("any", "required") and not tools:
         raise APIError(400, f"tool_choice={mode!r} needs at least one tool in tools.",
                        param="tool_choice")
-    native_id = _native_tools(tok)
+    native_id = tok.control_id("[TOOL_CALLS]")  # None: no native tool tokens (e.g. v1)
     tools_active = bool(tools) and mode != "none"
     renders_tools = native_id is not None or _template_renders_tools(tok)
     tool_prompt = None
@@ -294,9 +282,7 @@ def plan_chat(body: ChatCompletionRequest, tok: Any, *, vocab_size: int, max_mod
                        logprobs=bool(body.logprobs), top_logprobs=body.top_logprobs or 0,
                        extra=extra)
     return ChatPlan(ids, params, tools_active=tools_active, forced_tools=forced,
-                    native_tools=native_id is not None, tool_calls_id=native_id, prefix=prefix,
-                    logprobs=bool(body.logprobs or body.top_logprobs),
-                    top_logprobs=body.top_logprobs or 0)
+                    native_tools=native_id is not None, tool_calls_id=native_id, prefix=prefix)
 
 
 def plan_fim(body: FIMCompletionRequest, tok: Any, *, max_model_len: int,

@@ -20,7 +20,7 @@ from souverain.engine import AsyncLLMEngine
 from souverain.engine.engine import EngineConfig
 from souverain.errors import SouverainError
 from souverain.server.errors import APIError
-from souverain.weights import load
+from souverain.weights import Checkpoint, load
 
 log = logging.getLogger("souverain.server")
 
@@ -38,12 +38,19 @@ class ServedModel:
     in_flight: int = 0
     last_used: float = 0.0
     created: int = field(default_factory=lambda: int(time.time()))
-    load_error: str | None = None
     _lock: asyncio.Lock | None = None
+    _checkpoint: Checkpoint | None = None
 
     @property
     def loaded(self) -> bool:
         return self.engine is not None
+
+    def checkpoint(self) -> Checkpoint:
+        """The checkpoint's header and tokenizer (no tensor read), opened once: model cards and
+        the memory estimate of a model that is not loaded both read it."""
+        if self._checkpoint is None:
+            self._checkpoint = load(self.model)
+        return self._checkpoint
 
     def memory_bytes(self) -> int:
         """What this model holds now: weights + its KV budget (0 when not loaded)."""
@@ -57,8 +64,7 @@ class ServedModel:
         """Weights + KV budget before loading (from the checkpoint's header only)."""
         if self.engine is not None:
             return self.memory_bytes()
-        ckpt = load(self.model)
-        n_params = ckpt.args.n_params
+        n_params = self.checkpoint().args.n_params
         cfg = self.config
         if cfg.quantization != "none":
             per = _BYTES_PER_PARAM[cfg.quantization]
@@ -116,7 +122,6 @@ class ModelRegistry:
                         try:
                             await asyncio.to_thread(self.load_now, m)
                         except SouverainError as exc:
-                            m.load_error = str(exc)
                             raise APIError(503, f"Model {m.name!r} could not be loaded: {exc}",
                                            code="model_load_failed") from None
         except BaseException:

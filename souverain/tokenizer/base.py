@@ -54,6 +54,11 @@ class Tokenizer(ABC):
     def encode_fim(self, prompt: str, suffix: str) -> list[int]:
         """Prompt ids for fill-in-the-middle (code between ``prompt`` and ``suffix``)."""
 
+    def control_id(self, piece: str) -> int | None:
+        """The id of control token ``piece`` (e.g. ``"[TOOL_CALLS]"``), or None when this
+        vocabulary has no such token."""
+        return None
+
     @abstractmethod
     def parse_tool_calls(self, ids: Sequence[int]) -> tuple[str, list[dict[str, Any]]]:
         """Split generated ids into ``(content text, tool calls in the JSON shape)``."""

@@ -134,20 +134,20 @@ class MistralCommonTokenizer(Tokenizer):
             ) from err
 
     def parse_tool_calls(self, ids: Sequence[int]) -> tuple[str, list[dict[str, Any]]]:
-        tool_calls_id = self._special_id("[TOOL_CALLS]")
+        tool_calls_id = self.control_id("[TOOL_CALLS]")
         if self.version == TokenizerVersion.v1 or tool_calls_id is None:
             return self.decode(ids), []
         parsed = split_mistral_tool_calls(
             ids,
             self.decode,
             tool_calls_id,
-            args_id=self._special_id("[ARGS]"),
-            call_id_id=self._special_id("[CALL_ID]"),
+            args_id=self.control_id("[ARGS]"),
+            call_id_id=self.control_id("[CALL_ID]"),
         )
         # Calls that do not parse (cut by max_tokens, invalid JSON) are returned as text, never lost.
         return parsed if parsed is not None else (self.decode(ids), [])
 
-    def _special_id(self, piece: str) -> int | None:
+    def control_id(self, piece: str) -> int | None:
         try:
             token = int(self._raw.get_special_token(piece))
         except (ValueError, KeyError):

@@ -214,17 +214,20 @@ class TemplateTokenizer(Tokenizer):
             "one; use a Codestral model with its tokenizer.model.v3 or tekken.json."
         )
 
+    def control_id(self, piece: str) -> int | None:
+        return self.backend.token_to_id(piece)
+
     def parse_tool_calls(self, ids: Sequence[int]) -> tuple[str, list[dict[str, Any]]]:
         ids = [int(i) for i in ids]
-        tool_calls_id = self.backend.token_to_id("[TOOL_CALLS]")
+        tool_calls_id = self.control_id("[TOOL_CALLS]")
         if tool_calls_id is not None and tool_calls_id in ids:
             # A Mistral model in GGUF or Hugging Face form emits the same ids as with mistral-common.
             parsed = split_mistral_tool_calls(
                 ids,
                 self.decode,
                 tool_calls_id,
-                args_id=self.backend.token_to_id("[ARGS]"),
-                call_id_id=self.backend.token_to_id("[CALL_ID]"),
+                args_id=self.control_id("[ARGS]"),
+                call_id_id=self.control_id("[CALL_ID]"),
             )
             return parsed if parsed is not None else (self.decode(ids), [])
         return split_tagged_tool_calls(self.decode(ids))
