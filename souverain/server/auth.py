@@ -218,7 +218,7 @@ def _read(path: Path) -> tuple[str, tuple]:
             data = f.read()
     except FileNotFoundError:
         raise ConfigError(
-            f"API key file {path} does not exist: create it with `add_key` (or fix the path)."
+            f"API key file {path} does not exist: create it with `souverain keys add FILE NAME` (or fix the path)."
         ) from None
     except IsADirectoryError:
         raise ConfigError(f"API key file {path} is a directory, not a file.") from None
