@@ -25,3 +25,12 @@ class TokenizerError(SouverainError):
 
 class RequestError(SouverainError):
     """A generation request is invalid (bad sampling parameter, prompt too long, ...)."""
+
+
+class EmbeddingError(SouverainError):
+    """An embedding request is invalid (input too long, unknown model, bad dimension, ...)."""
+
+
+class RAGError(SouverainError):
+    """A document library operation failed because of its input (unsupported or corrupt file,
+    empty document, unknown library or document, path outside the allowed roots, ...)."""
