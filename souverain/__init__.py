@@ -1,5 +1,9 @@
 """souverain: your own La Plateforme — Mistral-family models on machines you own."""
 
+from souverain import offline as _offline
+
+_offline.apply_from_env()  # before any library below reads its telemetry switches
+
 from souverain.engine import (
     AsyncLLMEngine, CompletionOutput, EngineConfig, LLMEngine, RequestOutput, SamplingParams,
 )

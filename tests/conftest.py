@@ -2,10 +2,15 @@
 
 Tiny random reference checkpoints (see ``tests/checkpoints.py``): built once per session with
 transformers, seeded, float32, written in every format souverain reads.
+
+No egress: the whole suite runs with souverain's socket guard (only loopback and Unix sockets),
+installed here before any test module is imported, and ``SOUVERAIN_TEST_NO_EGRESS=1`` in the
+environment so that every process the tests start (``souverain serve`` ...) installs it too.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -15,7 +20,26 @@ _TESTS_DIR = Path(__file__).resolve().parent
 if str(_TESTS_DIR) not in sys.path:  # `import checkpoints` also under --import-mode=importlib
     sys.path.insert(0, str(_TESTS_DIR))
 
-from checkpoints import build_tiny_checkpoint  # noqa: E402
+from checkpoints import build_tiny_checkpoint
+
+from souverain import offline
+
+os.environ["SOUVERAIN_TEST_NO_EGRESS"] = "1"
+offline.force_offline()
+offline.install_socket_guard()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_egress() -> None:
+    """The guard stays on for the whole session (a test that lifts it must put it back)."""
+    offline.install_socket_guard()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if offline.attempts:
+        terminalreporter.section("no-egress guard")
+        for a in offline.attempts:
+            terminalreporter.write_line(f"blocked {a}")
 
 
 def _build(tmp_path_factory: pytest.TempPathFactory, name: str) -> dict:
