@@ -10,6 +10,7 @@ import contextlib
 import json
 import sys
 import time
+from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import typer
@@ -291,6 +292,15 @@ def serve(
                                     help="Requests running or queued at once; more get 429."),
     max_request_mib: float = typer.Option(4.0, "--max-request-mib", min=0.001,
                                           help="Largest request body accepted (413 above)."),
+    max_upload_mib: float = typer.Option(
+        100.0, "--max-upload-mib", min=0.001,
+        help="Largest document upload to a library (413 above)."),
+    data_dir: Optional[str] = typer.Option(
+        None, "--data-dir", help="Where document libraries (and the audit log) are kept "
+                                 "(default: $SOUVERAIN_HOME or ~/.local/share/souverain)."),
+    libraries: bool = typer.Option(
+        True, "--libraries/--no-libraries",
+        help="Serve the Libraries API and the document_library chat tool."),
     rate_limit_rpm: Optional[float] = typer.Option(
         None, "--rate-limit-rpm", min=0.001, help="Requests per minute per API key (429)."),
     rate_limit_tpm: Optional[float] = typer.Option(
@@ -348,7 +358,10 @@ def serve(
                               max_pending=max_pending,
                               max_request_bytes=int(max_request_mib * (1 << 20)),
                               rate_limit_rpm=rate_limit_rpm, rate_limit_tpm=rate_limit_tpm,
-                              default_temperature=default_temperature)
+                              default_temperature=default_temperature,
+                              data_dir=Path(data_dir).expanduser() if data_dir else None,
+                              libraries=libraries,
+                              max_upload_bytes=int(max_upload_mib * (1 << 20)))
         logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         if not lazy:
             for m in served:
@@ -374,6 +387,66 @@ def serve(
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         uvicorn.run(app_, host=host, port=port, log_level=log_level.lower(),
                     timeout_graceful_shutdown=30)
+
+
+@app.command()
+def ask(
+    library: str = typer.Argument(..., help="Library name or id (see `souverain library list`)."),
+    question: str = typer.Argument(..., help="The question, in plain words."),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m",
+                              help="Chat model: alias, .gguf file or model folder."),
+    k: int = typer.Option(5, "-k", min=1, max=50, help="Most passages given to the model."),
+    data_dir: Optional[str] = typer.Option(
+        None, "--data-dir", help="Where libraries are kept (default: $SOUVERAIN_HOME or "
+                                 "~/.local/share/souverain)."),
+    as_json: bool = typer.Option(False, "--json", help="Print answer and references as JSON."),
+    dtype: str = DtypeOpt,
+    max_tokens: int = MaxTokensOpt,
+    temperature: float = typer.Option(0.0, "--temperature", "-t", min=0.0,
+                                      help="0 = greedy (the default here, for factual answers)."),
+    threads: Optional[int] = ThreadsOpt,
+    quantization: str = QuantOpt,
+) -> None:
+    """Answer a question from a document library, citing the passages used.
+
+    The library is searched (hybrid vector + BM25), the relevant passages are given to the model
+    numbered [1], [2]..., and the answer is followed by its sources (document, page, section).
+    When nothing relevant is found, it says so instead of guessing. Nothing leaves this machine.
+
+    Examples:
+      souverain ask policies "What is the notice period for a senior engineer?"
+      souverain ask policies "Who approves remote work?" -m ./Mistral-7B-Instruct-v0.3 -q int8
+    """
+    with user_errors():
+        from souverain.paths import libraries_dir
+        from souverain.rag.answer import ground
+        from souverain.rag.store import LibraryStore
+
+        store = LibraryStore(libraries_dir(Path(data_dir).expanduser() if data_dir else None))
+        probe = ground(store, [library], question, k=k)
+        if not probe.found:
+            if as_json:
+                out.print_json(data={"answer": probe.not_found_text(), "found": False,
+                                     "references": []})
+            else:
+                out.print(probe.not_found_text())
+            return
+        llm = load_llm(model, dtype, threads, quantization)
+        llm._require_tokenizer("chat")
+        tok = llm.tokenizer
+        budget = max(256, llm.context - max_tokens - len(tok.encode(question)) - 64)
+        g = ground(store, [library], question, k=k, budget_tokens=budget,
+                   count_tokens=lambda s_: len(tok.encode(s_)))
+        messages = [{"role": "system", "content": g.system_prompt()},
+                    {"role": "user", "content": question}]
+        params = sampling(max_tokens, temperature, 1.0, None)
+        if as_json:
+            answer = "".join(llm.stream_chat(messages, params))
+            out.print_json(data={"answer": answer, "found": True,
+                                 "references": g.references(answer)})
+            return
+        _stream(llm, llm.stream_chat(messages, params))
+        out.print(g.sources_footer(llm.last_output.text).strip(), highlight=False)
 
 
 keys_app = typer.Typer(help="Manage the API keys file of `souverain serve` (only hashes are "

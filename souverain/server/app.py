@@ -20,6 +20,7 @@ import math
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, AsyncIterator
 
 from fastapi import Depends, FastAPI, Request
@@ -28,9 +29,13 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from souverain import __version__
+from souverain.paths import libraries_dir
 from souverain.server import chat as chatmod
 from souverain.server.auth import APIKeys, AuthError, KeyInfo, is_loopback
+from souverain.server import grounding
 from souverain.server.errors import APIError, error_body, install_error_handlers
+from souverain.server.libraries import LibraryService
+from souverain.server.libraries import install as install_libraries
 from souverain.server.metrics import ServerMetrics
 from souverain.server.protocol import (
     ChatCompletionChunk,
@@ -60,6 +65,9 @@ class ServerConfig:
     rate_limit_rpm: float | None = None
     rate_limit_tpm: float | None = None
     default_temperature: float = 0.7
+    data_dir: Path | None = None  # document libraries live under data_dir/libraries
+    libraries: bool = True  # the Libraries API and the document_library tool
+    max_upload_bytes: int = 100 * MiB  # one document upload (multipart) at most
 
 
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
@@ -123,21 +131,25 @@ def _int_bounds(node: Any) -> None:
 class _BodyLimit:
     """ASGI middleware: refuse bodies over the limit (413) before they are read into memory."""
 
-    def __init__(self, app: Any, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app: Any, limit: int, upload_limit: int | None = None):
+        self.app, self.default, self.upload_limit = app, limit, upload_limit or limit
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        limit = self.upload_limit if _is_upload(scope) else self.default
+        await self._limited(scope, receive, send, limit)
+
+    async def _limited(self, scope: dict, receive: Any, send: Any, limit: int) -> None:
         length = dict(scope.get("headers") or []).get(b"content-length")
         too_big = False
         if length is not None:
             try:
-                too_big = int(length) > self.limit
+                too_big = int(length) > limit
             except ValueError:
                 too_big = True
         if too_big:
-            return await self._reject(send)
+            return await self._reject(send, limit)
         seen = 0
 
         async def limited_receive() -> dict:
@@ -145,25 +157,34 @@ class _BodyLimit:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise _TooLarge(413, self._message())
+                if seen > limit:
+                    raise _TooLarge(413, self._message(limit))
             return message
 
         try:
             await self.app(scope, limited_receive, send)
         except _TooLarge:
-            await self._reject(send)
+            await self._reject(send, limit)
 
-    def _message(self) -> str:
-        return (f"The request body is over the server's limit of {self.limit} bytes; send "
-                "less (or raise --max-request-mib).")
+    def _message(self, limit: int) -> str:
+        flag = "--max-upload-mib" if limit == self.upload_limit != self.default \
+            else "--max-request-mib"
+        return (f"The request body is over the server's limit of {limit} bytes; send "
+                f"less (or raise {flag}).")
 
-    async def _reject(self, send: Any) -> None:
-        body = json.dumps(error_body(413, self._message())).encode()
+    async def _reject(self, send: Any, limit: int) -> None:
+        body = json.dumps(error_body(413, self._message(limit))).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"),
                                 (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
+
+
+def _is_upload(scope: dict) -> bool:
+    """A document upload: POST /v1/libraries/{id}/documents (multipart)."""
+    path = scope.get("path", "")
+    return scope.get("method") == "POST" and path.startswith("/v1/libraries/") \
+        and path.rstrip("/").endswith("/documents")
 
 
 class _TooLarge(StarletteHTTPException):
@@ -214,9 +235,13 @@ def create_app(registry: ModelRegistry, config: ServerConfig | None = None) -> F
         metrics.add_engine_source(m.name, (lambda m=m: m.engine.engine.stats()
                                            if m.engine is not None else None))
 
+    libraries = LibraryService(libraries_dir(config.data_dir)) if config.libraries else None
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
+        if libraries is not None:
+            libraries.shutdown()
         await asyncio.to_thread(registry.shutdown)
 
     app = FastAPI(
@@ -239,7 +264,8 @@ def create_app(registry: ModelRegistry, config: ServerConfig | None = None) -> F
         return app.openapi_schema  # type: ignore[return-value]
 
     app.openapi = openapi  # type: ignore[method-assign]
-    app.add_middleware(_BodyLimit, limit=config.max_request_bytes)
+    app.add_middleware(_BodyLimit, limit=config.max_request_bytes,
+                       upload_limit=config.max_upload_bytes)
     app.add_middleware(_Metrics, metrics=metrics)
 
     async def authorize(request: Request) -> KeyInfo | None:
@@ -322,6 +348,9 @@ def create_app(registry: ModelRegistry, config: ServerConfig | None = None) -> F
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 
+    if libraries is not None:
+        install_libraries(app, authorize, libraries, max_upload_bytes=config.max_upload_bytes)
+
     # -- generation ----------------------------------------------------------------------
     async def run(request: Request, body: Any, key: KeyInfo | None, kind: str) -> Response:
         check_model(key, body.model)
@@ -339,6 +368,11 @@ def create_app(registry: ModelRegistry, config: ServerConfig | None = None) -> F
         try:
             eng = engine.engine
             tok = eng.tokenizer
+            rag = None
+            if kind == "chat" and body.tools:
+                body, rag = await grounding.ground_chat(body, libraries, tok, eng.max_model_len)
+                if rag is not None and not rag.found:
+                    return grounding.not_found_response(body, rag)
             if kind == "chat":
                 plan = chatmod.plan_chat(body, tok, vocab_size=eng.args.vocab_size,
                                          max_model_len=eng.max_model_len,
@@ -349,7 +383,7 @@ def create_app(registry: ModelRegistry, config: ServerConfig | None = None) -> F
             request_id = f"cmpl-{uuid.uuid4().hex}"
             gen = engine.generate(plan.prompt_ids, plan.params, request_id)
             ctx = _Ctx(request_id=request_id, model=body.model, created=int(time.time()),
-                       plan=plan, tok=tok, key=key)
+                       plan=plan, tok=tok, key=key, rag=rag)
             if not body.stream:
                 return await _complete(request, ctx, gen, metrics, limiter)
             stream = _stream(ctx, gen, metrics, limiter)
@@ -415,6 +449,7 @@ class _Ctx:
     plan: chatmod.ChatPlan
     tok: Any
     key: KeyInfo | None
+    rag: Any = None  # a souverain.rag.answer.Grounding for a document_library request
 
 
 class _Timer:
@@ -491,12 +526,13 @@ async def _complete(request: Request, ctx: _Ctx, gen: AsyncIterator[Any],
     for o in final.outputs:
         content, calls, reason = chatmod.final_message(plan, o, ctx.tok)
         completion += len(o.token_ids)
-        choice: dict[str, Any] = {
-            "index": o.index,
-            "message": {"role": "assistant", "content": content,
-                        "tool_calls": calls or None, "prefix": False},
-            "finish_reason": reason,
-        }
+        message = {"role": "assistant", "content": content, "tool_calls": calls or None,
+                   "prefix": False}
+        if ctx.rag is not None:
+            message["references"] = ctx.rag.references(content or "")
+            if not calls:
+                message["content"] = (content or "") + ctx.rag.sources_footer(content or "")
+        choice: dict[str, Any] = {"index": o.index, "message": message, "finish_reason": reason}
         if plan.params.logprobs:
             choice["logprobs"] = chatmod.logprobs_body(o.logprobs, ctx.tok)
         choices.append(choice)
@@ -560,6 +596,10 @@ async def _stream(ctx: _Ctx, gen: AsyncIterator[Any], metrics: ServerMetrics,
                                          else ""}
                 if calls:
                     delta["tool_calls"] = calls
+                if ctx.rag is not None:
+                    delta["references"] = ctx.rag.references(content)
+                    if not calls:
+                        delta["content"] += ctx.rag.sources_footer(plan.prefix + content)
                 done[i] = True
                 usage = None
                 if all(done):

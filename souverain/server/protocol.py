@@ -105,6 +105,18 @@ class Tool(_Request):
     function: Function
 
 
+class DocumentLibraryTool(_Request):
+    """Retrieval over document libraries (Mistral's ``document_library`` tool): the answer is
+    grounded in passages retrieved from these libraries and cites them. souverain extension:
+    the answer message carries ``references`` (the passages, with document and position)."""
+
+    type: Literal["document_library"]
+    library_ids: list[str] = Field(min_length=1, max_length=16,
+                                   description="Library ids (or names) to search.")
+    tool_configuration: dict[str, Any] | None = Field(default=None,
+                                                      description="Accepted; not used.")
+
+
 class FunctionName(_Request):
     name: str
 
@@ -161,7 +173,7 @@ class ChatCompletionRequest(_Request):
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED,
                              description="OpenAI name of random_seed.")
     response_format: ResponseFormat | None = None
-    tools: list[Tool] | None = None
+    tools: list[Union[Tool, DocumentLibraryTool]] | None = None
     tool_choice: Union[Literal["auto", "none", "any", "required"], ToolChoice, None] = None
     parallel_tool_calls: bool | None = None
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
