@@ -1,0 +1,357 @@
+"""Documents -> text with positions: plain text, Markdown, HTML, PDF and DOCX.
+
+`parse_document` returns the whole text plus its `Section`s: runs of text under one heading
+path ("Chapter 2 > Notice") and, for PDFs, on one page. `Section.start` is the offset of the
+section's text in `ParsedDocument.text`, so a chunk can always be traced back to its place.
+
+The type comes from the file name's extension (or the MIME type when the name has none) and is
+checked against the leading bytes: a ``.pdf`` that does not start like a PDF is corrupt. Every
+failure is a `RAGError` sentence naming the file; the parsing libraries' own exceptions never
+leave this module.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import PurePath
+
+from souverain.errors import RAGError
+
+# extension -> canonical MIME type
+MIME_TYPES: dict[str, str] = {
+    ".txt": "text/plain",
+    ".text": "text/plain",
+    ".md": "text/markdown",
+    ".markdown": "text/markdown",
+    ".html": "text/html",
+    ".htm": "text/html",
+    ".pdf": "application/pdf",
+    ".docx": "application/vnd.openxmlformats-officedocument.wordprocessingml.document",
+}
+SUPPORTED_EXTENSIONS = tuple(MIME_TYPES)
+_EXT_BY_MIME = {"text/plain": ".txt", "text/markdown": ".md", "text/x-markdown": ".md",
+                "text/html": ".html", "application/xhtml+xml": ".html",
+                "application/pdf": ".pdf", MIME_TYPES[".docx"]: ".docx"}
+_SUPPORTED_SENTENCE = "supported types are .txt, .md, .html, .pdf and .docx"
+
+
+@dataclass(frozen=True)
+class Section:
+    """A run of text under one heading path, on one page (PDF) or page-less."""
+
+    text: str
+    page: int | None  # 1-based, PDFs only
+    heading: str | None  # nearest heading path, e.g. "Chapter 2 > Notice"
+    start: int  # char offset of `text` in ParsedDocument.text
+
+
+@dataclass(frozen=True)
+class ParsedDocument:
+    text: str
+    sections: list[Section] = field(default_factory=list)
+    number_of_pages: int | None = None
+    mime_type: str = "text/plain"
+    extension: str = ".txt"
+
+
+def detect_extension(data: bytes, name: str, mime_type: str | None = None) -> str:
+    """The parser to use: from the name's extension, else the MIME type, else the bytes."""
+    ext = PurePath(name).suffix.lower()
+    if ext in MIME_TYPES:
+        return ext
+    if mime_type:
+        base = mime_type.split(";")[0].strip().lower()
+        if base in _EXT_BY_MIME:
+            return _EXT_BY_MIME[base]
+    if ext and ext not in MIME_TYPES:
+        raise RAGError(f"{name}: unsupported file type {ext!r}; {_SUPPORTED_SENTENCE} "
+                       "(convert the file to one of them).")
+    head = data[:1024].lstrip()
+    if head.startswith(b"%PDF-"):
+        return ".pdf"
+    if data.startswith(b"PK\x03\x04"):
+        return ".docx"
+    if re.match(rb"(?i)(<!doctype html|<html)", head):
+        return ".html"
+    if b"\x00" not in data[:8192]:
+        return ".txt"
+    raise RAGError(f"{name}: cannot tell the file type (no extension and not text); "
+                   f"{_SUPPORTED_SENTENCE}.")
+
+
+def parse_document(data: bytes, name: str, mime_type: str | None = None) -> ParsedDocument:
+    """Extract the text and its sections from a document's bytes (see the module docstring)."""
+    ext = detect_extension(data, name, mime_type)
+    if ext == ".pdf":
+        doc = _parse_pdf(data, name)
+    elif ext == ".docx":
+        doc = _parse_docx(data, name)
+    elif ext in (".html", ".htm"):
+        doc = _parse_html(_decode(data, name), name)
+    elif ext in (".md", ".markdown"):
+        doc = _parse_markdown(_decode(data, name))
+    else:
+        doc = _sections_from_blocks([(None, t) for t in [_decode(data, name)]])
+    if not doc.text.strip():
+        hint = (" (a scanned PDF holds only images and souverain does not do OCR: export it "
+                "with a text layer first)") if ext == ".pdf" else ""
+        raise RAGError(f"{name}: the document has no extractable text{hint}.")
+    return ParsedDocument(doc.text, doc.sections, doc.number_of_pages, MIME_TYPES[ext], ext)
+
+
+# -- text ---------------------------------------------------------------------------------------
+
+def _decode(data: bytes, name: str) -> str:
+    if data.startswith(b"\xef\xbb\xbf"):
+        return data[3:].decode("utf-8", errors="replace")
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return data.decode("utf-16", errors="replace")
+    if b"\x00" in data[:8192]:
+        raise RAGError(f"{name}: this is a binary file, not text; {_SUPPORTED_SENTENCE}.")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return data.decode("cp1252", errors="replace")  # legacy Windows / Latin-1 files
+
+
+def _normalise(text: str) -> str:
+    """Unix newlines, no trailing spaces, at most one blank line in a row."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\xa0", " ")
+    text = re.sub(r"[ \t\f\v]+\n", "\n", text)
+    return re.sub(r"\n{3,}", "\n\n", text).strip()
+
+
+def _sections_from_blocks(blocks: list[tuple[str | None, str]],
+                          pages: list[int | None] | None = None,
+                          number_of_pages: int | None = None) -> ParsedDocument:
+    """Join (heading path, body) blocks into one text; the heading line is written before its
+    body (so the text reads like the document) but the section covers the body only."""
+    parts: list[str] = []
+    sections: list[Section] = []
+    pos = 0
+    last_heading: str | None = None
+    for i, (heading, body) in enumerate(blocks):
+        body = _normalise(body)
+        page = pages[i] if pages else None
+        if heading and heading != last_heading and pages is None:
+            title = heading.rsplit(" > ", 1)[-1]
+            parts.append(title + "\n\n")
+            pos += len(title) + 2
+        last_heading = heading
+        if body:
+            sections.append(Section(body, page, heading, pos))
+            parts.append(body + "\n\n")
+            pos += len(body) + 2
+    text = "".join(parts)
+    return ParsedDocument(text[:-2] if text.endswith("\n\n") else text, sections, number_of_pages)
+
+
+class _HeadingPath:
+    def __init__(self) -> None:
+        self.stack: list[tuple[int, str]] = []
+
+    def push(self, level: int, title: str) -> str:
+        while self.stack and self.stack[-1][0] >= level:
+            self.stack.pop()
+        self.stack.append((level, title))
+        return self.path() or ""
+
+    def path(self) -> str | None:
+        return " > ".join(t for _, t in self.stack) or None
+
+
+# -- Markdown -----------------------------------------------------------------------------------
+
+_MD_HEADING = re.compile(r"^ {0,3}(#{1,6})[ \t]+(.+?)[ \t#]*$")
+_MD_FENCE = re.compile(r"^ {0,3}(```|~~~)")
+
+
+def _parse_markdown(text: str) -> ParsedDocument:
+    blocks: list[tuple[str | None, str]] = []
+    path = _HeadingPath()
+    heading: str | None = None
+    body: list[str] = []
+    in_fence = False
+    for line in text.replace("\r\n", "\n").split("\n"):
+        if _MD_FENCE.match(line):
+            in_fence = not in_fence
+        m = None if in_fence else _MD_HEADING.match(line)
+        if m:
+            blocks.append((heading, "\n".join(body)))
+            heading, body = path.push(len(m.group(1)), m.group(2).strip()), []
+        else:
+            body.append(line)
+    blocks.append((heading, "\n".join(body)))
+    return _sections_from_blocks(blocks)
+
+
+# -- HTML ---------------------------------------------------------------------------------------
+
+_DROP_TAGS = ("script", "style", "nav", "noscript", "template", "svg", "iframe", "head", "form")
+_BLOCK_TAGS = ("p", "div", "section", "article", "main", "header", "footer", "aside", "li",
+               "ul", "ol", "table", "tr", "pre", "blockquote", "dt", "dd", "figure",
+               "figcaption", "br", "hr", "td", "th")
+_HEADING_MARK = "\x00"
+
+
+def _parse_html(markup: str, name: str) -> ParsedDocument:
+    from bs4 import BeautifulSoup
+
+    try:
+        soup = BeautifulSoup(markup, "lxml")
+    except Exception as exc:  # noqa: BLE001 - lxml's errors are not the user's vocabulary
+        raise RAGError(f"{name}: the HTML cannot be read ({exc}); save it again as HTML.") from exc
+    for tag in soup.find_all(_DROP_TAGS):
+        tag.decompose()
+    for tag in soup.find_all(re.compile(r"^h[1-6]$")):
+        title = " ".join(tag.get_text(" ").split())
+        tag.replace_with(f"\n{_HEADING_MARK}{tag.name[1]}{_HEADING_MARK}{title}{_HEADING_MARK}\n")
+    for tag in soup.find_all(_BLOCK_TAGS):
+        if tag.name in ("td", "th"):
+            tag.insert_after(" | ")
+        else:
+            tag.insert_before("\n\n")
+            tag.insert_after("\n\n")
+    raw = soup.get_text()
+    # inline whitespace collapsed, block breaks kept
+    raw = "\n".join(" ".join(line.split()).removesuffix(" |") for line in raw.split("\n"))
+    blocks: list[tuple[str | None, str]] = []
+    path = _HeadingPath()
+    pieces = raw.split(_HEADING_MARK)
+    blocks.append((None, pieces[0]))
+    for i in range(1, len(pieces) - 2, 3):
+        level, title, body = pieces[i], pieces[i + 1], pieces[i + 2]
+        heading = path.push(int(level), title) if title else path.path()
+        blocks.append((heading, body))
+    return _sections_from_blocks(blocks)
+
+
+# -- PDF ----------------------------------------------------------------------------------------
+
+def _parse_pdf(data: bytes, name: str) -> ParsedDocument:
+    if not data[:1024].lstrip().startswith(b"%PDF-"):
+        raise RAGError(f"{name}: the file is not a valid PDF (it does not start with %PDF-); "
+                       "it is corrupt or misnamed.")
+    from pypdf import PdfReader
+    from pypdf.errors import PyPdfError
+
+    logging.getLogger("pypdf").setLevel(logging.ERROR)  # repairs are not the user's concern
+    try:
+        reader = PdfReader(io.BytesIO(data))
+        if reader.is_encrypted:
+            try:
+                ok = reader.decrypt("")  # many "protected" PDFs open with an empty password
+            except Exception:  # noqa: BLE001 - unsupported cipher = cannot open
+                ok = 0
+            if not ok:
+                raise RAGError(f"{name}: the PDF is encrypted with a password; save an "
+                               "unprotected copy and add that.")
+        texts = [page.extract_text() or "" for page in reader.pages]
+        n_pages = len(reader.pages)
+        outline = _pdf_outline(reader)
+    except RAGError:
+        raise
+    except (PyPdfError, ValueError, KeyError, TypeError, AttributeError, IndexError,
+            AssertionError, RecursionError, OSError, zipfile.BadZipFile) as exc:
+        raise RAGError(f"{name}: the PDF is corrupt and cannot be read ({type(exc).__name__}: "
+                       f"{exc}); export it again from its source.") from exc
+    except Exception as exc:  # noqa: BLE001 - pypdf raises many types on broken files
+        raise RAGError(f"{name}: the PDF is corrupt and cannot be read ({type(exc).__name__}); "
+                       "export it again from its source.") from exc
+    headings: list[str | None] = []
+    current: str | None = None
+    for page in range(n_pages):
+        current = outline.get(page, current)
+        headings.append(current)
+    blocks = list(zip(headings, texts))
+    return _sections_from_blocks(blocks, pages=list(range(1, n_pages + 1)),
+                                 number_of_pages=n_pages)
+
+
+def _pdf_outline(reader: object) -> dict[int, str]:
+    """Page index -> the last bookmark path starting on it (bookmarks act as headings)."""
+    found: dict[int, str] = {}
+
+    def walk(items: list, parents: list[str]) -> None:
+        last: list[str] = parents
+        for item in items:
+            if isinstance(item, list):
+                walk(item, last)
+                continue
+            title = " ".join(str(getattr(item, "title", "") or "").split())
+            if not title:
+                continue
+            last = parents + [title]
+            try:
+                page = reader.get_destination_page_number(item)  # type: ignore[attr-defined]
+            except Exception:  # noqa: BLE001 - a broken bookmark is only a lost heading
+                continue
+            if page is not None and page >= 0:
+                found[page] = " > ".join(last)
+
+    try:
+        walk(list(reader.outline), [])  # type: ignore[attr-defined]
+    except Exception:  # noqa: BLE001 - no usable outline: pages without headings
+        return {}
+    return found
+
+
+# -- DOCX ---------------------------------------------------------------------------------------
+
+def _parse_docx(data: bytes, name: str) -> ParsedDocument:
+    if data.startswith(b"\xd0\xcf\x11\xe0"):
+        raise RAGError(f"{name}: this is an encrypted .docx or an old binary Word .doc; save it "
+                       "as an unprotected .docx first.")
+    if not data.startswith(b"PK\x03\x04"):
+        raise RAGError(f"{name}: the file is not a valid .docx (not a zip archive); it is "
+                       "corrupt or misnamed.")
+    import docx
+    from docx.table import Table
+    from docx.text.paragraph import Paragraph
+
+    try:
+        document = docx.Document(io.BytesIO(data))
+        blocks: list[tuple[str | None, str]] = []
+        path = _HeadingPath()
+        heading: str | None = None
+        body: list[str] = []
+        for child in document.element.body.iterchildren():
+            tag = child.tag.rsplit("}", 1)[-1]
+            if tag == "p":
+                para = Paragraph(child, document)
+                text = para.text.strip()
+                level = _docx_heading_level(para)
+                if level is not None and text:
+                    blocks.append((heading, "\n\n".join(body)))
+                    heading, body = path.push(level, " ".join(text.split())), []
+                elif text:
+                    body.append(text)
+            elif tag == "tbl":
+                table = Table(child, document)
+                for row in table.rows:
+                    cells = [" ".join(c.text.split()) for c in row.cells]
+                    line = " | ".join(dict.fromkeys(c for c in cells if c))  # merged cells repeat
+                    if line:
+                        body.append(line)
+        blocks.append((heading, "\n\n".join(body)))
+    except RAGError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - python-docx/lxml/zipfile raise many types
+        raise RAGError(f"{name}: the .docx is corrupt and cannot be read "
+                       f"({type(exc).__name__}); save it again from Word or LibreOffice.") from exc
+    return _sections_from_blocks(blocks)
+
+
+def _docx_heading_level(para: object) -> int | None:
+    try:
+        style = para.style.name or ""  # type: ignore[attr-defined]
+    except Exception:  # noqa: BLE001 - a broken style reference is a plain paragraph
+        return None
+    if style == "Title":
+        return 0  # above Heading 1: "Title > Chapter"
+    m = re.match(r"(?i)heading\s*(\d)", style)
+    return int(m.group(1)) if m else None
