@@ -29,10 +29,11 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from souverain import __version__
+from souverain.audit import AuditLog, AuditMiddleware, note
 from souverain.paths import libraries_dir
 from souverain.server import chat as chatmod
+from souverain.server import embeddings, grounding
 from souverain.server.auth import APIKeys, AuthError, KeyInfo, is_loopback
-from souverain.server import grounding
 from souverain.server.errors import APIError, error_body, install_error_handlers
 from souverain.server.libraries import LibraryService
 from souverain.server.libraries import install as install_libraries
@@ -68,6 +69,8 @@ class ServerConfig:
     data_dir: Path | None = None  # document libraries live under data_dir/libraries
     libraries: bool = True  # the Libraries API and the document_library tool
     max_upload_bytes: int = 100 * MiB  # one document upload (multipart) at most
+    embed_model: str | None = "souverain-embed"  # POST /v1/embeddings; None = none served
+    audit: AuditLog | None = None  # one JSON line per call (souverain.audit)
 
 
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
@@ -243,6 +246,8 @@ def create_app(registry: ModelRegistry, config: ServerConfig | None = None) -> F
         if libraries is not None:
             libraries.shutdown()
         await asyncio.to_thread(registry.shutdown)
+        if config.audit is not None:
+            await asyncio.to_thread(config.audit.close)
 
     app = FastAPI(
         title="souverain — La Plateforme API on your own machine",
@@ -267,6 +272,8 @@ def create_app(registry: ModelRegistry, config: ServerConfig | None = None) -> F
     app.add_middleware(_BodyLimit, limit=config.max_request_bytes,
                        upload_limit=config.max_upload_bytes)
     app.add_middleware(_Metrics, metrics=metrics)
+    if config.audit is not None:
+        app.add_middleware(AuditMiddleware, audit=config.audit)
 
     async def authorize(request: Request) -> KeyInfo | None:
         keys = config.api_keys
@@ -291,6 +298,8 @@ def create_app(registry: ModelRegistry, config: ServerConfig | None = None) -> F
                 seconds = max(1, math.ceil(wait))
                 raise APIError(429, f"Rate limit reached for this API key; retry in {seconds} s.",
                                code="rate_limited", headers={"Retry-After": str(seconds)})
+        if key is not None:
+            note(request).update(key_id=key.key_id, key_name=key.name)
         return key
 
     def check_model(key: KeyInfo | None, model: str) -> None:
@@ -299,6 +308,9 @@ def create_app(registry: ModelRegistry, config: ServerConfig | None = None) -> F
                 config.api_keys.check_model(key, model)
             except AuthError as exc:
                 raise APIError(exc.status, exc.message, code=exc.code) from None
+
+    embed = embeddings.install(app, authorize, check_model,
+                               lambda key, n: _charge(limiter, key, n), config.embed_model)
 
     # -- models, health, metrics ---------------------------------------------------------
     def card(m: ServedModel, name: str | None = None) -> ModelCard:
@@ -329,12 +341,15 @@ def create_app(registry: ModelRegistry, config: ServerConfig | None = None) -> F
     @app.get("/v1/models", response_model=ModelList, responses=_errors(401, 403, 429),
              tags=["models"], summary="List the models served here")
     async def list_models(key: KeyInfo | None = Depends(authorize)) -> ModelList:
-        return ModelList(data=[card(m) for m in registry.models])
+        return ModelList(data=[card(m) for m in registry.models]
+                         + ([embed.card()] if embed is not None else []))
 
     @app.get("/v1/models/{model_id}", response_model=ModelCard,
              responses=_errors(401, 403, 404, 429), tags=["models"],
              summary="One model: context length and capabilities")
     async def get_model(model_id: str, key: KeyInfo | None = Depends(authorize)) -> ModelCard:
+        if embed is not None and embed.serves(model_id):
+            return embed.card(model_id)
         return card(registry.find(model_id), model_id)
 
     @app.get("/health", response_model=Health, tags=["ops"], summary="Liveness")
@@ -353,6 +368,7 @@ def create_app(registry: ModelRegistry, config: ServerConfig | None = None) -> F
 
     # -- generation ----------------------------------------------------------------------
     async def run(request: Request, body: Any, key: KeyInfo | None, kind: str) -> Response:
+        note(request)["model"] = body.model
         check_model(key, body.model)
         served = registry.find(body.model)
         if not admission.try_acquire():
@@ -381,9 +397,10 @@ def create_app(registry: ModelRegistry, config: ServerConfig | None = None) -> F
                 plan = chatmod.plan_fim(body, tok, max_model_len=eng.max_model_len,
                                         default_temperature=config.default_temperature)
             request_id = f"cmpl-{uuid.uuid4().hex}"
+            note(request)["request_id"] = request_id
             gen = engine.generate(plan.prompt_ids, plan.params, request_id)
             ctx = _Ctx(request_id=request_id, model=body.model, created=int(time.time()),
-                       plan=plan, tok=tok, key=key, rag=rag)
+                       plan=plan, tok=tok, key=key, rag=rag, audit=note(request))
             if not body.stream:
                 return await _complete(request, ctx, gen, metrics, limiter)
             stream = _stream(ctx, gen, metrics, limiter)
@@ -450,6 +467,7 @@ class _Ctx:
     tok: Any
     key: KeyInfo | None
     rag: Any = None  # a souverain.rag.answer.Grounding for a document_library request
+    audit: dict[str, Any] | None = None  # the request's audit notes (token counts)
 
 
 class _Timer:
@@ -539,6 +557,8 @@ async def _complete(request: Request, ctx: _Ctx, gen: AsyncIterator[Any],
     prompt = len(final.prompt_token_ids)
     metrics.observe_tokens(ctx.model, prompt, completion)
     _charge(limiter, ctx.key, prompt + completion)
+    if ctx.audit is not None:
+        ctx.audit.update(prompt_tokens=prompt, completion_tokens=completion)
     body = {"id": ctx.request_id, "object": "chat.completion", "created": ctx.created,
             "model": ctx.model, "choices": choices, "usage": _usage(prompt, completion)}
     return JSONResponse(body)
@@ -608,6 +628,8 @@ async def _stream(ctx: _Ctx, gen: AsyncIterator[Any], metrics: ServerMetrics,
                     usage = _usage(prompt, completion)
                     metrics.observe_tokens(ctx.model, prompt, completion)
                     _charge(limiter, ctx.key, prompt + completion)
+                    if ctx.audit is not None:
+                        ctx.audit.update(prompt_tokens=prompt, completion_tokens=completion)
                 yield chunk(i, delta, reason, logprobs=lp, usage=usage)
         finished_ok = True
         yield b"data: [DONE]\n\n"

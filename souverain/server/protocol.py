@@ -308,6 +308,8 @@ class ModelCapabilities(BaseModel):
     fine_tuning: bool = False
     vision: bool = False
     classification: bool = False
+    embeddings: bool = Field(default=False,
+                             description="souverain: the model serves POST /v1/embeddings.")
 
 
 class ModelCard(BaseModel):
