@@ -516,6 +516,34 @@ class LibraryStore:
         doc = self.get_document(library, doc_id)
         return (self.files / doc.id).read_bytes()
 
+    def update_document(self, library: str, doc_id: str, *, name: str | None = None,
+                        tags: Sequence[str] | None = None) -> DocumentInfo:
+        """Rename a document and/or replace its tags (its chunks follow, for search filters)."""
+        doc = self.get_document(library, doc_id)
+        new_name = doc.name if name is None else name.strip()
+        if not new_name:
+            raise RAGError("A document needs a non-empty name.")
+        new_tags = doc.tags if tags is None else sorted(set(tags))
+        values: dict[str, Any] = {}
+        if new_name != doc.name:
+            values["document_name"] = new_name
+        if new_tags != doc.tags:
+            values["tags"] = new_tags
+        table = self._chunks(create=False)
+        if values and table is not None and doc.nb_chunks:
+            table.update(where=f"document_id = {_sql_str(doc.id)}", values=values)
+        with self._tx() as con:
+            con.execute("UPDATE documents SET name = ?, tags = ?, updated_at = ? WHERE id = ?",
+                        (new_name, json.dumps(new_tags), _now().isoformat(), doc.id))
+        return self.get_document(doc.library_id, doc.id)
+
+    def reset_document(self, library: str, doc_id: str) -> DocumentInfo:
+        """Mark a document 'todo' again, for `process_document` to redo (its bytes are kept;
+        its current chunks stay searchable until the new ones are written)."""
+        doc = self.get_document(library, doc_id)
+        self._set_status(doc.id, "todo", error=None)
+        return self.get_document(doc.library_id, doc.id)
+
     def delete_document(self, library: str, doc_id: str) -> None:
         doc = self.get_document(library, doc_id)
         self._delete_document_rows(doc.id)
