@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,8 @@ from checkpoints import build_tiny_checkpoint
 from souverain import offline
 
 os.environ["SOUVERAIN_TEST_NO_EGRESS"] = "1"
+# what the tests write (libraries, audit logs) goes to a throw-away home, never the user's
+os.environ["SOUVERAIN_HOME"] = tempfile.mkdtemp(prefix="souverain-test-home-")
 offline.force_offline()
 offline.install_socket_guard()
 
