@@ -9,7 +9,8 @@ keys file; never the key nor its hash), ``client_ip``, ``method``, ``route`` (th
 
 Handlers pass what only they know (key, model, token counts, the completion id) through
 ``note(request)``, a dict in the request's ASGI ``state`` that `AuditMiddleware` reads when
-the response is over (after the last SSE chunk for a stream).
+the response is over (after the last SSE chunk for a stream). ``GET /health`` (liveness
+probes, no data) is not logged.
 
 Lines go to ``audit-YYYY-MM-DD.jsonl`` (UTC day) in a directory, or to one fixed file; files
 are created 0600 and opened append-only. A background thread does the JSON encoding, the
@@ -38,6 +39,7 @@ log = logging.getLogger("souverain.audit")
 NOTE_KEY = "souverain.audit"
 _BODY_PEEK = 64 * 1024  # enough to find the model of a request the handler never saw
 _CONTENT_CAP = 1 << 20  # most bytes of a body or response kept for --audit-content
+UNLOGGED = frozenset({"/health"})  # liveness probes: no data, and one a second would drown it
 _MODEL_RE = re.compile(rb'"model"\s*:\s*"((?:[^"\\]|\\.){1,256})"')
 
 
@@ -211,7 +213,7 @@ class AuditMiddleware:
         self.app, self.audit = app, audit
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope.get("path") in UNLOGGED:
             return await self.app(scope, receive, send)
         start_wall, start = time.time(), time.perf_counter()
         request_id = f"req-{uuid.uuid4().hex}"
