@@ -14,10 +14,12 @@ the embedder never refuses a chunk.
 
 from __future__ import annotations
 
+import itertools
 import re
 from bisect import bisect_left
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 from souverain.rag.parse import ParsedDocument, Section
 
@@ -48,8 +50,9 @@ class _Span:
     """Token counts of any char span of one text, from one tokenizer pass with offsets."""
 
     def __init__(self, text: str, tokenizer: Any):
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True,
-                        truncation=False)
+        enc = tokenizer(
+            text, add_special_tokens=False, return_offsets_mapping=True, truncation=False
+        )
         self.text = text
         self.starts = [s for s, _ in enc["offset_mapping"]]
 
@@ -78,7 +81,7 @@ class _Span:
             if pos > cuts[-1]:
                 cuts.append(pos)
         cuts.append(b)
-        return [(x, y) for x, y in zip(cuts, cuts[1:]) if y > x]
+        return [(x, y) for x, y in itertools.pairwise(cuts) if y > x]
 
 
 def _split(text: str, a: int, b: int, pattern: re.Pattern[str]) -> list[tuple[int, int]]:
@@ -109,16 +112,22 @@ def _slabs(text: str) -> Iterator[tuple[int, int]]:
 def _heading_prefix(heading: str | None, tokenizer: Any, max_heading_tokens: int) -> str:
     if not heading:
         return ""
-    enc = tokenizer(heading, add_special_tokens=False, return_offsets_mapping=True,
-                    truncation=False)
+    enc = tokenizer(
+        heading, add_special_tokens=False, return_offsets_mapping=True, truncation=False
+    )
     offsets = enc["offset_mapping"]
     if len(offsets) > max_heading_tokens:
         heading = heading[: offsets[max_heading_tokens - 1][1]] + "…"
     return heading + "\n\n"
 
 
-def chunk_section(section: Section, tokenizer: Any, *, target_tokens: int = TARGET_TOKENS,
-                  overlap_tokens: int = OVERLAP_TOKENS) -> Iterator[tuple[int, int]]:
+def chunk_section(
+    section: Section,
+    tokenizer: Any,
+    *,
+    target_tokens: int = TARGET_TOKENS,
+    overlap_tokens: int = OVERLAP_TOKENS,
+) -> Iterator[tuple[int, int]]:
     """Char spans [a, b) of `section.text`, one per chunk (before any length check)."""
     overlap_tokens = min(overlap_tokens, target_tokens // 4)
     unit_max = target_tokens - overlap_tokens  # a unit always fits after an overlap
@@ -165,9 +174,15 @@ def _overlap_start(span: _Span, a: int, b: int, overlap: int, fallback: int) -> 
     return pos if pos > a else fallback
 
 
-def chunk_document(doc: ParsedDocument, tokenizer: Any, max_tokens: int, *,
-                   target_tokens: int = TARGET_TOKENS, overlap_tokens: int = OVERLAP_TOKENS,
-                   max_heading_tokens: int = MAX_HEADING_TOKENS) -> Iterator[Chunk]:
+def chunk_document(
+    doc: ParsedDocument,
+    tokenizer: Any,
+    max_tokens: int,
+    *,
+    target_tokens: int = TARGET_TOKENS,
+    overlap_tokens: int = OVERLAP_TOKENS,
+    max_heading_tokens: int = MAX_HEADING_TOKENS,
+) -> Iterator[Chunk]:
     """The document's chunks in order (a generator: a long document is never all in memory).
 
     `tokenizer` is the embedder's Hugging Face tokenizer and `max_tokens` its window, special
@@ -178,8 +193,11 @@ def chunk_document(doc: ParsedDocument, tokenizer: Any, max_tokens: int, *,
         raise ValueError(f"max_tokens={max_tokens} leaves no room for a chunk")
     for section in doc.sections:
         prefix = _heading_prefix(section.heading, tokenizer, max_heading_tokens)
-        pending = list(chunk_section(section, tokenizer, target_tokens=target_tokens,
-                                     overlap_tokens=overlap_tokens))
+        pending = list(
+            chunk_section(
+                section, tokenizer, target_tokens=target_tokens, overlap_tokens=overlap_tokens
+            )
+        )
         pending.reverse()
         while pending:
             batch = [pending.pop() for _ in range(min(64, len(pending)))]
@@ -193,16 +211,26 @@ def chunk_document(doc: ParsedDocument, tokenizer: Any, max_tokens: int, *,
                     texts.append(raw)
             if not texts:
                 continue
-            counts = [len(ids) for ids in tokenizer([prefix + t for t in texts],
-                                                    add_special_tokens=True,
-                                                    truncation=False)["input_ids"]]
+            counts = [
+                len(ids)
+                for ids in tokenizer(
+                    [prefix + t for t in texts], add_special_tokens=True, truncation=False
+                )["input_ids"]
+            ]
             too_long = []
             for (a, b), raw, n in zip(spans, texts, counts):
                 if n > max_tokens:
                     too_long.append((a, b))
                     continue
-                yield Chunk(raw, prefix + raw, section.page, section.heading,
-                            section.start + a, section.start + b, n)
+                yield Chunk(
+                    raw,
+                    prefix + raw,
+                    section.page,
+                    section.heading,
+                    section.start + a,
+                    section.start + b,
+                    n,
+                )
             for a, b in too_long:  # rare (tokenization differs at a cut): halve and retry
                 mid = section.text.rfind(" ", a, (a + b) // 2 + 1)
                 mid = (a + b) // 2 if mid <= a else mid

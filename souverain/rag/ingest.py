@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 from souverain.errors import RAGError
 from souverain.rag.parse import SUPPORTED_EXTENSIONS
@@ -36,15 +36,19 @@ class IngestReport:
     failed: list[tuple[Path, str]] = field(default_factory=list)
 
     def summary(self) -> str:
-        return (f"{len(self.added)} added, {len(self.updated)} updated, "
-                f"{len(self.unchanged)} unchanged, {len(self.failed)} failed")
+        return (
+            f"{len(self.added)} added, {len(self.updated)} updated, "
+            f"{len(self.unchanged)} unchanged, {len(self.failed)} failed"
+        )
 
 
 def _check_root(path: Path, shown: Path, roots: list[Path] | None) -> None:
     if roots is not None and not any(path == r or path.is_relative_to(r) for r in roots):
-        raise RAGError(f"{shown} is outside the allowed folders "
-                       f"({', '.join(str(r) for r in roots)}); move it there or allow its "
-                       "folder.")
+        raise RAGError(
+            f"{shown} is outside the allowed folders "
+            f"({', '.join(str(r) for r in roots)}); move it there or allow its "
+            "folder."
+        )
 
 
 def _walk(folder: Path) -> Iterator[Path]:
@@ -67,9 +71,16 @@ def _targets(paths: Iterable[Path]) -> Iterator[tuple[Path, str]]:
             yield p, p.name
 
 
-def ingest_paths(store: LibraryStore, library: str, paths: list[Path], *,
-                 allowed_roots: list[Path] | None = None, tags: Iterable[str] = (),
-                 progress: Progress | None = None, max_bytes: int = MAX_BYTES) -> IngestReport:
+def ingest_paths(
+    store: LibraryStore,
+    library: str,
+    paths: list[Path],
+    *,
+    allowed_roots: list[Path] | None = None,
+    tags: Iterable[str] = (),
+    progress: Progress | None = None,
+    max_bytes: int = MAX_BYTES,
+) -> IngestReport:
     """Add files and folders (recursively) to `library`; see the module docstring.
 
     A path (or, after resolving symlinks, a file found in a folder) outside `allowed_roots`
@@ -77,8 +88,9 @@ def ingest_paths(store: LibraryStore, library: str, paths: list[Path], *,
     A file that cannot be added (too large, unsupported, corrupt, empty) is listed in
     `failed` with its sentence and the others go on."""
     lib = store.get_library(library)
-    roots = None if allowed_roots is None else [Path(r).expanduser().resolve()
-                                                for r in allowed_roots]
+    roots = (
+        None if allowed_roots is None else [Path(r).expanduser().resolve() for r in allowed_roots]
+    )
     for p in paths:
         p = Path(p).expanduser()
         if not p.exists():
@@ -95,9 +107,11 @@ def ingest_paths(store: LibraryStore, library: str, paths: list[Path], *,
             _check_root(real, path, roots)
             size = real.stat().st_size
             if size > max_bytes:
-                raise RAGError(f"{path} is {size / 2**20:.1f} MiB, over the "
-                               f"{max_bytes / 2**20:g} MiB limit per file; split it or raise "
-                               "the limit.")
+                raise RAGError(
+                    f"{path} is {size / 2**20:.1f} MiB, over the "
+                    f"{max_bytes / 2**20:g} MiB limit per file; split it or raise "
+                    "the limit."
+                )
             data = real.read_bytes()
             digest = hashlib.sha256(data).hexdigest()
             previous = store.find_document(lib.id, name)
@@ -110,8 +124,8 @@ def ingest_paths(store: LibraryStore, library: str, paths: list[Path], *,
             report.failed.append((path, str(exc)))
             continue
         except OSError as exc:
-            report.failed.append((path, f"{path}: cannot be read ({exc.strerror or exc}); "
-                                        "check its permissions."))
+            why = f"{path}: cannot be read ({exc.strerror or exc}); check its permissions."
+            report.failed.append((path, why))
             continue
         if doc.status != "done":
             report.failed.append((path, doc.error or f"{path}: processing did not finish."))

@@ -33,9 +33,15 @@ MIME_TYPES: dict[str, str] = {
     ".docx": "application/vnd.openxmlformats-officedocument.wordprocessingml.document",
 }
 SUPPORTED_EXTENSIONS = tuple(MIME_TYPES)
-_EXT_BY_MIME = {"text/plain": ".txt", "text/markdown": ".md", "text/x-markdown": ".md",
-                "text/html": ".html", "application/xhtml+xml": ".html",
-                "application/pdf": ".pdf", MIME_TYPES[".docx"]: ".docx"}
+_EXT_BY_MIME = {
+    "text/plain": ".txt",
+    "text/markdown": ".md",
+    "text/x-markdown": ".md",
+    "text/html": ".html",
+    "application/xhtml+xml": ".html",
+    "application/pdf": ".pdf",
+    MIME_TYPES[".docx"]: ".docx",
+}
 _SUPPORTED_SENTENCE = "supported types are .txt, .md, .html, .pdf and .docx"
 
 
@@ -68,8 +74,10 @@ def detect_extension(data: bytes, name: str, mime_type: str | None = None) -> st
         if base in _EXT_BY_MIME:
             return _EXT_BY_MIME[base]
     if ext and ext not in MIME_TYPES:
-        raise RAGError(f"{name}: unsupported file type {ext!r}; {_SUPPORTED_SENTENCE} "
-                       "(convert the file to one of them).")
+        raise RAGError(
+            f"{name}: unsupported file type {ext!r}; {_SUPPORTED_SENTENCE} "
+            "(convert the file to one of them)."
+        )
     head = data[:1024].lstrip()
     if head.startswith(b"%PDF-"):
         return ".pdf"
@@ -79,8 +87,9 @@ def detect_extension(data: bytes, name: str, mime_type: str | None = None) -> st
         return ".html"
     if b"\x00" not in data[:8192]:
         return ".txt"
-    raise RAGError(f"{name}: cannot tell the file type (no extension and not text); "
-                   f"{_SUPPORTED_SENTENCE}.")
+    raise RAGError(
+        f"{name}: cannot tell the file type (no extension and not text); {_SUPPORTED_SENTENCE}."
+    )
 
 
 def parse_document(data: bytes, name: str, mime_type: str | None = None) -> ParsedDocument:
@@ -97,13 +106,20 @@ def parse_document(data: bytes, name: str, mime_type: str | None = None) -> Pars
     else:
         doc = _sections_from_blocks([(None, t) for t in [_decode(data, name)]])
     if not doc.text.strip():
-        hint = (" (a scanned PDF holds only images and souverain does not do OCR: export it "
-                "with a text layer first)") if ext == ".pdf" else ""
+        hint = (
+            (
+                " (a scanned PDF holds only images and souverain does not do OCR: export it "
+                "with a text layer first)"
+            )
+            if ext == ".pdf"
+            else ""
+        )
         raise RAGError(f"{name}: the document has no extractable text{hint}.")
     return ParsedDocument(doc.text, doc.sections, doc.number_of_pages, MIME_TYPES[ext], ext)
 
 
 # -- text ---------------------------------------------------------------------------------------
+
 
 def _decode(data: bytes, name: str) -> str:
     if data.startswith(b"\xef\xbb\xbf"):
@@ -125,9 +141,11 @@ def _normalise(text: str) -> str:
     return re.sub(r"\n{3,}", "\n\n", text).strip()
 
 
-def _sections_from_blocks(blocks: list[tuple[str | None, str]],
-                          pages: list[int | None] | None = None,
-                          number_of_pages: int | None = None) -> ParsedDocument:
+def _sections_from_blocks(
+    blocks: list[tuple[str | None, str]],
+    pages: list[int | None] | None = None,
+    number_of_pages: int | None = None,
+) -> ParsedDocument:
     """Join (heading path, body) blocks into one text; the heading line is written before its
     body (so the text reads like the document) but the section covers the body only."""
     parts: list[str] = []
@@ -147,7 +165,7 @@ def _sections_from_blocks(blocks: list[tuple[str | None, str]],
             parts.append(body + "\n\n")
             pos += len(body) + 2
     text = "".join(parts)
-    return ParsedDocument(text[:-2] if text.endswith("\n\n") else text, sections, number_of_pages)
+    return ParsedDocument(text.removesuffix("\n\n"), sections, number_of_pages)
 
 
 class _HeadingPath:
@@ -192,9 +210,31 @@ def _parse_markdown(text: str) -> ParsedDocument:
 # -- HTML ---------------------------------------------------------------------------------------
 
 _DROP_TAGS = ("script", "style", "nav", "noscript", "template", "svg", "iframe", "head", "form")
-_BLOCK_TAGS = ("p", "div", "section", "article", "main", "header", "footer", "aside", "li",
-               "ul", "ol", "table", "tr", "pre", "blockquote", "dt", "dd", "figure",
-               "figcaption", "br", "hr", "td", "th")
+_BLOCK_TAGS = (
+    "p",
+    "div",
+    "section",
+    "article",
+    "main",
+    "header",
+    "footer",
+    "aside",
+    "li",
+    "ul",
+    "ol",
+    "table",
+    "tr",
+    "pre",
+    "blockquote",
+    "dt",
+    "dd",
+    "figure",
+    "figcaption",
+    "br",
+    "hr",
+    "td",
+    "th",
+)
 _HEADING_MARK = "\x00"
 
 
@@ -203,7 +243,7 @@ def _parse_html(markup: str, name: str) -> ParsedDocument:
 
     try:
         soup = BeautifulSoup(markup, "lxml")
-    except Exception as exc:  # noqa: BLE001 - lxml's errors are not the user's vocabulary
+    except Exception as exc:
         raise RAGError(f"{name}: the HTML cannot be read ({exc}); save it again as HTML.") from exc
     for tag in soup.find_all(_DROP_TAGS):
         tag.decompose()
@@ -232,10 +272,13 @@ def _parse_html(markup: str, name: str) -> ParsedDocument:
 
 # -- PDF ----------------------------------------------------------------------------------------
 
+
 def _parse_pdf(data: bytes, name: str) -> ParsedDocument:
     if not data[:1024].lstrip().startswith(b"%PDF-"):
-        raise RAGError(f"{name}: the file is not a valid PDF (it does not start with %PDF-); "
-                       "it is corrupt or misnamed.")
+        raise RAGError(
+            f"{name}: the file is not a valid PDF (it does not start with %PDF-); "
+            "it is corrupt or misnamed."
+        )
     from pypdf import PdfReader
     from pypdf.errors import PyPdfError
 
@@ -248,28 +291,43 @@ def _parse_pdf(data: bytes, name: str) -> ParsedDocument:
             except Exception:  # noqa: BLE001 - unsupported cipher = cannot open
                 ok = 0
             if not ok:
-                raise RAGError(f"{name}: the PDF is encrypted with a password; save an "
-                               "unprotected copy and add that.")
+                raise RAGError(
+                    f"{name}: the PDF is encrypted with a password; save an "
+                    "unprotected copy and add that."
+                )
         texts = [page.extract_text() or "" for page in reader.pages]
         n_pages = len(reader.pages)
         outline = _pdf_outline(reader)
     except RAGError:
         raise
-    except (PyPdfError, ValueError, KeyError, TypeError, AttributeError, IndexError,
-            AssertionError, RecursionError, OSError, zipfile.BadZipFile) as exc:
-        raise RAGError(f"{name}: the PDF is corrupt and cannot be read ({type(exc).__name__}: "
-                       f"{exc}); export it again from its source.") from exc
-    except Exception as exc:  # noqa: BLE001 - pypdf raises many types on broken files
-        raise RAGError(f"{name}: the PDF is corrupt and cannot be read ({type(exc).__name__}); "
-                       "export it again from its source.") from exc
+    except (
+        PyPdfError,
+        ValueError,
+        KeyError,
+        TypeError,
+        AttributeError,
+        IndexError,
+        AssertionError,
+        RecursionError,
+        OSError,
+        zipfile.BadZipFile,
+    ) as exc:
+        raise RAGError(
+            f"{name}: the PDF is corrupt and cannot be read ({type(exc).__name__}: "
+            f"{exc}); export it again from its source."
+        ) from exc
+    except Exception as exc:
+        raise RAGError(
+            f"{name}: the PDF is corrupt and cannot be read ({type(exc).__name__}); "
+            "export it again from its source."
+        ) from exc
     headings: list[str | None] = []
     current: str | None = None
     for page in range(n_pages):
         current = outline.get(page, current)
         headings.append(current)
     blocks = list(zip(headings, texts))
-    return _sections_from_blocks(blocks, pages=list(range(1, n_pages + 1)),
-                                 number_of_pages=n_pages)
+    return _sections_from_blocks(blocks, pages=list(range(1, n_pages + 1)), number_of_pages=n_pages)
 
 
 def _pdf_outline(reader: object) -> dict[int, str]:
@@ -288,7 +346,7 @@ def _pdf_outline(reader: object) -> dict[int, str]:
             last = parents + [title]
             try:
                 page = reader.get_destination_page_number(item)  # type: ignore[attr-defined]
-            except Exception:  # noqa: BLE001 - a broken bookmark is only a lost heading
+            except Exception:  # noqa: BLE001, S112 - a broken bookmark is only a lost heading
                 continue
             if page is not None and page >= 0:
                 found[page] = " > ".join(last)
@@ -302,13 +360,17 @@ def _pdf_outline(reader: object) -> dict[int, str]:
 
 # -- DOCX ---------------------------------------------------------------------------------------
 
+
 def _parse_docx(data: bytes, name: str) -> ParsedDocument:
     if data.startswith(b"\xd0\xcf\x11\xe0"):
-        raise RAGError(f"{name}: this is an encrypted .docx or an old binary Word .doc; save it "
-                       "as an unprotected .docx first.")
+        raise RAGError(
+            f"{name}: this is an encrypted .docx or an old binary Word .doc; save it "
+            "as an unprotected .docx first."
+        )
     if not data.startswith(b"PK\x03\x04"):
-        raise RAGError(f"{name}: the file is not a valid .docx (not a zip archive); it is "
-                       "corrupt or misnamed.")
+        raise RAGError(
+            f"{name}: the file is not a valid .docx (not a zip archive); it is corrupt or misnamed."
+        )
     import docx
     from docx.table import Table
     from docx.text.paragraph import Paragraph
@@ -340,9 +402,11 @@ def _parse_docx(data: bytes, name: str) -> ParsedDocument:
         blocks.append((heading, "\n\n".join(body)))
     except RAGError:
         raise
-    except Exception as exc:  # noqa: BLE001 - python-docx/lxml/zipfile raise many types
-        raise RAGError(f"{name}: the .docx is corrupt and cannot be read "
-                       f"({type(exc).__name__}); save it again from Word or LibreOffice.") from exc
+    except Exception as exc:
+        raise RAGError(
+            f"{name}: the .docx is corrupt and cannot be read "
+            f"({type(exc).__name__}); save it again from Word or LibreOffice."
+        ) from exc
     return _sections_from_blocks(blocks)
 
 

@@ -25,10 +25,11 @@ import logging
 import sqlite3
 import threading
 import uuid
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -140,8 +141,11 @@ def _ts(text: str) -> datetime:
 
 
 def _utc(value: datetime) -> datetime:
-    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else \
-        value.astimezone(timezone.utc)
+    return (
+        value.replace(tzinfo=timezone.utc)
+        if value.tzinfo is None
+        else value.astimezone(timezone.utc)
+    )
 
 
 def _sql_str(value: str) -> str:
@@ -153,13 +157,23 @@ def _sql_ts(value: datetime) -> str:
 
 
 def chunk_schema(dim: int) -> pa.Schema:
-    return pa.schema([
-        ("chunk_id", pa.string()), ("library_id", pa.string()), ("document_id", pa.string()),
-        ("document_name", pa.string()), ("text", pa.string()), ("embed_text", pa.string()),
-        ("page", pa.int32()), ("heading", pa.string()), ("start", pa.int64()),
-        ("end", pa.int64()), ("vector", pa.list_(pa.float32(), dim)),
-        ("tags", pa.list_(pa.string())), ("created_at", pa.timestamp("us", tz="UTC")),
-    ])
+    return pa.schema(
+        [
+            ("chunk_id", pa.string()),
+            ("library_id", pa.string()),
+            ("document_id", pa.string()),
+            ("document_name", pa.string()),
+            ("text", pa.string()),
+            ("embed_text", pa.string()),
+            ("page", pa.int32()),
+            ("heading", pa.string()),
+            ("start", pa.int64()),
+            ("end", pa.int64()),
+            ("vector", pa.list_(pa.float32(), dim)),
+            ("tags", pa.list_(pa.string())),
+            ("created_at", pa.timestamp("us", tz="UTC")),
+        ]
+    )
 
 
 class LibraryStore:
@@ -193,8 +207,9 @@ class LibraryStore:
     def _con(self) -> sqlite3.Connection:
         con = getattr(self._local, "con", None)
         if con is None:
-            con = sqlite3.connect(self.root / "meta.sqlite", timeout=30, isolation_level=None,
-                                  check_same_thread=False)
+            con = sqlite3.connect(
+                self.root / "meta.sqlite", timeout=30, isolation_level=None, check_same_thread=False
+            )
             con.row_factory = sqlite3.Row
             con.execute("PRAGMA journal_mode=WAL")
             con.execute("PRAGMA foreign_keys=ON")
@@ -212,7 +227,7 @@ class LibraryStore:
             self.con.execute("BEGIN IMMEDIATE")
             return self.con
 
-        def __exit__(self, exc_type: Any, *_: Any) -> None:
+        def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
             self.con.execute("ROLLBACK" if exc_type else "COMMIT")
 
     def _tx(self) -> LibraryStore._Tx:
@@ -239,23 +254,39 @@ class LibraryStore:
 
                 if self._db is None:
                     # every read sees the latest commit, also another process's (CLI + server)
-                    self._db = lancedb.connect(self.root / "lance",
-                                               read_consistency_interval=timedelta(0))
-                if TABLE in self._db.table_names():
+                    self._db = lancedb.connect(
+                        self.root / "lance", read_consistency_interval=timedelta(0)
+                    )
+                try:
                     self._table = self._db.open_table(TABLE)
-                elif create:
+                except (ValueError, FileNotFoundError, RuntimeError):  # not created yet
+                    pass
+                if self._table is None and create:
                     self._table = self._db.create_table(
-                        TABLE, schema=chunk_schema(self.embedder.dim), exist_ok=True)
+                        TABLE, schema=chunk_schema(self.embedder.dim), exist_ok=True
+                    )
         return self._table
 
     # -- libraries ------------------------------------------------------------------------------
 
     def _library_info(self, row: sqlite3.Row) -> LibraryInfo:
-        n, size = self._con().execute(
-            "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM documents WHERE library_id = ?",
-            (row["id"],)).fetchone()
-        return LibraryInfo(row["id"], row["name"], row["description"], _ts(row["created_at"]),
-                           _ts(row["updated_at"]), int(n), int(size))
+        n, size = (
+            self._con()
+            .execute(
+                "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM documents WHERE library_id = ?",
+                (row["id"],),
+            )
+            .fetchone()
+        )
+        return LibraryInfo(
+            row["id"],
+            row["name"],
+            row["description"],
+            _ts(row["created_at"]),
+            _ts(row["updated_at"]),
+            int(n),
+            int(size),
+        )
 
     def create_library(self, name: str, description: str | None = None) -> LibraryInfo:
         name = name.strip()
@@ -264,11 +295,15 @@ class LibraryStore:
         now = _now().isoformat()
         try:
             with self._tx() as con:
-                con.execute("INSERT INTO libraries VALUES (?, ?, ?, ?, ?)",
-                            (str(uuid.uuid4()), name, description, now, now))
+                con.execute(
+                    "INSERT INTO libraries VALUES (?, ?, ?, ?, ?)",
+                    (str(uuid.uuid4()), name, description, now, now),
+                )
         except sqlite3.IntegrityError:
-            raise RAGError(f"A library named {name!r} already exists; pick another name or add "
-                           "documents to it.") from None
+            raise RAGError(
+                f"A library named {name!r} already exists; pick another name or add "
+                "documents to it."
+            ) from None
         return self.get_library(name)
 
     def list_libraries(self) -> list[LibraryInfo]:
@@ -276,35 +311,51 @@ class LibraryStore:
         return [self._library_info(r) for r in rows]
 
     def get_library(self, id_or_name: str) -> LibraryInfo:
-        row = self._con().execute("SELECT * FROM libraries WHERE id = ? OR name = ? "
-                                  "ORDER BY id = ? DESC LIMIT 1",
-                                  (id_or_name, id_or_name, id_or_name)).fetchone()
+        row = (
+            self._con()
+            .execute(
+                "SELECT * FROM libraries WHERE id = ? OR name = ? ORDER BY id = ? DESC LIMIT 1",
+                (id_or_name, id_or_name, id_or_name),
+            )
+            .fetchone()
+        )
         if row is None:
-            raise LibraryNotFound(f"No library {id_or_name!r}; `souverain library list` shows "
-                                  "the libraries (create one with `souverain library create`).")
+            raise LibraryNotFound(
+                f"No library {id_or_name!r}; `souverain library list` shows "
+                "the libraries (create one with `souverain library create`)."
+            )
         return self._library_info(row)
 
-    def update_library(self, id: str, name: str | None = None,
-                       description: str | None = None) -> LibraryInfo:
+    def update_library(
+        self, id: str, name: str | None = None, description: str | None = None
+    ) -> LibraryInfo:
         lib = self.get_library(id)
         new_name = lib.name if name is None else name.strip()
         if not new_name:
             raise RAGError("A library needs a non-empty name.")
         try:
             with self._tx() as con:
-                con.execute("UPDATE libraries SET name = ?, description = ?, updated_at = ? "
-                            "WHERE id = ?",
-                            (new_name, lib.description if description is None else description,
-                             _now().isoformat(), lib.id))
+                con.execute(
+                    "UPDATE libraries SET name = ?, description = ?, updated_at = ? WHERE id = ?",
+                    (
+                        new_name,
+                        lib.description if description is None else description,
+                        _now().isoformat(),
+                        lib.id,
+                    ),
+                )
         except sqlite3.IntegrityError:
-            raise RAGError(f"A library named {new_name!r} already exists; pick another "
-                           "name.") from None
+            raise RAGError(
+                f"A library named {new_name!r} already exists; pick another name."
+            ) from None
         return self.get_library(lib.id)
 
     def delete_library(self, id: str) -> None:
         lib = self.get_library(id)
-        doc_ids = [r[0] for r in self._con().execute(
-            "SELECT id FROM documents WHERE library_id = ?", (lib.id,))]
+        doc_ids = [
+            r[0]
+            for r in self._con().execute("SELECT id FROM documents WHERE library_id = ?", (lib.id,))
+        ]
         table = self._chunks(create=False)
         if table is not None:
             table.delete(f"library_id = {_sql_str(lib.id)}")
@@ -319,23 +370,48 @@ class LibraryStore:
     @staticmethod
     def _document_info(row: sqlite3.Row) -> DocumentInfo:
         return DocumentInfo(
-            row["id"], row["library_id"], row["name"], row["mime_type"], row["extension"],
-            int(row["size"]), row["hash"], _ts(row["created_at"]), _ts(row["updated_at"]),
-            row["status"], row["error"], row["number_of_pages"],
-            int(row["tokens_processing_total"]), int(row["nb_chunks"]), json.loads(row["tags"]),
-            row["source_path"])
+            row["id"],
+            row["library_id"],
+            row["name"],
+            row["mime_type"],
+            row["extension"],
+            int(row["size"]),
+            row["hash"],
+            _ts(row["created_at"]),
+            _ts(row["updated_at"]),
+            row["status"],
+            row["error"],
+            row["number_of_pages"],
+            int(row["tokens_processing_total"]),
+            int(row["nb_chunks"]),
+            json.loads(row["tags"]),
+            row["source_path"],
+        )
 
     def find_document(self, library: str, name: str) -> DocumentInfo | None:
         """The newest document of that name in the library, if any."""
         lib = self.get_library(library)
-        row = self._con().execute(
-            "SELECT * FROM documents WHERE library_id = ? AND name = ? "
-            "ORDER BY created_at DESC LIMIT 1", (lib.id, name)).fetchone()
+        row = (
+            self._con()
+            .execute(
+                "SELECT * FROM documents WHERE library_id = ? AND name = ? "
+                "ORDER BY created_at DESC LIMIT 1",
+                (lib.id, name),
+            )
+            .fetchone()
+        )
         return None if row is None else self._document_info(row)
 
-    def register_document(self, library: str, data: bytes, name: str, *,
-                          tags: Iterable[str] = (), source_path: str | None = None,
-                          mime_type: str | None = None) -> DocumentInfo:
+    def register_document(
+        self,
+        library: str,
+        data: bytes,
+        name: str,
+        *,
+        tags: Iterable[str] = (),
+        source_path: str | None = None,
+        mime_type: str | None = None,
+    ) -> DocumentInfo:
         """Record a document (status 'todo') and keep its bytes for `process_document`.
 
         Same name and same bytes as a document of the library: that document, unchanged.
@@ -349,9 +425,11 @@ class LibraryStore:
         ext = detect_extension(data, name, mime_type)
         digest = hashlib.sha256(data).hexdigest()
         con = self._con()
-        row = con.execute("SELECT * FROM documents WHERE library_id = ? AND name = ? AND "
-                          "hash = ? ORDER BY created_at DESC LIMIT 1",
-                          (lib.id, name, digest)).fetchone()
+        row = con.execute(
+            "SELECT * FROM documents WHERE library_id = ? AND name = ? AND "
+            "hash = ? ORDER BY created_at DESC LIMIT 1",
+            (lib.id, name, digest),
+        ).fetchone()
         if row is not None:
             return self._document_info(row)
         doc_id = str(uuid.uuid4())
@@ -365,21 +443,41 @@ class LibraryStore:
                     "INSERT INTO documents (id, library_id, name, mime_type, extension, size, "
                     "hash, created_at, updated_at, status, tags, source_path) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'todo', ?, ?)",
-                    (doc_id, lib.id, name, MIME_TYPES[ext], ext, len(data), digest, now, now,
-                     json.dumps(sorted(set(tags))), source_path))
+                    (
+                        doc_id,
+                        lib.id,
+                        name,
+                        MIME_TYPES[ext],
+                        ext,
+                        len(data),
+                        digest,
+                        now,
+                        now,
+                        json.dumps(sorted(set(tags))),
+                        source_path,
+                    ),
+                )
                 con.execute("UPDATE libraries SET updated_at = ? WHERE id = ?", (now, lib.id))
         except BaseException:
             self._remove_files(doc_id)
             raise
         return self.get_document(lib.id, doc_id)
 
-    def add_document(self, library: str, data: bytes, name: str, *,
-                     tags: Iterable[str] = (), source_path: str | None = None,
-                     mime_type: str | None = None) -> DocumentInfo:
+    def add_document(
+        self,
+        library: str,
+        data: bytes,
+        name: str,
+        *,
+        tags: Iterable[str] = (),
+        source_path: str | None = None,
+        mime_type: str | None = None,
+    ) -> DocumentInfo:
         """`register_document` then `process_document` (unless already done). A document that
         cannot be read comes back with status 'error' and `error` saying why."""
-        doc = self.register_document(library, data, name, tags=tags, source_path=source_path,
-                                     mime_type=mime_type)
+        doc = self.register_document(
+            library, data, name, tags=tags, source_path=source_path, mime_type=mime_type
+        )
         if doc.status == "done":
             return doc
         return self.process_document(doc.library_id, doc.id)
@@ -387,8 +485,10 @@ class LibraryStore:
     def _set_status(self, doc_id: str, status: Status, **fields: Any) -> None:
         cols = {"status": status, "updated_at": _now().isoformat(), **fields}
         with self._tx() as con:
-            con.execute(f"UPDATE documents SET {', '.join(f'{k} = ?' for k in cols)} "
-                        "WHERE id = ?", (*cols.values(), doc_id))
+            con.execute(
+                f"UPDATE documents SET {', '.join(f'{k} = ?' for k in cols)} WHERE id = ?",
+                (*cols.values(), doc_id),
+            )
 
     def process_document(self, library: str, doc_id: str) -> DocumentInfo:
         """Parse, chunk, embed and index a registered document; 'done' or 'error' afterwards.
@@ -421,22 +521,26 @@ class LibraryStore:
                         n0 = totals["chunks"]
                         totals["chunks"] += len(batch)
                         totals["tokens"] += result.total_tokens
-                        yield pa.RecordBatch.from_pydict({
-                            "chunk_id": [f"{doc.id}:{n0 + i}" for i in range(len(batch))],
-                            "library_id": [doc.library_id] * len(batch),
-                            "document_id": [doc.id] * len(batch),
-                            "document_name": [doc.name] * len(batch),
-                            "text": [c.text for c in batch],
-                            "embed_text": [c.embed_text for c in batch],
-                            "page": [c.page for c in batch],
-                            "heading": [c.heading for c in batch],
-                            "start": [c.start for c in batch],
-                            "end": [c.end for c in batch],
-                            "vector": pa.FixedSizeListArray.from_arrays(
-                                pa.array(result.vectors.reshape(-1)), embedder.dim),
-                            "tags": [doc.tags] * len(batch),
-                            "created_at": [created] * len(batch),
-                        }, schema=schema)
+                        yield pa.RecordBatch.from_pydict(
+                            {
+                                "chunk_id": [f"{doc.id}:{n0 + i}" for i in range(len(batch))],
+                                "library_id": [doc.library_id] * len(batch),
+                                "document_id": [doc.id] * len(batch),
+                                "document_name": [doc.name] * len(batch),
+                                "text": [c.text for c in batch],
+                                "embed_text": [c.embed_text for c in batch],
+                                "page": [c.page for c in batch],
+                                "heading": [c.heading for c in batch],
+                                "start": [c.start for c in batch],
+                                "end": [c.end for c in batch],
+                                "vector": pa.FixedSizeListArray.from_arrays(
+                                    pa.array(result.vectors.reshape(-1)), embedder.dim
+                                ),
+                                "tags": [doc.tags] * len(batch),
+                                "created_at": [created] * len(batch),
+                            },
+                            schema=schema,
+                        )
                 except BaseException as exc:  # LanceDB wraps it: keep the original
                     failure.append(exc)
                     raise
@@ -449,22 +553,31 @@ class LibraryStore:
                 raise
             text_path = self.files / f"{doc.id}.txt"
             text_path.write_text(parsed.text, encoding="utf-8")
-            self._set_status(doc.id, "done", error=None, number_of_pages=parsed.number_of_pages,
-                             mime_type=parsed.mime_type, extension=parsed.extension,
-                             nb_chunks=totals["chunks"],
-                             tokens_processing_total=totals["tokens"])
-        except Exception as exc:  # noqa: BLE001 - any failure becomes the document's status
+            self._set_status(
+                doc.id,
+                "done",
+                error=None,
+                number_of_pages=parsed.number_of_pages,
+                mime_type=parsed.mime_type,
+                extension=parsed.extension,
+                nb_chunks=totals["chunks"],
+                tokens_processing_total=totals["tokens"],
+            )
+        except Exception as exc:
             if isinstance(exc, SouverainError):
                 message = str(exc)
             else:
                 log.exception("processing %s (%s) failed", doc.name, doc.id)
-                message = (f"{doc.name}: processing failed ({type(exc).__name__}: {exc}); "
-                           "retry, and report it if it persists.")
+                message = (
+                    f"{doc.name}: processing failed ({type(exc).__name__}: {exc}); "
+                    "retry, and report it if it persists."
+                )
             try:
                 table.delete(f"document_id = {id_sql}")
             finally:
-                self._set_status(doc.id, "error", error=message, nb_chunks=0,
-                                 tokens_processing_total=0)
+                self._set_status(
+                    doc.id, "error", error=message, nb_chunks=0, tokens_processing_total=0
+                )
             return self.get_document(doc.library_id, doc.id)
         self._drop_older_versions(doc)
         self._maintain_indexes()
@@ -473,12 +586,15 @@ class LibraryStore:
     def _drop_older_versions(self, doc: DocumentInfo) -> None:
         rows = self._con().execute(
             "SELECT id FROM documents WHERE library_id = ? AND name = ? AND id != ? AND "
-            "created_at <= ?", (doc.library_id, doc.name, doc.id, doc.created_at.isoformat()))
+            "created_at <= ?",
+            (doc.library_id, doc.name, doc.id, doc.created_at.isoformat()),
+        )
         for (old_id,) in rows.fetchall():
             self._delete_document_rows(old_id)
 
-    def list_documents(self, library: str, search: str | None = None, offset: int = 0,
-                       limit: int = 100) -> tuple[list[DocumentInfo], int]:
+    def list_documents(
+        self, library: str, search: str | None = None, offset: int = 0, limit: int = 100
+    ) -> tuple[list[DocumentInfo], int]:
         """Documents of a library, newest first; `search` matches a part of the name."""
         lib = self.get_library(library)
         where, args = "library_id = ?", [lib.id]
@@ -488,36 +604,54 @@ class LibraryStore:
             args.append(f"%{escaped}%")
         con = self._con()
         total = con.execute(f"SELECT COUNT(*) FROM documents WHERE {where}", args).fetchone()[0]
-        rows = con.execute(f"SELECT * FROM documents WHERE {where} ORDER BY created_at DESC, "
-                           "name LIMIT ? OFFSET ?", (*args, max(0, limit), max(0, offset)))
+        rows = con.execute(
+            f"SELECT * FROM documents WHERE {where} ORDER BY created_at DESC, "
+            "name LIMIT ? OFFSET ?",
+            (*args, max(0, limit), max(0, offset)),
+        )
         return [self._document_info(r) for r in rows.fetchall()], int(total)
 
     def get_document(self, library: str, doc_id: str) -> DocumentInfo:
         """A document by id (or, failing that, by name) in a library."""
         lib = self.get_library(library)
-        row = self._con().execute(
-            "SELECT * FROM documents WHERE library_id = ? AND (id = ? OR name = ?) "
-            "ORDER BY id = ? DESC, created_at DESC LIMIT 1",
-            (lib.id, doc_id, doc_id, doc_id)).fetchone()
+        row = (
+            self._con()
+            .execute(
+                "SELECT * FROM documents WHERE library_id = ? AND (id = ? OR name = ?) "
+                "ORDER BY id = ? DESC, created_at DESC LIMIT 1",
+                (lib.id, doc_id, doc_id, doc_id),
+            )
+            .fetchone()
+        )
         if row is None:
-            raise DocumentNotFound(f"No document {doc_id!r} in library {lib.name!r}; "
-                                   f"`souverain library docs {lib.name}` lists its documents.")
+            raise DocumentNotFound(
+                f"No document {doc_id!r} in library {lib.name!r}; "
+                f"`souverain library docs {lib.name}` lists its documents."
+            )
         return self._document_info(row)
 
     def document_text(self, library: str, doc_id: str) -> str:
         doc = self.get_document(library, doc_id)
         path = self.files / f"{doc.id}.txt"
         if doc.status != "done" or not path.is_file():
-            raise RAGError(f"Document {doc.name!r} has no text yet (status {doc.status}"
-                           f"{': ' + doc.error if doc.error else ''}).")
+            raise RAGError(
+                f"Document {doc.name!r} has no text yet (status {doc.status}"
+                f"{': ' + doc.error if doc.error else ''})."
+            )
         return path.read_text(encoding="utf-8")
 
     def document_bytes(self, library: str, doc_id: str) -> bytes:
         doc = self.get_document(library, doc_id)
         return (self.files / doc.id).read_bytes()
 
-    def update_document(self, library: str, doc_id: str, *, name: str | None = None,
-                        tags: Sequence[str] | None = None) -> DocumentInfo:
+    def update_document(
+        self,
+        library: str,
+        doc_id: str,
+        *,
+        name: str | None = None,
+        tags: Sequence[str] | None = None,
+    ) -> DocumentInfo:
         """Rename a document and/or replace its tags (its chunks follow, for search filters)."""
         doc = self.get_document(library, doc_id)
         new_name = doc.name if name is None else name.strip()
@@ -533,8 +667,10 @@ class LibraryStore:
         if values and table is not None and doc.nb_chunks:
             table.update(where=f"document_id = {_sql_str(doc.id)}", values=values)
         with self._tx() as con:
-            con.execute("UPDATE documents SET name = ?, tags = ?, updated_at = ? WHERE id = ?",
-                        (new_name, json.dumps(new_tags), _now().isoformat(), doc.id))
+            con.execute(
+                "UPDATE documents SET name = ?, tags = ?, updated_at = ? WHERE id = ?",
+                (new_name, json.dumps(new_tags), _now().isoformat(), doc.id),
+            )
         return self.get_document(doc.library_id, doc.id)
 
     def reset_document(self, library: str, doc_id: str) -> DocumentInfo:
@@ -584,9 +720,11 @@ class LibraryStore:
         # Language-neutral: no stemming and no stop-word list (documents are French, English,
         # German...); accents folded so "ete" finds "été". BM25's IDF already discounts
         # frequent words.
-        table.create_index("embed_text", config=FTS(stem=False, remove_stop_words=False,
-                                                    ascii_folding=True, lower_case=True),
-                           replace=True)
+        table.create_index(
+            "embed_text",
+            config=FTS(stem=False, remove_stop_words=False, ascii_folding=True, lower_case=True),
+            replace=True,
+        )
 
     def optimize(self, vector_index: bool | None = None) -> None:
         """Merge waiting rows into every index and compact the table's files. `vector_index`:
@@ -600,19 +738,29 @@ class LibraryStore:
                 self._create_fts(table)
             rows = table.count_rows()
             has_vector = self._has_index(table, "vector")
-            if vector_index or (vector_index is None and not has_vector
-                                and rows >= VECTOR_INDEX_MIN_ROWS):
-                table.create_index(metric="cosine", vector_column_name="vector",
-                                   index_type="IVF_PQ",
-                                   num_partitions=max(1, int(rows ** 0.5)),
-                                   num_sub_vectors=max(1, self.embedder.dim // 8), replace=True)
+            if vector_index or (
+                vector_index is None and not has_vector and rows >= VECTOR_INDEX_MIN_ROWS
+            ):
+                table.create_index(
+                    metric="cosine",
+                    vector_column_name="vector",
+                    index_type="IVF_PQ",
+                    num_partitions=max(1, int(rows**0.5)),
+                    num_sub_vectors=max(1, self.embedder.dim // 8),
+                    replace=True,
+                )
             table.optimize()
 
     # -- search ---------------------------------------------------------------------------------
 
-    def _where(self, library_ids: list[str], document_ids: Sequence[str] | None,
-               tags: Sequence[str] | None, since: datetime | None,
-               until: datetime | None) -> str:
+    def _where(
+        self,
+        library_ids: list[str],
+        document_ids: Sequence[str] | None,
+        tags: Sequence[str] | None,
+        since: datetime | None,
+        until: datetime | None,
+    ) -> str:
         parts = [f"library_id IN ({', '.join(_sql_str(i) for i in library_ids)})"]
         if document_ids:
             parts.append(f"document_id IN ({', '.join(_sql_str(i) for i in document_ids)})")
@@ -624,10 +772,18 @@ class LibraryStore:
             parts.append(f"created_at <= {_sql_ts(until)}")
         return " AND ".join(parts)
 
-    def search(self, libraries: Sequence[str], query: str, k: int = 5, *,
-               document_ids: Sequence[str] | None = None, tags: Sequence[str] | None = None,
-               since: datetime | None = None, until: datetime | None = None,
-               mode: Mode = "hybrid") -> list[Hit]:
+    def search(
+        self,
+        libraries: Sequence[str],
+        query: str,
+        k: int = 5,
+        *,
+        document_ids: Sequence[str] | None = None,
+        tags: Sequence[str] | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        mode: Mode = "hybrid",
+    ) -> list[Hit]:
         """The `k` chunks of `libraries` (ids or names) best matching `query`.
 
         - vector: nearest chunks by cosine of the embeddings; `score` = cosine.
@@ -657,8 +813,18 @@ class LibraryStore:
         where = self._where(library_ids, document_ids, tags, since, until)
         n_cand = max(4 * k, 20)
         qvec = self.embedder.embed_query(query)
-        cols = ["chunk_id", "library_id", "document_id", "document_name", "text", "page",
-                "heading", "start", "end", "vector"]
+        cols = [
+            "chunk_id",
+            "library_id",
+            "document_id",
+            "document_name",
+            "text",
+            "page",
+            "heading",
+            "start",
+            "end",
+            "vector",
+        ]
 
         rows: dict[str, dict[str, Any]] = {}
         vec_rank: dict[str, int] = {}
@@ -668,8 +834,9 @@ class LibraryStore:
             q = table.search(qvec, vector_column_name="vector").distance_type("cosine")
             if self._has_index(table, "vector"):
                 q = q.nprobes(20).refine_factor(4)
-            res = (q.where(where, prefilter=True).select([*cols, "_distance"]).limit(n_cand)
-                   .to_arrow())
+            res = (
+                q.where(where, prefilter=True).select([*cols, "_distance"]).limit(n_cand).to_arrow()
+            )
             for i, r in enumerate(res.to_pylist()):
                 rows[r["chunk_id"]] = r
                 vec_rank[r["chunk_id"]] = i
@@ -691,24 +858,43 @@ class LibraryStore:
             order = sorted(ids, key=lambda i: -bm25[i])
             scores = bm25
         else:
-            rrf = {i: (1 / (RRF_K + 1 + vec_rank[i]) if i in vec_rank else 0.0)
-                   + (1 / (RRF_K + 1 + txt_rank[i]) if i in txt_rank else 0.0) for i in ids}
+            rrf = {
+                i: (1 / (RRF_K + 1 + vec_rank[i]) if i in vec_rank else 0.0)
+                + (1 / (RRF_K + 1 + txt_rank[i]) if i in txt_rank else 0.0)
+                for i in ids
+            }
             pool = sorted(ids, key=lambda i: -rrf[i])[:n_cand]
             best = max((bm25.get(i, 0.0) for i in pool), default=0.0) or 1.0
-            scores = {i: HYBRID_VECTOR_WEIGHT * cosine[i]
-                      + (1 - HYBRID_VECTOR_WEIGHT) * bm25.get(i, 0.0) / best for i in pool}
+            scores = {
+                i: HYBRID_VECTOR_WEIGHT * cosine[i]
+                + (1 - HYBRID_VECTOR_WEIGHT) * bm25.get(i, 0.0) / best
+                for i in pool
+            }
             order = sorted(pool, key=lambda i: (-scores[i], -rrf[i]))
         hits = []
         for i in order[:k]:
             r = rows[i]
-            hits.append(Hit(i, r["library_id"], r["document_id"], r["document_name"], r["text"],
-                            r["page"], r["heading"], int(r["start"]), int(r["end"]),
-                            float(scores[i]), float(cosine[i]),
-                            bm25.get(i) if i in bm25 else None))
+            hits.append(
+                Hit(
+                    i,
+                    r["library_id"],
+                    r["document_id"],
+                    r["document_name"],
+                    r["text"],
+                    r["page"],
+                    r["heading"],
+                    int(r["start"]),
+                    int(r["end"]),
+                    float(scores[i]),
+                    float(cosine[i]),
+                    bm25.get(i) if i in bm25 else None,
+                )
+            )
         return hits
 
-    def _fts(self, table: Any, query: str, where: str, cols: list[str],
-             n: int) -> list[dict[str, Any]]:
+    def _fts(
+        self, table: Any, query: str, where: str, cols: list[str], n: int
+    ) -> list[dict[str, Any]]:
         if not self._has_index(table, "embed_text"):
             if table.count_rows() == 0:
                 return []
@@ -716,8 +902,13 @@ class LibraryStore:
                 if not self._has_index(table, "embed_text"):
                     self._create_fts(table)
         try:
-            res = (table.search(query, query_type="fts", fts_columns="embed_text")
-                   .where(where, prefilter=True).select([*cols, "_score"]).limit(n).to_arrow())
+            res = (
+                table.search(query, query_type="fts", fts_columns="embed_text")
+                .where(where, prefilter=True)
+                .select([*cols, "_score"])
+                .limit(n)
+                .to_arrow()
+            )
         except (ValueError, RuntimeError) as exc:
             # a query with no indexable word (only punctuation) has no text matches
             log.debug("full-text search of %r failed: %s", query, exc)
@@ -734,4 +925,3 @@ def _batched(items: Iterable[Any], n: int) -> Iterator[list[Any]]:
             batch = []
     if batch:
         yield batch
-
