@@ -47,16 +47,24 @@ class EgressBlockedError(ConnectionRefusedError):
     handling network failures treat it as an unreachable network)."""
 
 
-def disable_telemetry() -> None:
-    for k, v in TELEMETRY_OFF.items():
+# what the environment said before souverain set anything (for `souverain doctor`)
+USER_ENV: dict[str, str | None] = {}
+
+
+def _setdefault(values: dict[str, str]) -> None:
+    for k, v in values.items():
+        USER_ENV.setdefault(k, os.environ.get(k))
         os.environ.setdefault(k, v)
+
+
+def disable_telemetry() -> None:
+    _setdefault(TELEMETRY_OFF)
 
 
 def force_offline() -> None:
     """Telemetry off and hub access off, for this process and its children."""
-    disable_telemetry()
-    for k, v in OFFLINE.items():
-        os.environ.setdefault(k, v)
+    _setdefault(TELEMETRY_OFF)
+    _setdefault(OFFLINE)
 
 
 def guard_requested() -> bool:
