@@ -46,10 +46,13 @@ TABLE = "chunks"
 EMBED_BATCH = 64
 # New chunks are searched by brute force until merged into the full-text index; merge (an
 # incremental `optimize`, not a rebuild) once this many are waiting (see benchmarks/rag_search.py).
-FTS_MERGE_ROWS = 5_000
+FTS_MERGE_ROWS = 1_000
 # Below this many chunks an exact (flat) vector scan is fast enough; above it `optimize` builds
 # an IVF-PQ index (see benchmarks/rag_search.py).
 VECTOR_INDEX_MIN_ROWS = 100_000
+# IVF-PQ search: partitions probed, and candidates re-scored exactly (x k) after PQ ranking
+NPROBES = 32
+REFINE_FACTOR = 8
 RRF_K = 60
 HYBRID_VECTOR_WEIGHT = 0.7
 
@@ -833,7 +836,7 @@ class LibraryStore:
         if mode in ("hybrid", "vector"):
             q = table.search(qvec, vector_column_name="vector").distance_type("cosine")
             if self._has_index(table, "vector"):
-                q = q.nprobes(20).refine_factor(4)
+                q = q.nprobes(NPROBES).refine_factor(REFINE_FACTOR)
             res = (
                 q.where(where, prefilter=True).select([*cols, "_distance"]).limit(n_cand).to_arrow()
             )
