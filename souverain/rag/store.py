@@ -596,9 +596,20 @@ class LibraryStore:
             self._delete_document_rows(old_id)
 
     def list_documents(
-        self, library: str, search: str | None = None, offset: int = 0, limit: int = 100
+        self,
+        library: str,
+        search: str | None = None,
+        offset: int = 0,
+        limit: int = 100,
+        *,
+        sort_by: str = "created_at",
+        descending: bool = True,
     ) -> tuple[list[DocumentInfo], int]:
-        """Documents of a library, newest first; `search` matches a part of the name."""
+        """Documents of a library, newest first unless `sort_by` (created_at, name, size) and
+        `descending` say otherwise; `search` matches a part of the name."""
+        if sort_by not in ("created_at", "name", "size"):
+            raise RAGError(f"Cannot sort documents by {sort_by!r}; use created_at, name or size.")
+        order = f"{sort_by} {'DESC' if descending else 'ASC'}"
         lib = self.get_library(library)
         where, args = "library_id = ?", [lib.id]
         if search:
@@ -608,8 +619,8 @@ class LibraryStore:
         con = self._con()
         total = con.execute(f"SELECT COUNT(*) FROM documents WHERE {where}", args).fetchone()[0]
         rows = con.execute(
-            f"SELECT * FROM documents WHERE {where} ORDER BY created_at DESC, "
-            "name LIMIT ? OFFSET ?",
+            f"SELECT * FROM documents WHERE {where} ORDER BY {order}, name, id "
+            "LIMIT ? OFFSET ?",
             (*args, max(0, limit), max(0, offset)),
         )
         return [self._document_info(r) for r in rows.fetchall()], int(total)

@@ -151,6 +151,14 @@ class LibraryService:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
+def _mime(content_type: str | None) -> str | None:
+    """A client's multipart content type, unless it says nothing (octet-stream): then the
+    extension and the bytes decide."""
+    if not content_type or content_type.split(";")[0].strip() == "application/octet-stream":
+        return None
+    return content_type.split(";")[0].strip()
+
+
 async def _call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     try:
         return await asyncio.to_thread(fn, *args, **kwargs)
@@ -252,9 +260,13 @@ def install(app: FastAPI, authorize: Callable[..., Any], service: LibraryService
                                 "--max-upload-mib.", code="too_large")
 
         def work() -> Any:
+            from souverain.rag.parse import parse_document
+
             s = store()
             lib = s.get_library(library_id)
-            doc = s.register_document(lib.id, data, name, mime_type=file.content_type)
+            # unsupported, corrupt or empty: a 400 now, and nothing stored
+            parse_document(data, name, _mime(file.content_type))
+            doc = s.register_document(lib.id, data, name, mime_type=_mime(file.content_type))
             if doc.status in ("todo", "in_progress"):
                 service.schedule(lib.id, doc.id, s)
             return doc
