@@ -69,7 +69,8 @@ def main(work: Path) -> None:
     r = cli("ask", "policies", "What is the notice period for a senior engineer?", "--json",
             "--max-tokens", "32")
     answer = json.loads(r.stdout)
-    assert answer["found"] and answer["references"][0]["document_name"] == "handbook.md", answer
+    assert answer["found"] and answer["references"][0]["document_name"].endswith("handbook.md"), \
+        answer
     step("ask cites handbook.md")
 
     srv = ServerProcess("smollm2-135m-instruct", "--name", "smollm2", "--kv-cache-gib", "0.25")

@@ -4,7 +4,7 @@ One flow serves `souverain ask` and a chat completion that carries a
 ``{"type": "document_library", "library_ids": [...]}`` tool:
 
 1. `ground()` searches the libraries with the question (hybrid search, see store.py) and keeps
-   the passages whose relevance passes a floor. None pass -> `Grounding.found` is False, and
+   the passages whose similarity passes a floor and is within a margin of the best one. None pass -> `Grounding.found` is False, and
    the caller answers `not_found_text()` instead of letting the model invent.
 2. `Grounding.system_prompt()` numbers the passages ``[1]``, ``[2]``... with their document
    and position, in rank order, as many as fit the token budget. The passages go first in the
@@ -24,6 +24,9 @@ from typing import Any, Callable, Sequence
 # unrelated to the question. Measured on tests/data/rag: answering passages score 0.35 and up,
 # the best passage for an off-topic question -0.05-0.18.
 RELEVANCE_FLOOR = 0.25
+# Passages much less similar than the best one are noise to a small model: kept only within
+# this margin of the best passage's similarity.
+RELEVANCE_MARGIN = 0.25
 DEFAULT_PASSAGES = 5
 
 _CITE = re.compile(r"\[(\d{1,3})\]")
@@ -104,7 +107,8 @@ def ground(store: Any, library_ids: Sequence[str], query: str, *,
     if not query.strip():
         return g
     hits = store.search([lib.id for lib in libs], query, k=k)
-    kept = [h for h in hits if float(h.vector_score) >= floor]
+    best = max((float(h.vector_score) for h in hits), default=0.0)
+    kept = [h for h in hits if float(h.vector_score) >= max(floor, best - RELEVANCE_MARGIN)]
     for h in kept:
         g.passages.append(Passage(n=len(g.passages) + 1, hit=h))
         if budget_tokens is not None and count_tokens is not None and len(g.passages) > 1 \
