@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -613,6 +614,10 @@ def library_add(
                                   help="Tag the documents (repeatable); search can filter on it."),
     max_mib: float = typer.Option(100.0, "--max-mib", min=0.001,
                                   help="Skip (and report) files larger than this."),
+    allowed_root: list[Path] = typer.Option(
+        [], "--allowed-root",
+        help="Refuse any path (after resolving symlinks) outside these folders (repeatable). "
+             "Default: $SOUVERAIN_ALLOWED_ROOTS (':'-separated) if set, else no restriction."),
     data_dir: Optional[str] = DataDirOpt,
 ) -> None:
     """Add files and folders to a library (parsed, cut, embedded and indexed locally).
@@ -640,7 +645,10 @@ def library_add(
                 bar.update(task, completed=done, total=total,
                            description=path.name if path else "indexing")
 
+            roots = list(allowed_root) or [
+                Path(p) for p in os.environ.get("SOUVERAIN_ALLOWED_ROOTS", "").split(":") if p]
             report = ingest_paths(store, library, paths, tags=tag, progress=progress,
+                                  allowed_roots=roots or None,
                                   max_bytes=int(max_mib * (1 << 20)))
         for path, why in report.failed:
             err.print(f"[yellow]skipped[/] {why if str(path.name) in why else f'{path}: {why}'}")

@@ -493,6 +493,11 @@ def test_cli_library_commands(tmp_path: Path):
     assert r.exit_code == 0 and '"nb_documents": 4' in r.output
     r = run("search", "nope", "x")
     assert r.exit_code == 2 and "souverain library list" in r.output
+    outside = tmp_path / "elsewhere.md"
+    outside.write_text("# Secret\n\nNot for this library.")
+    r = run("add", "kb", str(outside), "--allowed-root", str(tmp_path / "src"))
+    assert r.exit_code == 2 and "outside the allowed folders" in r.output
+    assert run("docs", "kb", "--json").output.count('"status"') == 4  # nothing half-written
     (docs / "bad.pdf").write_bytes(b"junk")
     r = run("add", "kb", str(docs))
     assert r.exit_code == 1 and "not a valid PDF" in r.output and "4 unchanged" in r.output
