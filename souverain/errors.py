@@ -34,3 +34,8 @@ class EmbeddingError(SouverainError):
 class RAGError(SouverainError):
     """A document library operation failed because of its input (unsupported or corrupt file,
     empty document, unknown library or document, path outside the allowed roots, ...)."""
+
+
+class FinetuneError(SouverainError):
+    """A fine-tuning run cannot start or go on because of its input (invalid training data,
+    unknown config key, resume without a checkpoint, adapter that does not fit the base, ...)."""

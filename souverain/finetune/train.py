@@ -1,0 +1,407 @@
+"""`run_training`: LoRA SFT or DPO on CPU, with checkpoints that resume bit for bit.
+
+One run, top to bottom:
+1. validate and tokenize every data file (`data.load_dataset`): any bad line -> FinetuneError,
+   nothing starts;
+2. load the base unfused and unquantized (float32 or bfloat16), freeze it, wrap the target
+   linears in `LoRALinear` (A kaiming-uniform, B zeros: the adapted model starts equal to the
+   base);
+3. SFT samples are shuffled once (seeded) and packed into sequences of at most ``seq_len``
+   tokens; DPO pairs are units of their own. Each epoch visits the units in a seeded
+   permutation of its own, so the microbatch at global index ``g`` is a pure function of
+   (seed, g): resuming needs no iterator state beyond the step;
+4. each optimizer step sums ``grad_accum`` microbatches of ``batch_size`` units; SFT loss is
+   ``sum(CE * mask) / sum(mask)`` over the whole step (assistant tokens only), DPO loss the
+   mean over its pairs; AdamW (0.9, 0.95), warmup then cosine / one-cycle / constant, gradient
+   norm clipped;
+5. every ``checkpoint_every`` steps ``checkpoints/step_NNNNNN/`` is written atomically (tmp dir
+   + rename): the adapter (both formats) and ``trainer_state.pt`` (optimizer, scheduler, the
+   python / numpy / torch RNG states, the step). ``resume=True`` restores all of it, so a run
+   killed with SIGKILL and resumed ends with the very tensors an uninterrupted run gives
+   (same machine, same thread count).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from souverain.errors import FinetuneError
+from souverain.finetune.adapter import load_adapter, save_adapter
+from souverain.finetune.config import TrainConfig
+from souverain.finetune.data import Sample, batch_tensors, load_dataset, pack
+from souverain.finetune.dpo import pair_losses
+from souverain.finetune.lora import inject_lora, load_into, lora_layers, to_adapter
+from souverain.models.attention import PrefillAttention
+from souverain.models.transformer import Transformer
+
+EventFn = Callable[[dict[str, Any]], None]
+STATE_FILE = "trainer_state.pt"
+# config fields that change the trajectory: a resumed run must have the same ones
+_TRAJECTORY = ("model", "train_files", "method", "seq_len", "batch_size", "grad_accum",
+               "max_steps", "epochs", "learning_rate", "weight_decay", "warmup_fraction",
+               "schedule", "max_grad_norm", "dtype", "seed", "lora", "dpo_beta")
+
+
+@dataclass
+class TrainResult:
+    final_dir: Path  # checkpoints/final, or the last checkpoint of a cancelled run
+    steps: int
+    metrics: dict[str, Any] = field(default_factory=dict)
+    status: str = "completed"  # "completed" | "cancelled"
+
+
+# --------------------------------------------------------------------------------------
+# Objectives
+# --------------------------------------------------------------------------------------
+
+
+def sft_loss_sum(model: Transformer, samples: list[Sample]) -> tuple[torch.Tensor, int, int]:
+    """(sum of the CE of the trained tokens, their count, tokens forwarded) for one flat
+    packed batch. Logits are computed only for the trained rows (the head is the costliest
+    matmul of a small model)."""
+    tokens, positions, targets, mask, lens = batch_tensors(samples)
+    rows = mask.nonzero().squeeze(1)
+    if rows.numel() == 0:
+        return torch.zeros((), requires_grad=True), 0, int(tokens.numel())
+    logits = model(tokens, positions, PrefillAttention(lens), logits_indices=rows)
+    ce = F.cross_entropy(logits, targets[rows], reduction="sum")
+    return ce, int(rows.numel()), int(tokens.numel())
+
+
+class _Units:
+    """The training units (SFT packs or DPO pairs) and the seeded order they are seen in."""
+
+    def __init__(self, cfg: TrainConfig, data: list[Any]):
+        self.cfg = cfg
+        if cfg.method == "sft":
+            g = torch.Generator().manual_seed(cfg.seed)
+            order = torch.randperm(len(data), generator=g).tolist()
+            shuffled = [data[i] for i in order]
+            groups = pack([len(s.tokens) - 1 for s in shuffled], cfg.seq_len)
+            self.units: list[list[Any]] = [[shuffled[i] for i in grp] for grp in groups]
+        else:
+            self.units = [[p] for p in data]
+        self.micro_per_epoch = math.ceil(len(self.units) / cfg.batch_size)
+        self.steps_per_epoch = math.ceil(self.micro_per_epoch / cfg.grad_accum)
+        self._perm: tuple[int, list[int]] | None = None
+
+    def total_steps(self) -> int:
+        if self.cfg.max_steps is not None:
+            return self.cfg.max_steps
+        return max(1, math.ceil((self.cfg.epochs or 1.0) * self.steps_per_epoch))
+
+    def microbatch(self, g: int) -> list[Any]:
+        epoch, k = divmod(g, self.micro_per_epoch)
+        if self._perm is None or self._perm[0] != epoch:
+            gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch + 1)
+            self._perm = (epoch, torch.randperm(len(self.units), generator=gen).tolist())
+        idx = self._perm[1][k * self.cfg.batch_size:(k + 1) * self.cfg.batch_size]
+        return [item for i in idx for item in self.units[i]]
+
+
+# --------------------------------------------------------------------------------------
+# Schedules, checkpoints
+# --------------------------------------------------------------------------------------
+
+
+def lr_lambda(cfg: TrainConfig, total: int) -> Callable[[int], float]:
+    """Multiplier of the peak learning rate for optimizer step ``k`` (0-based): linear warmup
+    over ``warmup_fraction`` of the steps, then cosine to 0 (``cosine``), linear to 0
+    (``one_cycle``, with a warmup from 0 as in OneCycle), or flat (``constant``)."""
+    warm = int(round(cfg.warmup_fraction * total))
+
+    def f(k: int) -> float:
+        if k < warm:
+            return (k + 1) / (warm + 1)
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = (k - warm) / max(1, total - warm)
+        if cfg.schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return max(0.0, 1.0 - progress)
+
+    return f
+
+
+def _checkpoints(run_dir: Path) -> list[Path]:
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir()
+                  if p.is_dir() and p.name.startswith("step_") and (p / STATE_FILE).is_file())
+
+
+def _write_dir_atomically(final: Path, fill: Callable[[Path], None]) -> Path:
+    tmp = final.with_name(f".tmp_{final.name}_{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    fill(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    return final
+
+
+class _Emitter:
+    def __init__(self, run_dir: Path, on_event: EventFn | None):
+        self.path = run_dir / "metrics.jsonl"
+        self.on_event = on_event
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        event = {**event, "time": round(time.time(), 3)}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(event) + "\n")
+        if self.on_event is not None:
+            self.on_event(event)
+
+
+# --------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------
+
+
+def prepare(cfg: TrainConfig) -> tuple[Any, Transformer, list[Any], list[Any]]:
+    """Checkpoint, LoRA-wrapped model (seeded init), training and eval data. Data errors
+    raise before the model is read."""
+    from souverain import weights
+    from souverain.models.loader import load_model
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    ckpt = weights.load(cfg.model)
+    if ckpt.tokenizer is None:
+        raise FinetuneError(f"{cfg.model} has no tokenizer; copy its tokenizer file into the "
+                            "model folder.")
+    train, _ = load_dataset(cfg.train_files, ckpt.tokenizer, method=cfg.method,
+                            seq_len=cfg.seq_len)
+    evals: list[Any] = []
+    if cfg.eval_files:
+        evals, _ = load_dataset(cfg.eval_files, ckpt.tokenizer, method=cfg.method,
+                                seq_len=cfg.seq_len)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    model = load_model(ckpt, cfg.dtype, fuse=False)
+    inject_lora(model, cfg.lora.rank, cfg.lora.scaling, cfg.lora.dropout,
+                cfg.lora.target_modules)
+    return ckpt, model, train, evals
+
+
+@torch.no_grad()
+def evaluate(model: Transformer, cfg: TrainConfig, data: list[Any]) -> dict[str, float]:
+    """Eval loss over all eval samples (SFT: token-weighted CE on assistant tokens, and
+    perplexity = e^loss; DPO: mean pair loss, reward margin and accuracy)."""
+    was_training = model.training
+    model.eval()
+    try:
+        if cfg.method == "sft":
+            total, count = 0.0, 0
+            for grp in pack([len(s.tokens) - 1 for s in data], cfg.seq_len):
+                loss_sum, n, _ = sft_loss_sum(model, [data[i] for i in grp])
+                total += float(loss_sum)
+                count += n
+            loss = total / max(1, count)
+            return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+        losses, margins = [], []
+        for i in range(0, len(data), cfg.batch_size):
+            lo, ma = pair_losses(model, data[i:i + cfg.batch_size], cfg.dpo_beta)
+            losses.append(lo)
+            margins.append(ma)
+        lo, ma = torch.cat(losses), torch.cat(margins)
+        return {"eval_loss": float(lo.mean()), "reward_margin": float(ma.mean()),
+                "reward_accuracy": float((ma > 0).float().mean())}
+    finally:
+        model.train(was_training)
+
+
+def run_training(cfg: TrainConfig, *, resume: bool = False, on_event: EventFn | None = None,
+                 should_stop: Callable[[], bool] | None = None) -> TrainResult:
+    """Train a LoRA adapter as ``cfg`` says; see the module docstring for the whole path.
+    ``should_stop()`` is polled before every step: when true, a checkpoint is written and the
+    run returns with status "cancelled" (resume it later with ``resume=True``)."""
+    run_dir = Path(cfg.run_dir)
+    existing = _checkpoints(run_dir)
+    if existing and not resume:
+        raise FinetuneError(f"{run_dir} already holds checkpoints of a run; resume it "
+                            "(--resume) or choose another run_dir.")
+    if (run_dir / "checkpoints" / "final").exists() and not existing and not resume:
+        raise FinetuneError(f"{run_dir} holds a finished run; choose another run_dir.")
+    saved_cfg = run_dir / "config.json"
+    if resume and saved_cfg.is_file():
+        before = json.loads(saved_cfg.read_text())
+        now = cfg.to_dict()
+        changed = [k for k in _TRAJECTORY if before.get(k) != now.get(k)]
+        if changed:
+            raise FinetuneError(f"cannot resume {run_dir}: the config changed ({', '.join(changed)}"
+                                "); put it back, or start a new run_dir.")
+
+    ckpt, model, train_data, eval_data = prepare(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "checkpoints").mkdir(exist_ok=True)
+    saved_cfg.write_text(json.dumps(cfg.to_dict(), indent=2))
+    emit = _Emitter(run_dir, on_event)
+    units = _Units(cfg, train_data)
+    total = units.total_steps()
+    params = [p for layer in lora_layers(model).values() for p in (layer.lora_A, layer.lora_B)]
+    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(0.9, 0.95), eps=1e-8,
+                            weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total))
+    args = ckpt.args
+
+    def save_adapter_to(folder: Path) -> None:
+        save_adapter(to_adapter(model, base_model=str(cfg.model), name=folder.name), folder,
+                     n_heads=args.n_heads, n_kv_heads=args.n_kv_heads,
+                     alpha=cfg.lora.alpha if cfg.lora.alpha is not None
+                     else cfg.lora.scaling * cfg.lora.rank, dropout=cfg.lora.dropout)
+
+    def checkpoint(step: int) -> Path:
+        state = {
+            "step": step, "microbatch": step * cfg.grad_accum, "total_steps": total,
+            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
+                    "torch": torch.get_rng_state()},
+            "config": cfg.to_dict(),
+        }
+
+        def fill(tmp: Path) -> None:
+            save_adapter_to(tmp)
+            torch.save(state, tmp / STATE_FILE)
+
+        path = _write_dir_atomically(run_dir / "checkpoints" / f"step_{step:06d}", fill)
+        for old in _checkpoints(run_dir)[:-cfg.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+        emit({"type": "checkpoint", "step": step, "path": str(path)})
+        return path
+
+    step = 0
+    if resume and existing:
+        last = existing[-1]
+        state = torch.load(last / STATE_FILE, map_location="cpu", weights_only=False)
+        load_into(model, load_adapter(last))
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        random.setstate(state["rng"]["python"])
+        np.random.set_state(state["rng"]["numpy"])
+        torch.set_rng_state(state["rng"]["torch"])
+        step = int(state["step"])
+        emit({"type": "resume", "step": step, "path": str(last)})
+    elif eval_data:
+        emit({"type": "eval", "step": 0, **evaluate(model, cfg, eval_data)})
+
+    model.train()
+    started = time.monotonic()
+    first_step = step
+    history: dict[str, Any] = {}
+    while step < total:
+        if should_stop is not None and should_stop():
+            here = run_dir / "checkpoints" / f"step_{step:06d}"
+            path = here if (here / STATE_FILE).is_file() else checkpoint(step)
+            emit({"type": "done", "status": "cancelled", "step": step, "path": str(path)})
+            return TrainResult(path, step, history, "cancelled")
+        t0 = time.monotonic()
+        micro = [units.microbatch(step * cfg.grad_accum + j) for j in range(cfg.grad_accum)]
+        lr = opt.param_groups[0]["lr"]
+        stats = _train_step(model, cfg, micro, params, opt, sched)
+        step += 1
+        now = time.monotonic()
+        done = step - first_step
+        event = {"type": "step", "step": step, "total_steps": total, **stats, "lr": lr,
+                 "tokens_per_s": stats["tokens"] / max(now - t0, 1e-9),
+                 "elapsed_s": now - started,
+                 "eta_s": (now - started) / done * (total - step)}
+        history.update({k: v for k, v in event.items() if k != "type"})
+        emit(event)
+        if eval_data and cfg.eval_every and step % cfg.eval_every == 0 and step < total:
+            emit({"type": "eval", "step": step, **evaluate(model, cfg, eval_data)})
+        if step % cfg.checkpoint_every == 0 and step < total:
+            checkpoint(step)
+
+    metrics = {"steps": step, "loss": history.get("loss"),
+               "train_tokens_per_s": history.get("tokens_per_s")}
+    if eval_data:
+        ev = evaluate(model, cfg, eval_data)
+        emit({"type": "eval", "step": step, **ev})
+        metrics.update(ev)
+
+    def fill_final(tmp: Path) -> None:
+        save_adapter_to(tmp)
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
+
+    final = _write_dir_atomically(run_dir / "checkpoints" / "final", fill_final)
+    emit({"type": "done", "status": "completed", "step": step, "path": str(final), **metrics})
+    return TrainResult(final, step, metrics, "completed")
+
+
+def _train_step(model: Transformer, cfg: TrainConfig, micro: list[list[Any]],
+                params: list[torch.nn.Parameter], opt: torch.optim.Optimizer,
+                sched: torch.optim.lr_scheduler.LRScheduler) -> dict[str, float]:
+    """One optimizer step over ``grad_accum`` microbatches; the loss is normalised over the
+    whole step (not per microbatch) so accumulation equals one big batch."""
+    stats: dict[str, float] = {}
+    tokens = 0
+    if cfg.method == "sft":
+        n_trained = sum(s.n_trainable for mb in micro for s in mb)
+        total_loss = 0.0
+        for mb in micro:
+            loss_sum, _, n_tok = sft_loss_sum(model, mb)
+            (loss_sum / max(1, n_trained)).backward()
+            total_loss += float(loss_sum.detach())
+            tokens += n_tok
+        stats["loss"] = total_loss / max(1, n_trained)
+        stats["trained_tokens"] = n_trained
+    else:
+        n_pairs = sum(len(mb) for mb in micro)
+        losses, margins = [], []
+        for mb in micro:
+            lo, ma = pair_losses(model, mb, cfg.dpo_beta)
+            (lo.sum() / n_pairs).backward()
+            losses.append(lo.detach())
+            margins.append(ma)
+            tokens += sum(len(p.chosen.tokens) + len(p.rejected.tokens) - 2 for p in mb)
+        lo, ma = torch.cat(losses), torch.cat(margins)
+        stats.update(loss=float(lo.mean()), reward_margin=float(ma.mean()),
+                     reward_accuracy=float((ma > 0).float().mean()))
+    stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    stats["tokens"] = tokens
+    return stats
+
+
+def measure_tokens_per_s(cfg: TrainConfig, model: Transformer, data: list[Any],
+                         steps: int = 2) -> float:
+    """Training throughput on this machine: forward + backward of the first microbatch,
+    ``steps`` times after one warm-up (no optimizer step: the model is left unchanged)."""
+    units = _Units(cfg, data)
+    mb = units.microbatch(0)
+    model.train()
+    rates = []
+    for i in range(steps + 1):
+        t0 = time.monotonic()
+        if cfg.method == "sft":
+            loss, _, n = sft_loss_sum(model, mb)
+        else:
+            lo, _ = pair_losses(model, mb, cfg.dpo_beta)
+            loss = lo.sum()
+            n = sum(len(p.chosen.tokens) + len(p.rejected.tokens) - 2 for p in mb)
+        loss.backward()
+        if i:
+            rates.append(n / (time.monotonic() - t0))
+    for p in model.parameters():
+        p.grad = None
+    return float(np.median(rates))
