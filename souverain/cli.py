@@ -319,6 +319,20 @@ def serve(
     libraries: bool = typer.Option(
         True, "--libraries/--no-libraries",
         help="Serve the Libraries API and the document_library chat tool."),
+    finetune: bool = typer.Option(
+        True, "--finetune/--no-finetune",
+        help="Serve /v1/files and /v1/fine_tuning/jobs, with a training worker process "
+             "started and stopped with the server."),
+    jobs_db: Optional[str] = typer.Option(
+        None, "--jobs-db", help="Fine-tuning jobs database: sqlite:///PATH (default: "
+                                "DATA_DIR/finetune/jobs.sqlite) or "
+                                "postgresql+psycopg://USER:PASS@HOST/DB."),
+    max_file_mib: float = typer.Option(
+        512.0, "--max-file-mib", min=0.001, help="Largest POST /v1/files upload (413 above)."),
+    finetune_threads: int = typer.Option(
+        1, "--finetune-threads", min=0,
+        help="CPU threads the training worker uses (0 = all cores; 1 leaves the rest to "
+             "serving)."),
     embed_model: str = typer.Option(
         "souverain-embed", "--embed-model",
         help="Model of POST /v1/embeddings (served as souverain-embed, alias mistral-embed): "
@@ -395,7 +409,10 @@ def serve(
                               libraries=libraries,
                               max_upload_bytes=int(max_upload_mib * (1 << 20)),
                               embed_model=None if embed_model.lower() == "none" else embed_model,
-                              audit=_audit_log(audit, audit_log, audit_content, data_dir))
+                              audit=_audit_log(audit, audit_log, audit_content, data_dir),
+                              finetune=finetune, jobs_db=jobs_db,
+                              max_file_bytes=int(max_file_mib * (1 << 20)),
+                              finetune_threads=finetune_threads or None)
         logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         if not lazy:
             for m in served:

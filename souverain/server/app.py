@@ -30,11 +30,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from souverain import __version__
 from souverain.audit import AuditLog, AuditMiddleware, note
+from souverain.finetune.store import JobStore
+from souverain.finetune.worker import WorkerProcess
 from souverain.paths import libraries_dir
 from souverain.server import chat as chatmod
 from souverain.server import embeddings, grounding
 from souverain.server.auth import APIKeys, AuthError, KeyInfo, is_loopback
 from souverain.server.errors import APIError, error_body, install_error_handlers
+from souverain.server.finetuning import install as install_finetuning
 from souverain.server.libraries import LibraryService
 from souverain.server.libraries import install as install_libraries
 from souverain.server.metrics import ServerMetrics
@@ -71,6 +74,11 @@ class ServerConfig:
     max_upload_bytes: int = 100 * MiB  # one document upload (multipart) at most
     embed_model: str | None = "souverain-embed"  # POST /v1/embeddings; None = none served
     audit: AuditLog | None = None  # one JSON line per call (souverain.audit)
+    finetune: bool = False  # /v1/files + /v1/fine_tuning/jobs (`souverain serve` turns it on)
+    finetune_worker: bool = True  # with finetune: run the training worker process alongside
+    jobs_db: str | None = None  # jobs database URL; None = sqlite under data_dir/finetune
+    max_file_bytes: int = 512 * MiB  # one POST /v1/files upload at most
+    finetune_threads: int | None = 1  # torch threads of the worker (None = all cores)
 
 
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
@@ -134,16 +142,24 @@ def _int_bounds(node: Any) -> None:
 class _BodyLimit:
     """ASGI middleware: refuse bodies over the limit (413) before they are read into memory."""
 
-    def __init__(self, app: Any, limit: int, upload_limit: int | None = None):
+    def __init__(self, app: Any, limit: int, upload_limit: int | None = None,
+                 file_limit: int | None = None):
         self.app, self.default, self.upload_limit = app, limit, upload_limit or limit
+        self.file_limit = file_limit or self.upload_limit
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        limit = self.upload_limit if _is_upload(scope) else self.default
-        await self._limited(scope, receive, send, limit)
+        if _is_file_upload(scope):  # POST /v1/files: its own limit, with multipart slack
+            limit, flag = self.file_limit + 64 * 1024, "--max-file-mib"
+        elif _is_upload(scope):
+            limit, flag = self.upload_limit, "--max-upload-mib"
+        else:
+            limit, flag = self.default, "--max-request-mib"
+        await self._limited(scope, receive, send, limit, flag)
 
-    async def _limited(self, scope: dict, receive: Any, send: Any, limit: int) -> None:
+    async def _limited(self, scope: dict, receive: Any, send: Any, limit: int,
+                       flag: str) -> None:
         length = dict(scope.get("headers") or []).get(b"content-length")
         too_big = False
         if length is not None:
@@ -152,7 +168,7 @@ class _BodyLimit:
             except ValueError:
                 too_big = True
         if too_big:
-            return await self._reject(send, limit)
+            return await self._reject(send, limit, flag)
         seen = 0
 
         async def limited_receive() -> dict:
@@ -161,22 +177,20 @@ class _BodyLimit:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > limit:
-                    raise _TooLarge(413, self._message(limit))
+                    raise _TooLarge(413, self._message(limit, flag))
             return message
 
         try:
             await self.app(scope, limited_receive, send)
         except _TooLarge:
-            await self._reject(send, limit)
+            await self._reject(send, limit, flag)
 
-    def _message(self, limit: int) -> str:
-        flag = "--max-upload-mib" if limit == self.upload_limit != self.default \
-            else "--max-request-mib"
+    def _message(self, limit: int, flag: str) -> str:
         return (f"The request body is over the server's limit of {limit} bytes; send "
                 f"less (or raise {flag}).")
 
-    async def _reject(self, send: Any, limit: int) -> None:
-        body = json.dumps(error_body(413, self._message(limit))).encode()
+    async def _reject(self, send: Any, limit: int, flag: str) -> None:
+        body = json.dumps(error_body(413, self._message(limit, flag))).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"),
                                 (b"content-length", str(len(body)).encode())]})
@@ -188,6 +202,11 @@ def _is_upload(scope: dict) -> bool:
     path = scope.get("path", "")
     return scope.get("method") == "POST" and path.startswith("/v1/libraries/") \
         and path.rstrip("/").endswith("/documents")
+
+
+def _is_file_upload(scope: dict) -> bool:
+    """A file upload for fine-tuning or batch: POST /v1/files (multipart)."""
+    return scope.get("method") == "POST" and scope.get("path", "").rstrip("/") == "/v1/files"
 
 
 class _TooLarge(StarletteHTTPException):
@@ -239,10 +258,17 @@ def create_app(registry: ModelRegistry, config: ServerConfig | None = None) -> F
                                            if m.engine is not None else None))
 
     libraries = LibraryService(libraries_dir(config.data_dir)) if config.libraries else None
+    jobs = JobStore(config.jobs_db, config.data_dir) if config.finetune else None
+    worker = WorkerProcess(jobs.url, config.data_dir, config.finetune_threads) \
+        if jobs is not None and config.finetune_worker else None
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if worker is not None:
+            worker.start()
         yield
+        if worker is not None:
+            await asyncio.to_thread(worker.stop)
         if libraries is not None:
             libraries.shutdown()
         await asyncio.to_thread(registry.shutdown)
@@ -270,7 +296,7 @@ def create_app(registry: ModelRegistry, config: ServerConfig | None = None) -> F
 
     app.openapi = openapi  # type: ignore[method-assign]
     app.add_middleware(_BodyLimit, limit=config.max_request_bytes,
-                       upload_limit=config.max_upload_bytes)
+                       upload_limit=config.max_upload_bytes, file_limit=config.max_file_bytes)
     app.add_middleware(_Metrics, metrics=metrics)
     if config.audit is not None:
         app.add_middleware(AuditMiddleware, audit=config.audit)
@@ -365,6 +391,10 @@ def create_app(registry: ModelRegistry, config: ServerConfig | None = None) -> F
 
     if libraries is not None:
         install_libraries(app, authorize, libraries, max_upload_bytes=config.max_upload_bytes)
+    app.state.jobs = jobs  # a JobStore (finetune on) or None
+    if jobs is not None:
+        install_finetuning(app, authorize, jobs, find_model=lambda n: registry.find(n).model,
+                           check_model=check_model, max_file_bytes=config.max_file_bytes)
 
     # -- generation ----------------------------------------------------------------------
     async def run(request: Request, body: Any, key: KeyInfo | None, kind: str) -> Response:

@@ -1,0 +1,366 @@
+"""La Plateforme's Files and Fine-tuning jobs APIs over a `JobStore`.
+
+Routes (shapes of La Plateforme's OpenAPI spec; ``client.files`` of the mistralai SDK):
+``POST /v1/files`` (multipart ``file`` + ``purpose`` fine-tune|batch), ``GET /v1/files``,
+``GET/DELETE /v1/files/{file_id}``, ``GET /v1/files/{file_id}/content``;
+``GET/POST /v1/fine_tuning/jobs``, ``GET /v1/fine_tuning/jobs/{job_id}`` (with events and
+checkpoints), ``POST …/{job_id}/cancel``, ``POST …/{job_id}/start``.
+
+The server only records: a job is QUEUED here and a separate worker process
+(`souverain.finetune.worker`) validates and trains it, so a long run never slows serving. A
+fine-tune upload is checked at once (empty, not UTF-8, a line that is not a JSON object, an
+unknown sample shape -> 400 naming the line); the full check (roles, order, lengths, with the
+base model's tokenizer) is the job's VALIDATING step, whose errors name file and line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any, Callable, Literal, Union
+
+from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile
+from fastapi.responses import FileResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from souverain.finetune.store import (
+    STATUSES,
+    Conflict,
+    FileRecord,
+    JobRecord,
+    JobsError,
+    JobStore,
+    NotFound,
+)
+from souverain.server.errors import APIError
+
+_SUFFIX = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,39}$")
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TrainingFile(_Body):
+    file_id: str = Field(min_length=1)
+    weight: float = Field(default=1.0, gt=0)
+
+
+class Hyperparameters(_Body):
+    """La Plateforme's completion training parameters (+ ``lora_rank``)."""
+
+    training_steps: int | None = Field(default=None, ge=1, le=1_000_000)
+    learning_rate: float = Field(default=1e-4, gt=0, le=1)
+    weight_decay: float | None = Field(default=0.1, ge=0, le=10)
+    warmup_fraction: float | None = Field(default=0.05, ge=0, lt=1)
+    epochs: float | None = Field(default=None, gt=0, le=1000)
+    seq_len: int | None = Field(default=None, ge=16, le=1_048_576)
+    fim_ratio: float | None = Field(default=None, ge=0, le=1, description=(
+        "Accepted for compatibility; FIM training is not done here (must be null or 0)."))
+    lora_rank: int | None = Field(default=None, ge=1, le=1024, description=(
+        "LoRA rank (souverain extension; default 16)."))
+
+
+class JobCreate(_Body):
+    model: str = Field(min_length=1)
+    training_files: list[Union[TrainingFile, str]] = Field(min_length=1)
+    validation_files: list[str] | None = None
+    suffix: str | None = Field(default=None, max_length=40)
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+    auto_start: bool = True
+    integrations: list[dict[str, Any]] | None = None
+    repositories: list[dict[str, Any]] | None = None
+    job_type: Literal["completion"] | None = None
+    invalid_sample_skip_percentage: float | None = Field(default=0, ge=0, le=0.5)
+    classifier_targets: list[dict[str, Any]] | None = None
+
+
+def file_json(f: FileRecord, *, deleted: bool | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "id": f.id, "object": "file", "bytes": f.bytes, "created_at": int(f.created_at),
+        "filename": f.filename, "purpose": f.purpose, "sample_type": f.sample_type,
+        "source": "upload", "num_lines": f.num_lines, "mimetype": f.mimetype,
+        "signature": f.sha256, "expires_at": None, "visibility": "workspace"}
+    if deleted is not None:
+        body["deleted"] = deleted
+    return body
+
+
+def job_json(j: JobRecord, store: JobStore | None = None) -> dict[str, Any]:
+    """A job as La Plateforme's (Completion)JobOut; with ``store``, DetailedJobOut (events and
+    checkpoints). ``error`` is an extension: why a job FAILED / FAILED_VALIDATION."""
+    hp = j.hyperparameters
+    body: dict[str, Any] = {
+        "id": j.id, "object": "job", "job_type": "completion", "auto_start": j.auto_start,
+        "model": j.model, "status": j.status, "created_at": int(j.created_at),
+        "modified_at": int(j.modified_at),
+        "training_files": j.training_file_ids, "validation_files": list(j.validation_files),
+        "fine_tuned_model": j.fine_tuned_model, "suffix": j.suffix, "integrations": [],
+        "repositories": [], "trained_tokens": j.trained_tokens,
+        "hyperparameters": {"training_steps": hp.get("training_steps"),
+                            "learning_rate": hp.get("learning_rate", 1e-4),
+                            "weight_decay": hp.get("weight_decay", 0.1),
+                            "warmup_fraction": hp.get("warmup_fraction", 0.05),
+                            "epochs": hp.get("epochs"), "seq_len": hp.get("seq_len"),
+                            "fim_ratio": hp.get("fim_ratio"),
+                            "lora_rank": hp.get("lora_rank")},
+        "metadata": {"expected_duration_seconds": None, "cost": 0.0, "cost_currency": None,
+                     "train_tokens_per_step": None, "train_tokens": j.trained_tokens,
+                     "data_tokens": None, "estimated_start_time": None},
+        "error": j.error,
+    }
+    if store is not None:
+        events = store.events(j.id)
+        for e in events:
+            if e.name == "status-updated" and "data_tokens" in e.data:
+                body["metadata"]["data_tokens"] = e.data["data_tokens"]
+        body["events"] = [{"name": e.name, "data": e.data, "created_at": int(e.created_at)}
+                          for e in events]
+        body["checkpoints"] = [
+            {"metrics": {"train_loss": c.metrics.get("train_loss"),
+                         "valid_loss": c.metrics.get("valid_loss"),
+                         "valid_mean_token_accuracy": c.metrics.get(
+                             "valid_mean_token_accuracy")},
+             "step_number": c.step, "created_at": int(c.created_at)}
+            for c in store.checkpoints(j.id)]
+    return body
+
+
+def check_upload(data: bytes, name: str, purpose: str) -> tuple[str | None, int]:
+    """``(sample_type, num_lines)`` of an upload, or a 400 naming the first bad line."""
+    if not data.strip():
+        raise APIError(400, f"{name} is empty; a {purpose} file holds one JSON object per "
+                            "line.", param="file", code="empty_file")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise APIError(400, f"{name} is not UTF-8 text (line {line}); save it as UTF-8 "
+                            "JSONL.", param="file", code="invalid_file") from None
+    kinds: dict[str, int] = {}
+    n = 0
+    for i, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        n += 1
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise APIError(400, f"{name} line {i} is not valid JSON ({exc.msg} at column "
+                                f"{exc.colno}); a JSONL file holds one complete JSON object "
+                                "per line.", param="file", code="invalid_jsonl") from None
+        if not isinstance(obj, dict):
+            raise APIError(400, f"{name} line {i} holds a JSON {type(obj).__name__}, not an "
+                                "object; write one JSON object per line.", param="file",
+                           code="invalid_jsonl")
+        if purpose != "fine-tune":
+            continue
+        kind = _kind(obj)
+        if kind is None:
+            raise APIError(400, f"{name} line {i} is no training sample (keys "
+                                f"{sorted(obj)[:5]}); write {{\"messages\": [...]}} "
+                                "(instruct), {\"text\": ...} (pretrain) or {\"prompt\", "
+                                "\"chosen\", \"rejected\"} (preference).", param="file",
+                           code="invalid_sample")
+        if kinds and kind not in kinds:
+            first = next(iter(kinds))
+            raise APIError(400, f"{name} line {i} is a {kind} sample but line {kinds[first]} "
+                                f"is a {first} sample; put each kind in its own file.",
+                           param="file", code="mixed_samples")
+        kinds.setdefault(kind, i)
+    if purpose == "batch":
+        return "batch_request", n
+    return next(iter(kinds)), n
+
+
+def _kind(obj: dict[str, Any]) -> str | None:
+    if "chosen" in obj or "rejected" in obj:
+        return "preference"
+    if "messages" in obj:
+        return "instruct"
+    if "text" in obj:
+        return "pretrain"
+    return None
+
+
+def _api_error(exc: JobsError) -> APIError:
+    if isinstance(exc, NotFound):
+        return APIError(404, str(exc), code="not_found")
+    if isinstance(exc, Conflict):
+        return APIError(409, str(exc), code="conflict")
+    return APIError(400, str(exc))
+
+
+async def _call(fn: Callable[..., Any], *args: Any) -> Any:
+    try:
+        return await asyncio.to_thread(fn, *args)
+    except JobsError as exc:
+        raise _api_error(exc) from None
+
+
+def install(app: FastAPI, authorize: Callable[..., Any], store: JobStore, *,
+            find_model: Callable[[str], str], check_model: Callable[[Any, str], None],
+            max_file_bytes: int) -> None:
+    """Add the Files and Fine-tuning jobs routes to ``app``. ``find_model(name)`` returns the
+    path of a served model (or raises a 404 APIError); ``check_model(key, name)`` raises a 403
+    when the caller's API key may not use that model."""
+    auth = Depends(authorize)
+    errs = {c: {"description": d} for c, d in (
+        (400, "Bad request"), (401, "No or bad API key"), (404, "No such file, job or model"),
+        (409, "Not allowed in the job's current status"), (413, "Upload too large"),
+        (429, "Rate limited"))}
+
+    # -- files --------------------------------------------------------------------------------
+    @app.post("/v1/files", tags=["files"], summary="Upload a file (JSONL) for fine-tuning "
+              "or batch", responses=errs)
+    async def upload_file(request: Request, file: UploadFile = File(...),
+                          purpose: str = Form("fine-tune"),
+                          expiry: int | None = Form(None),
+                          visibility: str | None = Form(None),
+                          key: Any = auth) -> dict[str, Any]:
+        name = Path(file.filename or "").name
+        if not name:
+            raise APIError(400, "The uploaded file has no name; send it as "
+                                "file=@path;filename=NAME.jsonl.", param="file")
+        if purpose not in ("fine-tune", "batch"):
+            raise APIError(400, f"purpose {purpose!r} is not supported here; use fine-tune "
+                                "or batch.", param="purpose")
+        data = await file.read()
+        if len(data) > max_file_bytes:
+            raise APIError(413, f"{name} is {len(data)} bytes, over the file limit of "
+                                f"{max_file_bytes} bytes; split it or raise --max-file-mib.",
+                           code="too_large")
+        sample_type, lines = await asyncio.to_thread(check_upload, data, name, purpose)
+        mime = (file.content_type or "").split(";")[0].strip() or None
+        rec = await _call(lambda: store.add_file(data, name, purpose, sample_type=sample_type,
+                                                 num_lines=lines, mimetype=mime))
+        return file_json(rec)
+
+    @app.get("/v1/files", tags=["files"], summary="List files", responses=errs)
+    async def list_files(page: int = Query(0, ge=0), page_size: int = Query(100, ge=1, le=1000),
+                         include_total: bool = True, purpose: str | None = None,
+                         search: str | None = None,
+                         sample_type: list[str] | None = Query(None),
+                         key: Any = auth) -> dict[str, Any]:
+        files, total = await _call(lambda: store.list_files(
+            purpose=purpose, search=search, sample_types=sample_type,
+            offset=page * page_size, limit=page_size))
+        return {"data": [file_json(f) for f in files], "object": "list",
+                "total": total if include_total else None}
+
+    @app.get("/v1/files/{file_id}", tags=["files"], summary="One file's metadata",
+             responses=errs)
+    async def retrieve_file(file_id: str, key: Any = auth) -> dict[str, Any]:
+        return file_json(await _call(store.get_file, file_id), deleted=False)
+
+    @app.delete("/v1/files/{file_id}", tags=["files"], summary="Delete a file",
+                responses=errs)
+    async def delete_file(file_id: str, key: Any = auth) -> dict[str, Any]:
+        await _call(store.delete_file, file_id)
+        return {"id": file_id, "object": "file", "deleted": True}
+
+    @app.get("/v1/files/{file_id}/content", tags=["files"], summary="Download a file",
+             responses={200: {"content": {"application/octet-stream": {}}}, **errs})
+    async def download_file(file_id: str, key: Any = auth) -> FileResponse:
+        rec = await _call(store.get_file, file_id)
+        if not Path(rec.path).is_file():
+            raise APIError(404, f"The bytes of file {file_id} are missing from "
+                                f"{Path(rec.path).parent}; upload it again.", code="not_found")
+        return FileResponse(rec.path, media_type="application/octet-stream",
+                            filename=rec.filename)
+
+    # -- fine-tuning jobs ---------------------------------------------------------------------
+    tags = ["fine-tuning"]
+
+    @app.post("/v1/fine_tuning/jobs", tags=tags, summary="Create a fine-tuning job (LoRA)",
+              responses=errs)
+    async def create_job(body: JobCreate, key: Any = auth) -> dict[str, Any]:
+        for field in ("integrations", "repositories", "classifier_targets"):
+            if getattr(body, field):
+                raise APIError(400, f"{field} are not supported here: training runs on this "
+                                    "machine and nothing is sent elsewhere; remove the field.",
+                               param=field)
+        hp = body.hyperparameters
+        if hp.training_steps is not None and hp.epochs is not None:
+            raise APIError(400, "hyperparameters sets both training_steps and epochs; give "
+                                "one of them.", param="hyperparameters")
+        if hp.fim_ratio:
+            raise APIError(400, "hyperparameters.fim_ratio: FIM training is not supported "
+                                "here; leave it out or set 0.", param="hyperparameters.fim_ratio")
+        if body.invalid_sample_skip_percentage:
+            raise APIError(400, "invalid_sample_skip_percentage must be 0 here: every line "
+                                "is checked and any invalid one fails the job with its line "
+                                "number.", param="invalid_sample_skip_percentage")
+        if body.suffix is not None and not _SUFFIX.match(body.suffix):
+            raise APIError(400, f"suffix {body.suffix!r} may hold only letters, digits, '.', "
+                                "'_' and '-' (at most 40, no ':').", param="suffix")
+        files = [f if isinstance(f, TrainingFile) else TrainingFile(file_id=f)
+                 for f in body.training_files]
+        if len({f.weight for f in files}) > 1:
+            raise APIError(400, "training_files with different weights are not supported "
+                                "here yet; give every file the same weight (or repeat a file "
+                                "to weigh it more).", param="training_files")
+        check_model(key, body.model)
+        model_path = find_model(body.model)
+        job = await _call(lambda: store.create_job(
+            model=body.model, model_path=model_path,
+            training_files=[f.model_dump() for f in files],
+            validation_files=body.validation_files,
+            hyperparameters=hp.model_dump(exclude_none=True), suffix=body.suffix,
+            auto_start=body.auto_start))
+        return await asyncio.to_thread(job_json, job, store)
+
+    @app.get("/v1/fine_tuning/jobs", tags=tags, summary="List fine-tuning jobs",
+             responses=errs)
+    async def list_jobs(page: int = Query(0, ge=0), page_size: int = Query(100, ge=1, le=1000),
+                        model: str | None = None, status: str | None = None,
+                        created_after: str | None = None, suffix: str | None = None,
+                        created_by_me: bool | None = None, wandb_project: str | None = None,
+                        wandb_name: str | None = None,
+                        key: Any = auth) -> dict[str, Any]:
+        if status is not None and status not in STATUSES:
+            raise APIError(400, f"status {status!r} is not a job status; use one of "
+                                f"{', '.join(STATUSES)}.", param="status")
+        after = _timestamp(created_after) if created_after else None
+        jobs, total = await _call(lambda: store.list_jobs(
+            model=model, status=status, suffix=suffix, created_after=after,
+            offset=page * page_size, limit=page_size))
+        return {"data": [job_json(j) for j in jobs], "object": "list", "total": total,
+                "has_more": (page + 1) * page_size < total,
+                "total_pages": math.ceil(total / page_size) if total else 0}
+
+    @app.get("/v1/fine_tuning/jobs/{job_id}", tags=tags,
+             summary="One fine-tuning job, with its events and checkpoints", responses=errs)
+    async def get_job(job_id: str, key: Any = auth) -> dict[str, Any]:
+        return await _call(lambda: job_json(store.get_job(job_id), store))
+
+    @app.post("/v1/fine_tuning/jobs/{job_id}/cancel", tags=tags,
+              summary="Cancel a job (a running one stops at its next step)", responses=errs)
+    async def cancel_job(job_id: str, key: Any = auth) -> dict[str, Any]:
+        return await _call(lambda: job_json(store.cancel(job_id), store))
+
+    @app.post("/v1/fine_tuning/jobs/{job_id}/start", tags=tags,
+              summary="Start a job created with auto_start=false", responses=errs)
+    async def start_job(job_id: str, key: Any = auth) -> dict[str, Any]:
+        return await _call(lambda: job_json(store.start(job_id), store))
+
+
+def _timestamp(value: str) -> float:
+    """``created_after``: a UNIX time or an ISO 8601 date-time."""
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    from datetime import datetime, timezone
+
+    try:
+        d = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise APIError(400, f"created_after {value!r} is neither a UNIX time nor an ISO 8601 "
+                            "date-time.", param="created_after") from None
+    if d.tzinfo is None:
+        d = d.replace(tzinfo=timezone.utc)
+    return d.timestamp()
