@@ -147,10 +147,11 @@ class LLM:
                     engine.abort(request_id)
         return [done[r] for r in order]
 
-    def logits(self, token_ids: Sequence[int]) -> torch.Tensor:
-        """Full-prefill logits: float32 tensor ``[len(token_ids), vocab]``."""
+    def logits(self, token_ids: Sequence[int], *, lora: str | None = None) -> torch.Tensor:
+        """Full-prefill logits: float32 tensor ``[len(token_ids), vocab]``, with the loaded
+        adapter ``lora`` if given (see ``engine.add_lora``)."""
         ids = [int(t) for t in token_ids]
         self.engine.check_token_ids(ids)
-        with torch.inference_mode():
+        with self.engine.lora_applied(lora), torch.inference_mode():
             tokens = torch.tensor(ids, dtype=torch.long, device=self.model.device)
             return self.model(tokens, torch.arange(len(ids), device=self.model.device))

@@ -17,6 +17,8 @@ from typing import AsyncIterator, Sequence as Seq
 from souverain.engine.engine import EngineConfig, LLMEngine
 from souverain.engine.sampling import SamplingParams
 from souverain.engine.sequence import RequestOutput
+from souverain.errors import RequestError
+from souverain.finetune.adapter import LoRAAdapter
 from souverain.models.loader import ProgressFn
 
 
@@ -38,17 +40,16 @@ class AsyncLLMEngine:
         return self.engine.tokenizer
 
     async def generate(self, prompt: str | Seq[int], params: SamplingParams | None = None,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+                       request_id: str | None = None, *,
+                       lora: str | None = None) -> AsyncIterator[RequestOutput]:
         """Yield a `RequestOutput` after every step that advanced this request, the last one
-        with ``finished=True``."""
+        with ``finished=True``. ``lora``: a loaded adapter's name (see `add_lora`)."""
         if self._closed:
             raise RuntimeError("the engine is shut down")
-        req = self.engine.prepare_request(request_id, prompt, params)
+        req = self.engine.prepare_request(request_id, prompt, params, lora=lora)
         stream: asyncio.Queue = asyncio.Queue()
         with self._lock:
             if req.request_id in self._streams:
-                from souverain.errors import RequestError
-
                 raise RequestError(f"request id {req.request_id!r} is already in use.")
             self._streams[req.request_id] = (asyncio.get_running_loop(), stream)
         self._commands.put(("add", req))
@@ -68,6 +69,16 @@ class AsyncLLMEngine:
                 self._streams.pop(req.request_id, None)
             if not finished:
                 self.abort(req.request_id)
+
+    def add_lora(self, name: str, adapter: LoRAAdapter | str | os.PathLike[str]) -> None:
+        """`LLMEngine.add_lora` (thread-safe; blocks for at most one engine step)."""
+        self.engine.add_lora(name, adapter)
+
+    def remove_lora(self, name: str) -> None:
+        self.engine.remove_lora(name)
+
+    def list_loras(self) -> list[str]:
+        return self.engine.list_loras()
 
     def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))
@@ -94,7 +105,10 @@ class AsyncLLMEngine:
                     if arg.request_id in engine.requests:
                         self._deliver(arg.request_id, RuntimeError("duplicate request id"))
                     else:
-                        engine.submit(arg)
+                        try:
+                            engine.submit(arg)
+                        except RequestError as exc:  # its adapter was evicted meanwhile
+                            self._deliver(arg.request_id, exc)
                 elif kind == "abort":
                     engine.abort(arg)
             if not engine.has_unfinished():

@@ -6,7 +6,9 @@ The KV cache is ``num_blocks`` blocks of ``block_size`` token slots. A sequence'
 
 Prefix caching: a *full* block whose keys/values have been computed is registered under a
 chained hash of (previous block's hash, its token ids), which pins down every token before it
-too. A later sequence whose prompt starts with the same tokens reuses those blocks (reference
+too; the chain starts from the sequence's ``hash_seed`` (0, or its LoRA adapter's identity:
+KV computed under one adapter is never reused by another). A later sequence whose prompt
+starts with the same tokens (and adapter) reuses those blocks (reference
 counted) instead of recomputing them: a long system prompt or RAG context shared by requests
 is computed once. A freed block keeps its hash and contents until the slot is reallocated,
 so the cache also serves requests that arrive after the first one finished.
@@ -41,7 +43,8 @@ class BlockManager:
         # slot could hold NaN bytes, and 0 * NaN would poison the attention output).
         self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(1, num_blocks))
         self.hash_to_block: dict[int, int] = {}
-        self.block_tokens: dict[int, tuple[int, ...]] = {}  # hashed block -> its tokens (verify)
+        # hashed block -> (hash seed, its tokens), to verify a hit
+        self.block_tokens: dict[int, tuple[int, tuple[int, ...]]] = {}
         self._seq_hashes: dict[int, list[int]] = {}  # seq_id -> hashes of its full blocks
 
     # -- accounting ----------------------------------------------------------------------
@@ -68,8 +71,8 @@ class BlockManager:
         self.ref_count[block] = 1
         return block
 
-    def _hash_chain(self, tokens: list[int], n_blocks: int) -> list[int]:
-        hashes, prev = [], 0
+    def _hash_chain(self, tokens: list[int], n_blocks: int, seed: int = 0) -> list[int]:
+        hashes, prev = [], seed
         bs = self.block_size
         for i in range(n_blocks):
             prev = hash((prev, tuple(tokens[i * bs:(i + 1) * bs])))
@@ -85,10 +88,11 @@ class BlockManager:
             return 0
         bs = self.block_size
         n_full = (seq.num_tokens - 1) // bs
-        hashes = self._hash_chain(seq.token_ids, n_full)
+        hashes = self._hash_chain(seq.token_ids, n_full, seq.hash_seed)
         for i, h in enumerate(hashes):
             block = self.hash_to_block.get(h)
-            if block is None or self.block_tokens.get(block) != tuple(seq.token_ids[i * bs:(i + 1) * bs]):
+            tokens = (seq.hash_seed, tuple(seq.token_ids[i * bs:(i + 1) * bs]))
+            if block is None or self.block_tokens.get(block) != tokens:
                 break
             if self.ref_count[block] == 0:
                 del self.free[block]
@@ -132,7 +136,7 @@ class BlockManager:
         bs = self.block_size
         hashes = self._seq_hashes.setdefault(seq.seq_id, [])
         n_full = seq.num_computed // bs
-        prev = hashes[-1] if hashes else 0
+        prev = hashes[-1] if hashes else seq.hash_seed
         for i in range(len(hashes), n_full):
             tokens = tuple(seq.token_ids[i * bs:(i + 1) * bs])
             prev = hash((prev, tokens))
@@ -143,7 +147,7 @@ class BlockManager:
             if self.block_hash[block] == _NO_HASH and prev not in self.hash_to_block:
                 self.block_hash[block] = prev
                 self.hash_to_block[prev] = block
-                self.block_tokens[block] = tokens
+                self.block_tokens[block] = (seq.hash_seed, tokens)
 
     def release_outside_window(self, seq: Sequence) -> None:
         """Free blocks no future query of ``seq`` can see (all layers windowed)."""

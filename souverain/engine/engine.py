@@ -17,12 +17,16 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Sequence as Seq
 
 import torch
 
 from souverain.engine.block_manager import BlockManager
+from souverain.engine.lora import LoRAManager, LoRARef
 from souverain.engine.paged_attention import PagedAttention, PagedKVCache, SeqSlice
 from souverain.engine.sampling import SamplingParams, SamplingRow, sample_batch
 from souverain.engine.scheduler import Scheduler
@@ -30,6 +34,7 @@ from souverain.engine.sequence import (
     RequestMetrics, RequestOutput, Sequence, now,
 )
 from souverain.errors import RequestError, TokenizerError
+from souverain.finetune.adapter import LoRAAdapter, load_adapter
 from souverain.models.loader import ProgressFn, load_model, parse_dtype
 from souverain.runtime import available_memory, configure_threads, default_dtype
 from souverain.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -46,6 +51,10 @@ class EngineConfig:
     memory available after loading, at most 4 GiB, and no more than ``max_num_seqs`` full
     contexts). The budget is the only KV memory the engine ever uses; when it runs out,
     sequences are preempted and recomputed, never dropped.
+
+    LoRA: at most ``max_loras`` adapters resident at once (and ``lora_budget_gib`` of their
+    float32 weights, if set); loading one more evicts the least recently used adapter that no
+    unfinished request uses.
     """
 
     dtype: str = "auto"
@@ -58,6 +67,8 @@ class EngineConfig:
     max_num_batched_tokens: int = 512
     enable_prefix_caching: bool = True
     max_model_len: int | None = None
+    max_loras: int = 8
+    lora_budget_gib: float | None = None
 
     def __post_init__(self) -> None:
         checks = [
@@ -71,6 +82,9 @@ class EngineConfig:
              f"kv_cache_tokens={self.kv_cache_tokens} must be at least 2 blocks "
              f"({2 * self.block_size} tokens)"),
             (self.kv_cache_gib is None or self.kv_cache_gib > 0, "kv_cache_gib must be > 0"),
+            (self.max_loras >= 1, f"max_loras={self.max_loras} must be >= 1"),
+            (self.lora_budget_gib is None or self.lora_budget_gib > 0,
+             "lora_budget_gib must be > 0"),
             (self.quantization in ("none", "int8", "int4"),
              f"quantization={self.quantization!r} must be none, int8 or int4"),
         ]
@@ -86,6 +100,7 @@ class _Request:
     seqs: list[Sequence]
     metrics: RequestMetrics
     finished: bool = False
+    lora: LoRARef | None = None
 
     def output(self) -> RequestOutput:
         """A snapshot: later steps do not change what was handed out (streams may lag)."""
@@ -162,6 +177,44 @@ class LLMEngine:
         self._seq_ids = itertools.count()
         self._request_ids = itertools.count()
         self.eos_ids = set(self.tokenizer.eos_ids) if self.tokenizer is not None else set()
+        budget = config.lora_budget_gib
+        self.loras = LoRAManager(self.model, args, config.max_loras,
+                                 None if budget is None else int(budget * GiB))
+        # adapters may be added from other threads (the server) while the engine thread steps
+        self._lora_lock = threading.Lock()
+
+    # -- LoRA adapters -------------------------------------------------------------------------
+    def add_lora(self, name: str, adapter: LoRAAdapter | str | os.PathLike[str]) -> None:
+        """Make ``adapter`` (in memory, or a folder / lora.safetensors on disk) servable as
+        ``lora=name``. Past ``max_loras`` / ``lora_budget_gib`` the least recently used
+        adapter no unfinished request uses is evicted; if all are in use, RequestError."""
+        if not isinstance(adapter, LoRAAdapter):
+            adapter = load_adapter(adapter, n_heads=self.args.n_heads,
+                                   n_kv_heads=self.args.n_kv_heads)
+        with self._lora_lock:
+            self.loras.add(name, adapter, self._lora_in_use)
+
+    def remove_lora(self, name: str) -> None:
+        """Unload an adapter; RequestError if unknown or if unfinished requests use it."""
+        with self._lora_lock:
+            self.loras.ref(name)  # unknown -> RequestError naming the loaded ones
+            if self._lora_in_use(name):
+                raise RequestError(f"LoRA adapter {name!r} is used by unfinished requests; "
+                                   "abort them or wait for them to finish.")
+            self.loras.remove(name)
+
+    @contextmanager
+    def lora_applied(self, name: str | None) -> Iterator[None]:
+        """Direct model calls inside use adapter ``name`` on every row (None: the base)."""
+        with self._lora_lock, self.loras.applied(name):
+            yield
+
+    def list_loras(self) -> list[str]:
+        """Resident adapters, least recently used first."""
+        return self.loras.names()
+
+    def _lora_in_use(self, name: str) -> bool:
+        return any(r.lora is not None and r.lora.name == name for r in self.requests.values())
 
     # -- requests --------------------------------------------------------------------------
     def encode_prompt(self, prompt: str | Seq[int]) -> list[int]:
@@ -198,10 +251,15 @@ class LLMEngine:
 
     def prepare_request(self, request_id: str | None, prompt: str | Seq[int],
                         params: SamplingParams | None = None,
-                        arrival_time: float | None = None) -> "_Request":
+                        arrival_time: float | None = None, *,
+                        lora: str | None = None) -> "_Request":
         """Encode and validate a request without touching the scheduler (safe to call from
-        another thread; `AsyncLLMEngine` does so, so bad input fails in the caller at once)."""
+        another thread; `AsyncLLMEngine` does so, so bad input fails in the caller at once).
+        ``lora``: the name of a loaded adapter to generate with (None: the base model)."""
         params = params or SamplingParams()
+        lora_ref = None
+        if lora is not None:  # a dict read: no lock (this may run on the event loop)
+            lora_ref = self.loras.ref(lora)
         request_id = request_id if request_id is not None else f"req-{next(self._request_ids)}"
         ids = self.encode_prompt(prompt)
         self.check_prompt(ids)
@@ -216,22 +274,30 @@ class LLMEngine:
                      if self.tokenizer is not None else None)
             stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_ids)
             seqs.append(Sequence(next(self._seq_ids), request_id, index, ids, p, detok,
-                                 stop_ids, limit, arrival))
-        return _Request(request_id, ids, seqs, RequestMetrics(arrival))
+                                 stop_ids, limit, arrival, lora=lora_ref))
+        return _Request(request_id, ids, seqs, RequestMetrics(arrival), lora=lora_ref)
 
     def submit(self, req: "_Request") -> None:
         """Queue a prepared request; it joins the running batch at the next step."""
         if req.request_id in self.requests:
             raise RequestError(f"request id {req.request_id!r} is already in use.")
-        self.requests[req.request_id] = req
+        if req.lora is not None:
+            with self._lora_lock:
+                if not self.loras.is_current(req.lora):
+                    raise RequestError(f"LoRA adapter {req.lora.name!r} was removed or "
+                                       "evicted before the request started; add it again.")
+                self.loras.touch(req.lora.name)
+                self.requests[req.request_id] = req  # in use from now: never evicted
+        else:
+            self.requests[req.request_id] = req
         for seq in req.seqs:
             self.scheduler.add(seq)
 
     def add_request(self, request_id: str | None, prompt: str | Seq[int],
                     params: SamplingParams | None = None,
-                    arrival_time: float | None = None) -> str:
-        """Queue a request (text or token ids); returns its id."""
-        req = self.prepare_request(request_id, prompt, params, arrival_time)
+                    arrival_time: float | None = None, *, lora: str | None = None) -> str:
+        """Queue a request (text or token ids), on adapter ``lora`` if given; returns its id."""
+        req = self.prepare_request(request_id, prompt, params, arrival_time, lora=lora)
         self.submit(req)
         return req.request_id
 
@@ -259,8 +325,12 @@ class LLMEngine:
         positions: list[int] = []
         slices: list[SeqSlice] = []
         sampling: list[tuple[Sequence, int]] = []  # (seq, flat row of its last token)
+        lora_rows: dict[int, list[int]] = {}  # adapter slot -> its flat rows (others: base)
         for item in scheduled:
             seq, n, c = item.seq, item.num_new, item.seq.num_computed
+            if seq.lora is not None:
+                lora_rows.setdefault(seq.lora.slot, []).extend(range(len(tokens),
+                                                                     len(tokens) + n))
             tokens.extend(seq.token_ids[c:c + n])
             positions.extend(range(c, c + n))
             slices.append(SeqSlice(c, n, seq.block_table))
@@ -268,10 +338,15 @@ class LLMEngine:
                 sampling.append((seq, len(tokens) - 1))
         attn = PagedAttention(self.cache, slices, self.device)
         rows = torch.tensor([r for _, r in sampling], dtype=torch.long, device=self.device)
-        with torch.inference_mode():
-            logits = self.model(torch.tensor(tokens, dtype=torch.long, device=self.device),
-                                torch.tensor(positions, dtype=torch.long, device=self.device),
-                                attn, logits_indices=rows)
+        with self._lora_lock, torch.inference_mode():
+            self.loras.begin_step(lora_rows, len(tokens))
+            try:
+                logits = self.model(torch.tensor(tokens, dtype=torch.long, device=self.device),
+                                    torch.tensor(positions, dtype=torch.long,
+                                                 device=self.device),
+                                    attn, logits_indices=rows)
+            finally:
+                self.loras.end_step()
         t = now()
         for item in scheduled:
             item.seq.num_computed += item.num_new
@@ -363,4 +438,6 @@ class LLMEngine:
             "preemptions": self.scheduler.num_preemptions,
             "prefix_cache_queries": self.scheduler.prefix_queried_tokens,
             "prefix_cache_hits": self.scheduler.prefix_hit_tokens,
+            "loras": len(self.loras.resident),
+            "lora_evictions": self.loras.num_evictions,
         }

@@ -5,11 +5,15 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from souverain.engine.sampling import SamplingParams, TokenLogprob
 from souverain.tokenizer import IncrementalDetokenizer
+
+if TYPE_CHECKING:
+    from souverain.engine.lora import LoRARef
 
 
 class SequenceStatus(enum.Enum):
@@ -86,7 +90,8 @@ class Sequence:
 
     def __init__(self, seq_id: int, request_id: str, index: int, prompt_token_ids: list[int],
                  params: SamplingParams, detokenizer: IncrementalDetokenizer | None,
-                 stop_ids: set[int], limit: int, arrival_time: float):
+                 stop_ids: set[int], limit: int, arrival_time: float, *,
+                 lora: LoRARef | None = None):
         self.seq_id = seq_id
         self.request_id = request_id
         self.index = index
@@ -104,6 +109,9 @@ class Sequence:
         self.output = CompletionOutput(index=index, logprobs=[] if params.logprobs else None)
         self.held_text = ""  # text withheld because it may be the start of a stop string
         self.arrival_time = arrival_time
+        self.lora = lora  # the adapter it generates with (None: base); kept over preemption
+        # seeds the prefix-cache hash chain: blocks are only shared within one adapter
+        self.hash_seed = 0 if lora is None else lora.hash_seed
 
     @property
     def num_tokens(self) -> int:
