@@ -198,8 +198,9 @@ class Worker:
         """Validate then train a job this worker just claimed (status STARTED)."""
         self.store.add_event(job.id, "status-updated", {"status": STARTED,
                                                         "worker": f"{self.host}:{self.pid}"})
-        if not self.validate(job):
-            return
+        with _Hold(self.store, job.id, self.config.heartbeat_s, self.stopping):
+            if not self.validate(job):  # (a big file takes a while: keep the heartbeat)
+                return
         job = self.store.get_job(job.id)
         if not job.auto_start:  # wait in VALIDATED for POST .../start
             self.store.set_status(job.id, VALIDATED, expect=(VALIDATED,), worker_pid=None,
@@ -531,6 +532,18 @@ class WorkerProcess:
         # in order (training stops at a step boundary) instead of killing it mid-write
         self.proc = subprocess.Popen(cmd, start_new_session=True)
         log.info("fine-tuning worker started (pid %d)", self.proc.pid)
+
+    async def supervise(self, every: float = 2.0) -> None:
+        """Start the worker again whenever it dies (killed, out of memory): its replacement
+        resumes the interrupted job. Runs until cancelled."""
+        import asyncio
+
+        while True:
+            await asyncio.sleep(every)
+            if self.proc is not None and self.proc.poll() is not None:
+                log.warning("fine-tuning worker %d exited with %s; starting a new one",
+                            self.proc.pid, self.proc.returncode)
+                self.start()
 
     def stop(self, timeout: float = 30.0) -> None:
         import subprocess

@@ -266,8 +266,10 @@ def create_app(registry: ModelRegistry, config: ServerConfig | None = None) -> F
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if worker is not None:
             worker.start()
+            supervisor = asyncio.create_task(worker.supervise())
         yield
         if worker is not None:
+            supervisor.cancel()
             await asyncio.to_thread(worker.stop)
         if libraries is not None:
             libraries.shutdown()
