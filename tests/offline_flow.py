@@ -77,6 +77,7 @@ def main(work: Path) -> None:
     try:
         import httpx
 
+        httpx = httpx.Client(timeout=120)  # a busy CI machine: nothing here is latency-bound
         lib = httpx.get(srv.url + "/v1/libraries").json()["data"][0]
         assert lib["name"] == "policies" and lib["nb_documents"] == 2, lib
         up = httpx.post(f"{srv.url}/v1/libraries/{lib['id']}/documents",

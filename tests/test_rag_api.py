@@ -18,6 +18,9 @@ import pytest
 from rag_docs import HANDBOOK_MD, make_pdf
 from server_utils import ServerProcess
 
+# generous timeouts: CI machines are busy, and nothing here is latency-bound
+http = httpx.Client(timeout=120)
+
 mistralai = pytest.importorskip("mistralai")
 from mistralai.client import Mistral  # noqa: E402
 from mistralai.client import errors as sdk_errors  # noqa: E402
@@ -41,7 +44,7 @@ def server(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="module")
 def client(server: ServerProcess) -> Mistral:
-    return Mistral(api_key="unused-on-loopback", server_url=server.url)
+    return Mistral(api_key="unused-on-loopback", server_url=server.url, timeout_ms=120_000)
 
 
 def wait_done(client: Mistral, library_id: str, document_id: str, timeout: float = 120) -> str:
@@ -71,7 +74,7 @@ def raw_ask(server: ServerProcess, library_ids: list[str], question: str,
     body = {"model": "smollm2", "temperature": 0, "max_tokens": 48, "stream": stream,
             "messages": [{"role": "user", "content": question}],
             "tools": [{"type": "document_library", "library_ids": library_ids}]}
-    r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=120)
+    r = http.post(server.url + "/v1/chat/completions", json=body)
     assert r.status_code == 200, r.text
     return r.json() if not stream else {"sse": r.text}
 
@@ -130,12 +133,12 @@ def test_sdk_library_flow(client: Mistral, server: ServerProcess) -> None:
 
 
 def _upload(server: ServerProcess, library_id: str, name: str, data: bytes) -> httpx.Response:
-    return httpx.post(f"{server.url}/v1/libraries/{library_id}/documents",
-                      files={"file": (name, data)}, timeout=60)
+    return http.post(f"{server.url}/v1/libraries/{library_id}/documents",
+                      files={"file": (name, data)})
 
 
 def test_bad_documents(server: ServerProcess) -> None:
-    lib = httpx.post(server.url + "/v1/libraries", json={"name": "bad-inputs"}).json()
+    lib = http.post(server.url + "/v1/libraries", json={"name": "bad-inputs"}).json()
     # unsupported type, corrupt PDF, empty document: 400 with a sentence, nothing stored
     for name, data, words in [
         ("photo.exe", b"MZ\x90\x00binary", "supported"),
@@ -146,9 +149,9 @@ def test_bad_documents(server: ServerProcess) -> None:
         assert r.status_code == 400, (name, r.text)
         err = r.json()
         assert err["object"] == "error" and words in err["message"], err
-    docs = httpx.get(f"{server.url}/v1/libraries/{lib['id']}/documents").json()
+    docs = http.get(f"{server.url}/v1/libraries/{lib['id']}/documents").json()
     assert docs["pagination"]["total_items"] == 0
-    assert httpx.get(f"{server.url}/v1/libraries/{lib['id']}").json()["total_size"] == 0
+    assert http.get(f"{server.url}/v1/libraries/{lib['id']}").json()["total_size"] == 0
 
     # a library that does not exist
     r = _upload(server, "no-such-library", "a.md", b"# A\ntext")
@@ -159,15 +162,15 @@ def test_bad_documents(server: ServerProcess) -> None:
 
 
 def raw_post(server: ServerProcess, body: dict) -> httpx.Response:
-    return httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)
+    return http.post(server.url + "/v1/chat/completions", json=body)
 
 
 def test_200mb_upload_refused_before_reading(server: ServerProcess) -> None:
-    lib = httpx.post(server.url + "/v1/libraries", json={"name": "big"}).json()
+    lib = http.post(server.url + "/v1/libraries", json={"name": "big"}).json()
     head = (f"POST /v1/libraries/{lib['id']}/documents HTTP/1.1\r\nHost: 127.0.0.1\r\n"
             "Content-Type: multipart/form-data; boundary=x\r\n"
             f"Content-Length: {200 * 1024 * 1024}\r\n\r\n").encode()
-    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
+    with socket.create_connection(("127.0.0.1", server.port)) as s:
         s.sendall(head + b"--x\r\n")
         reply = b""
         while b"}" not in reply:  # headers, then the JSON error body
@@ -183,8 +186,8 @@ def test_200mb_upload_refused_before_reading(server: ServerProcess) -> None:
         yield b"--x\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.txt\"\r\n\r\n"
         for _ in range(20):
             yield b"a" * (1 << 20)
-    r = httpx.post(f"{server.url}/v1/libraries/{lib['id']}/documents", content=body(),
-                   headers={"Content-Type": "multipart/form-data; boundary=x"}, timeout=60)
+    r = http.post(f"{server.url}/v1/libraries/{lib['id']}/documents", content=body(),
+                   headers={"Content-Type": "multipart/form-data; boundary=x"})
     assert r.status_code == 413
-    docs = httpx.get(f"{server.url}/v1/libraries/{lib['id']}/documents").json()
+    docs = http.get(f"{server.url}/v1/libraries/{lib['id']}/documents").json()
     assert docs["pagination"]["total_items"] == 0

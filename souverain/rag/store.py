@@ -183,11 +183,14 @@ class LibraryStore:
     """Document libraries on this machine. Thread-safe: the HTTP server calls it from worker
     threads (SQLite: one connection per thread; LanceDB: its own MVCC commits)."""
 
-    def __init__(self, root: Path | None = None, embedder: Embedder | None = None):
+    def __init__(self, root: Path | None = None, embedder: Embedder | str | None = None):
+        """`embedder`: a loaded `Embedder`, or a model name/path (loaded on first use, like
+        the default bundled one): listing and reading libraries never wait for a model load."""
         self.root = Path(root) if root is not None else paths.libraries_dir()
         self.files = self.root / "files"
         self.files.mkdir(parents=True, exist_ok=True)
-        self._embedder = embedder
+        self._embed_model = embedder if isinstance(embedder, str) else None
+        self._embedder = None if isinstance(embedder, str) else embedder
         self._local = threading.local()
         self._conns: list[sqlite3.Connection] = []
         self._lock = threading.RLock()  # lazy init, index maintenance
@@ -204,7 +207,7 @@ class LibraryStore:
                 if self._embedder is None:
                     from souverain.rag.embed import get_embedder
 
-                    self._embedder = get_embedder()
+                    self._embedder = get_embedder(self._embed_model)
         return self._embedder
 
     def _con(self) -> sqlite3.Connection:

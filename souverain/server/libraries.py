@@ -114,10 +114,10 @@ class LibraryService:
     def store(self) -> Any:
         with self._lock:
             if self._store is None:
-                from souverain.rag.embed import get_embedder
                 from souverain.rag.store import LibraryStore
 
-                self._store = LibraryStore(self.root, get_embedder(self.embed_model))
+                # the embedder loads on the first upload or search, not to list libraries
+                self._store = LibraryStore(self.root, self.embed_model)
                 self._requeue(self._store)
             return self._store
 
