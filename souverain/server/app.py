@@ -257,7 +257,8 @@ def create_app(registry: ModelRegistry, config: ServerConfig | None = None) -> F
         metrics.add_engine_source(m.name, (lambda m=m: m.engine.engine.stats()
                                            if m.engine is not None else None))
 
-    libraries = LibraryService(libraries_dir(config.data_dir)) if config.libraries else None
+    libraries = (LibraryService(libraries_dir(config.data_dir), config.embed_model)
+                 if config.libraries else None)
     jobs = JobStore(config.jobs_db, config.data_dir) if config.finetune else None
     worker = WorkerProcess(jobs.url, config.data_dir, config.finetune_threads) \
         if jobs is not None and config.finetune_worker else None
