@@ -22,9 +22,10 @@ import socket
 import tempfile
 import time
 import uuid
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
@@ -279,13 +280,14 @@ class JobStore:
                                 "training and validation files need purpose 'fine-tune'.")
         now = time.time()
         job_id = str(uuid.uuid4())
-        values = dict(id=job_id, model=model, model_path=model_path, status=QUEUED,
-                      auto_start=auto_start, hyperparameters=dict(hyperparameters or {}),
-                      training_files=list(training_files), validation_files=validation_files,
-                      suffix=suffix, fine_tuned_model=None, created_at=now, modified_at=now,
-                      trained_tokens=None, run_dir=str(self.runs_dir / job_id),
-                      adapter_dir=None, error=None, worker_pid=None, worker_host=None,
-                      heartbeat_at=None, resumes=0)
+        values: dict[str, Any] = {
+            "id": job_id, "model": model, "model_path": model_path, "status": QUEUED,
+            "auto_start": auto_start, "hyperparameters": dict(hyperparameters or {}),
+            "training_files": list(training_files), "validation_files": validation_files,
+            "suffix": suffix, "fine_tuned_model": None, "created_at": now, "modified_at": now,
+            "trained_tokens": None, "run_dir": str(self.runs_dir / job_id),
+            "adapter_dir": None, "error": None, "worker_pid": None, "worker_host": None,
+            "heartbeat_at": None, "resumes": 0}
         with self.engine.begin() as c:
             c.execute(jobs_t.insert().values(**values))
             _event(c, job_id, "status-updated", {"status": QUEUED})

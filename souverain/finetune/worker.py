@@ -32,9 +32,10 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from souverain.finetune.store import (
     CANCELLATION_REQUESTED,
@@ -81,11 +82,11 @@ class _Hold:
         self._thread = threading.Thread(target=self._beat, name="souverain-ft-heartbeat",
                                         daemon=True)
 
-    def __enter__(self) -> "_Hold":
+    def __enter__(self) -> _Hold:  # noqa: PYI034
         self._thread.start()
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self._done.set()
         self._thread.join(timeout=10)
 
@@ -94,7 +95,7 @@ class _Hold:
             try:
                 if self.store.heartbeat(self.job_id) in (CANCELLATION_REQUESTED, CANCELLED):
                     self.cancel.set()
-            except Exception:  # noqa: BLE001 - a busy database must not stop training
+            except Exception:  # a busy database must not stop training
                 log.warning("heartbeat of job %s failed", self.job_id, exc_info=True)
 
     def should_stop(self) -> bool:
@@ -134,7 +135,7 @@ class Worker:
             try:
                 if not self.run_once():
                     self.stopping.wait(self.config.poll_s)
-            except Exception:  # noqa: BLE001 - e.g. database briefly unreachable: retry
+            except Exception:  # e.g. the database briefly unreachable: retry
                 log.exception("fine-tuning worker loop failed; retrying")
                 self.stopping.wait(max(self.config.poll_s, 2.0))
         log.info("fine-tuning worker %d stopped", self.pid)
@@ -290,7 +291,7 @@ class Worker:
         def on_event(ev: dict[str, Any]) -> None:
             try:
                 self._on_event(job, ev, state)
-            except Exception:  # noqa: BLE001 - bookkeeping must never stop training
+            except Exception:  # bookkeeping must never stop training
                 log.warning("job %s: recording event %s failed", job.id, ev.get("type"),
                             exc_info=True)
 
@@ -299,7 +300,7 @@ class Worker:
                 _limit_threads(self.config.threads)
                 result = trainer(cfg, resume=resume, on_event=on_event,
                                  should_stop=hold.should_stop)
-            except Exception as exc:  # noqa: BLE001 - the reason goes to the job
+            except Exception as exc:  # the reason goes to the job
                 if self.stopping.is_set() and not hold.cancel.is_set():
                     self._release(job, state)
                     return
@@ -333,15 +334,16 @@ class Worker:
         evals = [self.store.get_file(f).path for f in job.validation_files]
         steps = hp.get("training_steps")
         every = max(1, min(50, steps // 5)) if steps else 50
-        kw: dict[str, Any] = dict(
-            model=job.model_path, train_files=paths, eval_files=evals, run_dir=str(run_dir),
-            max_steps=steps, epochs=hp.get("epochs"),
-            learning_rate=hp.get("learning_rate", 1e-4),
-            weight_decay=hp.get("weight_decay", 0.1),
-            warmup_fraction=hp.get("warmup_fraction", 0.05),
-            method=self._method(job), checkpoint_every=every,
-            eval_every=every if evals else None,
-            threads=self.config.threads, lora=LoRAConfig(rank=hp.get("lora_rank") or 16))
+        kw: dict[str, Any] = {
+            "model": job.model_path, "train_files": paths, "eval_files": evals,
+            "run_dir": str(run_dir),
+            "max_steps": steps, "epochs": hp.get("epochs"),
+            "learning_rate": hp.get("learning_rate", 1e-4),
+            "weight_decay": hp.get("weight_decay", 0.1),
+            "warmup_fraction": hp.get("warmup_fraction", 0.05),
+            "method": self._method(job), "checkpoint_every": every,
+            "eval_every": every if evals else None,
+            "threads": self.config.threads, "lora": LoRAConfig(rank=hp.get("lora_rank") or 16)}
         if hp.get("seq_len"):
             kw["seq_len"] = hp["seq_len"]
         known = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -474,7 +476,7 @@ def _safe_url(url: str) -> str:
         import sqlalchemy as sa
 
         return sa.engine.make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001
+    except Exception:  # noqa: BLE001 - any failure: show the URL as given
         return url.split("@")[-1]
 
 

@@ -19,8 +19,10 @@ import asyncio
 import json
 import math
 import re
+from collections.abc import Callable
+from enum import Enum
 from pathlib import Path
-from typing import Any, Callable, Literal, Union
+from typing import Any, Literal
 
 from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.responses import FileResponse
@@ -66,7 +68,7 @@ class Hyperparameters(_Body):
 
 class JobCreate(_Body):
     model: str = Field(min_length=1)
-    training_files: list[Union[TrainingFile, str]] = Field(min_length=1)
+    training_files: list[TrainingFile | str] = Field(min_length=1)
     validation_files: list[str] | None = None
     suffix: str | None = Field(default=None, max_length=40)
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
@@ -142,12 +144,12 @@ def check_upload(data: bytes, name: str, purpose: str) -> tuple[str | None, int]
                             "JSONL.", param="file", code="invalid_file") from None
     kinds: dict[str, int] = {}
     n = 0
-    for i, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
+    for i, row in enumerate(text.splitlines(), start=1):
+        if not row.strip():
             continue
         n += 1
         try:
-            obj = json.loads(line)
+            obj = json.loads(row)
         except json.JSONDecodeError as exc:
             raise APIError(400, f"{name} line {i} is not valid JSON ({exc.msg} at column "
                                 f"{exc.colno}); a JSONL file holds one complete JSON object "
@@ -208,7 +210,7 @@ def install(app: FastAPI, authorize: Callable[..., Any], store: JobStore, *,
     path of a served model (or raises a 404 APIError); ``check_model(key, name)`` raises a 403
     when the caller's API key may not use that model."""
     auth = Depends(authorize)
-    errs = {c: {"description": d} for c, d in (
+    errs: dict[int | str, dict[str, Any]] = {c: {"description": d} for c, d in (
         (400, "Bad request"), (401, "No or bad API key"), (404, "No such file, job or model"),
         (409, "Not allowed in the job's current status"), (413, "Upload too large"),
         (429, "Rate limited"))}
@@ -273,7 +275,7 @@ def install(app: FastAPI, authorize: Callable[..., Any], store: JobStore, *,
                             filename=rec.filename)
 
     # -- fine-tuning jobs ---------------------------------------------------------------------
-    tags = ["fine-tuning"]
+    tags: list[str | Enum] = ["fine-tuning"]
 
     @app.post("/v1/fine_tuning/jobs", tags=tags, summary="Create a fine-tuning job (LoRA)",
               responses=errs)
