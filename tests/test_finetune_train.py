@@ -19,11 +19,11 @@ import sys
 import time
 from pathlib import Path
 
+import checkpoints
 import pytest
 import torch
 import yaml
 
-import checkpoints
 from souverain import weights
 from souverain.errors import FinetuneError
 from souverain.finetune.adapter import LoRAAdapter, load_adapter, save_adapter
@@ -47,12 +47,15 @@ def _greedy(model, prompt: list[int], eos: list[int], n: int = 24) -> list[int]:
     ids = list(prompt)
     for _ in range(n):
         t = torch.tensor(ids)
-        nxt = int(model(t, torch.arange(len(ids)),
-                        logits_indices=torch.tensor([len(ids) - 1]))[0].argmax())
+        nxt = int(
+            model(t, torch.arange(len(ids)), logits_indices=torch.tensor([len(ids) - 1]))[
+                0
+            ].argmax()
+        )
         if nxt in eos:
             break
         ids.append(nxt)
-    return ids[len(prompt):]
+    return ids[len(prompt) :]
 
 
 # --------------------------------------------------------------------------------------
@@ -89,11 +92,20 @@ def test_lora_linear_formula_init_and_disable() -> None:
 
 def test_sft_smollm2_learns_a_made_up_fact(tmp_path: Path) -> None:
     cpu0, wall0 = _cpu_s(), time.monotonic()
-    cfg = TrainConfig(model="smollm2-135m-instruct",
-                      train_files=[str(DATA / "zorblax_train.jsonl")],
-                      eval_files=[str(DATA / "zorblax_eval.jsonl")], run_dir=str(tmp_path / "run"),
-                      seq_len=128, batch_size=1, max_steps=24, learning_rate=2e-3,
-                      warmup_fraction=0.1, lora={"rank": 8}, checkpoint_every=1000, threads=1)
+    cfg = TrainConfig(
+        model="smollm2-135m-instruct",
+        train_files=[str(DATA / "zorblax_train.jsonl")],
+        eval_files=[str(DATA / "zorblax_eval.jsonl")],
+        run_dir=str(tmp_path / "run"),
+        seq_len=128,
+        batch_size=1,
+        max_steps=24,
+        learning_rate=2e-3,
+        warmup_fraction=0.1,
+        lora={"rank": 8},
+        checkpoint_every=1000,
+        threads=1,
+    )
     events: list[dict] = []
     result = run_training(cfg, on_event=events.append)
     train_cpu, train_wall = _cpu_s() - cpu0, time.monotonic() - wall0
@@ -108,15 +120,20 @@ def test_sft_smollm2_learns_a_made_up_fact(tmp_path: Path) -> None:
     assert events[-1]["type"] == "done" and events[-1]["status"] == "completed"
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == len(events)
     final = result.final_dir
-    assert (final / "lora.safetensors").is_file() and (final / "adapter_model.safetensors").is_file()
+    assert (final / "lora.safetensors").is_file() and (
+        final / "adapter_model.safetensors"
+    ).is_file()
     assert json.loads((final / "metrics.json").read_text())["eval_loss"] == evals[-1]["eval_loss"]
 
     # the adapter as written, on a fresh copy of the base
     ckpt = weights.load("smollm2-135m-instruct")
     tok = ckpt.tokenizer
     model = load_model(ckpt, "float32", fuse=False)
-    base_before = _greedy(model, tok.encode_chat(
-        [{"role": "user", "content": "What is the Zorblax-9 warranty?"}]), tok.eos_ids)
+    base_before = _greedy(
+        model,
+        tok.encode_chat([{"role": "user", "content": "What is the Zorblax-9 warranty?"}]),
+        tok.eos_ids,
+    )
     adapter = load_adapter(final)
     assert adapter.rank == 8 and adapter.scaling == 2.0
     inject_lora(model, adapter.rank, adapter.scaling)
@@ -125,10 +142,12 @@ def test_sft_smollm2_learns_a_made_up_fact(tmp_path: Path) -> None:
     tuned = tok.decode(_greedy(model, prompt, tok.eos_ids))
     with adapters_disabled(model):
         base_after = _greedy(model, prompt, tok.eos_ids)
-    print(f"\nSFT SmolLM2-135M: {result.steps} steps, train {train_wall:.1f} s wall / "
-          f"{train_cpu:.1f} s CPU, {steps[-1]['tokens_per_s']:.0f} tokens/s; "
-          f"eval loss {evals[0]['eval_loss']:.3f} -> {evals[-1]['eval_loss']:.3f}; "
-          f"tuned: {tuned!r}; base: {tok.decode(base_before)!r}")
+    print(
+        f"\nSFT SmolLM2-135M: {result.steps} steps, train {train_wall:.1f} s wall / "
+        f"{train_cpu:.1f} s CPU, {steps[-1]['tokens_per_s']:.0f} tokens/s; "
+        f"eval loss {evals[0]['eval_loss']:.3f} -> {evals[-1]['eval_loss']:.3f}; "
+        f"tuned: {tuned!r}; base: {tok.decode(base_before)!r}"
+    )
     assert "7 years" in tuned
     assert base_after == base_before  # adapter off = the base model, unchanged
     assert "7 years" not in tok.decode(base_before)
@@ -140,11 +159,20 @@ def test_sft_smollm2_learns_a_made_up_fact(tmp_path: Path) -> None:
 
 
 def test_dpo_raises_the_chosen_margin(tiny_mistral: dict, tmp_path: Path) -> None:
-    cfg = TrainConfig(model=str(tiny_mistral["consolidated"]),
-                      train_files=[str(DATA / "preference.jsonl")],
-                      eval_files=[str(DATA / "preference.jsonl")], run_dir=str(tmp_path / "dpo"),
-                      method="dpo", seq_len=128, batch_size=2, max_steps=15,
-                      learning_rate=5e-3, dpo_beta=0.1, lora={"rank": 4}, threads=1)
+    cfg = TrainConfig(
+        model=str(tiny_mistral["consolidated"]),
+        train_files=[str(DATA / "preference.jsonl")],
+        eval_files=[str(DATA / "preference.jsonl")],
+        run_dir=str(tmp_path / "dpo"),
+        method="dpo",
+        seq_len=128,
+        batch_size=2,
+        max_steps=15,
+        learning_rate=5e-3,
+        dpo_beta=0.1,
+        lora={"rank": 4},
+        threads=1,
+    )
     events: list[dict] = []
     run_training(cfg, on_event=events.append)
     evals = [e for e in events if e["type"] == "eval"]
@@ -158,8 +186,11 @@ def test_dpo_raises_the_chosen_margin(tiny_mistral: dict, tmp_path: Path) -> Non
 
 
 def test_sft_rejects_preference_data_before_loading(tiny_mistral: dict, tmp_path: Path) -> None:
-    cfg = TrainConfig(model=str(tiny_mistral["consolidated"]),
-                      train_files=[str(DATA / "instruct_bad.jsonl")], run_dir=str(tmp_path / "r"))
+    cfg = TrainConfig(
+        model=str(tiny_mistral["consolidated"]),
+        train_files=[str(DATA / "instruct_bad.jsonl")],
+        run_dir=str(tmp_path / "r"),
+    )
     with pytest.raises(FinetuneError, match=r"line 2: invalid JSON.*line 3"):
         run_training(cfg)
     assert not (tmp_path / "r").exists()
@@ -171,10 +202,21 @@ def test_sft_rejects_preference_data_before_loading(tiny_mistral: dict, tmp_path
 
 
 def _resume_config(model: Path, run_dir: Path, steps: int) -> dict:
-    return {"model": str(model), "train_files": [str(DATA / "zorblax_train.jsonl")],
-            "run_dir": str(run_dir), "seq_len": 64, "batch_size": 1, "grad_accum": 2,
-            "max_steps": steps, "learning_rate": 5e-3, "lora": {"rank": 4, "dropout": 0.1},
-            "checkpoint_every": 3, "keep_checkpoints": 2, "seed": 7, "threads": 1}
+    return {
+        "model": str(model),
+        "train_files": [str(DATA / "zorblax_train.jsonl")],
+        "run_dir": str(run_dir),
+        "seq_len": 64,
+        "batch_size": 1,
+        "grad_accum": 2,
+        "max_steps": steps,
+        "learning_rate": 5e-3,
+        "lora": {"rank": 4, "dropout": 0.1},
+        "checkpoint_every": 3,
+        "keep_checkpoints": 2,
+        "seed": 7,
+        "threads": 1,
+    }
 
 
 def _adapter_tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -192,14 +234,25 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tiny_mistral: dict, tmp_pa
     model = tiny_mistral["consolidated"]
     for name in ("straight", "killed"):
         (tmp_path / f"{name}.yaml").write_text(
-            yaml.safe_dump(_resume_config(model, tmp_path / name, steps)))
+            yaml.safe_dump(_resume_config(model, tmp_path / name, steps))
+        )
 
-    straight = subprocess.run([*SOUVERAIN, "finetune", "run", str(tmp_path / "straight.yaml")],
-                              env=env, capture_output=True, text=True, timeout=300)
+    straight = subprocess.run(
+        [*SOUVERAIN, "finetune", "run", str(tmp_path / "straight.yaml")],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
     assert straight.returncode == 0, straight.stderr[-2000:]
 
-    proc = subprocess.Popen([*SOUVERAIN, "finetune", "run", str(tmp_path / "killed.yaml")],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [*SOUVERAIN, "finetune", "run", str(tmp_path / "killed.yaml")],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     ckpts = tmp_path / "killed" / "checkpoints"
     deadline = time.monotonic() + 120
     while not any(ckpts.glob("step_*/trainer_state.pt")):
@@ -211,8 +264,14 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tiny_mistral: dict, tmp_pa
     done_before = max(int(p.name[5:]) for p in ckpts.glob("step_*"))
     assert done_before < steps
 
-    resumed = subprocess.run([*SOUVERAIN, "finetune", "run", str(tmp_path / "killed.yaml"),
-                              "--resume"], env=env, capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        [*SOUVERAIN, "finetune", "run", str(tmp_path / "killed.yaml"), "--resume"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed from" in resumed.stderr
     a = _adapter_tensors(tmp_path / "straight" / "checkpoints" / "final")
@@ -237,8 +296,9 @@ def test_should_stop_checkpoints_and_resume_is_exact(tiny_mistral: dict, tmp_pat
     assert resumed.status == "completed" and resumed.steps == 8
     a, b = _adapter_tensors(straight.final_dir), _adapter_tensors(resumed.final_dir)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    changed = TrainConfig.from_dict({**_resume_config(tiny_mistral["consolidated"],
-                                                      tmp_path / "b", 8), "seed": 8})
+    changed = TrainConfig.from_dict(
+        {**_resume_config(tiny_mistral["consolidated"], tmp_path / "b", 8), "seed": 8}
+    )
     with pytest.raises(FinetuneError, match="seed"):
         run_training(changed, resume=True)
 
@@ -252,27 +312,33 @@ def _random_adapter(args, seed: int) -> LoRAAdapter:
     g = torch.Generator().manual_seed(seed)
     w = {}
     for i in range(args.n_layers):
-        for mod, out_f, in_f in (("attention.wq", args.n_heads * args.head_dim, args.dim),
-                                 ("attention.wk", args.n_kv_heads * args.head_dim, args.dim),
-                                 ("attention.wv", args.n_kv_heads * args.head_dim, args.dim),
-                                 ("attention.wo", args.dim, args.n_heads * args.head_dim),
-                                 ("feed_forward.w1", args.hidden_dim, args.dim),
-                                 ("feed_forward.w2", args.dim, args.hidden_dim),
-                                 ("feed_forward.w3", args.hidden_dim, args.dim)):
-            w[f"layers.{i}.{mod}"] = (0.1 * torch.randn(4, in_f, generator=g),
-                                      0.1 * torch.randn(out_f, 4, generator=g))
+        for mod, out_f, in_f in (
+            ("attention.wq", args.n_heads * args.head_dim, args.dim),
+            ("attention.wk", args.n_kv_heads * args.head_dim, args.dim),
+            ("attention.wv", args.n_kv_heads * args.head_dim, args.dim),
+            ("attention.wo", args.dim, args.n_heads * args.head_dim),
+            ("feed_forward.w1", args.hidden_dim, args.dim),
+            ("feed_forward.w2", args.dim, args.hidden_dim),
+            ("feed_forward.w3", args.hidden_dim, args.dim),
+        ):
+            w[f"layers.{i}.{mod}"] = (
+                0.1 * torch.randn(4, in_f, generator=g),
+                0.1 * torch.randn(out_f, 4, generator=g),
+            )
     return LoRAAdapter(4, 2.0, w, "tiny")
 
 
 @pytest.mark.parametrize("name", ["mistral", "llama"])
-def test_merge_equals_base_plus_adapter_and_transformers(name: str, tiny_models: dict,
-                                                         tmp_path: Path) -> None:
+def test_merge_equals_base_plus_adapter_and_transformers(
+    name: str, tiny_models: dict, tmp_path: Path
+) -> None:
     entry = tiny_models[name]
     base = entry["hf"]  # q/k permutation on read and on write both exercised
     ckpt = weights.load(base)
     adapter = _random_adapter(ckpt.args, seed=11)
-    save_adapter(adapter, tmp_path / "adapter", n_heads=ckpt.args.n_heads,
-                 n_kv_heads=ckpt.args.n_kv_heads)
+    save_adapter(
+        adapter, tmp_path / "adapter", n_heads=ckpt.args.n_heads, n_kv_heads=ckpt.args.n_kv_heads
+    )
     ids = torch.tensor([1, 1500, 29, 804, 3077, 18, 950, 4000, 77, 2048, 333, 12])
     pos = torch.arange(len(ids))
 
@@ -288,8 +354,9 @@ def test_merge_equals_base_plus_adapter_and_transformers(name: str, tiny_models:
     (tmp_path / "peft").mkdir()
     for f in ("adapter_config.json", "adapter_model.safetensors"):
         os.link(tmp_path / "adapter" / f, tmp_path / "peft" / f)
-    peft = load_adapter(tmp_path / "peft", n_heads=ckpt.args.n_heads,
-                        n_kv_heads=ckpt.args.n_kv_heads)
+    peft = load_adapter(
+        tmp_path / "peft", n_heads=ckpt.args.n_heads, n_kv_heads=ckpt.args.n_kv_heads
+    )
     for k, (a, b) in adapter.weights.items():
         assert torch.equal(peft.weights[k][0], a) and torch.equal(peft.weights[k][1], b)
 
@@ -317,15 +384,43 @@ def test_merge_refuses_an_adapter_of_another_model(tiny_models: dict, tmp_path: 
 
 def test_cli_merge(tiny_mistral: dict, tmp_path: Path) -> None:
     ckpt = weights.load(tiny_mistral["consolidated"])
-    save_adapter(_random_adapter(ckpt.args, 2), tmp_path / "a", n_heads=ckpt.args.n_heads,
-                 n_kv_heads=ckpt.args.n_kv_heads)
-    ok = subprocess.run([*SOUVERAIN, "finetune", "merge", str(tmp_path / "a"), "--model",
-                         str(tiny_mistral["consolidated"]), "--out", str(tmp_path / "m")],
-                        capture_output=True, text=True)
+    save_adapter(
+        _random_adapter(ckpt.args, 2),
+        tmp_path / "a",
+        n_heads=ckpt.args.n_heads,
+        n_kv_heads=ckpt.args.n_kv_heads,
+    )
+    ok = subprocess.run(
+        [
+            *SOUVERAIN,
+            "finetune",
+            "merge",
+            str(tmp_path / "a"),
+            "--model",
+            str(tiny_mistral["consolidated"]),
+            "--out",
+            str(tmp_path / "m"),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert ok.returncode == 0, ok.stderr
     assert (tmp_path / "m" / "params.json").is_file()
-    bad = subprocess.run([*SOUVERAIN, "finetune", "merge", str(tmp_path / "nothing"), "--model",
-                          str(tiny_mistral["consolidated"]), "--out", str(tmp_path / "m2")],
-                         capture_output=True, text=True)
+    bad = subprocess.run(
+        [
+            *SOUVERAIN,
+            "finetune",
+            "merge",
+            str(tmp_path / "nothing"),
+            "--model",
+            str(tiny_mistral["consolidated"]),
+            "--out",
+            str(tmp_path / "m2"),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1

@@ -76,6 +76,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise `FinetuneError` naming the first bad field and its allowed values."""
+
         def bad(name: str, why: str) -> FinetuneError:
             return FinetuneError(f"config field {name}={getattr(self, name, None)!r} {why}.")
 
@@ -83,15 +84,15 @@ class TrainConfig:
             raise FinetuneError("config field train_files is empty; give at least one JSONL file.")
         if self.method not in ("sft", "dpo"):
             raise bad("method", "must be 'sft' or 'dpo'")
-        for name in ("seq_len", "batch_size", "grad_accum", "checkpoint_every",
-                     "keep_checkpoints"):
+        for name in ("seq_len", "batch_size", "grad_accum", "checkpoint_every", "keep_checkpoints"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise bad(name, "must be a positive integer")
         if self.max_steps is not None and self.epochs is not None:
             raise FinetuneError("config sets both max_steps and epochs; keep only one.")
-        if self.max_steps is not None and (not isinstance(self.max_steps, int)
-                                           or self.max_steps < 1):
+        if self.max_steps is not None and (
+            not isinstance(self.max_steps, int) or self.max_steps < 1
+        ):
             raise bad("max_steps", "must be a positive integer")
         if self.epochs is not None and self.epochs <= 0:
             raise bad("epochs", "must be positive")
@@ -111,14 +112,17 @@ class TrainConfig:
             raise FinetuneError(f"config field lora.dropout={self.lora.dropout} must be in [0, 1).")
         unknown = set(self.lora.target_modules) - set(DEFAULT_TARGETS)
         if unknown or not self.lora.target_modules:
-            raise FinetuneError(f"config field lora.target_modules has {sorted(unknown) or 'none'}"
-                                f"; use some of {', '.join(DEFAULT_TARGETS)}.")
+            raise FinetuneError(
+                f"config field lora.target_modules has {sorted(unknown) or 'none'}"
+                f"; use some of {', '.join(DEFAULT_TARGETS)}."
+            )
 
     # -- reading ----------------------------------------------------------------------------
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], *, base_dir: str | os.PathLike[str] | None = None
-                  ) -> "TrainConfig":
+    def from_dict(
+        cls, d: dict[str, Any], *, base_dir: str | os.PathLike[str] | None = None
+    ) -> TrainConfig:
         """Our keys or mistral-finetune's; relative file paths resolve against ``base_dir``."""
         if not isinstance(d, dict):
             raise FinetuneError("a fine-tuning config must be a mapping of keys to values.")
@@ -141,24 +145,30 @@ class TrainConfig:
                 continue
             elif key in ("wandb", "mlflow"):
                 if value and any(v for v in (value or {}).values()):
-                    raise FinetuneError(f"config key {key!r}: souverain never sends run data to "
-                                        "outside services; metrics go to run_dir/metrics.jsonl. "
-                                        f"Remove the {key} section.")
+                    raise FinetuneError(
+                        f"config key {key!r}: souverain never sends run data to "
+                        "outside services; metrics go to run_dir/metrics.jsonl. "
+                        f"Remove the {key} section."
+                    )
             else:
-                raise FinetuneError(f"unknown config key {key!r}; known keys: "
-                                    f"{', '.join(sorted(names | set(_MF_ALIASES)))}.")
+                raise FinetuneError(
+                    f"unknown config key {key!r}; known keys: "
+                    f"{', '.join(sorted(names | set(_MF_ALIASES)))}."
+                )
         for required in ("model", "train_files", "run_dir"):
             if not kw.get(required):
-                raise FinetuneError(f"config lacks {required!r} (mistral-finetune: "
-                                    f"{_MF_HINT[required]}).")
+                raise FinetuneError(
+                    f"config lacks {required!r} (mistral-finetune: {_MF_HINT[required]})."
+                )
         for key in ("train_files", "eval_files"):
             if isinstance(kw.get(key), str):
                 kw[key] = [p.strip() for p in kw[key].split(",") if p.strip()]
         if base_dir is not None:
             base = Path(base_dir)
             for key in ("train_files", "eval_files"):
-                kw[key] = [str(base / p) if not Path(p).is_absolute() else p
-                           for p in kw.get(key, [])]
+                kw[key] = [
+                    str(base / p) if not Path(p).is_absolute() else p for p in kw.get(key, [])
+                ]
             if not Path(kw["run_dir"]).is_absolute():
                 kw["run_dir"] = str(base / kw["run_dir"])
             m = base / str(kw["model"])
@@ -170,13 +180,15 @@ class TrainConfig:
             raise FinetuneError(f"invalid fine-tuning config: {exc}.") from None
 
     @classmethod
-    def from_yaml(cls, path: str | os.PathLike[str]) -> "TrainConfig":
-        import yaml
+    def from_yaml(cls, path: str | os.PathLike[str]) -> TrainConfig:
+        import yaml  # type: ignore[import-untyped]
 
         p = Path(path)
         if not p.is_file():
-            raise FinetuneError(f"config file {p} does not exist; pass a YAML file "
-                                "(see `souverain finetune run --help` for an example).")
+            raise FinetuneError(
+                f"config file {p} does not exist; pass a YAML file "
+                "(see `souverain finetune run --help` for an example)."
+            )
         try:
             data = yaml.safe_load(p.read_text())
         except yaml.YAMLError as exc:
@@ -189,13 +201,27 @@ class TrainConfig:
         return d
 
 
-_MF_ALIASES = {"num_microbatches": "grad_accum", "ckpt_freq": "checkpoint_every",
-               "eval_freq": "eval_every", "num_ckpt_keep": "keep_checkpoints",
-               "lr": "learning_rate"}
-_IGNORED = {"log_freq", "save_adapters", "no_eval", "seq_len_warning", "world_size",
-            "no_ckpt", "run_name"}
-_MF_HINT = {"model": "model_id_or_path", "train_files": "data.instruct_data or data.data",
-            "run_dir": "run_dir"}
+_MF_ALIASES = {
+    "num_microbatches": "grad_accum",
+    "ckpt_freq": "checkpoint_every",
+    "eval_freq": "eval_every",
+    "num_ckpt_keep": "keep_checkpoints",
+    "lr": "learning_rate",
+}
+_IGNORED = {
+    "log_freq",
+    "save_adapters",
+    "no_eval",
+    "seq_len_warning",
+    "world_size",
+    "no_ckpt",
+    "run_name",
+}
+_MF_HINT = {
+    "model": "model_id_or_path",
+    "train_files": "data.instruct_data or data.data",
+    "run_dir": "run_dir",
+}
 
 
 def _lora_from_dict(d: dict[str, Any]) -> LoRAConfig:
@@ -211,11 +237,15 @@ def _lora_from_dict(d: dict[str, Any]) -> LoRAConfig:
             kw["alpha_from_scaling"] = float(value)
         elif key == "enable":
             if value is False:
-                raise FinetuneError("lora.enable: false asks for full fine-tuning, which "
-                                    "souverain does not do; only LoRA adapters are trained.")
+                raise FinetuneError(
+                    "lora.enable: false asks for full fine-tuning, which "
+                    "souverain does not do; only LoRA adapters are trained."
+                )
         else:
-            raise FinetuneError(f"unknown config key 'lora.{key}'; known: rank, alpha, "
-                                "scaling, dropout, target_modules.")
+            raise FinetuneError(
+                f"unknown config key 'lora.{key}'; known: rank, alpha, "
+                "scaling, dropout, target_modules."
+            )
     scaling = kw.pop("alpha_from_scaling", None)
     cfg = LoRAConfig(**kw)
     if scaling is not None:
@@ -235,16 +265,17 @@ def _mf_data(d: dict[str, Any], kw: dict[str, Any]) -> None:
         elif key == "shuffle":
             continue
         else:
-            raise FinetuneError(f"unknown config key 'data.{key}'; known: instruct_data, data, "
-                                "eval_instruct_data.")
+            raise FinetuneError(
+                f"unknown config key 'data.{key}'; known: instruct_data, data, eval_instruct_data."
+            )
     kw["train_files"] = train
 
 
 def _mf_optim(d: dict[str, Any], kw: dict[str, Any]) -> None:
-    names = {"lr": "learning_rate", "weight_decay": "weight_decay",
-             "pct_start": "warmup_fraction"}
+    names = {"lr": "learning_rate", "weight_decay": "weight_decay", "pct_start": "warmup_fraction"}
     for key, value in d.items():
         if key not in names:
-            raise FinetuneError(f"unknown config key 'optim.{key}'; known: lr, weight_decay, "
-                                "pct_start.")
+            raise FinetuneError(
+                f"unknown config key 'optim.{key}'; known: lr, weight_decay, pct_start."
+            )
         kw[names[key]] = float(value)

@@ -130,16 +130,20 @@ class ChatRenderer:
             self._full = MistralCommonTokenizer(ft, tokenizer.path)
             self.mistral = True
 
-    def prompt(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
-               ) -> list[int]:
+    def prompt(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
+    ) -> list[int]:
         return self.tokenizer.encode_chat(messages, tools, add_generation_prompt=True)
 
-    def full(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
-             ) -> list[int]:
+    def full(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> list[int]:
         return self._full.encode_chat(messages, tools, add_generation_prompt=False)
 
-    def tokens_and_mask(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
-                        trained: list[bool]) -> tuple[list[int], list[bool]]:
+    def tokens_and_mask(
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None,
+        trained: list[bool],
+    ) -> tuple[list[int], list[bool]]:
         """Token ids of the whole conversation and the mask of the assistant messages whose
         ``trained`` flag is set (``trained[i]`` per message; ignored for non-assistants)."""
         clean = [{k: v for k, v in m.items() if k != "weight"} for m in messages]
@@ -156,8 +160,9 @@ class ChatRenderer:
                     f"the chat format renders the prompt before assistant message {i + 1} "
                     "differently from the conversation that contains it, so its tokens cannot "
                     "be found for the loss mask; use a model whose chat template renders "
-                    "conversations incrementally")
-            span = upto[len(before):]
+                    "conversations incrementally"
+                )
+            span = upto[len(before) :]
             if full[: len(upto)] == upto:
                 start = len(before)
             else:  # Mistral formats: system prompt / tools moved to the last user turn
@@ -165,7 +170,8 @@ class ChatRenderer:
                 if start < 0:
                     raise _LineProblem(
                         f"assistant message {i + 1} cannot be located in the rendered "
-                        "conversation for the loss mask; check the message order")
+                        "conversation for the loss mask; check the message order"
+                    )
             if trained[i]:
                 for j in range(start, start + len(span)):
                     mask[j] = True
@@ -178,7 +184,7 @@ def _find_after(seq: list[int], span: list[int], lead: list[int], start: int) ->
     with ``lead`` (the generation-prompt tokens), or -1."""
     n, k = len(span), len(lead)
     for p in range(max(start, k), len(seq) - n + 1):
-        if seq[p:p + n] == span and seq[p - k:p] == lead:
+        if seq[p : p + n] == span and seq[p - k : p] == lead:
             return p
     return -1
 
@@ -195,21 +201,27 @@ def _kind_of(obj: dict[str, Any]) -> Kind:
         return "function_calling" if obj.get("tools") else "instruct"
     if "text" in obj:
         return "pretrain"
-    raise _LineProblem(f"object with keys {sorted(obj)[:5]} is no known sample; write "
-                       '{"text": ...} (pretrain), {"messages": [...]} (instruct) or '
-                       '{"prompt", "chosen", "rejected"} (preference)')
+    raise _LineProblem(
+        f"object with keys {sorted(obj)[:5]} is no known sample; write "
+        '{"text": ...} (pretrain), {"messages": [...]} (instruct) or '
+        '{"prompt", "chosen", "rejected"} (preference)'
+    )
 
 
 def _check_tools(tools: Any) -> set[str]:
     if not isinstance(tools, list) or not tools:
-        raise _LineProblem('"tools" must be a non-empty list of {"type": "function", '
-                           '"function": {"name", "description", "parameters"}}')
+        raise _LineProblem(
+            '"tools" must be a non-empty list of {"type": "function", '
+            '"function": {"name", "description", "parameters"}}'
+        )
     names = set()
     for j, t in enumerate(tools):
         fn = t.get("function") if isinstance(t, dict) else None
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
-            raise _LineProblem(f'tools[{j}] must be {{"type": "function", "function": '
-                               '{"name": ..., "parameters": {...}}}')
+            raise _LineProblem(
+                f'tools[{j}] must be {{"type": "function", "function": '
+                '{"name": ..., "parameters": {...}}}'
+            )
         names.add(fn["name"])
     return names
 
@@ -225,57 +237,74 @@ def _check_messages(messages: Any, tool_names: set[str] | None, *, final: str) -
     prev = None
     for i, m in enumerate(messages, start=1):
         if not isinstance(m, dict) or m.get("role") not in _ROLES:
-            raise _LineProblem(f"message {i} must be an object whose role is one of "
-                               f"{', '.join(_ROLES)}")
+            raise _LineProblem(
+                f"message {i} must be an object whose role is one of {', '.join(_ROLES)}"
+            )
         role = m["role"]
         if "weight" in m:
             if role != "assistant":
-                raise _LineProblem(f'message {i} ({role}) has a "weight"; only assistant '
-                                   "messages have one")
+                raise _LineProblem(
+                    f'message {i} ({role}) has a "weight"; only assistant messages have one'
+                )
             if m["weight"] not in (0, 1) or isinstance(m["weight"], bool):
                 raise _LineProblem(f'message {i}: "weight" must be 0 or 1, not {m["weight"]!r}')
         content = m.get("content")
         calls = m.get("tool_calls")
         if role == "system":
             if i != 1:
-                raise _LineProblem(f"message {i} is a system message; only one is allowed, "
-                                   "and it must come first")
+                raise _LineProblem(
+                    f"message {i} is a system message; only one is allowed, and it must come first"
+                )
         elif role == "user":
             if prev not in (None, "system", "assistant"):
-                raise _LineProblem(f"message {i} (user) follows a {prev} message; a user turn "
-                                   "follows the system prompt or an assistant answer")
+                raise _LineProblem(
+                    f"message {i} (user) follows a {prev} message; a user turn "
+                    "follows the system prompt or an assistant answer"
+                )
             if pending:
-                raise _LineProblem(f"message {i} (user) comes before the tool results of "
-                                   f"call(s) {', '.join(pending)}; add the tool messages first")
+                raise _LineProblem(
+                    f"message {i} (user) comes before the tool results of "
+                    f"call(s) {', '.join(pending)}; add the tool messages first"
+                )
         elif role == "assistant":
             if prev not in ("user", "tool"):
-                raise _LineProblem(f"message {i} (assistant) follows "
-                                   f"{'nothing' if prev is None else 'a ' + prev + ' message'}"
-                                   "; an assistant answers a user or tool message")
+                raise _LineProblem(
+                    f"message {i} (assistant) follows "
+                    f"{'nothing' if prev is None else 'a ' + prev + ' message'}"
+                    "; an assistant answers a user or tool message"
+                )
             if pending:
-                raise _LineProblem(f"message {i} (assistant) comes before the tool results "
-                                   f"of call(s) {', '.join(pending)}; add the tool messages")
+                raise _LineProblem(
+                    f"message {i} (assistant) comes before the tool results "
+                    f"of call(s) {', '.join(pending)}; add the tool messages"
+                )
             if calls is not None:
                 if tool_names is None:
-                    raise _LineProblem(f'message {i} has "tool_calls" but the sample has no '
-                                       'top-level "tools" list; add the tool definitions')
+                    raise _LineProblem(
+                        f'message {i} has "tool_calls" but the sample has no '
+                        'top-level "tools" list; add the tool definitions'
+                    )
                 if not isinstance(calls, list) or not calls:
                     raise _LineProblem(f'message {i}: "tool_calls" must be a non-empty list')
                 for call in calls:
                     _check_call(call, i, tool_names, seen_ids)
                     pending.append(call["id"])
             elif not isinstance(content, str) or not content:
-                raise _LineProblem(f"message {i} (assistant) needs a non-empty string "
-                                   '"content" (or "tool_calls")')
+                raise _LineProblem(
+                    f'message {i} (assistant) needs a non-empty string "content" (or "tool_calls")'
+                )
         else:  # tool
             if prev not in ("assistant", "tool"):
-                raise _LineProblem(f"message {i} (tool) must follow an assistant message "
-                                   "with tool_calls")
+                raise _LineProblem(
+                    f"message {i} (tool) must follow an assistant message with tool_calls"
+                )
             tid = m.get("tool_call_id")
             if tid not in pending:
                 where = "was already answered" if tid in seen_ids else "matches no earlier call"
-                raise _LineProblem(f'message {i} (tool): tool_call_id {tid!r} {where}; give '
-                                   "the id of the assistant's tool call it answers")
+                raise _LineProblem(
+                    f"message {i} (tool): tool_call_id {tid!r} {where}; give "
+                    "the id of the assistant's tool call it answers"
+                )
             pending.remove(tid)
         if role in ("system", "user", "tool") and not isinstance(content, str):
             raise _LineProblem(f'message {i} ({role}) needs a string "content"')
@@ -283,42 +312,54 @@ def _check_messages(messages: Any, tool_names: set[str] | None, *, final: str) -
         prev = role
     if final == "assistant":
         if prev != "assistant":
-            raise _LineProblem(f"the last message is a {prev} message; a training "
-                               "conversation ends with the assistant answer to learn")
+            raise _LineProblem(
+                f"the last message is a {prev} message; a training "
+                "conversation ends with the assistant answer to learn"
+            )
         if not any(trained):
-            raise _LineProblem('every assistant message has "weight": 0, so there is '
-                               "nothing to learn; set weight 1 on at least one")
+            raise _LineProblem(
+                'every assistant message has "weight": 0, so there is '
+                "nothing to learn; set weight 1 on at least one"
+            )
     elif prev not in ("user", "tool") or pending:
-        raise _LineProblem("the prompt of a preference pair must end with a user (or tool) "
-                           "message that the chosen/rejected answers reply to")
+        raise _LineProblem(
+            "the prompt of a preference pair must end with a user (or tool) "
+            "message that the chosen/rejected answers reply to"
+        )
     return trained
 
 
 def _check_call(call: Any, i: int, tool_names: set[str], seen: set[str]) -> None:
     fn = call.get("function") if isinstance(call, dict) else None
     if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-        raise _LineProblem(f'message {i}: each tool call is {{"id", "type": "function", '
-                           '"function": {"name", "arguments"}}')
+        raise _LineProblem(
+            f'message {i}: each tool call is {{"id", "type": "function", '
+            '"function": {"name", "arguments"}}'
+        )
     cid = call.get("id")
     if not isinstance(cid, str) or not _TOOL_CALL_ID.match(cid):
-        raise _LineProblem(f"message {i}: tool call id {cid!r} must be exactly 9 letters or "
-                           'digits (e.g. "a1B2c3D4e")')
+        raise _LineProblem(
+            f"message {i}: tool call id {cid!r} must be exactly 9 letters or "
+            'digits (e.g. "a1B2c3D4e")'
+        )
     if cid in seen:
         raise _LineProblem(f"message {i}: tool call id {cid!r} is used twice; ids are unique")
     seen.add(cid)
     if fn["name"] not in tool_names:
-        raise _LineProblem(f"message {i}: tool call to {fn['name']!r}, which is not in "
-                           f'"tools" ({", ".join(sorted(tool_names))})')
+        raise _LineProblem(
+            f"message {i}: tool call to {fn['name']!r}, which is not in "
+            f'"tools" ({", ".join(sorted(tool_names))})'
+        )
     args = fn.get("arguments", "{}")
     if isinstance(args, str):
         try:
             args = json.loads(args)
         except json.JSONDecodeError:
-            raise _LineProblem(f"message {i}: the arguments of {fn['name']!r} are not valid "
-                               "JSON") from None
+            raise _LineProblem(
+                f"message {i}: the arguments of {fn['name']!r} are not valid JSON"
+            ) from None
     if not isinstance(args, dict):
-        raise _LineProblem(f"message {i}: the arguments of {fn['name']!r} must be a JSON "
-                           "object")
+        raise _LineProblem(f"message {i}: the arguments of {fn['name']!r} must be a JSON object")
 
 
 def _answer(value: Any, name: str) -> dict[str, Any]:
@@ -326,8 +367,11 @@ def _answer(value: Any, name: str) -> dict[str, Any]:
         value = value[0]
     if isinstance(value, str) and value:
         return {"role": "assistant", "content": value}
-    if isinstance(value, dict) and value.get("role", "assistant") == "assistant" and (
-            isinstance(value.get("content"), str) and value["content"]):
+    if (
+        isinstance(value, dict)
+        and value.get("role", "assistant") == "assistant"
+        and (isinstance(value.get("content"), str) and value["content"])
+    ):
         return {"role": "assistant", "content": value["content"]}
     raise _LineProblem(f'"{name}" must be a non-empty string or one assistant message')
 
@@ -339,14 +383,18 @@ def _answer(value: Any, name: str) -> dict[str, Any]:
 
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
     with open(path, encoding="utf-8", errors="strict") as f:
-        for n, line in enumerate(f, start=1):
-            yield n, line
+        yield from enumerate(f, start=1)
 
 
-def validate_file(path: str | os.PathLike[str], tokenizer: Tokenizer, *,
-                  method: Literal["sft", "dpo"] = "sft", seq_len: int = 512,
-                  max_bytes: int = DEFAULT_MAX_BYTES,
-                  renderer: ChatRenderer | None = None) -> DataReport:
+def validate_file(
+    path: str | os.PathLike[str],
+    tokenizer: Tokenizer,
+    *,
+    method: Literal["sft", "dpo"] = "sft",
+    seq_len: int = 512,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    renderer: ChatRenderer | None = None,
+) -> DataReport:
     """Check every line of a JSONL file and tokenize it; every bad line becomes a `LineError`
     (the report is complete, not stopped at the first). ``report.samples`` holds the
     `Sample`s (sft) or `PreferencePair`s (dpo) of the good lines."""
@@ -357,9 +405,14 @@ def validate_file(path: str | os.PathLike[str], tokenizer: Tokenizer, *,
         return report
     size = p.stat().st_size
     if size > max_bytes:
-        report.errors.append(LineError(0, f"{p} is {size / 2**20:.0f} MiB, over the "
-                                          f"{max_bytes / 2**20:.0f} MiB limit; split it into "
-                                          "several files"))
+        report.errors.append(
+            LineError(
+                0,
+                f"{p} is {size / 2**20:.0f} MiB, over the "
+                f"{max_bytes / 2**20:.0f} MiB limit; split it into "
+                "several files",
+            )
+        )
         return report
     renderer = renderer or ChatRenderer(tokenizer)
     first_kind_line = 0
@@ -375,38 +428,48 @@ def validate_file(path: str | os.PathLike[str], tokenizer: Tokenizer, *,
             if first_kind_line == 0:
                 first_kind_line = n
     except UnicodeDecodeError as exc:
-        report.errors.append(LineError(0, f"{p} is not UTF-8 text ({exc.reason} at byte "
-                                          f"{exc.start}); save it as UTF-8 JSONL"))
+        report.errors.append(
+            LineError(
+                0,
+                f"{p} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8 JSONL",
+            )
+        )
     if report.kind is None and not report.errors:
         report.errors.append(LineError(0, f"{p} is empty; write one JSON sample per line"))
     return report
 
 
-def _one_line(line: str, n: int, report: DataReport, renderer: ChatRenderer, method: str,
-              seq_len: int) -> None:
+def _one_line(
+    line: str, n: int, report: DataReport, renderer: ChatRenderer, method: str, seq_len: int
+) -> None:
     try:
         obj = json.loads(line.rstrip("\r\n"))
     except json.JSONDecodeError as exc:
-        raise _LineProblem(f"invalid JSON ({exc.msg} at column {exc.colno}); each line must "
-                           "be one complete JSON object") from None
+        raise _LineProblem(
+            f"invalid JSON ({exc.msg} at column {exc.colno}); each line must "
+            "be one complete JSON object"
+        ) from None
     if not isinstance(obj, dict):
-        raise _LineProblem("a line must hold a JSON object, not a "
-                           f"{type(obj).__name__}")
+        raise _LineProblem(f"a line must hold a JSON object, not a {type(obj).__name__}")
     kind = _kind_of(obj)
     family = "messages" if kind in ("instruct", "function_calling") else kind
     if report.kind is None:
         if method == "dpo" and kind != "preference":
-            raise _LineProblem(f"DPO needs preference samples "
-                               '{"prompt", "chosen", "rejected"}, not a ' + kind + " sample")
+            raise _LineProblem(
+                "DPO needs preference samples "
+                '{"prompt", "chosen", "rejected"}, not a ' + kind + " sample"
+            )
         if method == "sft" and kind == "preference":
-            raise _LineProblem("a preference sample (chosen/rejected) trains with "
-                               "method dpo, not sft")
+            raise _LineProblem(
+                "a preference sample (chosen/rejected) trains with method dpo, not sft"
+            )
         report.kind = kind
     else:
         known = "messages" if report.kind in ("instruct", "function_calling") else report.kind
         if family != known:
-            raise _LineProblem(f"a {kind} sample in a file of {report.kind} samples; put each "
-                               "kind in its own file")
+            raise _LineProblem(
+                f"a {kind} sample in a file of {report.kind} samples; put each kind in its own file"
+            )
         if kind == "function_calling":
             report.kind = kind
     try:
@@ -423,26 +486,29 @@ def _one_line(line: str, n: int, report: DataReport, renderer: ChatRenderer, met
 def _check_keys(obj: dict[str, Any], allowed: set[str]) -> None:
     extra = set(obj) - allowed
     if extra:
-        raise _LineProblem(f"unknown key(s) {', '.join(sorted(extra))}; allowed here: "
-                           f"{', '.join(sorted(allowed))}")
+        raise _LineProblem(
+            f"unknown key(s) {', '.join(sorted(extra))}; allowed here: {', '.join(sorted(allowed))}"
+        )
 
 
-def _pretrain(obj: dict[str, Any], n: int, report: DataReport, tokenizer: Tokenizer,
-              seq_len: int) -> None:
+def _pretrain(
+    obj: dict[str, Any], n: int, report: DataReport, tokenizer: Tokenizer, seq_len: int
+) -> None:
     _check_keys(obj, {"text"})
     text = obj["text"]
     if not isinstance(text, str) or not text.strip():
         raise _LineProblem('"text" must be a non-empty string')
     ids = tokenizer.encode(text, bos=True, eos=True)
-    pieces = [ids[i:i + seq_len] for i in range(0, len(ids), seq_len)]
+    pieces = [ids[i : i + seq_len] for i in range(0, len(ids), seq_len)]
     pieces = [p for p in pieces if len(p) > 1]
     report.n_split += len(pieces) - 1
     for piece in pieces:
         _add(report, Sample(piece, [True] * len(piece), n))
 
 
-def _conversation(obj: dict[str, Any], n: int, report: DataReport, renderer: ChatRenderer,
-                  seq_len: int) -> None:
+def _conversation(
+    obj: dict[str, Any], n: int, report: DataReport, renderer: ChatRenderer, seq_len: int
+) -> None:
     _check_keys(obj, {"messages", "tools"})
     tools = obj.get("tools")
     names = _check_tools(tools) if tools is not None else None
@@ -452,15 +518,18 @@ def _conversation(obj: dict[str, Any], n: int, report: DataReport, renderer: Cha
     _add(report, Sample(tokens, mask, n))
 
 
-def _preference(obj: dict[str, Any], n: int, report: DataReport, renderer: ChatRenderer,
-                seq_len: int) -> None:
+def _preference(
+    obj: dict[str, Any], n: int, report: DataReport, renderer: ChatRenderer, seq_len: int
+) -> None:
     _check_keys(obj, {"prompt", "messages", "chosen", "rejected", "tools"})
     for key in ("chosen", "rejected"):
         if key not in obj:
             raise _LineProblem(f'a preference sample needs "{key}"')
     if ("prompt" in obj) == ("messages" in obj):
-        raise _LineProblem('give the prompt as "prompt" (a string) or "messages" (a list '
-                           "ending with a user message), one of the two")
+        raise _LineProblem(
+            'give the prompt as "prompt" (a string) or "messages" (a list '
+            "ending with a user message), one of the two"
+        )
     if "prompt" in obj:
         if not isinstance(obj["prompt"], str) or not obj["prompt"]:
             raise _LineProblem('"prompt" must be a non-empty string')
@@ -490,8 +559,10 @@ def _preference(obj: dict[str, Any], n: int, report: DataReport, renderer: ChatR
 
 def _fits(n_tokens: int, seq_len: int, what: str) -> None:
     if n_tokens > seq_len:
-        raise _LineProblem(f"the {what} is {n_tokens} tokens, over seq_len {seq_len}; it is "
-                           "not truncated: raise seq_len or shorten/split the sample")
+        raise _LineProblem(
+            f"the {what} is {n_tokens} tokens, over seq_len {seq_len}; it is "
+            "not truncated: raise seq_len or shorten/split the sample"
+        )
 
 
 def _add(report: DataReport, sample: Sample) -> None:
@@ -501,17 +572,29 @@ def _add(report: DataReport, sample: Sample) -> None:
     report.samples.append(sample)
 
 
-def load_dataset(paths: list[str], tokenizer: Tokenizer, *, method: Literal["sft", "dpo"],
-                 seq_len: int, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[list[Any], list[DataReport]]:
+def load_dataset(
+    paths: list[str],
+    tokenizer: Tokenizer,
+    *,
+    method: Literal["sft", "dpo"],
+    seq_len: int,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> tuple[list[Any], list[DataReport]]:
     """Validate and tokenize every file; raise `FinetuneError` with the first errors (line
     numbers included) if any file has one. Returns all samples, in file order."""
     renderer = ChatRenderer(tokenizer)
-    reports = [validate_file(p, tokenizer, method=method, seq_len=seq_len, max_bytes=max_bytes,
-                             renderer=renderer) for p in paths]
+    reports = [
+        validate_file(
+            p, tokenizer, method=method, seq_len=seq_len, max_bytes=max_bytes, renderer=renderer
+        )
+        for p in paths
+    ]
     bad = [r for r in reports if not r.ok]
     if bad:
-        raise FinetuneError(" ".join(r.summary(limit=5) for r in bad[:3]).rstrip(".") +
-                            "; fix them (see `souverain finetune validate`), nothing was trained.")
+        raise FinetuneError(
+            " ".join(r.summary(limit=5) for r in bad[:3]).rstrip(".")
+            + "; fix them (see `souverain finetune validate`), nothing was trained."
+        )
     samples: list[Any] = []
     for r in reports:
         samples += r.samples
@@ -558,6 +641,10 @@ def batch_tensors(samples: list[Sample]) -> tuple[Any, Any, Any, Any, list[int]]
         msk += s.mask[1:]
         pos += range(n)
         lens.append(n)
-    return (torch.tensor(toks), torch.tensor(pos), torch.tensor(tgt),
-            torch.tensor(msk, dtype=torch.bool), lens)
-
+    return (
+        torch.tensor(toks),
+        torch.tensor(pos),
+        torch.tensor(tgt),
+        torch.tensor(msk, dtype=torch.bool),
+        lens,
+    )

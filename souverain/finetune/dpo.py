@@ -33,15 +33,17 @@ def sequence_logps(model: Transformer, pairs: list[PreferencePair]) -> torch.Ten
     return sums.view(-1, 2)
 
 
-def dpo_loss(policy: torch.Tensor, reference: torch.Tensor, beta: float
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+def dpo_loss(
+    policy: torch.Tensor, reference: torch.Tensor, beta: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-pair DPO losses and reward margins from (n, 2) chosen/rejected log-probs."""
     margin = beta * ((policy[:, 0] - policy[:, 1]) - (reference[:, 0] - reference[:, 1]))
     return -F.logsigmoid(margin), margin.detach()
 
 
-def pair_losses(model: Transformer, pairs: list[PreferencePair], beta: float
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_losses(
+    model: Transformer, pairs: list[PreferencePair], beta: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Losses (with grad through the adapters) and margins of a microbatch of pairs."""
     with torch.no_grad(), adapters_disabled(model):
         reference = sequence_logps(model, pairs)

@@ -57,9 +57,13 @@ def _targets(model: Transformer, targets: tuple[str, ...]) -> list[tuple[str, nn
     return found
 
 
-def inject_lora(model: Transformer, rank: int, scaling: float, dropout: float = 0.0,
-                targets: tuple[str, ...] = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
-                ) -> dict[str, LoRALinear]:
+def inject_lora(
+    model: Transformer,
+    rank: int,
+    scaling: float,
+    dropout: float = 0.0,
+    targets: tuple[str, ...] = ("wq", "wk", "wv", "wo", "w1", "w2", "w3"),
+) -> dict[str, LoRALinear]:
     """Wrap every target linear of the blocks (MoE experts included, never the router, the
     embeddings or the head) in place; every other parameter is frozen. Layers are created in
     module order, so the random A matrices depend only on the torch seed."""
@@ -96,15 +100,15 @@ def adapters_disabled(model: nn.Module) -> Iterator[None]:
             layer.enabled = True
 
 
-def to_adapter(model: nn.Module, *, base_model: str | None = None,
-               name: str | None = None) -> LoRAAdapter:
+def to_adapter(
+    model: nn.Module, *, base_model: str | None = None, name: str | None = None
+) -> LoRAAdapter:
     """The current A/B of every `LoRALinear` as a `LoRAAdapter` (detached float32 copies)."""
     layers = lora_layers(model)
     if not layers:
         raise ValueError("the model has no LoRA layers")
     first = next(iter(layers.values()))
-    weights = {n: (m.lora_A.detach().clone(), m.lora_B.detach().clone())
-               for n, m in layers.items()}
+    weights = {n: (m.lora_A.detach().clone(), m.lora_B.detach().clone()) for n, m in layers.items()}
     return LoRAAdapter(first.rank, first.scaling, weights, base_model, name)
 
 

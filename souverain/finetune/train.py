@@ -50,9 +50,25 @@ from souverain.models.transformer import Transformer
 EventFn = Callable[[dict[str, Any]], None]
 STATE_FILE = "trainer_state.pt"
 # config fields that change the trajectory: a resumed run must have the same ones
-_TRAJECTORY = ("model", "train_files", "method", "seq_len", "batch_size", "grad_accum",
-               "max_steps", "epochs", "learning_rate", "weight_decay", "warmup_fraction",
-               "schedule", "max_grad_norm", "dtype", "seed", "lora", "dpo_beta")
+_TRAJECTORY = (
+    "model",
+    "train_files",
+    "method",
+    "seq_len",
+    "batch_size",
+    "grad_accum",
+    "max_steps",
+    "epochs",
+    "learning_rate",
+    "weight_decay",
+    "warmup_fraction",
+    "schedule",
+    "max_grad_norm",
+    "dtype",
+    "seed",
+    "lora",
+    "dpo_beta",
+)
 
 
 @dataclass
@@ -108,7 +124,7 @@ class _Units:
         if self._perm is None or self._perm[0] != epoch:
             gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch + 1)
             self._perm = (epoch, torch.randperm(len(self.units), generator=gen).tolist())
-        idx = self._perm[1][k * self.cfg.batch_size:(k + 1) * self.cfg.batch_size]
+        idx = self._perm[1][k * self.cfg.batch_size : (k + 1) * self.cfg.batch_size]
         return [item for i in idx for item in self.units[i]]
 
 
@@ -121,7 +137,7 @@ def lr_lambda(cfg: TrainConfig, total: int) -> Callable[[int], float]:
     """Multiplier of the peak learning rate for optimizer step ``k`` (0-based): linear warmup
     over ``warmup_fraction`` of the steps, then cosine to 0 (``cosine``), linear to 0
     (``one_cycle``, with a warmup from 0 as in OneCycle), or flat (``constant``)."""
-    warm = int(round(cfg.warmup_fraction * total))
+    warm = round(cfg.warmup_fraction * total)
 
     def f(k: int) -> float:
         if k < warm:
@@ -140,8 +156,11 @@ def _checkpoints(run_dir: Path) -> list[Path]:
     root = run_dir / "checkpoints"
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir()
-                  if p.is_dir() and p.name.startswith("step_") and (p / STATE_FILE).is_file())
+    return sorted(
+        p
+        for p in root.iterdir()
+        if p.is_dir() and p.name.startswith("step_") and (p / STATE_FILE).is_file()
+    )
 
 
 def _write_dir_atomically(final: Path, fill: Callable[[Path], None]) -> Path:
@@ -184,20 +203,20 @@ def prepare(cfg: TrainConfig) -> tuple[Any, Transformer, list[Any], list[Any]]:
         torch.set_num_threads(cfg.threads)
     ckpt = weights.load(cfg.model)
     if ckpt.tokenizer is None:
-        raise FinetuneError(f"{cfg.model} has no tokenizer; copy its tokenizer file into the "
-                            "model folder.")
-    train, _ = load_dataset(cfg.train_files, ckpt.tokenizer, method=cfg.method,
-                            seq_len=cfg.seq_len)
+        raise FinetuneError(
+            f"{cfg.model} has no tokenizer; copy its tokenizer file into the model folder."
+        )
+    train, _ = load_dataset(cfg.train_files, ckpt.tokenizer, method=cfg.method, seq_len=cfg.seq_len)
     evals: list[Any] = []
     if cfg.eval_files:
-        evals, _ = load_dataset(cfg.eval_files, ckpt.tokenizer, method=cfg.method,
-                                seq_len=cfg.seq_len)
+        evals, _ = load_dataset(
+            cfg.eval_files, ckpt.tokenizer, method=cfg.method, seq_len=cfg.seq_len
+        )
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     model = load_model(ckpt, cfg.dtype, fuse=False)
-    inject_lora(model, cfg.lora.rank, cfg.lora.scaling, cfg.lora.dropout,
-                cfg.lora.target_modules)
+    inject_lora(model, cfg.lora.rank, cfg.lora.scaling, cfg.lora.dropout, cfg.lora.target_modules)
     return ckpt, model, train, evals
 
 
@@ -218,36 +237,48 @@ def evaluate(model: Transformer, cfg: TrainConfig, data: list[Any]) -> dict[str,
             return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0))}
         losses, margins = [], []
         for i in range(0, len(data), cfg.batch_size):
-            lo, ma = pair_losses(model, data[i:i + cfg.batch_size], cfg.dpo_beta)
+            lo, ma = pair_losses(model, data[i : i + cfg.batch_size], cfg.dpo_beta)
             losses.append(lo)
             margins.append(ma)
         lo, ma = torch.cat(losses), torch.cat(margins)
-        return {"eval_loss": float(lo.mean()), "reward_margin": float(ma.mean()),
-                "reward_accuracy": float((ma > 0).float().mean())}
+        return {
+            "eval_loss": float(lo.mean()),
+            "reward_margin": float(ma.mean()),
+            "reward_accuracy": float((ma > 0).float().mean()),
+        }
     finally:
         model.train(was_training)
 
 
-def run_training(cfg: TrainConfig, *, resume: bool = False, on_event: EventFn | None = None,
-                 should_stop: Callable[[], bool] | None = None) -> TrainResult:
+def run_training(
+    cfg: TrainConfig,
+    *,
+    resume: bool = False,
+    on_event: EventFn | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> TrainResult:
     """Train a LoRA adapter as ``cfg`` says; see the module docstring for the whole path.
     ``should_stop()`` is polled before every step: when true, a checkpoint is written and the
     run returns with status "cancelled" (resume it later with ``resume=True``)."""
     run_dir = Path(cfg.run_dir)
     existing = _checkpoints(run_dir)
     if existing and not resume:
-        raise FinetuneError(f"{run_dir} already holds checkpoints of a run; resume it "
-                            "(--resume) or choose another run_dir.")
+        raise FinetuneError(
+            f"{run_dir} already holds checkpoints of a run; resume it "
+            "(--resume) or choose another run_dir."
+        )
     if (run_dir / "checkpoints" / "final").exists() and not existing and not resume:
         raise FinetuneError(f"{run_dir} holds a finished run; choose another run_dir.")
     saved_cfg = run_dir / "config.json"
     if resume and saved_cfg.is_file():
         before = json.loads(saved_cfg.read_text())
-        now = cfg.to_dict()
-        changed = [k for k in _TRAJECTORY if before.get(k) != now.get(k)]
+        current = cfg.to_dict()
+        changed = [k for k in _TRAJECTORY if before.get(k) != current.get(k)]
         if changed:
-            raise FinetuneError(f"cannot resume {run_dir}: the config changed ({', '.join(changed)}"
-                                "); put it back, or start a new run_dir.")
+            raise FinetuneError(
+                f"cannot resume {run_dir}: the config changed ({', '.join(changed)}"
+                "); put it back, or start a new run_dir."
+            )
 
     ckpt, model, train_data, eval_data = prepare(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -257,23 +288,36 @@ def run_training(cfg: TrainConfig, *, resume: bool = False, on_event: EventFn | 
     units = _Units(cfg, train_data)
     total = units.total_steps()
     params = [p for layer in lora_layers(model).values() for p in (layer.lora_A, layer.lora_B)]
-    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(0.9, 0.95), eps=1e-8,
-                            weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(
+        params, lr=cfg.learning_rate, betas=(0.9, 0.95), eps=1e-8, weight_decay=cfg.weight_decay
+    )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total))
     args = ckpt.args
 
     def save_adapter_to(folder: Path) -> None:
-        save_adapter(to_adapter(model, base_model=str(cfg.model), name=folder.name), folder,
-                     n_heads=args.n_heads, n_kv_heads=args.n_kv_heads,
-                     alpha=cfg.lora.alpha if cfg.lora.alpha is not None
-                     else cfg.lora.scaling * cfg.lora.rank, dropout=cfg.lora.dropout)
+        save_adapter(
+            to_adapter(model, base_model=str(cfg.model), name=folder.name),
+            folder,
+            n_heads=args.n_heads,
+            n_kv_heads=args.n_kv_heads,
+            alpha=cfg.lora.alpha
+            if cfg.lora.alpha is not None
+            else cfg.lora.scaling * cfg.lora.rank,
+            dropout=cfg.lora.dropout,
+        )
 
     def checkpoint(step: int) -> Path:
         state = {
-            "step": step, "microbatch": step * cfg.grad_accum, "total_steps": total,
-            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-            "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
-                    "torch": torch.get_rng_state()},
+            "step": step,
+            "microbatch": step * cfg.grad_accum,
+            "total_steps": total,
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "rng": {
+                "python": random.getstate(),
+                "numpy": np.random.get_state(),
+                "torch": torch.get_rng_state(),
+            },
             "config": cfg.to_dict(),
         }
 
@@ -282,7 +326,7 @@ def run_training(cfg: TrainConfig, *, resume: bool = False, on_event: EventFn | 
             torch.save(state, tmp / STATE_FILE)
 
         path = _write_dir_atomically(run_dir / "checkpoints" / f"step_{step:06d}", fill)
-        for old in _checkpoints(run_dir)[:-cfg.keep_checkpoints]:
+        for old in _checkpoints(run_dir)[: -cfg.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
         emit({"type": "checkpoint", "step": step, "path": str(path)})
         return path
@@ -319,10 +363,16 @@ def run_training(cfg: TrainConfig, *, resume: bool = False, on_event: EventFn | 
         step += 1
         now = time.monotonic()
         done = step - first_step
-        event = {"type": "step", "step": step, "total_steps": total, **stats, "lr": lr,
-                 "tokens_per_s": stats["tokens"] / max(now - t0, 1e-9),
-                 "elapsed_s": now - started,
-                 "eta_s": (now - started) / done * (total - step)}
+        event = {
+            "type": "step",
+            "step": step,
+            "total_steps": total,
+            **stats,
+            "lr": lr,
+            "tokens_per_s": stats["tokens"] / max(now - t0, 1e-9),
+            "elapsed_s": now - started,
+            "eta_s": (now - started) / done * (total - step),
+        }
         history.update({k: v for k, v in event.items() if k != "type"})
         emit(event)
         if eval_data and cfg.eval_every and step % cfg.eval_every == 0 and step < total:
@@ -330,8 +380,11 @@ def run_training(cfg: TrainConfig, *, resume: bool = False, on_event: EventFn | 
         if step % cfg.checkpoint_every == 0 and step < total:
             checkpoint(step)
 
-    metrics = {"steps": step, "loss": history.get("loss"),
-               "train_tokens_per_s": history.get("tokens_per_s")}
+    metrics = {
+        "steps": step,
+        "loss": history.get("loss"),
+        "train_tokens_per_s": history.get("tokens_per_s"),
+    }
     if eval_data:
         ev = evaluate(model, cfg, eval_data)
         emit({"type": "eval", "step": step, **ev})
@@ -346,9 +399,14 @@ def run_training(cfg: TrainConfig, *, resume: bool = False, on_event: EventFn | 
     return TrainResult(final, step, metrics, "completed")
 
 
-def _train_step(model: Transformer, cfg: TrainConfig, micro: list[list[Any]],
-                params: list[torch.nn.Parameter], opt: torch.optim.Optimizer,
-                sched: torch.optim.lr_scheduler.LRScheduler) -> dict[str, float]:
+def _train_step(
+    model: Transformer,
+    cfg: TrainConfig,
+    micro: list[list[Any]],
+    params: list[torch.nn.Parameter],
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler,
+) -> dict[str, float]:
     """One optimizer step over ``grad_accum`` microbatches; the loss is normalised over the
     whole step (not per microbatch) so accumulation equals one big batch."""
     stats: dict[str, float] = {}
@@ -373,8 +431,11 @@ def _train_step(model: Transformer, cfg: TrainConfig, micro: list[list[Any]],
             margins.append(ma)
             tokens += sum(len(p.chosen.tokens) + len(p.rejected.tokens) - 2 for p in mb)
         lo, ma = torch.cat(losses), torch.cat(margins)
-        stats.update(loss=float(lo.mean()), reward_margin=float(ma.mean()),
-                     reward_accuracy=float((ma > 0).float().mean()))
+        stats.update(
+            loss=float(lo.mean()),
+            reward_margin=float(ma.mean()),
+            reward_accuracy=float((ma > 0).float().mean()),
+        )
     stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
     opt.step()
     sched.step()
@@ -383,8 +444,9 @@ def _train_step(model: Transformer, cfg: TrainConfig, micro: list[list[Any]],
     return stats
 
 
-def measure_tokens_per_s(cfg: TrainConfig, model: Transformer, data: list[Any],
-                         steps: int = 2) -> float:
+def measure_tokens_per_s(
+    cfg: TrainConfig, model: Transformer, data: list[Any], steps: int = 2
+) -> float:
     """Training throughput on this machine: forward + backward of the first microbatch,
     ``steps`` times after one warm-up (no optimizer step: the model is left unchanged)."""
     units = _Units(cfg, data)
