@@ -1,7 +1,7 @@
 """Multi-LoRA serving: several adapters resident at once, applied per row of ONE forward.
 
 Every flat-batch row belongs to the base model or to one resident adapter (a *slot*). Each
-adaptable linear of the model is wrapped by a `LoRALinear` (module swapping, as the quantized
+adaptable linear of the model is wrapped by a `MultiLoRALinear` (module swapping, as the quantized
 linears: the model's maths is not edited) that computes
 
     y = base(x) + sum over adapters a in the step:  index_add(rows_a, (x[rows_a] @ A_a^T) @ B_a^T)
@@ -36,7 +36,6 @@ from torch import nn
 from souverain.errors import CheckpointError, RequestError
 from souverain.finetune.adapter import LoRAAdapter
 from souverain.models.args import ModelArgs
-from souverain.models.quantize import set_submodule
 
 # Block-diagonal B up to this many elements (SmolLM2 wqkv r=16: 46k; 7B wqkv: 295k).
 _BLOCK_DIAG_MAX = 1 << 17
@@ -80,7 +79,7 @@ class _Step:
         self.groups: list[tuple[int, torch.Tensor | None]] = []
 
 
-class LoRALinear(nn.Module):
+class MultiLoRALinear(nn.Module):
     """A linear (float, quantized, or fused) plus the LoRA deltas of the resident adapters."""
 
     def __init__(self, base: nn.Module, parts: list[tuple[str, int]], step: _Step):
@@ -194,8 +193,9 @@ class LoRAManager:
         self.resident: OrderedDict[str, _Resident] = OrderedDict()  # least recently used first
         self.num_evictions = 0
         self._step = _Step()
-        self._wrappers: dict[str, LoRALinear] | None = None  # built at the first add
+        self._wrappers: dict[str, MultiLoRALinear] | None = None  # built at the first add
         self._active = False  # wrappers swapped into the model
+        self._slots: list[tuple[nn.Module, str, MultiLoRALinear]] = []  # (parent, leaf, wrapper)
         self._generations = itertools.count(1)
 
     # -- registry --------------------------------------------------------------------------
@@ -231,8 +231,10 @@ class LoRAManager:
                                "supported yet (attention-only adapters are).")
         if self._wrappers is None:
             step = self._step
-            self._wrappers = {mod: LoRALinear(self.model.get_submodule(mod), parts, step)
+            self._wrappers = {mod: MultiLoRALinear(self.model.get_submodule(mod), parts, step)
                               for mod, parts in _adaptable(self.model, self.args).items()}
+            self._slots = [(self.model.get_submodule(mod.rpartition(".")[0]),
+                            mod.rpartition(".")[2], w) for mod, w in self._wrappers.items()]
         known = {p for w in self._wrappers.values() for p, _ in w.parts}
         unknown = sorted(set(adapter.weights) - known)
         if unknown:
@@ -304,6 +306,8 @@ class LoRAManager:
     def _set_active(self, active: bool) -> None:
         if active == self._active or self._wrappers is None:
             return
-        for mod, w in self._wrappers.items():
-            set_submodule(self.model, mod, w if active else w.base)
+        # straight into the parents' module dicts: nn.Module.__setattr__ costs ~8 us a call
+        # (SmolLM2: 210 linears, 1.7 ms a swap; 0.1 ms this way)
+        for parent, leaf, w in self._slots:
+            parent._modules[leaf] = w if active else w.base
         self._active = active
