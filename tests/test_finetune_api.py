@@ -118,8 +118,11 @@ def test_store_files(store: JobStore) -> None:
     store.cancel(job.id)
     store.delete_file(f.id)
     assert not Path(f.path).exists()
+    for bad in (f.id, "x\x00y"):
+        with pytest.raises(NotFound):
+            store.get_file(bad)
     with pytest.raises(NotFound):
-        store.get_file(f.id)
+        store.get_job("x\x00y")
     with pytest.raises(NotFound):
         store.create_job(model="tiny", model_path="/m",
                          training_files=[{"file_id": f.id, "weight": 1.0}])

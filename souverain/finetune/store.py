@@ -226,8 +226,11 @@ class JobStore:
         return rec
 
     def get_file(self, file_id: str) -> FileRecord:
-        with self.engine.begin() as c:
-            row = c.execute(files_t.select().where(files_t.c.id == file_id)).mappings().first()
+        row = None
+        if "\x00" not in file_id:  # (PostgreSQL refuses NUL in text; no id holds one)
+            with self.engine.begin() as c:
+                row = c.execute(files_t.select().where(files_t.c.id == file_id)
+                                ).mappings().first()
         if row is None:
             raise NotFound(f"No file {file_id!r}; GET /v1/files lists the uploaded files.")
         return FileRecord(**row)
@@ -456,7 +459,8 @@ class JobStore:
 
 
 def _job(c: Connection, job_id: str) -> JobRecord:
-    row = c.execute(jobs_t.select().where(jobs_t.c.id == job_id)).mappings().first()
+    row = None if "\x00" in job_id else \
+        c.execute(jobs_t.select().where(jobs_t.c.id == job_id)).mappings().first()
     if row is None:
         raise NotFound(f"No fine-tuning job {job_id!r}; GET /v1/fine_tuning/jobs lists them.")
     return JobRecord(**row)

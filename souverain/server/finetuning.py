@@ -242,11 +242,12 @@ def install(app: FastAPI, authorize: Callable[..., Any], store: JobStore, *,
         return file_json(rec)
 
     @app.get("/v1/files", tags=["files"], summary="List files", responses=errs)
-    async def list_files(page: int = Query(0, ge=0), page_size: int = Query(100, ge=1, le=1000),
+    async def list_files(page: int = Query(0, ge=0, le=1_000_000), page_size: int = Query(100, ge=1, le=1000),
                          include_total: bool = True, purpose: str | None = None,
                          search: str | None = None,
                          sample_type: list[str] | None = Query(None),
                          key: Any = auth) -> dict[str, Any]:
+        _no_nul(purpose=purpose, search=search, sample_type=",".join(sample_type or []))
         files, total = await _call(lambda: store.list_files(
             purpose=purpose, search=search, sample_types=sample_type,
             offset=page * page_size, limit=page_size))
@@ -280,6 +281,8 @@ def install(app: FastAPI, authorize: Callable[..., Any], store: JobStore, *,
     @app.post("/v1/fine_tuning/jobs", tags=tags, summary="Create a fine-tuning job (LoRA)",
               responses=errs)
     async def create_job(body: JobCreate, key: Any = auth) -> dict[str, Any]:
+        check_model(key, body.model)  # an unknown or forbidden model first: 404 / 403
+        model_path = find_model(body.model)
         for field in ("integrations", "repositories", "classifier_targets"):
             if getattr(body, field):
                 raise APIError(400, f"{field} are not supported here: training runs on this "
@@ -305,8 +308,6 @@ def install(app: FastAPI, authorize: Callable[..., Any], store: JobStore, *,
             raise APIError(400, "training_files with different weights are not supported "
                                 "here yet; give every file the same weight (or repeat a file "
                                 "to weigh it more).", param="training_files")
-        check_model(key, body.model)
-        model_path = find_model(body.model)
         job = await _call(lambda: store.create_job(
             model=body.model, model_path=model_path,
             training_files=[f.model_dump() for f in files],
@@ -317,12 +318,13 @@ def install(app: FastAPI, authorize: Callable[..., Any], store: JobStore, *,
 
     @app.get("/v1/fine_tuning/jobs", tags=tags, summary="List fine-tuning jobs",
              responses=errs)
-    async def list_jobs(page: int = Query(0, ge=0), page_size: int = Query(100, ge=1, le=1000),
+    async def list_jobs(page: int = Query(0, ge=0, le=1_000_000), page_size: int = Query(100, ge=1, le=1000),
                         model: str | None = None, status: str | None = None,
                         created_after: str | None = None, suffix: str | None = None,
                         created_by_me: bool | None = None, wandb_project: str | None = None,
                         wandb_name: str | None = None,
                         key: Any = auth) -> dict[str, Any]:
+        _no_nul(model=model, suffix=suffix)
         if status is not None and status not in STATUSES:
             raise APIError(400, f"status {status!r} is not a job status; use one of "
                                 f"{', '.join(STATUSES)}.", param="status")
@@ -348,6 +350,13 @@ def install(app: FastAPI, authorize: Callable[..., Any], store: JobStore, *,
               summary="Start a job created with auto_start=false", responses=errs)
     async def start_job(job_id: str, key: Any = auth) -> dict[str, Any]:
         return await _call(lambda: job_json(store.start(job_id), store))
+
+
+def _no_nul(**params: str | None) -> None:
+    """A NUL character matches nothing and PostgreSQL refuses it in text: a 400 instead."""
+    for name, value in params.items():
+        if value and "\x00" in value:
+            raise APIError(400, f"{name} contains a NUL character; remove it.", param=name)
 
 
 def _timestamp(value: str) -> float:
