@@ -514,3 +514,13 @@ def test_survives_worker_and_server_kills(tmp_path: Path, model_dir: str) -> Non
         assert steps and steps[0] > ev["data"]["from_step"] >= 1
     assert sorted({c["step_number"] for c in done["checkpoints"]}) == \
         [c["step_number"] for c in done["checkpoints"]]
+
+
+def test_store_bad_database_is_one_sentence(tmp_path: Path) -> None:
+    from souverain.finetune.store import JobsError
+
+    for url, words in [("postgresql+psycopg://u:secret@127.0.0.1:1/db", "Connection refused"),
+                       ("nonsense", "sqlite:///PATH")]:
+        with pytest.raises(JobsError, match=words) as e:
+            JobStore(url, tmp_path)
+        assert "secret" not in str(e.value)

@@ -196,8 +196,13 @@ class JobStore:
         self.files_dir = self.root / "files"
         self.runs_dir = self.root / "runs"
         self.url = url or default_db_url(root)
-        self.engine = _engine(self.url)
-        _meta.create_all(self.engine)
+        try:
+            self.engine = _engine(self.url)
+            _meta.create_all(self.engine)
+        except (sa.exc.SQLAlchemyError, OSError) as exc:
+            reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+            raise JobsError(f"Cannot open the fine-tuning jobs database {_safe(self.url)}: "
+                            f"{reason}; pass another --jobs-db, or --no-finetune.") from None
 
     def close(self) -> None:
         self.engine.dispose()
@@ -511,6 +516,14 @@ def _write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
+def _safe(url: str) -> str:
+    """The URL without its password."""
+    try:
+        return sa.engine.make_url(url).render_as_string(hide_password=True)
+    except sa.exc.ArgumentError:
+        return url.rsplit("@", 1)[-1]
+
+
 def _engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         path = sa.engine.make_url(url).database
@@ -536,6 +549,6 @@ def _engine(url: str) -> Engine:
         return engine
     try:
         return sa.create_engine(url, pool_pre_ping=True)
-    except Exception as exc:  # noqa: BLE001 - bad URL or missing driver: one sentence
-        raise JobsError(f"Cannot open the jobs database {url!r}: {exc}; use sqlite:///PATH "
-                        "or postgresql+psycopg://USER@HOST/DB.") from None
+    except (sa.exc.ArgumentError, ImportError) as exc:  # a bad URL or a missing driver
+        raise JobsError(f"Cannot open the jobs database {_safe(url)} ({exc}); use "
+                        "sqlite:///PATH or postgresql+psycopg://USER@HOST/DB.") from None
