@@ -182,7 +182,7 @@ def test_store_orphans_and_succeeded_models(store: JobStore) -> None:
     assert not store.adopt(dead[0], pid=6, host="here")  # the owner changed: only one wins
     store.set_status(job.id, SUCCESS, expect=(RUNNING,), fine_tuned_model="ft:tiny:s1:x",
                      adapter_dir="/a")
-    assert store.succeeded_models() == [("ft:tiny:s1:x", "tiny", "/a")]
+    assert store.succeeded_models() == [("ft:tiny:s1:x", "tiny", "/a", job.id)]
 
 
 # -- the worker, in this process, with the real validator and trainer --------------------------
@@ -265,8 +265,10 @@ def serve_args(model_dir: str, home: Path, *extra: str) -> tuple[list[str], dict
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, model_dir: str):
-    args, env = serve_args(model_dir, tmp_path_factory.mktemp("ft-home"))
+    home = tmp_path_factory.mktemp("ft-home")
+    args, env = serve_args(model_dir, home)
     srv = ServerProcess(*args, env=env)
+    srv.home = home
     yield srv
     assert srv.stop() == 0, srv.log()
 
@@ -340,7 +342,50 @@ def test_bad_uploads_are_refused(client: Mistral, data: bytes, status: int,
     assert words in json.loads(e.value.body)["message"], e.value.body
 
 
-def test_whole_flow(client: Mistral, server: ServerProcess) -> None:
+def check_fine_tuned_model_is_served(client: Mistral, server: ServerProcess, job: dict,
+                                     model_dir: str) -> None:
+    """The `ft:` model is listed at once and answers chat completions: greedy, its answer is
+    the base engine's with the job's adapter (computed here, offline), and a base request in
+    the same batch still answers as the base model."""
+    from souverain import LLMEngine
+    from souverain.engine.engine import EngineConfig
+    from souverain.engine.sampling import SamplingParams
+    from souverain.finetune.adapter import load_adapter
+
+    ft = job["fine_tuned_model"]
+    cards = {m.id: m for m in client.models.list().data}
+    assert ft in cards and cards[ft].type == "fine-tuned"
+    assert cards[ft].root == "tiny" and cards[ft].job == job["id"]
+    assert client.models.retrieve(model_id=ft).id == ft
+    jobs = JobStore(None, server.home)  # the server's own job store (SQLite)
+    adapter_dir = [d for n, _, d, _ in jobs.succeeded_models() if n == ft][0]
+    jobs.close()
+
+    question = [{"role": "user", "content": "What is 7 plus 7?"}]
+    served = {}
+    for model in (ft, "tiny", ft):
+        res = client.chat.complete(model=model, messages=question, temperature=0,
+                                   max_tokens=12)
+        served.setdefault(model, res.choices[0].message.content)
+        assert res.choices[0].message.content == served[model]  # stable across requests
+
+    eng = LLMEngine(model_dir, EngineConfig(dtype="float32", kv_cache_gib=0.05))
+    params = SamplingParams(temperature=0, max_tokens=12)
+    ids = eng.tokenizer.encode_chat(question)
+    adapter = load_adapter(adapter_dir)
+    assert all(b.abs().sum() > 0 for _, b in adapter.weights.values())  # trained: B moved off 0
+    eng.add_lora(ft, adapter)
+    outs = {}
+    for name, lora in (("tiny", None), (ft, ft)):
+        rid = eng.add_request(None, ids, params, lora=lora)
+        while eng.has_unfinished():
+            for out in eng.step():
+                if out.request_id == rid and out.finished:
+                    outs[name] = out.outputs[0].text
+    assert served == outs, (served, outs)
+
+
+def test_whole_flow(client: Mistral, server: ServerProcess, model_dir: str) -> None:
     train = upload(client, GOOD)
     valid = upload(client, jsonl([conversation(i) for i in range(100, 106)]), "valid.jsonl")
     r = create(server, training_files=[{"file_id": train, "weight": 1}],
@@ -373,6 +418,7 @@ def test_whole_flow(client: Mistral, server: ServerProcess) -> None:
     page = httpx.get(server.url + "/v1/fine_tuning/jobs", params={"page_size": 1},
                      timeout=30).json()
     assert len(page["data"]) == 1
+    check_fine_tuned_model_is_served(client, server, done, model_dir)
     with pytest.raises(sdk_errors.SDKError) as e:  # the finished job's file can go now
         client.files.delete(file_id="not-a-file")
     assert e.value.status_code == 404

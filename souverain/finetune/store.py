@@ -452,15 +452,15 @@ class JobStore:
                                     heartbeat_at=time.time(), modified_at=time.time()))
             return res.rowcount == 1
 
-    def succeeded_models(self) -> list[tuple[str, str, str]]:
-        """``(fine_tuned_model, base_model, adapter_dir)`` of every SUCCESS job, oldest first;
-        ``base_model`` is the served model name the job was created with."""
+    def succeeded_models(self) -> list[tuple[str, str, str, str]]:
+        """``(fine_tuned_model, base_model, adapter_dir, job_id)`` of every SUCCESS job, oldest
+        first; ``base_model`` is the served model name the job was created with."""
         with self.engine.begin() as c:
             rows = c.execute(sa.select(jobs_t.c.fine_tuned_model, jobs_t.c.model,
-                                       jobs_t.c.adapter_dir)
+                                       jobs_t.c.adapter_dir, jobs_t.c.id)
                              .where(jobs_t.c.status == SUCCESS)
                              .order_by(jobs_t.c.created_at)).all()
-        return [(r[0], r[1], r[2]) for r in rows if r[0] and r[2]]
+        return [(r[0], r[1], r[2], r[3]) for r in rows if r[0] and r[2]]
 
 
 def _job(c: Connection, job_id: str) -> JobRecord:

@@ -53,7 +53,7 @@ from souverain.server.protocol import (
     ModelList,
 )
 from souverain.server.ratelimit import AdmissionQueue, RateLimiter
-from souverain.server.registry import ModelRegistry, ServedModel
+from souverain.server.registry import FineTuned, ModelRegistry, ServedModel
 
 log = logging.getLogger("souverain.server")
 
@@ -342,7 +342,7 @@ def create_app(registry: ModelRegistry, config: ServerConfig | None = None) -> F
                                lambda key, n: _charge(limiter, key, n), config.embed_model)
 
     # -- models, health, metrics ---------------------------------------------------------
-    def card(m: ServedModel, name: str | None = None) -> ModelCard:
+    def card(m: ServedModel, name: str | None = None, ft: FineTuned | None = None) -> ModelCard:
         tok = None
         ctx = m.config.max_model_len
         if m.engine is not None:
@@ -356,21 +356,27 @@ def create_app(registry: ModelRegistry, config: ServerConfig | None = None) -> F
                 pass
         fim = chatmod.fim_capable(tok)
         return ModelCard(
-            id=name or m.name, created=m.created, name=m.name, aliases=m.aliases,
-            description=f"{m.model} served by souverain",
+            id=name or m.name, created=m.created, name=m.name,
+            aliases=[] if ft else m.aliases,
+            description=(f"LoRA adapter {ft.adapter_dir} on {m.name}" if ft
+                         else f"{m.model} served by souverain"),
             max_context_length=int(ctx or 0),
             default_model_temperature=config.default_temperature,
             capabilities=ModelCapabilities(completion_chat=bool(tok is not None
                                                                 and chatmod.can_chat(tok)),
                                            completion_fim=fim,
-                                           function_calling=tok is not None),
+                                           function_calling=tok is not None,
+                                           fine_tuning=jobs is not None and ft is None),
             loaded=m.loaded,
+            **({"type": "fine-tuned", "root": m.name, "job": ft.job} if ft else {}),
         )
 
     @app.get("/v1/models", response_model=ModelList, responses=_errors(401, 403, 429),
              tags=["models"], summary="List the models served here")
     async def list_models(key: KeyInfo | None = Depends(authorize)) -> ModelList:
-        return ModelList(data=[card(m) for m in registry.models]
+        fine_tuned = [card(registry.find(ft.base), ft.name, ft)
+                      for ft in await asyncio.to_thread(registry.fine_tuned)]
+        return ModelList(data=[card(m) for m in registry.models] + fine_tuned
                          + ([embed.card()] if embed is not None else []))
 
     @app.get("/v1/models/{model_id}", response_model=ModelCard,
@@ -379,7 +385,8 @@ def create_app(registry: ModelRegistry, config: ServerConfig | None = None) -> F
     async def get_model(model_id: str, key: KeyInfo | None = Depends(authorize)) -> ModelCard:
         if embed is not None and embed.serves(model_id):
             return embed.card(model_id)
-        return card(registry.find(model_id), model_id)
+        m, ft = await asyncio.to_thread(registry.resolve, model_id)
+        return card(m, model_id, ft)
 
     @app.get("/health", response_model=Health, tags=["ops"], summary="Liveness")
     async def health() -> Health:
@@ -396,6 +403,7 @@ def create_app(registry: ModelRegistry, config: ServerConfig | None = None) -> F
         install_libraries(app, authorize, libraries, max_upload_bytes=config.max_upload_bytes)
     app.state.jobs = jobs  # a JobStore (finetune on) or None
     if jobs is not None:
+        registry.fine_tuned_source = jobs.succeeded_models
         install_finetuning(app, authorize, jobs, find_model=lambda n: registry.find(n).model,
                            check_model=check_model, max_file_bytes=config.max_file_bytes)
 
@@ -403,13 +411,13 @@ def create_app(registry: ModelRegistry, config: ServerConfig | None = None) -> F
     async def run(request: Request, body: Any, key: KeyInfo | None, kind: str) -> Response:
         note(request)["model"] = body.model
         check_model(key, body.model)
-        served = registry.find(body.model)
+        served, ft = await asyncio.to_thread(registry.resolve, body.model)
         if not admission.try_acquire():
             raise APIError(429, f"The server is at capacity ({config.max_pending} requests "
                                 "running or queued); retry shortly.", code="queue_full",
                            headers={"Retry-After": "1"})
         try:
-            served, engine = await registry.acquire(body.model)
+            served, engine = await registry.acquire(served.name)
         except BaseException:
             admission.release()
             raise
@@ -417,6 +425,8 @@ def create_app(registry: ModelRegistry, config: ServerConfig | None = None) -> F
         try:
             eng = engine.engine
             tok = eng.tokenizer
+            if ft is not None:  # a fine-tuned model: its adapter on the base model's engine
+                await asyncio.to_thread(registry.ensure_adapter, engine, ft)
             rag = None
             if kind == "chat" and body.tools:
                 body, rag = await grounding.ground_chat(body, libraries, tok, eng.max_model_len)
@@ -431,7 +441,8 @@ def create_app(registry: ModelRegistry, config: ServerConfig | None = None) -> F
                                         default_temperature=config.default_temperature)
             request_id = f"cmpl-{uuid.uuid4().hex}"
             note(request)["request_id"] = request_id
-            gen = engine.generate(plan.prompt_ids, plan.params, request_id)
+            gen = engine.generate(plan.prompt_ids, plan.params, request_id,
+                                  lora=ft.name if ft is not None else None)
             ctx = _Ctx(request_id=request_id, model=body.model, created=int(time.time()),
                        plan=plan, tok=tok, key=key, rag=rag, audit=note(request))
             if not body.stream:

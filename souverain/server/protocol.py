@@ -324,6 +324,8 @@ class ModelCard(BaseModel):
     default_model_temperature: float | None = None
     capabilities: ModelCapabilities
     type: Literal["base", "fine-tuned"] = "base"
+    root: str | None = Field(default=None, description="A fine-tuned model's base model.")
+    job: str | None = Field(default=None, description="The job that made a fine-tuned model.")
     loaded: bool = Field(description="souverain: whether the weights are in memory now.")
 
 

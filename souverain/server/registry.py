@@ -5,6 +5,10 @@ Each served model is a name (the id clients send) bound to a model path or alias
 that names it (``lazy``). With a memory budget, loading a model that would not fit first unloads
 the least recently used idle models (no request in flight); if it still does not fit, the
 request gets a 503 naming the budget, and nothing already running is disturbed.
+
+Fine-tuned models (``ft:<base>:<suffix>:<job>``, from finished fine-tuning jobs) run on their
+base model's engine with their LoRA adapter: requests for the base and for any number of
+adapters share one batch; the engine keeps the most recently used adapters resident.
 """
 
 from __future__ import annotations
@@ -12,9 +16,10 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from souverain.engine import AsyncLLMEngine
 from souverain.engine.engine import EngineConfig
@@ -76,6 +81,16 @@ class ServedModel:
         return int(n_params * per + kv)
 
 
+@dataclass(frozen=True)
+class FineTuned:
+    """A fine-tuned model: a LoRA adapter served on top of a base model's engine."""
+
+    name: str  # ft:<base>:<suffix>:<job>
+    base: str  # the served base model's name
+    adapter_dir: str
+    job: str  # the fine-tuning job that made it
+
+
 class ModelRegistry:
     def __init__(self, models: list[ServedModel], memory_budget_gib: float | None = None):
         names: dict[str, ServedModel] = {}
@@ -88,6 +103,42 @@ class ModelRegistry:
         self.models = models
         self._by_name = names
         self.budget = int(memory_budget_gib * GiB) if memory_budget_gib else None
+        # (fine_tuned_model, base name, adapter dir, job id) of finished jobs; set by the server
+        self.fine_tuned_source: Callable[[], list[tuple[str, str, str, str]]] | None = None
+        self._ft_cache: tuple[float, list[FineTuned]] = (0.0, [])
+        self._lora_lock = threading.Lock()
+
+    def fine_tuned(self) -> list[FineTuned]:
+        """The fine-tuned models servable here (those whose base is served), cached 1 s."""
+        if self.fine_tuned_source is None:
+            return []
+        at, cached = self._ft_cache
+        if time.monotonic() - at < 1.0:
+            return cached
+        fresh = [FineTuned(*row) for row in self.fine_tuned_source() if row[1] in self._by_name]
+        self._ft_cache = (time.monotonic(), fresh)
+        return fresh
+
+    def resolve(self, name: str) -> tuple[ServedModel, FineTuned | None]:
+        """A base model, or a fine-tuned one with the base model it runs on (404 if neither)."""
+        m = self._by_name.get(name)
+        if m is not None:
+            return m, None
+        for ft in self.fine_tuned():
+            if ft.name == name:
+                return self.find(ft.base), ft
+        return self.find(name), None
+
+    def ensure_adapter(self, engine: AsyncLLMEngine, ft: FineTuned) -> None:
+        """Load `ft`'s adapter into the base model's engine unless it is resident (an adapter
+        evicted to make room is loaded again here)."""
+        with self._lora_lock:
+            if ft.name not in engine.list_loras():
+                try:
+                    engine.add_lora(ft.name, ft.adapter_dir)
+                except SouverainError as exc:
+                    raise APIError(503, f"The adapter of {ft.name!r} could not be loaded: "
+                                        f"{exc}", code="adapter_load_failed") from None
 
     def names(self) -> list[str]:
         return [m.name for m in self.models]
@@ -95,8 +146,9 @@ class ModelRegistry:
     def find(self, name: str) -> ServedModel:
         m = self._by_name.get(name)
         if m is None:
+            names = sorted([*self._by_name, *(ft.name for ft in self.fine_tuned())])
             raise APIError(404, f"Model {name!r} is not served here; GET /v1/models lists the "
-                                f"models: {', '.join(sorted(self._by_name))}.",
+                                f"models: {', '.join(names)}.",
                            param="model", code="model_not_found")
         return m
 
