@@ -152,6 +152,22 @@ def test_sft_smollm2_learns_a_made_up_fact(tmp_path: Path) -> None:
     assert base_after == base_before  # adapter off = the base model, unchanged
     assert "7 years" not in tok.decode(base_before)
 
+    # served: the serving engine, the adapter and the base model in ONE batch
+    from souverain import EngineConfig, LLMEngine, SamplingParams
+
+    eng = LLMEngine("smollm2-135m-instruct", EngineConfig(dtype="float32", kv_cache_gib=0.1))
+    eng.add_lora("zorblax", final)
+    params = SamplingParams(temperature=0, max_tokens=len(base_before) + 4)
+    ids = {eng.add_request(None, prompt, params, lora="zorblax"): "tuned",
+           eng.add_request(None, prompt, params): "base"}
+    served: dict[str, list[int]] = {}
+    while eng.has_unfinished():
+        for out in eng.step():
+            if out.finished:
+                served[ids[out.request_id]] = out.outputs[0].token_ids
+    assert "7 years" in tok.decode(served["tuned"]), tok.decode(served["tuned"])
+    assert served["base"][: len(base_before)] == base_before
+
 
 # --------------------------------------------------------------------------------------
 # DPO
