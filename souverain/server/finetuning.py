@@ -22,7 +22,7 @@ import re
 from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.responses import FileResponse
@@ -68,8 +68,9 @@ class Hyperparameters(_Body):
 
 class JobCreate(_Body):
     model: str = Field(min_length=1)
-    training_files: list[TrainingFile | str] = Field(min_length=1)
-    validation_files: list[str] | None = None
+    training_files: list[TrainingFile | Annotated[str, Field(min_length=1)]] = Field(
+        min_length=1)
+    validation_files: list[Annotated[str, Field(min_length=1)]] | None = None
     suffix: str | None = Field(default=None, max_length=40)
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
     auto_start: bool = True
@@ -242,10 +243,13 @@ def install(app: FastAPI, authorize: Callable[..., Any], store: JobStore, *,
         return file_json(rec)
 
     @app.get("/v1/files", tags=["files"], summary="List files", responses=errs)
-    async def list_files(page: int = Query(0, ge=0, le=1_000_000), page_size: int = Query(100, ge=1, le=1000),
-                         include_total: bool = True, purpose: str | None = None,
+    async def list_files(page: int = Query(0, ge=0, le=1_000_000),
+                         page_size: int = Query(100, ge=1, le=1000),
+                         include_total: bool = True,
+                         purpose: str | None = None,
                          search: str | None = None,
-                         sample_type: list[str] | None = Query(None),
+                         sample_type: list[Literal["instruct", "pretrain", "preference",
+                                                   "batch_request"]] | None = Query(None),
                          key: Any = auth) -> dict[str, Any]:
         _no_nul(purpose=purpose, search=search, sample_type=",".join(sample_type or []))
         files, total = await _call(lambda: store.list_files(
