@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from souverain.models.attention import visibility_mask
+from souverain.models.attention import sdpa_heads, visibility_mask
 
 
 class PagedKVCache:
@@ -132,7 +132,6 @@ class PagedAttention:
         k_blocks = k_cache.view(-1, bs, *k_cache.shape[1:])  # (num_blocks, bs, KVH, D)
         v_blocks = v_cache.view(-1, bs, *v_cache.shape[1:])
         decode, prefills = self._plan(window)
-        gqa = q.shape[1] != k.shape[1]
         out = q.new_empty(q.shape)
         if decode is not None:
             rows, index, mask, cut, contig = decode
@@ -162,7 +161,6 @@ class PagedAttention:
             qs = q[offset:offset + n].transpose(0, 1)  # (H, n, D)
             keys = k_blocks.index_select(0, blocks).flatten(0, 1)[lo:hi].transpose(0, 1)
             values = v_blocks.index_select(0, blocks).flatten(0, 1)[lo:hi].transpose(0, 1)
-            o = F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask,
-                                               is_causal=mask is None, enable_gqa=gqa)
+            o = sdpa_heads(qs, keys, values, mask, causal=mask is None)
             out[offset:offset + n] = o.transpose(0, 1)
         return out

@@ -45,14 +45,26 @@ def visibility_mask(
     return mask
 
 
+def sdpa_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+               causal: bool) -> torch.Tensor:
+    """SDPA on (H, Tq, D) queries and (KVH, Tk, D) keys/values, GQA included.
+
+    Inputs and mask get batch (and head) dimensions: on the CPU, 3-D inputs or a 2-D/3-D mask
+    send SDPA to its math path (bmm, softmax and masking ops) while 4-D ones take the flash
+    kernel, GQA and boolean masks included: SmolLM2's 512-token prefill attention drops from
+    11.3 to 3.1 ms a layer, a masked 256x768 chunk from 6.8 to 2.8 ms (float32 or bfloat16)."""
+    if mask is not None:
+        mask = mask.view(*(1,) * (4 - mask.dim()), *mask.shape)
+    return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask,
+                                          is_causal=causal,
+                                          enable_gqa=q.shape[0] != k.shape[0])[0]
+
+
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
           causal: bool) -> torch.Tensor:
-    # q (Tq, H, D), k/v (Tk, KVH, D) -> (Tq, H, D); GQA handled by SDPA itself.
-    out = F.scaled_dot_product_attention(
-        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-        attn_mask=mask, is_causal=causal, enable_gqa=q.shape[1] != k.shape[1],
-    )
-    return out.transpose(0, 1)
+    # q (Tq, H, D), k/v (Tk, KVH, D) -> (Tq, H, D)
+    return sdpa_heads(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), mask,
+                      causal).transpose(0, 1)
 
 
 @dataclass
