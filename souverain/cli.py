@@ -441,16 +441,27 @@ def serve(
                     timeout_graceful_shutdown=30)
 
 
+DataDirOpt = typer.Option(None, "--data-dir",
+                          help="Where libraries are kept (default: $SOUVERAIN_HOME or "
+                               "~/.local/share/souverain).")
+LibraryArg = typer.Argument(..., help="Library name or id (see `souverain library list`).")
+
+
+def _library_store(data_dir: Optional[str]) -> Any:
+    from souverain.paths import libraries_dir
+    from souverain.rag.store import LibraryStore
+
+    return LibraryStore(libraries_dir(Path(data_dir).expanduser() if data_dir else None))
+
+
 @app.command()
 def ask(
-    library: str = typer.Argument(..., help="Library name or id (see `souverain library list`)."),
+    library: str = LibraryArg,
     question: str = typer.Argument(..., help="The question, in plain words."),
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m",
                               help="Chat model: alias, .gguf file or model folder."),
     k: int = typer.Option(5, "-k", min=1, max=50, help="Most passages given to the model."),
-    data_dir: Optional[str] = typer.Option(
-        None, "--data-dir", help="Where libraries are kept (default: $SOUVERAIN_HOME or "
-                                 "~/.local/share/souverain)."),
+    data_dir: Optional[str] = DataDirOpt,
     as_json: bool = typer.Option(False, "--json", help="Print answer and references as JSON."),
     dtype: str = DtypeOpt,
     max_tokens: int = MaxTokensOpt,
@@ -470,25 +481,21 @@ def ask(
       souverain ask policies "Who approves remote work?" -m ./Mistral-7B-Instruct-v0.3 -q int8
     """
     with user_errors():
-        from souverain.paths import libraries_dir
         from souverain.rag.answer import ground
-        from souverain.rag.store import LibraryStore
 
-        store = LibraryStore(libraries_dir(Path(data_dir).expanduser() if data_dir else None))
-        probe = ground(store, [library], question, k=k)
-        if not probe.found:
+        g = ground(_library_store(data_dir), [library], question, k=k)
+        if not g.found:  # said without loading a model
             if as_json:
-                out.print_json(data={"answer": probe.not_found_text(), "found": False,
+                out.print_json(data={"answer": g.not_found_text(), "found": False,
                                      "references": []})
             else:
-                out.print(probe.not_found_text())
+                out.print(g.not_found_text())
             return
         llm = load_llm(model, dtype, threads, quantization)
         llm._require_tokenizer("chat")
         tok = llm.tokenizer
         budget = max(256, llm.context - max_tokens - len(tok.encode(question)) - 64)
-        g = ground(store, [library], question, k=k, budget_tokens=budget,
-                   count_tokens=lambda s_: len(tok.encode(s_)))
+        g.fit(budget, lambda s_: len(tok.encode(s_)))
         messages = [{"role": "system", "content": g.system_prompt()},
                     {"role": "user", "content": question}]
         params = sampling(max_tokens, temperature, 1.0, None)
@@ -562,19 +569,6 @@ library_app = typer.Typer(
          "  souverain library search policies \"notice period for managers\"",
     no_args_is_help=True)
 app.add_typer(library_app, name="library")
-
-DataDirOpt = typer.Option(None, "--data-dir",
-                          help="Where libraries are kept (default: $SOUVERAIN_HOME or "
-                               "~/.local/share/souverain).")
-LibraryArg = typer.Argument(..., help="Library name or id (see `souverain library list`).")
-
-
-def _library_store(data_dir: Optional[str]) -> Any:
-    from souverain.paths import libraries_dir
-    from souverain.rag.store import LibraryStore
-
-    return LibraryStore(libraries_dir(Path(data_dir).expanduser() if data_dir else None))
-
 
 def _size(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):

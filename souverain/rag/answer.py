@@ -6,8 +6,8 @@ One flow serves `souverain ask` and a chat completion that carries a
 1. `ground()` searches the libraries with the question (hybrid search, see store.py) and keeps
    the passages whose similarity passes a floor and is within a margin of the best one. None pass -> `Grounding.found` is False, and
    the caller answers `not_found_text()` instead of letting the model invent.
-2. `Grounding.system_prompt()` numbers the passages ``[1]``, ``[2]``... with their document
-   and position, in rank order, as many as fit the token budget. The passages go first in the
+2. `Grounding.fit()` keeps as many as fit the token budget; `Grounding.system_prompt()`
+   numbers them ``[1]``, ``[2]``... with their document and position, in rank order. The passages go first in the
    prompt, so a repeated context is a prefix-cache hit.
 3. `Grounding.sources_footer(answer)` lists the passages the answer cites (every passage given
    when it cites none) as ``[n] document, page p, § heading``; `Grounding.references(answer)`
@@ -74,6 +74,16 @@ class Grounding:
         body = "\n\n".join(f"[{p.n}] ({p.where()})\n{p.hit.text.strip()}" for p in self.passages)
         return f"{head}\n\n{body}"
 
+    def fit(self, budget_tokens: int, count_tokens: Callable[[str], int]) -> "Grounding":
+        """Keep the best passages whose system prompt fits `budget_tokens` (the first one is
+        always kept: a prompt still too long is then refused by the context check)."""
+        for n in range(2, len(self.passages) + 1):
+            if count_tokens(Grounding(self.query, self.library_names,
+                                      self.passages[:n]).system_prompt()) > budget_tokens:
+                self.passages = self.passages[:n - 1]
+                break
+        return self
+
     def cited(self, answer: str) -> list[Passage]:
         nums = {int(m) for m in _CITE.findall(answer or "")}
         return [p for p in self.passages if p.n in nums]
@@ -96,10 +106,9 @@ class Grounding:
 
 
 def ground(store: Any, library_ids: Sequence[str], query: str, *,
-           k: int = DEFAULT_PASSAGES, floor: float = RELEVANCE_FLOOR,
-           budget_tokens: int | None = None,
-           count_tokens: Callable[[str], int] | None = None) -> Grounding:
-    """Search `library_ids` (ids or names) for `query`; keep relevant passages within budget.
+           k: int = DEFAULT_PASSAGES, floor: float = RELEVANCE_FLOOR) -> Grounding:
+    """Search `library_ids` (ids or names) for `query`; keep the relevant passages (then
+    `Grounding.fit` them to a token budget).
 
     Unknown libraries raise the store's `LibraryNotFound` (a `RAGError`)."""
     libs = [store.get_library(x) for x in library_ids]
@@ -109,12 +118,7 @@ def ground(store: Any, library_ids: Sequence[str], query: str, *,
     hits = store.search([lib.id for lib in libs], query, k=k)
     best = max((float(h.vector_score) for h in hits), default=0.0)
     kept = [h for h in hits if float(h.vector_score) >= max(floor, best - RELEVANCE_MARGIN)]
-    for h in kept:
-        g.passages.append(Passage(n=len(g.passages) + 1, hit=h))
-        if budget_tokens is not None and count_tokens is not None and len(g.passages) > 1 \
-                and count_tokens(g.system_prompt()) > budget_tokens:
-            g.passages.pop()
-            break
+    g.passages = [Passage(n=i, hit=h) for i, h in enumerate(kept, start=1)]
     return g
 
 

@@ -39,6 +39,7 @@ from souverain.errors import RAGError, SouverainError
 
 if TYPE_CHECKING:
     from souverain.rag.embed import Embedder
+    from souverain.rag.parse import ParsedDocument
 
 log = logging.getLogger(__name__)
 
@@ -496,8 +497,12 @@ class LibraryStore:
                 (*cols.values(), doc_id),
             )
 
-    def process_document(self, library: str, doc_id: str) -> DocumentInfo:
+    def process_document(
+        self, library: str, doc_id: str, parsed: ParsedDocument | None = None
+    ) -> DocumentInfo:
         """Parse, chunk, embed and index a registered document; 'done' or 'error' afterwards.
+        `parsed`: the document as a caller already parsed it (to validate an upload), so that
+        it is not parsed twice.
 
         The chunks are written in one commit: on any failure none is left behind. Once done,
         older documents of the same name in the library (previous versions) are deleted."""
@@ -510,9 +515,9 @@ class LibraryStore:
         id_sql = _sql_str(doc.id)
         try:
             table.delete(f"document_id = {id_sql}")  # leftovers of an interrupted run
-            data = (self.files / doc.id).read_bytes()
-            parsed = parse_document(data, doc.name, doc.mime_type)
-            del data
+            if parsed is None:
+                parsed = parse_document((self.files / doc.id).read_bytes(), doc.name,
+                                        doc.mime_type)
             embedder = self.embedder
             schema = table.schema
             created = _utc(doc.created_at)

@@ -539,11 +539,6 @@ class _Timer:
         self.tokens = total_tokens
 
 
-def _usage(prompt: int, completion: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt, "completion_tokens": completion,
-            "total_tokens": prompt + completion}
-
-
 def _bucket(key: KeyInfo | None) -> str:
     """The rate-limit bucket of a request: its key id, or one shared bucket without keys."""
     return key.key_id if key else "anonymous"
@@ -604,12 +599,8 @@ async def _complete(request: Request, ctx: _Ctx, gen: AsyncIterator[Any],
     if ctx.audit is not None:
         ctx.audit.update(prompt_tokens=prompt, completion_tokens=completion)
     body = {"id": ctx.request_id, "object": "chat.completion", "created": ctx.created,
-            "model": ctx.model, "choices": choices, "usage": _usage(prompt, completion)}
+            "model": ctx.model, "choices": choices, "usage": chatmod.usage(prompt, completion)}
     return JSONResponse(body)
-
-
-def _sse(obj: Any) -> bytes:
-    return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
 
 
 async def _stream(ctx: _Ctx, gen: AsyncIterator[Any], metrics: ServerMetrics,
@@ -632,7 +623,7 @@ async def _stream(ctx: _Ctx, gen: AsyncIterator[Any], metrics: ServerMetrics,
         body = dict(base, choices=[c])
         if usage is not None:
             body["usage"] = usage
-        return _sse(body)
+        return chatmod.sse(body)
 
     try:
         for i in range(n):
@@ -669,7 +660,7 @@ async def _stream(ctx: _Ctx, gen: AsyncIterator[Any], metrics: ServerMetrics,
                 if all(done):
                     prompt = len(out.prompt_token_ids)
                     completion = sum(len(x.token_ids) for x in out.outputs)
-                    usage = _usage(prompt, completion)
+                    usage = chatmod.usage(prompt, completion)
                     metrics.observe_tokens(ctx.model, prompt, completion)
                     _charge(limiter, ctx.key, prompt + completion)
                     if ctx.audit is not None:
@@ -679,7 +670,7 @@ async def _stream(ctx: _Ctx, gen: AsyncIterator[Any], metrics: ServerMetrics,
         yield b"data: [DONE]\n\n"
     except Exception as exc:  # a bug after the 200 went out: say so in the stream, then end it
         log.exception("stream %s failed", ctx.request_id)
-        yield _sse(error_body(500, f"Internal server error while streaming ({type(exc).__name__}"
+        yield chatmod.sse(error_body(500, f"Internal server error while streaming ({type(exc).__name__}"
                                    "); the server log has the details."))
         yield b"data: [DONE]\n\n"
     finally:

@@ -381,6 +381,17 @@ def final_message(plan: ChatPlan, out: CompletionOutput, tok: Any) -> tuple[str,
     return plan.prefix + content.rstrip() if calls else plan.prefix + content, calls, reason
 
 
+def usage(prompt: int, completion: int) -> dict[str, int]:
+    """A response's ``usage`` object."""
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion}
+
+
+def sse(obj: Any) -> bytes:
+    """One server-sent event carrying `obj` as JSON."""
+    return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
+
+
 def logprobs_body(lps: list[TokenLogprob] | None, tok: Any) -> dict[str, Any] | None:
     if lps is None:
         return None

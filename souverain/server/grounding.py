@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from souverain.errors import RAGError
 from souverain.rag.answer import Grounding, ground, last_user_text
+from souverain.server import chat as chatmod
 from souverain.server.errors import APIError
 from souverain.server.protocol import DocumentLibraryTool, Message
 
@@ -53,14 +54,14 @@ async def ground_chat(body: Any, service: Any, tok: Any, max_model_len: int) -> 
     budget = max(256, max_model_len - reserve - len(tok.encode(conversation)) - 64)
 
     def run() -> Grounding:
-        return ground(service.store, library_ids, query, budget_tokens=budget,
-                      count_tokens=lambda s: len(tok.encode(s)))
+        return ground(service.store, library_ids, query).fit(budget,
+                                                             lambda s: len(tok.encode(s)))
     try:
         grounding = await asyncio.to_thread(run)
     except RAGError as exc:
-        from souverain.server.libraries import _api_error
+        from souverain.server.libraries import rag_api_error
 
-        err = _api_error(exc)
+        err = rag_api_error(exc)
         err.param = "tools"
         raise err from None
     function_tools = [t for t in body.tools if not isinstance(t, DocumentLibraryTool)]
@@ -85,7 +86,7 @@ def not_found_response(body: Any, grounding: Grounding) -> Any:
     text = grounding.not_found_text()
     rid = f"cmpl-rag-{time.time_ns():x}"
     created = int(time.time())
-    usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    usage = chatmod.usage(0, 0)
     n = body.n or 1
     if not body.stream:
         return JSONResponse({
@@ -95,11 +96,7 @@ def not_found_response(body: Any, grounding: Grounding) -> Any:
                                      "prefix": False, "references": []}}
                         for i in range(n)],
             "usage": usage})
-    import json
-
-    def sse(obj: Any) -> bytes:
-        return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
-
+    sse = chatmod.sse
     base = {"id": rid, "object": "chat.completion.chunk", "created": created,
             "model": body.model}
 

@@ -90,7 +90,7 @@ def document_json(doc: Any) -> dict[str, Any]:
                            **({"error": doc.error} if doc.error else {})}}
 
 
-def _api_error(exc: RAGError) -> APIError:
+def rag_api_error(exc: RAGError) -> APIError:
     from souverain.rag.store import DocumentNotFound, LibraryNotFound
 
     if isinstance(exc, (LibraryNotFound, DocumentNotFound)):
@@ -134,12 +134,15 @@ class LibraryService:
                 if not docs or offset >= total:
                     break
 
-    def schedule(self, library_id: str, document_id: str, store: Any = None) -> None:
+    def schedule(self, library_id: str, document_id: str, store: Any = None,
+                 parsed: Any = None) -> None:
+        """Process a document on the worker thread; `parsed`: its `ParsedDocument` when the
+        caller already has it (an upload is parsed once, to validate it)."""
         store = store or self._store
 
         def work() -> None:
             try:
-                store.process_document(library_id, document_id)
+                store.process_document(library_id, document_id, parsed)
             except RAGError as exc:  # recorded on the document by the store
                 log.info("document %s not processed: %s", document_id, exc)
             except Exception:  # noqa: BLE001 - a worker must survive any one document
@@ -163,7 +166,7 @@ async def _call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     try:
         return await asyncio.to_thread(fn, *args, **kwargs)
     except RAGError as exc:
-        raise _api_error(exc) from None
+        raise rag_api_error(exc) from None
 
 
 def install(app: FastAPI, authorize: Callable[..., Any], service: LibraryService, *,
@@ -265,10 +268,10 @@ def install(app: FastAPI, authorize: Callable[..., Any], service: LibraryService
             s = store()
             lib = s.get_library(library_id)
             # unsupported, corrupt or empty: a 400 now, and nothing stored
-            parse_document(data, name, _mime(file.content_type))
+            parsed = parse_document(data, name, _mime(file.content_type))
             doc = s.register_document(lib.id, data, name, mime_type=_mime(file.content_type))
             if doc.status in ("todo", "in_progress"):
-                service.schedule(lib.id, doc.id, s)
+                service.schedule(lib.id, doc.id, s, parsed)
             return doc
         return document_json(await _call(work))
 
