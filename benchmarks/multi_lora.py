@@ -21,7 +21,7 @@ import time
 import torch
 
 from souverain import EngineConfig, LLMEngine, SamplingParams
-from souverain.finetune.adapter import LoRAAdapter
+from souverain.weights.adapter import LoRAAdapter
 
 
 def random_adapter(engine: LLMEngine, rank: int) -> LoRAAdapter:

@@ -250,7 +250,7 @@ def test_worker_real_training_and_resume(tmp_path: Path, model_dir: str) -> None
     cps = store.checkpoints(job.id)
     assert cps and all(c.metrics["valid_loss"] is not None for c in cps)
     assert done.trained_tokens and done.trained_tokens > 0
-    from souverain.finetune.adapter import load_adapter
+    from souverain.weights.adapter import load_adapter
 
     load_adapter(done.adapter_dir)
 
@@ -350,7 +350,7 @@ def check_fine_tuned_model_is_served(client: Mistral, server: ServerProcess, job
     from souverain import LLMEngine
     from souverain.engine.engine import EngineConfig
     from souverain.engine.sampling import SamplingParams
-    from souverain.finetune.adapter import load_adapter
+    from souverain.weights.adapter import load_adapter
 
     ft = job["fine_tuned_model"]
     cards = {m.id: m for m in client.models.list().data}

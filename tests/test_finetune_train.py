@@ -26,7 +26,7 @@ import yaml
 
 from souverain import weights
 from souverain.errors import FinetuneError
-from souverain.finetune.adapter import LoRAAdapter, load_adapter, save_adapter
+from souverain.weights.adapter import LoRAAdapter, load_adapter, save_adapter
 from souverain.finetune.config import TrainConfig
 from souverain.finetune.lora import LoRALinear, adapters_disabled, inject_lora, load_into
 from souverain.finetune.merge import merge_adapter

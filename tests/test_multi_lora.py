@@ -19,7 +19,7 @@ from torch import nn
 import souverain.engine.lora as lora_module
 from souverain import LLM, AsyncLLMEngine, EngineConfig, LLMEngine, SamplingParams
 from souverain.errors import CheckpointError, RequestError
-from souverain.finetune.adapter import LoRAAdapter, save_adapter
+from souverain.weights.adapter import LoRAAdapter, save_adapter
 from souverain.models.args import ModelArgs
 from souverain.models.quantize import Int8Linear
 

@@ -18,7 +18,7 @@ from souverain.engine.engine import EngineConfig, LLMEngine
 from souverain.engine.sampling import SamplingParams
 from souverain.engine.sequence import RequestOutput
 from souverain.errors import RequestError
-from souverain.finetune.adapter import LoRAAdapter
+from souverain.weights.adapter import LoRAAdapter
 from souverain.models.loader import ProgressFn
 
 

@@ -34,7 +34,7 @@ from souverain.engine.sequence import (
     RequestMetrics, RequestOutput, Sequence, now,
 )
 from souverain.errors import RequestError, TokenizerError
-from souverain.finetune.adapter import LoRAAdapter, load_adapter
+from souverain.weights.adapter import LoRAAdapter, load_adapter
 from souverain.models.loader import ProgressFn, load_model, parse_dtype
 from souverain.runtime import available_memory, configure_threads, default_dtype
 from souverain.tokenizer import IncrementalDetokenizer, Tokenizer

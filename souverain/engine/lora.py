@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from souverain.errors import CheckpointError, RequestError
-from souverain.finetune.adapter import LoRAAdapter
+from souverain.weights.adapter import LoRAAdapter
 from souverain.models.args import ModelArgs
 
 # Block-diagonal B up to this many elements (SmolLM2 wqkv r=16: 46k; 7B wqkv: 295k).

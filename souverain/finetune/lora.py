@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from souverain.finetune.adapter import LoRAAdapter
+from souverain.weights.adapter import LoRAAdapter
 from souverain.models.transformer import Transformer
 
 

@@ -24,7 +24,8 @@ import torch
 from safetensors.torch import save_file
 
 from souverain.errors import FinetuneError
-from souverain.finetune.adapter import _interleaved_to_hf, load_adapter
+from souverain.weights.adapter import load_adapter
+from souverain.weights.huggingface import TO_HF_LAYER, interleaved_to_hf
 from souverain.models.args import ModelArgs
 from souverain.weights.checkpoint import Checkpoint
 
@@ -150,16 +151,6 @@ def hf_config(args: ModelArgs, dtype: torch.dtype) -> dict[str, Any]:
 def to_hf_names(state: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
     """mistral-inference names -> Hugging Face names, q/k rows back to rotate-half."""
     out: dict[str, torch.Tensor] = {}
-    simple = {
-        "attention.wv": "self_attn.v_proj",
-        "attention.wo": "self_attn.o_proj",
-        "attention_norm": "input_layernorm",
-        "ffn_norm": "post_attention_layernorm",
-        "feed_forward.w1": "mlp.gate_proj",
-        "feed_forward.w2": "mlp.down_proj",
-        "feed_forward.w3": "mlp.up_proj",
-        "feed_forward.gate": "block_sparse_moe.gate",
-    }
     for name, t in state.items():
         if name == "tok_embeddings.weight":
             out["model.embed_tokens.weight"] = t
@@ -171,12 +162,12 @@ def to_hf_names(state: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, to
             _, i, rest = name.split(".", 2)
             mod = rest[: -len(".weight")]
             h = f"model.layers.{i}"
-            if mod == "attention.wq":
-                out[f"{h}.self_attn.q_proj.weight"] = _interleaved_to_hf(t, args.n_heads)
-            elif mod == "attention.wk":
-                out[f"{h}.self_attn.k_proj.weight"] = _interleaved_to_hf(t, args.n_kv_heads)
-            elif mod in simple:
-                out[f"{h}.{simple[mod]}.weight"] = t
+            if rest == "attention.wq.weight":
+                t = interleaved_to_hf(t, args.n_heads)
+            elif rest == "attention.wk.weight":
+                t = interleaved_to_hf(t, args.n_kv_heads)
+            if rest in TO_HF_LAYER:
+                out[f"{h}.{TO_HF_LAYER[rest]}"] = t
             elif mod.startswith("feed_forward.experts."):
                 out[f"{h}.block_sparse_moe.{mod[len('feed_forward.') :]}.weight"] = t
             else:

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from souverain.errors import FinetuneError
-from souverain.finetune.adapter import load_adapter, save_adapter
+from souverain.weights.adapter import load_adapter, save_adapter
 from souverain.finetune.config import TrainConfig
 from souverain.finetune.data import Sample, batch_tensors, load_dataset, pack
 from souverain.finetune.dpo import pair_losses

@@ -30,6 +30,14 @@ def hf_to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.view(n_heads, 2, head_dim // 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
+def interleaved_to_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Inverse of `hf_to_interleaved`: rows ``[r0, i0, r1, i1..]`` per head become
+    ``[r0, r1.., i0, i1..]`` (for writing Hugging Face checkpoints and adapters)."""
+    rows, cols = w.shape
+    head_dim = rows // n_heads
+    return w.view(n_heads, head_dim // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
 def args_from_config(config: dict[str, Any], source: str) -> ModelArgs:
     archs = config.get("architectures") or []
     arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
@@ -93,6 +101,9 @@ _RENAME = {
     "block_sparse_moe.gate.weight": "feed_forward.gate.weight",
     "mlp.gate.weight": "feed_forward.gate.weight",  # transformers 5 in-memory Mixtral naming
 }
+# our per-layer names -> Hugging Face's (the inverse of _RENAME; Mixtral's router keeps the
+# checkpoint name block_sparse_moe.gate)
+TO_HF_LAYER = {ours: hf for hf, ours in _RENAME.items() if hf != "mlp.gate.weight"}
 _EXPERT = re.compile(r"^block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight$")
 
 

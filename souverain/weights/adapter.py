@@ -29,16 +29,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from souverain.errors import CheckpointError
+from souverain.weights.huggingface import TO_HF_LAYER, hf_to_interleaved, interleaved_to_hf
 
 DEFAULT_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 
-# native module suffix <-> Hugging Face module suffix (dense Mistral / Llama)
-_TO_HF = {
-    "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
-    "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
-    "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
-    "feed_forward.w3": "mlp.up_proj",
-}
+# native module suffix <-> Hugging Face module suffix of the projections (dense Mistral / Llama)
+_TO_HF = {m: TO_HF_LAYER[f"{m}.weight"].removesuffix(".weight")
+          for m in ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
+                    "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")}
 _FROM_HF = {v: k for k, v in _TO_HF.items()}
 _NATIVE = re.compile(r"^(layers\.\d+\.[a-z_.0-9]+)\.lora_([AB])\.weight$")
 _PEFT = re.compile(r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.([a-z_]+\.[a-z_]+)"
@@ -83,14 +81,6 @@ def _atomic_json(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _interleaved_to_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Inverse of `weights.huggingface.hf_to_interleaved` (rows [r0, i0, r1, i1..] per head
-    -> [r0, r1.., i0, i1..])."""
-    rows, cols = w.shape
-    head_dim = rows // n_heads
-    return w.view(n_heads, head_dim // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
-
-
 def save_adapter(adapter: LoRAAdapter, folder: str | os.PathLike[str], *,
                  n_heads: int | None = None, n_kv_heads: int | None = None,
                  alpha: float | None = None, dropout: float = 0.0) -> Path:
@@ -118,9 +108,9 @@ def save_adapter(adapter: LoRAAdapter, folder: str | os.PathLike[str], *,
         hf = _TO_HF[rest]
         hf_targets.add(hf.split(".")[-1])
         if rest == "attention.wq":
-            b = _interleaved_to_hf(b, n_heads)
+            b = interleaved_to_hf(b, n_heads)
         elif rest == "attention.wk":
-            b = _interleaved_to_hf(b, n_kv_heads)
+            b = interleaved_to_hf(b, n_kv_heads)
         prefix = f"base_model.model.model.layers.{layer}.{hf}"
         peft[f"{prefix}.lora_A.weight"] = a
         peft[f"{prefix}.lora_B.weight"] = b
@@ -185,8 +175,6 @@ def load_adapter(path: str | os.PathLike[str], *, n_heads: int | None = None,
                                   "Mistral/Llama attention or MLP projection.")
         rest = _FROM_HF[m.group(2)]
         if m.group(3) == "B" and rest in ("attention.wq", "attention.wk"):
-            from souverain.weights.huggingface import hf_to_interleaved
-
             t = hf_to_interleaved(t, n_heads if rest == "attention.wq" else n_kv_heads)
         mod = f"layers.{m.group(1)}.{rest}"
         weights.setdefault(mod, [None, None])[0 if m.group(3) == "A" else 1] = t
