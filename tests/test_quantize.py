@@ -142,7 +142,7 @@ def test_int8_from_float_is_round_to_nearest_per_channel():
     w = torch.from_numpy(_weights(64, 96))
     lin = Int8Linear.from_float(w)
     scale = lin.scales.float()[:, None]
-    assert lin.qweight.dtype == torch.int8 and lin.scales.dtype == torch.bfloat16
+    assert lin.qweight.dtype == torch.int8 and lin.scales.dtype == torch.float32
     assert ((lin.dequantize() - w).abs() <= 0.5 * scale * 1.01).all()
     assert torch.equal(lin.qweight[0, :32], torch.zeros(32, dtype=torch.int8))
 
@@ -165,20 +165,42 @@ def test_int4_from_float_is_round_to_nearest_min_max():
     assert err[0, :32].max() < 1e-6 and err[1, 32:64].max() < 1e-3  # zero and constant groups
 
 
-@pytest.mark.parametrize("cls", [Int8Linear, Int4Linear])
-def test_kernels_multiply_by_their_dequantized_weight(cls):
+def test_int4_kernel_multiplies_by_its_dequantized_weight():
     w = torch.from_numpy(_weights(576, 576))
     x = torch.randn(5, 576, generator=torch.Generator().manual_seed(0))
-    fast = cls.from_float(w)  # bf16 activations and output
+    fast = Int4Linear.from_float(w)  # bf16 activations and output
     ref = x @ fast.dequantize().T
     assert _rel(fast(x), ref) < 4e-3  # measured 2.3e-3: two bf16 roundings (input, output)
-    exact = cls.from_float(w, compute_dtype=torch.float32)  # the scalar float32 path
+    exact = Int4Linear.from_float(w, compute_dtype=torch.float32)  # the scalar float32 path
     torch.testing.assert_close(exact(x), x @ exact.dequantize().T, rtol=1e-4, atol=1e-4)
     assert fast(x[None]).shape == (1, 5, 576) and fast(x).dtype == torch.float32
 
 
+def test_int8_kernel_keeps_15_bits_of_the_activations():
+    """Two int8 planes per row: the error against the float product with the same int8
+    weights is bounded by one rounding of 1/(127*254) of each row's largest magnitude (per
+    element), whatever the row's outliers; one plane alone would be ~250x coarser."""
+    w = torch.from_numpy(_weights(576, 1536))
+    lin = Int8Linear.from_float(w)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 1536, generator=g, dtype=torch.float64).float()
+    x[:, 5] *= 80.0  # an outlier channel, as in real activations
+    x[3] = 0.0  # an all-zero row gives zeros, not NaNs
+    w_deq = lin.dequantize().double()
+    ref = x.double() @ w_deq.T
+    y = lin(x)
+    assert y.dtype == torch.float32 and torch.equal(y[3], torch.zeros(576))
+    step = x.abs().amax(-1, keepdim=True).double() / (127 * 254)  # one lo-plane step
+    bound = 0.5 * step * w_deq.abs().sum(-1)[None, :] + 1e-5 * ref.abs()  # + float32 epilogue
+    assert ((y.double() - ref).abs() <= bound).all()
+    assert _rel(y.double(), ref) < 1e-3  # measured 3.3e-4 with the 80x outlier channel
+    # other float dtypes in, the same dtype out; any leading shape
+    yb = lin(x.to(torch.bfloat16)[None])
+    assert yb.dtype == torch.bfloat16 and yb.shape == (1, 7, 576)
+
+
 @pytest.mark.parametrize("cls", [Int8Linear, Int4Linear])
-def test_kernels_are_batch_invariant(cls):
+def test_kernels_are_batch_invariant(cls):  # int8: exact integers + row-wise float ops
     """Row i of a batch is bitwise the row computed alone, at any batch size and thread
     count (the engine's batch-invariance tests rely on it; fp32/bf16 F.linear are not)."""
     torch.manual_seed(0)

@@ -9,23 +9,21 @@ x 0.5 byte + scales for int4).
 
 The kernels (ATen, CPU):
 
-- ``aten._weight_int8pack_mm(x, w_int8 [N, K], scales [N])``: ``y = x @ (w_int8 * scales).T``.
-  Per output channel, symmetric; any N, K.
-- ``aten._weight_int4pack_mm_for_cpu(x, packed, group, scales_and_zeros [K/group, N, 2])``
-  with ``packed = aten._convert_weight_to_int4pack_for_cpu(q_int32 [N, K] in 0..15, 1)``
-  (a CPU-specific uint8 [N, K/2] layout: pack on the machine that runs it, never store it):
-  ``w = (q - 8) * scale + zero`` per group of ``group`` input columns. ``group`` in
-  32/64/128/256, ``K % group == 0``, ``N % 16 == 0``.
-
-Both take float32, bfloat16 or float16 activations, with scales in the *same* dtype as the
-activations, and accumulate in float32; only bfloat16 has a vectorised (AVX-512/AVX2) path: the
-float32 and float16 ones are scalar loops (batch 1, one thread, on the Cascade Lake of
-PERF-NOTES: int8 9x, int4 27-34x slower than bf16). So the default ``compute_dtype`` is
-bfloat16: activations are cast to bf16 for the matmul and the bf16 result back to the model's
-dtype (the residual stream, norms, attention and the KV cache keep the model's dtype); that
-costs about what a bf16 model costs in accuracy (relative error ~2e-3 per matmul: one rounding
-in, one out). ``compute_dtype=torch.float32`` keeps every bit of the source (a Q4 GGUF then gives
-bit-identical logits to the dequantized float32 model) at that speed cost; tests use it.
+- int8 (`Int8Linear`): ``aten._int_mm(a_int8 [M, K], w_int8 [K, N]) -> int32``, exact, on
+  oneDNN's integer GEMM (AVX-512 VNNI here). The activations are quantized per row on the fly
+  into two int8 planes (~15 bits kept; see the class), the weights per output channel.
+- int4 (`Int4Linear`): ``aten._weight_int4pack_mm_for_cpu(x, packed, group,
+  scales_and_zeros [K/group, N, 2])`` with ``packed =
+  aten._convert_weight_to_int4pack_for_cpu(q_int32 [N, K] in 0..15, 1)`` (a CPU-specific
+  uint8 [N, K/2] layout: pack on the machine that runs it, never store it): ``w = (q - 8) *
+  scale + zero`` per group of ``group`` input columns. ``group`` in 32/64/128/256,
+  ``K % group == 0``, ``N % 16 == 0``. It takes float32, bfloat16 or float16 activations with
+  scales in the *same* dtype and accumulates in float32; only bfloat16 has a vectorised
+  (AVX-512/AVX2) path (float32 is a scalar loop, 27-34x slower at batch 1 on the Cascade Lake
+  of PERF-NOTES). So its default ``compute_dtype`` is bfloat16: activations are cast to bf16
+  for the matmul and the result back to the model's dtype (relative error ~2e-3 per matmul:
+  one rounding in, one out). ``compute_dtype=torch.float32`` keeps every bit of the source (a
+  Q4 GGUF then gives bit-identical logits to the dequantized float32 model); tests use it.
 
 Both kernels are batch invariant: row i of a batch is bitwise the row computed alone, at any
 batch size or thread count (float32/bf16 ``F.linear`` are not), so a quantized model gives the
@@ -121,7 +119,7 @@ class _LinearWeight(torch.Tensor):
 
 
 # the overload packets resolved once (``torch.ops.aten.x`` is an attribute lookup chain)
-_int8_mm = torch.ops.aten._weight_int8pack_mm.default
+_int_mm = torch.ops.aten._int_mm.default
 _int4_mm = torch.ops.aten._weight_int4pack_mm_for_cpu.default
 _INT4_TILE_N = 64  # output rows per tile of the CPU int4 packed layout
 _int4_pack = torch.ops.aten._convert_weight_to_int4pack_for_cpu.default
@@ -139,48 +137,86 @@ def _as_2d(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 class Int8Linear(nn.Module):
     """``y = x @ (qweight * scales[:, None]).T``: int8 weights, one scale per output channel
-    (symmetric), on ``aten._weight_int8pack_mm``."""
+    (symmetric), multiplied in integers by ``aten._int_mm`` (oneDNN; AVX-512 VNNI where the CPU
+    has it) against activations split into two int8 planes, quantized on the fly per row:
+
+        x ~= (amax_x / 127) * (hi + lo / 254),   hi = round(x * 127 / amax_x),
+                                                 lo = round((x * 127 / amax_x - hi) * 254)
+
+    so the activations keep ~15 bits (relative error <= 1/(2 * 127 * 254) of the row's
+    largest magnitude: ~3e-5 per matmul, finer than a bf16 rounding) while the product runs on
+    the integer units. Both planes go through one ``_int_mm`` call (2M rows), so the weights
+    are read once. One plane alone (plain per-token int8 "W8A8") is not accurate enough on
+    small models: on SmolLM2-135M its logits were 0.06-0.22 relative RMS from fp32 (the
+    weight rounding alone: ~0.04), because a few large channels set each row's scale.
+
+    Measured on the Cascade Lake of PERF-NOTES, 2 threads (`benchmarks/quant_micro.py`):
+    ``_int_mm`` reads (K, N) column-major int8 weights at ~24 GB/s at batch 1 (the machine's
+    bandwidth; ``aten._weight_int8pack_mm`` reached ~8), and at 16 rows the whole linear is
+    ~2x faster than float32 ``F.linear`` or the weight-only int8/int4 kernels (those cost
+    linearly in the rows). At batch 1 on small matrices the dozen eager ops of the
+    quantization cost more than the product (~60 us a call).
+
+    The integer product is exact (int32 accumulation: |sum| <= 128 * 127 * K, no overflow for
+    K < 132k) and every other op is row-wise, so a row's result is bitwise the same at any
+    batch size or thread count. Any float activation dtype; the output has the input's dtype.
+    """
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor):
         super().__init__()
         assert qweight.dtype == torch.int8 and qweight.dim() == 2
         assert scales.shape == (qweight.shape[0],)
         self.out_features, self.in_features = qweight.shape
-        self.compute_dtype = scales.dtype
         self.register_buffer("qweight", qweight.contiguous())
-        self.register_buffer("scales", scales.contiguous())
-        self.weight = _LinearWeight(self, self.out_features, self.in_features, scales.dtype)
+        self.register_buffer("scales", scales.to(torch.float32).contiguous())
+        # the epilogue's factor, kept so a call does not recompute it
+        self.register_buffer("_scales_127", self.scales / 127.0, persistent=False)
+        self.weight = _LinearWeight(self, self.out_features, self.in_features, torch.float32)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return torch.float32  # of the quantization and the epilogue; the product is int32
 
     @classmethod
-    def from_float(cls, weight: torch.Tensor, compute_dtype: torch.dtype = torch.bfloat16,
+    def from_float(cls, weight: torch.Tensor, compute_dtype: torch.dtype | None = None,
                    ) -> Int8Linear:
         """Round-to-nearest per-channel int8 of ``weight`` (any float dtype, may be a memory
-        map: read in chunks of rows, never converted whole)."""
+        map: read in chunks of rows, never converted whole). ``compute_dtype`` is accepted for
+        symmetry with `Int4Linear` and ignored: this kernel always quantizes in float32."""
         n, k = weight.shape
         qweight = torch.empty((n, k), dtype=torch.int8)
-        scales = torch.empty((n,), dtype=compute_dtype)
+        scales = torch.empty((n,), dtype=torch.float32)
         for r, w in _row_chunks(weight, 1):
             lo, hi = torch.aminmax(w, dim=1)
             amax = torch.maximum(hi, -lo)
-            s = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax)).to(compute_dtype)
-            q = w / s.float()[:, None]  # a new tensor: ``w`` may be a view of the source
-            qweight[r:r + w.shape[0]] = q.round_().clamp_(-128, 127)
+            s = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+            q = w / s[:, None]  # a new tensor: ``w`` may be a view of the source
+            qweight[r:r + w.shape[0]] = q.round_().clamp_(-127, 127)
             scales[r:r + w.shape[0]] = s
         return cls(qweight, scales)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _int8_mm(_as_2d(x, self.compute_dtype), self.qweight, self.scales)
+        x2 = _as_2d(x, torch.float32)
+        m = x2.shape[0]
+        amax = x2.abs().amax(-1, keepdim=True).clamp_min_(1e-30)
+        xs = torch.mul(x2, 127.0 / amax)  # |xs| <= 127 (to an ulp): the casts below are exact
+        planes = torch.empty((2 * m, self.in_features), dtype=torch.float32)
+        hi = torch.round(xs, out=planes[:m])
+        torch.sub(xs, hi, out=planes[m:]).mul_(254.0).round_()  # |lo| <= 127
+        acc = _int_mm(planes.to(torch.int8), self.qweight.t()).to(torch.float32)
+        y = torch.add(acc[:m], acc[m:], alpha=1.0 / 254.0)
+        y.mul_(amax * self._scales_127)
         if y.dtype != x.dtype:
             y = y.to(x.dtype)
         return y if x.dim() == 2 else y.view(*x.shape[:-1], self.out_features)
 
     def dequantize(self) -> torch.Tensor:
         """The float32 weight the kernel multiplies by."""
-        return self.qweight.float() * self.scales.float()[:, None]
+        return self.qweight.float() * self.scales[:, None]
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"compute_dtype={self.compute_dtype}")
+                f"activations=two int8 planes per row")
 
 
 class Int4Linear(nn.Module):
