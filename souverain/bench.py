@@ -448,6 +448,12 @@ def torch_bytes_per_token(module: Any) -> int:
         n = t.untyped_storage().nbytes()
         total += n
         names[name] = n
+    from souverain.models.quantize import Int8Linear
+
+    for name, m in module.named_modules():  # oneDNN-packed int8 weights are not buffers
+        if isinstance(m, Int8Linear):
+            names[f"{name}.qweight"] = m.packed_nbytes
+            total += m.packed_nbytes
     embeds = [m for m in module.modules() if isinstance(m, torch.nn.Embedding)]
     has_head = any(k.split(".")[0] in ("output", "lm_head") or ".output." in k or "lm_head" in k
                    for k in names)

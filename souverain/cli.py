@@ -51,8 +51,10 @@ TopPOpt = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling 
 SeedOpt = typer.Option(None, "--seed", help="Random seed for reproducible sampling.")
 ThreadsOpt = typer.Option(None, "--threads", min=1, help="CPU threads (default: physical cores).")
 QuantOpt = typer.Option("none", "--quantization", "-q",
-                        help="Weight-only quantization of the linears: none, int8 or int4 "
-                             "(faster decode on CPU, small accuracy cost).")
+                        help="Quantized linears on the CPU: none, int4 (weight-only; fastest "
+                             "single-stream decode) or int8 (int8 weights x 2-plane int8 "
+                             "activations; most throughput under concurrent load). Small "
+                             "accuracy cost.")
 KvOpt = typer.Option(None, "--kv-cache-gib", min=0.001,
                      help="KV-cache budget in GiB (default: 25% of free memory, at most 4).")
 

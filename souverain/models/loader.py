@@ -91,7 +91,7 @@ def load_model(ckpt: Checkpoint, dtype: str | torch.dtype = "float32",
     """Instantiate ``ckpt``'s model in ``dtype`` on ``device`` (inference mode, no grads).
 
     ``quantization`` "int8" / "int4" swaps the block linears (and the head: int8 unless
-    ``head`` says "int4" or "none") for weight-only quantized ones (CPU only; see
+    ``head`` says "int4" or "none") for quantized ones (CPU only; see
     `souverain.models.quantize`); ``dtype`` is then the dtype of everything else (embedding,
     norms, residual stream, KV cache). "none" is the plain float model. ``fuse`` (quantized
     only) merges wq|wk|wv and w1|w3 into one kernel call each (`fuse_block_`, as each block is built)."""

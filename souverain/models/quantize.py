@@ -1,4 +1,4 @@
-"""Weight-only quantized linears on PyTorch's own CPU kernels, swapped in module by module.
+"""Quantized linears on PyTorch's own CPU kernels, swapped in module by module.
 
 ``quantize_model_(model, "int8" | "int4")`` replaces the `nn.Linear` modules of the blocks
 (``wq wk wv wo w1 w2 w3``, MoE experts included; the MoE gate stays float) and the output head
@@ -135,27 +135,46 @@ def _as_2d(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x if x.is_contiguous() else x.contiguous()
 
 
+def _onednn_qlinear() -> bool:
+    ops = getattr(torch.ops, "onednn", None)
+    try:
+        return (torch.backends.mkldnn.is_available() and ops is not None
+                and hasattr(ops, "qlinear_pointwise") and hasattr(ops, "qlinear_prepack"))
+    except Exception:  # noqa: BLE001 - an op namespace that fails to resolve: no oneDNN here
+        return False
+
+
+_HAS_QLINEAR = _onednn_qlinear()
+if _HAS_QLINEAR:
+    _qlinear = torch.ops.onednn.qlinear_pointwise.default
+    _qlinear_prepack = torch.ops.onednn.qlinear_prepack.default
+
+
 class Int8Linear(nn.Module):
     """``y = x @ (qweight * scales[:, None]).T``: int8 weights, one scale per output channel
-    (symmetric), multiplied in integers by ``aten._int_mm`` (oneDNN; AVX-512 VNNI where the CPU
-    has it) against activations split into two int8 planes, quantized on the fly per row:
+    (symmetric), multiplied in integers against activations split into two int8 planes,
+    quantized on the fly per row:
 
         x ~= (amax_x / 127) * (hi + lo / 254),   hi = round(x * 127 / amax_x),
                                                  lo = round((x * 127 / amax_x - hi) * 254)
 
     so the activations keep ~15 bits (relative error <= 1/(2 * 127 * 254) of the row's
     largest magnitude: ~3e-5 per matmul, finer than a bf16 rounding) while the product runs on
-    the integer units. Both planes go through one ``_int_mm`` call (2M rows), so the weights
-    are read once. One plane alone (plain per-token int8 "W8A8") is not accurate enough on
-    small models: on SmolLM2-135M its logits were 0.06-0.22 relative RMS from fp32 (the
-    weight rounding alone: ~0.04), because a few large channels set each row's scale.
+    the integer units. Both planes go through one call (2M rows), so the weights are read
+    once. One plane alone (plain per-token int8 "W8A8") is not accurate enough on small
+    models: on SmolLM2-135M its logits were 0.06-0.22 relative RMS from fp32 (the weight
+    rounding alone: ~0.04), because a few large channels set each row's scale.
 
-    Measured on the Cascade Lake of PERF-NOTES, 2 threads (`benchmarks/quant_micro.py`):
-    ``_int_mm`` reads (K, N) column-major int8 weights at ~24 GB/s at batch 1 (the machine's
-    bandwidth; ``aten._weight_int8pack_mm`` reached ~8), and at 16 rows the whole linear is
-    ~2x faster than float32 ``F.linear`` or the weight-only int8/int4 kernels (those cost
-    linearly in the rows). At batch 1 on small matrices the dozen eager ops of the
-    quantization cost more than the product (~60 us a call).
+    The kernel is oneDNN's int8 matmul with the weight pre-packed once into its blocked layout
+    (``onednn.qlinear_prepack`` / ``qlinear_pointwise``, the ops torch's x86 inductor
+    quantization uses; AVX-512 VNNI ``vpdpbusd`` here), which applies the per-channel scale in
+    its epilogue. Measured on the Cascade Lake of PERF-NOTES, 2 threads: a 0.86B model's
+    linears at 2 rows (batch 1, both planes) read ~23 GB/s, the machine's bandwidth, where
+    ``aten._int_mm`` (which re-packs the weight on every call) reached 13 and the weight-only
+    ``aten._weight_int8pack_mm`` ~8; at 16+ rows it is ~2x faster than float32 ``F.linear``
+    or the weight-only int8/int4 kernels (those cost linearly in the rows). Without oneDNN's
+    quantized ops (other builds) it runs on ``aten._int_mm``. The packed weight is an opaque
+    oneDNN tensor, not a buffer: `qweight` unpacks a copy, `packed_nbytes` counts it.
 
     The integer product is exact (int32 accumulation: |sum| <= 128 * 127 * K, no overflow for
     K < 132k) and every other op is row-wise, so a row's result is bitwise the same at any
@@ -167,15 +186,30 @@ class Int8Linear(nn.Module):
         assert qweight.dtype == torch.int8 and qweight.dim() == 2
         assert scales.shape == (qweight.shape[0],)
         self.out_features, self.in_features = qweight.shape
-        self.register_buffer("qweight", qweight.contiguous())
         self.register_buffer("scales", scales.to(torch.float32).contiguous())
         # the epilogue's factor, kept so a call does not recompute it
         self.register_buffer("_scales_127", self.scales / 127.0, persistent=False)
+        if _HAS_QLINEAR:
+            self._packed = _qlinear_prepack(qweight.contiguous(), None)
+            self._zero_point = torch.zeros(1, dtype=torch.long)
+        else:
+            self._packed = qweight.contiguous()  # (N, K); the kernel reads its (K, N) view
         self.weight = _LinearWeight(self, self.out_features, self.in_features, torch.float32)
 
     @property
     def compute_dtype(self) -> torch.dtype:
         return torch.float32  # of the quantization and the epilogue; the product is int32
+
+    @property
+    def qweight(self) -> torch.Tensor:
+        """The (N, K) int8 weight (with oneDNN: a copy unpacked from its blocked layout)."""
+        if _HAS_QLINEAR:
+            return self._packed.to_dense().t()
+        return self._packed
+
+    @property
+    def packed_nbytes(self) -> int:
+        return self.out_features * self.in_features
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, compute_dtype: torch.dtype | None = None,
@@ -203,9 +237,16 @@ class Int8Linear(nn.Module):
         planes = torch.empty((2 * m, self.in_features), dtype=torch.float32)
         hi = torch.round(xs, out=planes[:m])
         torch.sub(xs, hi, out=planes[m:]).mul_(254.0).round_()  # |lo| <= 127
-        acc = _int_mm(planes.to(torch.int8), self.qweight.t()).to(torch.float32)
-        y = torch.add(acc[:m], acc[m:], alpha=1.0 / 254.0)
-        y.mul_(amax * self._scales_127)
+        if _HAS_QLINEAR:
+            # uint8 with zero point 128: signed int8 activations send oneDNN to its reference
+            # (naive) int8 matmul at 2+ rows, ~1000x slower. Float32 out, times scales / 127.
+            q = planes.add_(128.0).to(torch.uint8)
+            acc = _qlinear(q, 1.0, 128, self._packed, self._scales_127, self._zero_point, None,
+                           1.0, 0, torch.float32, "none", [], "")
+            y = acc[:m].add_(acc[m:], alpha=1.0 / 254.0).mul_(amax)
+        else:
+            acc = _int_mm(planes.to(torch.int8), self._packed.t()).to(torch.float32)
+            y = torch.add(acc[:m], acc[m:], alpha=1.0 / 254.0).mul_(amax * self._scales_127)
         if y.dtype != x.dtype:
             y = y.to(x.dtype)
         return y if x.dim() == 2 else y.view(*x.shape[:-1], self.out_features)
@@ -541,12 +582,18 @@ def fuse_block_(block: nn.Module) -> None:
             del ff.w1, ff.w3
 
 
+def packed_bytes(model: nn.Module) -> int:
+    """Bytes of the weights held outside parameters and buffers (`Int8Linear`'s packed ones)."""
+    return sum(m.packed_nbytes for m in model.modules() if isinstance(m, Int8Linear))
+
+
 def quantized_bytes(model: nn.Module) -> int:
-    """Bytes of all parameters and buffers (quantized weights, scales, float rest)."""
+    """Bytes of all parameters, buffers and packed weights (quantized weights, scales, float
+    rest)."""
     seen: set[int] = set()
     total = 0
     for t in list(model.parameters()) + list(model.buffers()):
         if id(t) not in seen:
             seen.add(id(t))
             total += t.numel() * t.element_size()
-    return total
+    return total + packed_bytes(model)

@@ -37,33 +37,30 @@ class RMSNorm(nn.Module):
 
 class Rotary:
     """Rotary embedding in the interleaved-pair layout: dims (2i, 2i+1) rotate together by
-    ``pos * theta**(-2i/head_dim)``. Angles and rotation are computed in fp32."""
+    ``pos * theta**(-2i/head_dim)``. Angles and rotation are computed in fp32, as a complex
+    product (mistral-inference's ``view_as_complex`` form: one op instead of the five of the
+    rotate-half form, which counts at batch 1)."""
 
     def __init__(self, head_dim: int, theta: float):
         self.head_dim = head_dim
         self.theta = theta
         self._inv_freq: dict[torch.device, torch.Tensor] = {}
 
-    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-position factors (T, 1, head_dim), shared by every layer of a step: ``cos``
-        repeated over each pair and ``sin`` as (-sin, +sin), so that `apply` is two products
-        and a sum."""
+    def factors(self, positions: torch.Tensor) -> torch.Tensor:
+        """``exp(i * pos * freq)`` per position, (T, 1, head_dim/2) complex64, shared by every
+        layer of a step (broadcast over heads)."""
         dev = positions.device
         if dev not in self._inv_freq:
             exponents = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=dev).float()
             self._inv_freq[dev] = 1.0 / (self.theta ** (exponents / self.head_dim))
         angles = positions.float()[:, None] * self._inv_freq[dev][None, :]  # (T, head_dim/2)
-        cos, sin = angles.cos(), angles.sin()
-        cos2 = torch.stack((cos, cos), dim=-1).flatten(-2)
-        sin2 = torch.stack((-sin, sin), dim=-1).flatten(-2)
-        return cos2[:, None, :], sin2[:, None, :]  # broadcast over heads
+        return torch.polar(torch.ones_like(angles), angles)[:, None, :]
 
     @staticmethod
-    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        # pair (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin): x * cos + swapped(x) * (-sin, sin)
-        xf = x.float()
-        swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
-        return (xf * cos + swapped * sin).type_as(x)
+    def apply(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        # pair (x0, x1) as x0 + i x1, times exp(i angle): (x0 cos - x1 sin, x1 cos + x0 sin)
+        xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+        return torch.view_as_real(xc * rope).flatten(-2).type_as(x)
 
 
 class Attention(nn.Module):
@@ -80,20 +77,20 @@ class Attention(nn.Module):
         # then removes wq, wk and wv): one kernel call instead of three per token
         self.wqkv: nn.Module | None = None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attn: AttentionBackend) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, attn: AttentionBackend
+                ) -> torch.Tensor:
         T = x.shape[0]
         if self.wqkv is not None:  # q and k are adjacent: one rotary call for both
             nqk = (self.n_heads + self.n_kv_heads) * self.head_dim
             qkv = self.wqkv(x)
-            qk = Rotary.apply(qkv[:, :nqk].view(T, -1, self.head_dim), cos, sin)
+            qk = Rotary.apply(qkv[:, :nqk].view(T, -1, self.head_dim), rope)
             q, k = qk[:, :self.n_heads], qk[:, self.n_heads:]
             v = qkv[:, nqk:].view(T, self.n_kv_heads, self.head_dim)
         else:
             q = self.wq(x).view(T, self.n_heads, self.head_dim)
             k = self.wk(x).view(T, self.n_kv_heads, self.head_dim)
             v = self.wv(x).view(T, self.n_kv_heads, self.head_dim)
-            q, k = Rotary.apply(q, cos, sin), Rotary.apply(k, cos, sin)
+            q, k = Rotary.apply(q, rope), Rotary.apply(k, rope)
         out = attn.attend(self.layer, q, k, v, self.window)  # (T, n_heads, head_dim)
         return self.wo(out.reshape(T, self.n_heads * self.head_dim))
 
@@ -150,9 +147,9 @@ class TransformerBlock(nn.Module):
             MoeLayer(args) if args.moe is not None else FeedForward(args.dim, args.hidden_dim)
         )
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attn: AttentionBackend) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, attn)
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, attn: AttentionBackend
+                ) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), rope, attn)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -188,9 +185,9 @@ class Transformer(nn.Module):
         if attn is None:
             attn = PrefillAttention([tokens.shape[0]])
         h = self.tok_embeddings(tokens)  # (T, dim)
-        cos, sin = self.rotary.cos_sin(positions)
+        rope = self.rotary.factors(positions)
         for layer in self.layers:
-            h = layer(h, cos, sin, attn)
+            h = layer(h, rope, attn)
         if logits_indices is not None:
             h = h.index_select(0, logits_indices)
         h = self.norm(h)

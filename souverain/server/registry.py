@@ -24,6 +24,7 @@ from typing import Any, Callable
 from souverain.engine import AsyncLLMEngine
 from souverain.engine.engine import EngineConfig
 from souverain.errors import SouverainError
+from souverain.models.quantize import quantized_bytes
 from souverain.server.errors import APIError
 from souverain.weights import Checkpoint, load
 
@@ -62,7 +63,7 @@ class ServedModel:
         if self.engine is None:
             return 0
         eng = self.engine.engine
-        weights = sum(t.numel() * t.element_size() for t in eng.model.state_dict().values())
+        weights = quantized_bytes(eng.model)
         return int(weights + eng.kv_tokens * eng.kv_bytes_per_token)
 
     def estimate_bytes(self) -> int:
