@@ -1,4 +1,4 @@
-"""Weight-only quantized linears on the bundled SmolLM2-135M (Q4_1 GGUF): load memory, decode
+"""Quantized linears on the bundled SmolLM2-135M (Q4_1 GGUF): load memory, decode
 speed, batch invariance. One short run (~2 minutes on 2 shared cores).
 
     python benchmarks/quant_micro.py [--tokens 64] [--configs fp32,bf16,int8,...]
@@ -10,7 +10,8 @@ prefilled, 8 warm-up steps, then ``--tokens`` greedy steps at batch 1 and 8 step
 (the same prompt 8 times), *interleaved* in rounds of 8 steps per configuration so that all of
 them see the same machine load (the machine is shared): tok/s = 1 / median step time.
 
-Configurations (model dtype = residual stream, norms, KV cache; quantized matmuls in bf16):
+Configurations (model dtype = residual stream, norms, KV cache; int4 matmuls in bf16, int8
+ones on the integer units with two int8 activation planes):
   fp32, bf16         the float model (GGUF dequantized at load)
   int8               blocks + head int8 per channel, fp32 model
   int4-deq           fp32 model loaded, then blocks int4 g32 re-quantized from the dequantized
@@ -160,7 +161,8 @@ for n, k in [(576, 576), (192, 576), (1536, 576), (576, 1536), (49152, 576)]:
     w16 = w.bfloat16()
     fns = {"fp32 F.linear": lambda a: F.linear(a, w),
            "bf16 F.linear": lambda a: F.linear(a.bfloat16(), w16),
-           "int8 _weight_int8pack_mm": i8, "int4 _weight_int4pack_mm_for_cpu": i4}
+           "int8 two planes (oneDNN int8 matmul)": i8,
+           "int4 _weight_int4pack_mm_for_cpu": i4}
     for name, f in fns.items():
         full = f(x)
         ok = all(torch.equal(full[i], f(x[i:i + 1])[0]) for i in range(16))
