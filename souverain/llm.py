@@ -28,7 +28,7 @@ class LLM:
     ``model`` is a bundled alias (``smollm2-135m-instruct``), a ``.gguf`` file, or a folder
     in the official consolidated or Hugging Face format. ``dtype`` is ``"float32"``,
     ``"bfloat16"`` or ``"auto"`` (float32 when it fits comfortably in RAM, else bfloat16;
-    bfloat16 when ``quantization`` is int8/int4, whose kernels compute in bf16).
+    bfloat16 when ``quantization`` is int8/int4: half the KV cache at the same speed).
     """
 
     def __init__(self, model: str | os.PathLike[str] = "smollm2-135m-instruct",
