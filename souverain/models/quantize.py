@@ -9,9 +9,11 @@ x 0.5 byte + scales for int4).
 
 The kernels (ATen, CPU):
 
-- int8 (`Int8Linear`): ``aten._int_mm(a_int8 [M, K], w_int8 [K, N]) -> int32``, exact, on
-  oneDNN's integer GEMM (AVX-512 VNNI here). The activations are quantized per row on the fly
-  into two int8 planes (~15 bits kept; see the class), the weights per output channel.
+- int8 (`Int8Linear`): oneDNN's int8 matmul on a weight pre-packed at load
+  (``onednn.qlinear_prepack`` / ``onednn.qlinear_pointwise``; ``aten._int_mm`` where those
+  ops are missing), exact integer products on AVX-512 VNNI here. The activations are quantized
+  per row on the fly into two int8 planes (~15 bits kept; see the class), the weights per
+  output channel.
 - int4 (`Int4Linear`): ``aten._weight_int4pack_mm_for_cpu(x, packed, group,
   scales_and_zeros [K/group, N, 2])`` with ``packed =
   aten._convert_weight_to_int4pack_for_cpu(q_int32 [N, K] in 0..15, 1)`` (a CPU-specific
