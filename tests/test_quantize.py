@@ -503,7 +503,7 @@ print(json.dumps({"peak": rss('VmHWM:') - opened, "weights": quantized_bytes(mod
         out = subprocess.run([sys.executable, "-c", code, scheme], capture_output=True, text=True,
                              check=True).stdout
         r = json.loads(out.strip().splitlines()[-1])
-        assert r["peak"] <= 1.3 * r["weights"], (scheme, r)  # measured 1.05 (int8), 1.09 (int4)
+        assert r["peak"] <= 1.3 * r["weights"], (scheme, r)  # measured 1.12 (int8), 1.16 (int4)
 
 
 def test_auto_dtype_is_bf16_when_quantized(tiny_models):
@@ -547,3 +547,19 @@ for m in (1, 2, 16, 300):
     runs = [line for line in out.splitlines() if ",exec," in line and ",matmul," in line]
     assert len(runs) >= 4, out[-2000:]
     assert not [line for line in runs if ",ref" in line], runs
+
+
+def test_int8_row_blocks_give_the_whole_matrix_result(monkeypatch):
+    """Large int8 weights are packed in row blocks (bounded load memory): the blocks' outputs,
+    side by side, are bitwise the one-block result, and `qweight` is the whole weight again."""
+    w = torch.from_numpy(_weights(200, 64))
+    whole = Int8Linear.from_float(w)
+    monkeypatch.setattr(Q, "_PACK_ELEMS", 64 * 64)  # 64-row blocks: 64, 64, 64, 8
+    blocked = Int8Linear.from_float(w)
+    assert [b - a for a, b in blocked._bounds] == [64, 64, 64, 8]
+    assert torch.equal(blocked.qweight, whole.qweight)
+    assert torch.equal(blocked.scales, whole.scales)
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(blocked(x), whole(x))
+    again = Int8Linear(whole.qweight, whole.scales)  # from a plain weight: split the same way
+    assert len(again._bounds) == 4 and torch.equal(again(x), whole(x))

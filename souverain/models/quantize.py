@@ -48,6 +48,7 @@ and zero to ``compute_dtype`` (bf16: 8 significant bits instead of fp16's 11).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Self
 
@@ -183,19 +184,34 @@ class Int8Linear(nn.Module):
     batch size or thread count. Any float activation dtype; the output has the input's dtype.
     """
 
-    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor):
+    def __init__(self, qweight: torch.Tensor | list[torch.Tensor], scales: torch.Tensor):
+        """``qweight``: the (N, K) int8 weight, or its consecutive row blocks (as `from_float`
+        builds them, so that only one block is ever held both plain and packed)."""
         super().__init__()
-        assert qweight.dtype == torch.int8 and qweight.dim() == 2
-        assert scales.shape == (qweight.shape[0],)
-        self.out_features, self.in_features = qweight.shape
+        blocks = list(qweight) if isinstance(qweight, (list, tuple)) else _row_blocks(qweight)
+        assert all(b.dtype == torch.int8 and b.dim() == 2 for b in blocks)
+        self.out_features = sum(b.shape[0] for b in blocks)
+        self.in_features = blocks[0].shape[1]
+        assert scales.shape == (self.out_features,)
         self.register_buffer("scales", scales.to(torch.float32).contiguous())
         # the epilogue's factor, kept so a call does not recompute it
         self.register_buffer("_scales_127", self.scales / 127.0, persistent=False)
+        # weights larger than _PACK_ELEMS are packed in row blocks (one oneDNN call each): the
+        # packing holds a plain and a packed copy of what it packs, and a whole 49k-row head
+        # at once pushed SmolLM2's int4 load peak to 1.31x its weights (4M-weight blocks:
+        # 1.16x; the rest is mostly oneDNN's own code and kernels, a fixed cost)
+        self._bounds = []
+        start = 0
+        for b in blocks:
+            self._bounds.append((start, start + b.shape[0]))
+            start += b.shape[0]
         if _HAS_QLINEAR:
-            self._packed = _qlinear_prepack(qweight.contiguous(), None)
+            self._packed = []
+            while blocks:  # pack and drop each plain block in turn
+                self._packed.append(_qlinear_prepack(blocks.pop(0).contiguous(), None))
             self._zero_point = torch.zeros(1, dtype=torch.long)
         else:
-            self._packed = qweight.contiguous()  # (N, K); the kernel reads its (K, N) view
+            self._packed = [b.contiguous() for b in blocks]  # the kernel reads (K, N) views
         self.weight = _LinearWeight(self, self.out_features, self.in_features, torch.float32)
 
     @property
@@ -206,8 +222,8 @@ class Int8Linear(nn.Module):
     def qweight(self) -> torch.Tensor:
         """The (N, K) int8 weight (with oneDNN: a copy unpacked from its blocked layout)."""
         if _HAS_QLINEAR:
-            return self._packed.to_dense().t()
-        return self._packed
+            return torch.cat([p.to_dense().t() for p in self._packed])
+        return self._packed[0] if len(self._packed) == 1 else torch.cat(self._packed)
 
     @property
     def packed_nbytes(self) -> int:
@@ -217,19 +233,49 @@ class Int8Linear(nn.Module):
     def from_float(cls, weight: torch.Tensor, compute_dtype: torch.dtype | None = None,
                    ) -> Int8Linear:
         """Round-to-nearest per-channel int8 of ``weight`` (any float dtype, may be a memory
-        map: read in chunks of rows, never converted whole). ``compute_dtype`` is accepted for
-        symmetry with `Int4Linear` and ignored: this kernel always quantizes in float32."""
+        map: read in chunks of rows, never converted whole; packed a row block at a time).
+        ``compute_dtype`` is accepted for symmetry with `Int4Linear` and ignored: this kernel
+        always quantizes in float32."""
         n, k = weight.shape
-        qweight = torch.empty((n, k), dtype=torch.int8)
+        rows = _block_rows(n, k)
+        blocks: list[torch.Tensor] = []
         scales = torch.empty((n,), dtype=torch.float32)
+        block, filled = None, 0
         for r, w in _row_chunks(weight, 1):
             lo, hi = torch.aminmax(w, dim=1)
             amax = torch.maximum(hi, -lo)
             s = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
-            q = w / s[:, None]  # a new tensor: ``w`` may be a view of the source
-            qweight[r:r + w.shape[0]] = q.round_().clamp_(-127, 127)
+            q = (w / s[:, None]).round_().clamp_(-127, 127)  # new: ``w`` may view the source
             scales[r:r + w.shape[0]] = s
-        return cls(qweight, scales)
+            i = 0
+            while i < q.shape[0]:  # into the current row block; pack it once full
+                if block is None:
+                    block, filled = torch.empty((min(rows, n - r - i), k), dtype=torch.int8), 0
+                take = min(q.shape[0] - i, block.shape[0] - filled)
+                block[filled:filled + take] = q[i:i + take]
+                filled, i = filled + take, i + take
+                if filled == block.shape[0]:
+                    blocks.append(_qlinear_prepack(block, None) if _HAS_QLINEAR else block)
+                    block = None
+        return cls._from_packed(blocks, scales) if _HAS_QLINEAR else cls(blocks, scales)
+
+    @classmethod
+    def _from_packed(cls, packed: list[torch.Tensor], scales: torch.Tensor) -> Int8Linear:
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.in_features = packed[0].shape[0]  # a packed block is (K, n_i)
+        self.out_features = sum(p.shape[1] for p in packed)
+        self.register_buffer("scales", scales.to(torch.float32).contiguous())
+        self.register_buffer("_scales_127", self.scales / 127.0, persistent=False)
+        self._bounds = []
+        start = 0
+        for p in packed:
+            self._bounds.append((start, start + p.shape[1]))
+            start += p.shape[1]
+        self._packed = packed
+        self._zero_point = torch.zeros(1, dtype=torch.long)
+        self.weight = _LinearWeight(self, self.out_features, self.in_features, torch.float32)
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = _as_2d(x, torch.float32)
@@ -243,11 +289,15 @@ class Int8Linear(nn.Module):
             # uint8 with zero point 128: signed int8 activations send oneDNN to its reference
             # (naive) int8 matmul at 2+ rows, ~1000x slower. Float32 out, times scales / 127.
             q = planes.add_(128.0).to(torch.uint8)
-            acc = _qlinear(q, 1.0, 128, self._packed, self._scales_127, self._zero_point, None,
-                           1.0, 0, torch.float32, "none", [], "")
+            parts = [_qlinear(q, 1.0, 128, p, self._scales_127[a:b], self._zero_point, None,
+                              1.0, 0, torch.float32, "none", [], "")
+                     for p, (a, b) in zip(self._packed, self._bounds)]
+            acc = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
             y = acc[:m].add_(acc[m:], alpha=1.0 / 254.0).mul_(amax)
         else:
-            acc = _int_mm(planes.to(torch.int8), self._packed.t()).to(torch.float32)
+            q = planes.to(torch.int8)
+            parts = [_int_mm(q, p.t()) for p in self._packed]
+            acc = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)).to(torch.float32)
             y = torch.add(acc[:m], acc[m:], alpha=1.0 / 254.0).mul_(amax * self._scales_127)
         if y.dtype != x.dtype:
             y = y.to(x.dtype)
@@ -363,6 +413,23 @@ class _Int4Builder:
 
     def build(self) -> Int4Linear:
         return Int4Linear(self.packed, self.sz, self.group_size, self.k)
+
+
+_PACK_ELEMS = 1 << 22  # int8 weights packed per oneDNN call (4 MB; see Int8Linear.__init__)
+
+
+def _block_rows(n: int, k: int) -> int:
+    """Rows per packed block of an (n, k) int8 weight: whole when it fits in _PACK_ELEMS,
+    else near-equal blocks of a multiple of 64 rows under it."""
+    if n * k <= _PACK_ELEMS:
+        return n
+    count = math.ceil(n * k / _PACK_ELEMS)
+    return math.ceil(math.ceil(n / count) / 64) * 64
+
+
+def _row_blocks(qweight: torch.Tensor) -> list[torch.Tensor]:
+    rows = _block_rows(*qweight.shape)
+    return [qweight[r:r + rows] for r in range(0, qweight.shape[0], rows)]
 
 
 def _row_chunks(weight: torch.Tensor, multiple: int) -> Iterator[tuple[int, torch.Tensor]]:
