@@ -503,7 +503,7 @@ print(json.dumps({"peak": rss('VmHWM:') - opened, "weights": quantized_bytes(mod
         out = subprocess.run([sys.executable, "-c", code, scheme], capture_output=True, text=True,
                              check=True).stdout
         r = json.loads(out.strip().splitlines()[-1])
-        assert r["peak"] <= 1.3 * r["weights"], (scheme, r)  # measured 1.12 (int8), 1.16 (int4)
+        assert r["peak"] <= 1.3 * r["weights"], (scheme, r)  # measured 1.09 (int8), 1.08 (int4)
 
 
 def test_auto_dtype_is_bf16_when_quantized(tiny_models):

@@ -122,8 +122,20 @@ def load_model(ckpt: Checkpoint, dtype: str | torch.dtype = "float32",
     names = list(model.state_dict().keys())
     tied_head = "output" in plan and model.output is None
     total = len(names) + int(tied_head)
+    # The head first: the biggest matrix, whose quantizing/packing transient (a plain and a
+    # packed copy of each block) then comes while little else is resident (SmolLM2 int4 load
+    # peak 1.25x -> 1.08x its weights).
+    names.sort(key=lambda n: n != "output.weight")
+    done = 0
+    if tied_head:  # a quantized copy of the embedding, used only as the head
+        model.output = build_quantized(ckpt.tensors["tok_embeddings.weight"], plan["output"],
+                                       group_size, compute_dtype)
+        trim_heap()
+        done = 1
+        if progress is not None:
+            progress(done, total)
     state = {}
-    for i, name in enumerate(names):
+    for i, name in enumerate(names, start=done):
         kind = swapped.get(name)
         if kind is None:
             state[name] = ckpt.read(name, target)
@@ -138,12 +150,6 @@ def load_model(ckpt: Checkpoint, dtype: str | torch.dtype = "float32",
             trim_heap()
         if progress is not None:
             progress(i + 1, total)
-    if tied_head:  # a quantized copy of the embedding, used only as the head
-        model.output = build_quantized(ckpt.tensors["tok_embeddings.weight"], plan["output"],
-                                       group_size, compute_dtype)
-        trim_heap()
-        if progress is not None:
-            progress(total, total)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     del state
     built = set(plan) | {n for n, _ in model.named_modules() if n.endswith((".wqkv", ".w13"))}
