@@ -185,34 +185,38 @@ class Int8Linear(nn.Module):
     """
 
     def __init__(self, qweight: torch.Tensor | list[torch.Tensor], scales: torch.Tensor):
-        """``qweight``: the (N, K) int8 weight, or its consecutive row blocks (as `from_float`
-        builds them, so that only one block is ever held both plain and packed)."""
+        """``qweight``: the (N, K) int8 weight, or its consecutive row blocks, plain (n_i, K)
+        or already packed by ``qlinear_prepack`` ((K, n_i), as `from_float` builds them, so
+        that only one block is ever held both plain and packed)."""
         super().__init__()
         blocks = list(qweight) if isinstance(qweight, (list, tuple)) else _row_blocks(qweight)
-        assert all(b.dtype == torch.int8 and b.dim() == 2 for b in blocks)
-        self.out_features = sum(b.shape[0] for b in blocks)
-        self.in_features = blocks[0].shape[1]
-        assert scales.shape == (self.out_features,)
-        self.register_buffer("scales", scales.to(torch.float32).contiguous())
-        # the epilogue's factor, kept so a call does not recompute it
-        self.register_buffer("_scales_127", self.scales / 127.0, persistent=False)
         # weights larger than _PACK_ELEMS are packed in row blocks (one oneDNN call each): the
         # packing holds a plain and a packed copy of what it packs, and a whole 49k-row head
         # at once pushed SmolLM2's int4 load peak to 1.31x its weights. Each extra call costs
         # ~50 us at batch 1 (the 0.86B model's linears: 39.8 ms in one block each, 41.6 with
         # 16M-weight blocks, 47.4 with 4M ones), so blocks are 16M weights.
-        self._bounds = []
-        start = 0
-        for b in blocks:
-            self._bounds.append((start, start + b.shape[0]))
-            start += b.shape[0]
-        if _HAS_QLINEAR:
-            self._packed = []
-            while blocks:  # pack and drop each plain block in turn
-                self._packed.append(_qlinear_prepack(blocks.pop(0).contiguous(), None))
-            self._zero_point = torch.zeros(1, dtype=torch.long)
-        else:
-            self._packed = [b.contiguous() for b in blocks]  # the kernel reads (K, N) views
+        self._packed: list[torch.Tensor] = []
+        self._bounds: list[tuple[int, int]] = []
+        start, self.in_features = 0, -1
+        while blocks:  # pack and drop each plain block in turn
+            b = blocks.pop(0)
+            if b.is_mkldnn:
+                k, n = b.shape
+            else:
+                assert b.dtype == torch.int8 and b.dim() == 2
+                n, k = b.shape
+                b = _qlinear_prepack(b.contiguous(), None) if _HAS_QLINEAR else b.contiguous()
+            assert self.in_features in (-1, k)
+            self.in_features = k
+            self._packed.append(b)
+            self._bounds.append((start, start + n))
+            start += n
+        self.out_features = start
+        assert scales.shape == (self.out_features,)
+        self.register_buffer("scales", scales.to(torch.float32).contiguous())
+        # the epilogue's factor, kept so a call does not recompute it
+        self.register_buffer("_scales_127", self.scales / 127.0, persistent=False)
+        self._zero_point = torch.zeros(1, dtype=torch.long)
         self.weight = _LinearWeight(self, self.out_features, self.in_features, torch.float32)
 
     @property
@@ -258,25 +262,7 @@ class Int8Linear(nn.Module):
                 if filled == block.shape[0]:
                     blocks.append(_qlinear_prepack(block, None) if _HAS_QLINEAR else block)
                     block = None
-        return cls._from_packed(blocks, scales) if _HAS_QLINEAR else cls(blocks, scales)
-
-    @classmethod
-    def _from_packed(cls, packed: list[torch.Tensor], scales: torch.Tensor) -> Int8Linear:
-        self = cls.__new__(cls)
-        nn.Module.__init__(self)
-        self.in_features = packed[0].shape[0]  # a packed block is (K, n_i)
-        self.out_features = sum(p.shape[1] for p in packed)
-        self.register_buffer("scales", scales.to(torch.float32).contiguous())
-        self.register_buffer("_scales_127", self.scales / 127.0, persistent=False)
-        self._bounds = []
-        start = 0
-        for p in packed:
-            self._bounds.append((start, start + p.shape[1]))
-            start += p.shape[1]
-        self._packed = packed
-        self._zero_point = torch.zeros(1, dtype=torch.long)
-        self.weight = _LinearWeight(self, self.out_features, self.in_features, torch.float32)
-        return self
+        return cls(blocks, scales)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = _as_2d(x, torch.float32)
