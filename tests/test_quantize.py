@@ -563,3 +563,19 @@ def test_int8_row_blocks_give_the_whole_matrix_result(monkeypatch):
     assert torch.equal(blocked(x), whole(x))
     again = Int8Linear(whole.qweight, whole.scales)  # from a plain weight: split the same way
     assert len(again._bounds) == 4 and torch.equal(again(x), whole(x))
+
+
+def test_int8_without_onednn_qlinear_runs_on_int_mm(monkeypatch):
+    """Builds without oneDNN's quantized ops take ``aten._int_mm``: the same integer product,
+    so the same result up to the float32 epilogue's rounding, and batch invariant too."""
+    w = torch.from_numpy(_weights(200, 64))
+    x = torch.randn(6, 64, generator=torch.Generator().manual_seed(0))
+    packed = Int8Linear.from_float(w)
+    ref_q, ref_y = packed.qweight, packed(x)  # the module's path is read at call time
+    monkeypatch.setattr(Q, "_HAS_QLINEAR", False)
+    monkeypatch.setattr(Q, "_PACK_ELEMS", 64 * 64)  # several row blocks on this path too
+    plain = Int8Linear.from_float(w)
+    assert len(plain._bounds) == 4 and torch.equal(plain.qweight, ref_q)
+    torch.testing.assert_close(plain(x), ref_y, rtol=1e-6, atol=1e-6)
+    full = plain(x)
+    assert all(torch.equal(plain(x[i:i + 1])[0], full[i]) for i in range(6))

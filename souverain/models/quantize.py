@@ -245,23 +245,17 @@ class Int8Linear(nn.Module):
         rows = _block_rows(n, k)
         blocks: list[torch.Tensor] = []
         scales = torch.empty((n,), dtype=torch.float32)
-        block, filled = None, 0
-        for r, w in _row_chunks(weight, 1):
-            lo, hi = torch.aminmax(w, dim=1)
-            amax = torch.maximum(hi, -lo)
-            s = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
-            q = (w / s[:, None]).round_().clamp_(-127, 127)  # new: ``w`` may view the source
-            scales[r:r + w.shape[0]] = s
-            i = 0
-            while i < q.shape[0]:  # into the current row block; pack it once full
-                if block is None:
-                    block, filled = torch.empty((min(rows, n - r - i), k), dtype=torch.int8), 0
-                take = min(q.shape[0] - i, block.shape[0] - filled)
-                block[filled:filled + take] = q[i:i + take]
-                filled, i = filled + take, i + take
-                if filled == block.shape[0]:
-                    blocks.append(_qlinear_prepack(block, None) if _HAS_QLINEAR else block)
-                    block = None
+        for r0 in range(0, n, rows):  # one row block at a time: quantized, packed, dropped
+            block = torch.empty((min(rows, n - r0), k), dtype=torch.int8)
+            for r, w in _row_chunks(weight, 1, r0, r0 + block.shape[0]):
+                lo, hi = torch.aminmax(w, dim=1)
+                amax = torch.maximum(hi, -lo)
+                s = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+                q = w / s[:, None]  # a new tensor: ``w`` may be a view of the source
+                block[r - r0:r - r0 + w.shape[0]] = q.round_().clamp_(-127, 127)
+                scales[r:r + w.shape[0]] = s
+            blocks.append(_qlinear_prepack(block, None) if _HAS_QLINEAR else block)
+            del block
         return cls(blocks, scales)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -419,12 +413,15 @@ def _row_blocks(qweight: torch.Tensor) -> list[torch.Tensor]:
     return [qweight[r:r + rows] for r in range(0, qweight.shape[0], rows)]
 
 
-def _row_chunks(weight: torch.Tensor, multiple: int) -> Iterator[tuple[int, torch.Tensor]]:
-    """``(first row, float32 rows)`` of a 2-D weight, a few MB at a time."""
+def _row_chunks(weight: torch.Tensor, multiple: int, start: int = 0, stop: int | None = None
+                ) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(first row, float32 rows)`` of a 2-D weight (rows ``start:stop``), a few MB at a
+    time."""
     n, k = weight.shape
+    stop = n if stop is None else stop
     step = max(multiple, (_CHUNK_ELEMS // max(1, k)) // multiple * multiple)
-    for r in range(0, n, step):
-        yield r, weight[r:r + step].to(torch.float32)
+    for r in range(start, stop, step):
+        yield r, weight[r:min(r + step, stop)].to(torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------
