@@ -174,6 +174,7 @@ def data_dirs() -> list[dict[str, Any]]:
     rows = [("data home ($SOUVERAIN_HOME)", data_home(), "writes"),
             ("document libraries", libraries_dir(), "writes"),
             ("audit logs", audit_dir(), "writes"),
+            ("compiled CPU kernels", data_home() / "kernels", "writes"),
             ("Hugging Face cache ($HF_HOME)", Path(hf.HF_HOME), "not used (offline)")]
     if os.environ.get("SENTENCE_TRANSFORMERS_HOME"):
         rows.append(("sentence-transformers cache", Path(os.environ[

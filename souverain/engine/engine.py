@@ -25,6 +25,7 @@ from typing import Any, Sequence as Seq
 
 import torch
 
+from souverain import kernels
 from souverain.engine.block_manager import BlockManager
 from souverain.engine.lora import LoRAManager, LoRARef
 from souverain.engine.paged_attention import PagedAttention, PagedKVCache, SeqSlice
@@ -142,6 +143,8 @@ class LLMEngine:
         self.model = load_model(self.checkpoint, self.dtype, progress=progress,
                                 quantization=config.quantization)
         self.device = self.model.device
+        if self.device.type == "cpu":
+            kernels.available()  # built once per machine (~25 s), here rather than mid-request
 
         windows = {args.window_for_layer(i) for i in range(args.n_layers)}
         self.window = None if None in windows else max(w for w in windows if w is not None)

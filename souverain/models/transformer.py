@@ -15,12 +15,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from souverain import kernels
 from souverain.models.args import ModelArgs
 from souverain.models.attention import AttentionBackend, PrefillAttention
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm computed in fp32, cast back, then scaled (as mistral-inference)."""
+    """Root-mean-square norm: ``x * rsqrt(mean(x**2) + eps) * weight`` computed in fp32 and
+    rounded once to ``x``'s dtype (mistral-inference rounds before the scaling too; one
+    rounding is closer to fp32). One fused kernel per call (`souverain.kernels`)."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -28,11 +31,13 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # the fp32 maths below in one fused kernel (bit-identical, fewer ops at batch 1):
-        #   xf = x.float(); (xf * rsqrt(mean(xf**2) + eps)).type_as(x) * weight
-        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        return F.rms_norm(x.float(), self.weight.shape, None, self.eps).type_as(x) * self.weight
+        return kernels.rms_norm(x, self.weight, self.eps)
+
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual add before this norm fused with it: ``(norm(x + residual), x +
+        residual)``."""
+        return kernels.add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class Rotary:
@@ -58,9 +63,9 @@ class Rotary:
 
     @staticmethod
     def apply(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-        # pair (x0, x1) as x0 + i x1, times exp(i angle): (x0 cos - x1 sin, x1 cos + x0 sin)
-        xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
-        return torch.view_as_real(xc * rope).flatten(-2).type_as(x)
+        """``x`` rotated: (x0 cos - x1 sin, x1 cos + x0 sin) per pair. May rotate ``x`` in
+        place (a fresh matmul output here): use the returned tensor."""
+        return kernels.rotary(x, rope)
 
 
 class Attention(nn.Module):
@@ -149,8 +154,9 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, attn: AttentionBackend
                 ) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), rope, attn)
-        return h + self.feed_forward(self.ffn_norm(h))
+        normed, h = self.ffn_norm.add_forward(
+            self.attention(self.attention_norm(x), rope, attn), x)
+        return h + self.feed_forward(normed)
 
 
 class Transformer(nn.Module):

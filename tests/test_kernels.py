@@ -1,0 +1,158 @@
+"""`souverain.kernels`: the fused C++ CPU kernels against the maths they replace (float64
+references), their batch invariance, and the PyTorch fallback the model takes without them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from souverain import kernels
+from souverain.models.transformer import Rotary
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    # CI machines carry g++: the kernels must build there (the engine builds them at load)
+    assert kernels.available(), kernels.status()
+
+
+@pytest.fixture
+def fallback(monkeypatch):
+    """The PyTorch ops the model runs where the kernels cannot be built."""
+    monkeypatch.setattr(kernels, "_state", {"ok": False, "reason": "test"})
+
+
+def ulp(dtype: torch.dtype) -> float:
+    return {torch.float32: 2.0 ** -23, torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10}[dtype]
+
+
+def rms_reference(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    xd = x.double()
+    return xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + eps) * w.double()
+
+
+def close_to(out: torch.Tensor, ref: torch.Tensor, ulps: float,
+             scale: torch.Tensor | None = None) -> None:
+    """``out`` (rounded once from float32 maths) within ``ulps`` units of its dtype of ``ref``
+    (relative to ``scale`` where given: a rotation's outputs can cancel to ~0)."""
+    err = (out.double() - ref).abs()
+    bound = ulps * ulp(out.dtype) * (ref.abs() if scale is None else scale).clamp_min(1e-3)
+    assert bool((err <= bound).all()), f"max err/bound {(err / bound).max().item():.2f}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 576), (7, 64), (2, 3, 1000)])
+def test_rms_norm_matches_float64(dtype, shape):
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(shape, generator=g) * 3).to(dtype)
+    w = (1 + 0.1 * torch.randn(shape[-1], generator=g)).to(dtype)
+    out = kernels.rms_norm(x, w, 1e-5)
+    assert out.shape == x.shape and out.dtype == dtype
+    close_to(out, rms_reference(x, w, 1e-5), 1.0 if dtype != torch.float32 else 8.0)
+
+
+def test_rms_norm_strided_rows_and_float32_weight():
+    x = torch.randn(5, 2 * 576).bfloat16()[:, :576]  # rows of a wider matrix
+    w = torch.randn(576)
+    close_to(kernels.rms_norm(x, w, 1e-6), rms_reference(x, w, 1e-6), 1.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_add_rms_norm_sum_is_exactly_x_plus_residual(dtype):
+    g = torch.Generator().manual_seed(1)
+    x, r = (torch.randn(9, 320, generator=g).to(dtype) for _ in range(2))
+    w = torch.randn(320, generator=g).to(dtype)
+    normed, h = kernels.add_rms_norm(x, r, w, 1e-5)
+    assert torch.equal(h, x + r)  # the residual stream: the same rounding as the add
+    close_to(normed, rms_reference(h, w, 1e-5), 1.0 if dtype != torch.float32 else 8.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rotary_in_place_matches_complex_product(dtype):
+    T, heads, kv, hd = 6, 4, 2, 64
+    rope = Rotary(hd, 10000.0).factors(torch.tensor([0, 1, 5, 100, 4095, 30000]))
+    qkv = torch.randn(T, (heads + 2 * kv) * hd).to(dtype)
+    v_before = qkv[:, (heads + kv) * hd:].clone()
+    qk = qkv[:, :(heads + kv) * hd].view(T, -1, hd)  # strided rows, as in Attention
+    ref = torch.view_as_real(torch.view_as_complex(qk.double().unflatten(-1, (-1, 2)))
+                             * rope.to(torch.complex128)).flatten(-2)
+    pair_norm = qk.double().unflatten(-1, (-1, 2)).norm(dim=-1, keepdim=True)
+    out = kernels.rotary(qk, rope)
+    assert out.data_ptr() == qk.data_ptr()  # in place
+    close_to(out, ref, 1.0 if dtype != torch.float32 else 8.0,
+             scale=pair_norm.expand(-1, -1, -1, 2).flatten(-2))
+    assert torch.equal(qkv[:, (heads + kv) * hd:], v_before)  # v untouched
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_rows_are_batch_invariant(threads):
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x = torch.randn(33, 576).bfloat16()
+        r = torch.randn(33, 576).bfloat16()
+        w = torch.randn(576).bfloat16()
+        rope = Rotary(64, 1e4).factors(torch.arange(33))
+        qk = torch.randn(33, 12, 64).bfloat16()
+        full_norm, full_h = kernels.add_rms_norm(x, r, w, 1e-5)
+        full_rot = kernels.rotary(qk.clone(), rope)
+        for n in (1, 2, 5, 17):
+            assert torch.equal(kernels.rms_norm(x[:n], w, 1e-5), kernels.rms_norm(x, w, 1e-5)[:n])
+            normed, h = kernels.add_rms_norm(x[:n], r[:n], w, 1e-5)
+            assert torch.equal(normed, full_norm[:n]) and torch.equal(h, full_h[:n])
+            assert torch.equal(kernels.rotary(qk[:n].clone(), rope[:n]), full_rot[:n])
+    finally:
+        torch.set_num_threads(prev)
+
+
+def test_fallback_matches_kernels(fallback):
+    x, r = torch.randn(3, 576).bfloat16(), torch.randn(3, 576).bfloat16()
+    w = torch.randn(576).bfloat16()
+    qk = torch.randn(3, 12, 64).bfloat16()
+    rope = Rotary(64, 1e4).factors(torch.arange(3))
+    slow = (kernels.add_rms_norm(x, r, w, 1e-5), kernels.rotary(qk.clone(), rope))
+    kernels._state.update(ok=True)
+    fast = (kernels.add_rms_norm(x, r, w, 1e-5), kernels.rotary(qk.clone(), rope))
+    assert torch.equal(slow[0][1], fast[0][1])
+    # the fallback rounds its float32 maths once too: at most one bf16 ulp apart
+    for a, b in ((slow[0][0], fast[0][0]), (slow[1], fast[1])):
+        assert (a.float() - b.float()).abs().max() <= 2 ** -7 * b.float().abs().max()
+
+
+def test_autograd_takes_the_pytorch_ops():
+    x = torch.randn(4, 64, requires_grad=True)
+    w = torch.ones(64, requires_grad=True)
+    out = kernels.rms_norm(x, w, 1e-5)
+    assert out.grad_fn is not None  # the kernels have no backward: fine-tuning needs the graph
+    out.sum().backward()
+    assert x.grad is not None and w.grad is not None
+    with torch.no_grad():
+        assert torch.allclose(kernels.rms_norm(x, w, 1e-5), F.rms_norm(x, (64,), w, 1e-5),
+                              rtol=1e-6, atol=1e-6)
+
+
+def test_bad_input_names_the_problem():
+    with pytest.raises(RuntimeError, match="weight must be a contiguous vector of 64"):
+        torch.ops.souverain.rms_norm(torch.randn(2, 64), torch.randn(32), 1e-5)
+    with pytest.raises(RuntimeError, match="same shape and dtype"):
+        torch.ops.souverain.add_rms_norm(torch.randn(2, 64), torch.randn(3, 64),
+                                         torch.randn(64), 1e-5)
+    with pytest.raises(RuntimeError, match="rope must be float32"):
+        torch.ops.souverain.rotary_(torch.randn(2, 3, 64), torch.randn(2, 16, 2))
+
+
+def test_model_logits_same_with_and_without_kernels(tiny_mistral, monkeypatch):
+    """The whole model on the kernels vs on the PyTorch ops: the same maths, float32."""
+    from souverain.models.loader import load_model
+    from souverain.weights import load
+
+    model = load_model(load(tiny_mistral["hf"]), torch.float32)
+    tokens = torch.randint(0, model.args.vocab_size, (40,), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        fast = model(tokens, torch.arange(40))
+        monkeypatch.setattr(kernels, "_state", {"ok": False, "reason": "test"})
+        slow = model(tokens, torch.arange(40))
+    assert torch.allclose(fast, slow, rtol=1e-4, atol=1e-4), (fast - slow).abs().max()
