@@ -156,3 +156,96 @@ def test_model_logits_same_with_and_without_kernels(tiny_mistral, monkeypatch):
         monkeypatch.setattr(kernels, "_state", {"ok": False, "reason": "test"})
         slow = model(tokens, torch.arange(40))
     assert torch.allclose(fast, slow, rtol=1e-4, atol=1e-4), (fast - slow).abs().max()
+
+
+def sdpa_reference(q, keys, values):
+    """float64 attention of q (H, D) over keys/values (n, KVH, D), GQA by head groups."""
+    H, KVH = q.shape[0], keys.shape[1]
+    k = keys.double().repeat_interleave(H // KVH, dim=1).transpose(0, 1)  # (H, n, D)
+    v = values.double().repeat_interleave(H // KVH, dim=1).transpose(0, 1)
+    w = torch.softmax((k @ q.double()[:, :, None]).squeeze(-1) / q.shape[-1] ** 0.5, dim=-1)
+    return (w[:, None, :] @ v).squeeze(1)  # (H, D)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads", [(9, 3), (8, 8), (32, 8)])
+def test_paged_attention_matches_float64(dtype, heads):
+    H, KVH = heads
+    D, bs, num_blocks = 64, 4, 40
+    g = torch.Generator().manual_seed(5)
+    k_cache = torch.randn(num_blocks * bs, KVH, D, generator=g).to(dtype)
+    v_cache = torch.randn(num_blocks * bs, KVH, D, generator=g).to(dtype)
+    # rows: (block table, lo, hi) -- one key, a partial first block (a window), a long row
+    specs = [([7], 2, 3), ([3, 9, 1], 1, 11), ([12, 13, 2, 30, 31, 5, 6, 8], 0, 29)]
+    width = max(len(t) for t, _, _ in specs)
+    tables = torch.zeros(len(specs), width, dtype=torch.long)
+    for r, (t, _, _) in enumerate(specs):
+        tables[r, :len(t)] = torch.tensor(t)
+    lo = torch.tensor([s[1] for s in specs])
+    hi = torch.tensor([s[2] for s in specs])
+    q = torch.randn(len(specs), H, D, generator=g).to(dtype)
+    out = kernels.paged_attention(q, k_cache, v_cache, tables, lo, hi, bs)
+    assert out.shape == q.shape and out.dtype == dtype
+    for r, (t, a, b) in enumerate(specs):
+        slots = torch.cat([torch.arange(blk * bs, (blk + 1) * bs) for blk in t])[a:b]
+        ref = sdpa_reference(q[r], k_cache[slots], v_cache[slots])
+        tol = 1e-5 if dtype == torch.float32 else 2 * ulp(dtype)
+        assert (out[r].double() - ref).abs().max() <= tol * max(1.0, ref.abs().max())
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_paged_attention_rows_are_batch_invariant(threads):
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        D, bs, B = 64, 16, 16
+        k_cache = torch.randn(64 * bs, 3, D).bfloat16()
+        v_cache = torch.randn(64 * bs, 3, D).bfloat16()
+        tables = torch.randperm(63)[:B * 3].view(B, 3) + 1
+        lo = torch.randint(0, 10, (B,))
+        hi = torch.randint(20, 48, (B,))
+        q = torch.randn(B, 9, D).bfloat16()
+        full = kernels.paged_attention(q, k_cache, v_cache, tables, lo, hi, bs)  # threaded
+        for r in range(B):
+            one = kernels.paged_attention(q[r:r + 1], k_cache, v_cache, tables[r:r + 1],
+                                          lo[r:r + 1], hi[r:r + 1], bs)
+            assert torch.equal(one[0], full[r])
+    finally:
+        torch.set_num_threads(prev)
+
+
+def test_paged_attention_rejects_bad_tables():
+    k = torch.randn(8 * 4, 2, 64)
+    q = torch.randn(1, 4, 64)
+    with pytest.raises(RuntimeError, match="block 9 is outside the cache"):
+        kernels.paged_attention(q, k, k, torch.tensor([[9]]), torch.tensor([0]),
+                                torch.tensor([2]), 4)
+    with pytest.raises(RuntimeError, match="empty or beyond its block table"):
+        kernels.paged_attention(q, k, k, torch.tensor([[1]]), torch.tensor([0]),
+                                torch.tensor([6]), 4)
+
+
+def test_paged_backend_same_with_and_without_kernels(monkeypatch):
+    """A mixed step: a prompt chunk, decode rows, and a preempted sequence recomputing its
+    prompt and generated tokens in one chunk (those go to the kernel), with a window."""
+    from souverain.engine.paged_attention import PagedAttention, PagedKVCache, SeqSlice
+
+    torch.manual_seed(7)
+    bs, KVH, H, D = 4, 2, 6, 32
+    cache = PagedKVCache(1, 32, bs, KVH, D, torch.float32)
+    cache.k.normal_()
+    cache.v.normal_()
+    seqs = [SeqSlice(0, 9, [3, 4, 5], prompt_len=9),           # a whole prompt
+            SeqSlice(13, 1, [6, 7, 8, 9], prompt_len=5),        # decode row
+            SeqSlice(4, 6, [10, 11, 12], prompt_len=7),         # prompt tail + 3 generated
+            SeqSlice(2, 1, [13], prompt_len=2)]                 # decode row, short
+    T = sum(s.q_len for s in seqs)
+    q, k, v = torch.randn(T, H, D), torch.randn(T, KVH, D), torch.randn(T, KVH, D)
+    outs = []
+    for ok in (True, False):
+        monkeypatch.setattr(kernels, "_state", {"ok": ok, "reason": "test"})
+        for window in (None, 5):
+            attn = PagedAttention(cache, seqs, torch.device("cpu"))
+            assert attn.fused is ok
+            outs.append(attn.attend(0, q, k, v, window))
+    assert torch.allclose(outs[0], outs[2], atol=1e-5) and torch.allclose(outs[1], outs[3], atol=1e-5)

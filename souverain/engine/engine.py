@@ -337,7 +337,7 @@ class LLMEngine:
                                                                      len(tokens) + n))
             tokens.extend(seq.token_ids[c:c + n])
             positions.extend(range(c, c + n))
-            slices.append(SeqSlice(c, n, seq.block_table))
+            slices.append(SeqSlice(c, n, seq.block_table, seq.num_prompt_tokens))
             if c + n == seq.num_tokens:
                 sampling.append((seq, len(tokens) - 1))
         attn = PagedAttention(self.cache, slices, self.device)

@@ -5,8 +5,10 @@ head_dim)``; the block tables of the `BlockManager` say which slots a sequence o
 `PagedAttention` is built per step from the scheduled sequences: it precomputes, once for all
 layers, where each new token's K/V goes and which slots each query may read.
 
-Decode rows (one new token) of all sequences are attended together in one padded SDPA call;
-prefill chunks are attended one sequence at a time with a causal (and window) mask.
+Generated positions (decode rows, and generated tokens recomputed after a preemption) are
+attended by the fused ``paged_attention`` kernel straight from the pages (no gather, no
+padding); prompt rows by SDPA one sequence at a time with a causal (and window) mask. Without
+the kernels, decode rows go through one padded SDPA call over gathered blocks instead.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from souverain import kernels
 from souverain.models.attention import sdpa_heads, visibility_mask
 
 
@@ -46,10 +49,20 @@ class SeqSlice:
     start: int  # absolute position of its first new token
     q_len: int  # new tokens this step
     block_table: list[int]
+    # positions from here on are generated tokens (recomputed ones too, after a preemption):
+    # they are attended by the decode kernel wherever they are computed
+    prompt_len: int = 0
 
 
 class PagedAttention:
-    """`AttentionBackend` for one engine step over a `PagedKVCache`."""
+    """`AttentionBackend` for one engine step over a `PagedKVCache`.
+
+    With the fused kernels (`souverain.kernels`), every row of a *generated* position (a
+    decode row, or a generated token recomputed after a preemption) is attended by
+    ``paged_attention``, straight from the cache pages, and prompt rows by SDPA, one sequence
+    at a time. Which path a token takes depends only on its sequence and position, never on
+    the rest of the batch, so outputs stay batch invariant. Without the kernels, decode rows
+    (one new token) go through one padded SDPA call over gathered blocks."""
 
     def __init__(self, cache: PagedKVCache, seqs: list[SeqSlice], device: torch.device):
         self.cache = cache
@@ -66,59 +79,94 @@ class PagedAttention:
         for s in seqs:
             offsets.append(offsets[-1] + s.q_len)
         self.offsets = offsets
-        self.decode_rows = [i for i, s in enumerate(seqs) if s.q_len == 1]
-        self.prefill_rows = [i for i, s in enumerate(seqs) if s.q_len > 1]
+        self.fused = kernels.usable(cache.k)
+        if self.fused:  # (seq index, prompt rows) and the kernel's rows
+            self.prefill_parts = [(i, min(s.q_len, max(0, s.prompt_len - s.start)))
+                                  for i, s in enumerate(seqs)]
+            self.prefill_parts = [(i, n) for i, n in self.prefill_parts if n > 0]
+            self.kernel_rows = [(i, p) for i, s in enumerate(seqs)
+                                for p in range(max(s.start, s.prompt_len), s.start + s.q_len)]
+        else:
+            self.decode_rows = [i for i, s in enumerate(seqs) if s.q_len == 1]
+            self.prefill_parts = [(i, s.q_len) for i, s in enumerate(seqs) if s.q_len > 1]
         self._plans: dict[int | None, tuple] = {}  # window -> precomputed gather indices
 
-    def _key_blocks(self, s: SeqSlice, window: int | None) -> tuple[list[int], int, int]:
-        """The blocks holding the keys the queries of ``s`` may see, and that key range
-        ``[lo, end)`` relative to the first of those blocks."""
-        end = s.start + s.q_len
+    def _key_blocks(self, s: SeqSlice, end: int, window: int | None
+                    ) -> tuple[list[int], int, int]:
+        """The blocks holding the keys that queries of ``s`` at positions ``[s.start, end)``
+        may see, and that key range ``[lo, end)`` relative to the first of those blocks."""
         lo = 0 if window is None else max(0, s.start - window + 1)
         bs = self.cache.block_size
         first, last = lo // bs, (end - 1) // bs
         return s.block_table[first:last + 1], lo - first * bs, end - first * bs
 
-    def _plan(self, window: int | None) -> tuple:
-        """Block gathers and masks for this window, shared by every layer that has it.
+    def _kernel_plan(self, window: int | None) -> tuple:
+        """Per kernel row: its block table (padded with the zero block) and key range."""
+        bs = self.cache.block_size
+        spans = []
+        for i, p in self.kernel_rows:
+            s = self.seqs[i]
+            lo = 0 if window is None else max(0, p - window + 1)
+            first = lo // bs
+            spans.append((s.block_table[first:p // bs + 1], lo - first * bs, p + 1 - first * bs))
+        width = max(len(b) for b, _, _ in spans)
+        tables = torch.zeros(len(spans), width, dtype=torch.long)
+        for r, (blocks, _, _) in enumerate(spans):
+            tables[r, :len(blocks)] = torch.tensor(blocks, dtype=torch.long)
+        lo = torch.tensor([lo for _, lo, _ in spans], dtype=torch.long)
+        hi = torch.tensor([hi for _, _, hi in spans], dtype=torch.long)
+        rows = [self.offsets[i] + p - self.seqs[i].start for i, p in self.kernel_rows]
+        all_rows = rows == list(range(self.offsets[-1]))  # the whole batch, in order
+        return (None if all_rows else torch.tensor(rows, device=self.device),
+                tables.to(self.device), lo.to(self.device), hi.to(self.device))
+
+    def _decode_plan(self, window: int | None) -> tuple:
+        """Without the kernels: block gathers and masks of the padded decode SDPA call.
 
         Keys are gathered a whole block at a time (a few KB per copy, not one row per token)
         and the partial blocks at both ends are masked (or sliced, for a single sequence)."""
+        bs = self.cache.block_size
+        spans = [self._key_blocks(self.seqs[i], self.seqs[i].start + 1, window)
+                 for i in self.decode_rows]
+        width = max(len(b) for b, _, _ in spans)
+        index = torch.zeros(len(spans), width, dtype=torch.long)  # pad with the zero block
+        mask = torch.zeros(len(spans), 1, 1, width * bs, dtype=torch.bool)
+        for r, (blocks, lo, hi) in enumerate(spans):
+            index[r, :len(blocks)] = torch.tensor(blocks, dtype=torch.long)
+            mask[r, ..., lo:hi] = True
+        rows = torch.tensor([self.offsets[i] for i in self.decode_rows])
+        cut = (spans[0][1], spans[0][2]) if len(spans) == 1 else None
+        contig = None  # one sequence on consecutive blocks: read its slots in place
+        if cut is not None:
+            blocks = spans[0][0]
+            if blocks == list(range(blocks[0], blocks[0] + len(blocks))):
+                contig = (blocks[0] * bs + cut[0], blocks[0] * bs + cut[1])
+        return (rows.to(self.device), index.to(self.device),
+                None if cut is not None else mask.to(self.device), cut, contig)
+
+    def _plan(self, window: int | None) -> tuple:
+        """Everything each layer with this window needs, computed once per step."""
         plan = self._plans.get(window)
         if plan is not None:
             return plan
-        bs = self.cache.block_size
-        decode = None
-        if self.decode_rows:
-            spans = [self._key_blocks(self.seqs[i], window) for i in self.decode_rows]
-            width = max(len(b) for b, _, _ in spans)
-            index = torch.zeros(len(spans), width, dtype=torch.long)  # pad with the zero block
-            mask = torch.zeros(len(spans), 1, 1, width * bs, dtype=torch.bool)
-            for r, (blocks, lo, hi) in enumerate(spans):
-                index[r, :len(blocks)] = torch.tensor(blocks, dtype=torch.long)
-                mask[r, ..., lo:hi] = True
-            rows = torch.tensor([self.offsets[i] for i in self.decode_rows])
-            cut = (spans[0][1], spans[0][2]) if len(spans) == 1 else None
-            contig = None  # one sequence on consecutive blocks: read its slots in place
-            if cut is not None:
-                blocks = spans[0][0]
-                if blocks == list(range(blocks[0], blocks[0] + len(blocks))):
-                    contig = (blocks[0] * bs + cut[0], blocks[0] * bs + cut[1])
-            decode = (rows.to(self.device), index.to(self.device),
-                      None if cut is not None else mask.to(self.device), cut, contig)
+        kernel = decode = None
+        if self.fused and self.kernel_rows:
+            kernel = self._kernel_plan(window)
+        elif not self.fused and self.decode_rows:
+            decode = self._decode_plan(window)
         prefills = []
-        for i in self.prefill_rows:
+        for i, n in self.prefill_parts:
             s = self.seqs[i]
-            blocks, lo, hi = self._key_blocks(s, window)
-            first = s.start - (hi - lo) + s.q_len  # absolute position of the first key kept
-            q_pos = torch.arange(s.start, s.start + s.q_len)
-            k_pos = torch.arange(first, s.start + s.q_len)
-            causal_only = first == 0 and s.start == 0 and (window is None or window >= s.q_len)
+            blocks, lo, hi = self._key_blocks(s, s.start + n, window)
+            first = s.start + n - (hi - lo)  # absolute position of the first key kept
+            q_pos = torch.arange(s.start, s.start + n)
+            k_pos = torch.arange(first, s.start + n)
+            causal_only = first == 0 and s.start == 0 and (window is None or window >= n)
             mask = None if causal_only else visibility_mask(q_pos, k_pos, window).to(self.device)
-            prefills.append((self.offsets[i], s.q_len,
+            prefills.append((self.offsets[i], n,
                              torch.tensor(blocks, dtype=torch.long, device=self.device),
                              lo, hi, mask))
-        plan = (decode, prefills)
+        plan = (kernel, decode, prefills)
         self._plans[window] = plan
         return plan
 
@@ -131,8 +179,15 @@ class PagedAttention:
         bs = self.cache.block_size
         k_blocks = k_cache.view(-1, bs, *k_cache.shape[1:])  # (num_blocks, bs, KVH, D)
         v_blocks = v_cache.view(-1, bs, *v_cache.shape[1:])
-        decode, prefills = self._plan(window)
+        kernel, decode, prefills = self._plan(window)
+        if kernel is not None:
+            rows, tables, lo, hi = kernel
+            if rows is None:  # every row of the batch: nothing to scatter
+                return kernels.paged_attention(q, k_cache, v_cache, tables, lo, hi, bs)
         out = q.new_empty(q.shape)
+        if kernel is not None:
+            out.index_copy_(0, rows, kernels.paged_attention(q.index_select(0, rows), k_cache,
+                                                             v_cache, tables, lo, hi, bs))
         if decode is not None:
             rows, index, mask, cut, contig = decode
             B, width = index.shape

@@ -55,7 +55,11 @@ def _cpu_tag() -> str:
 def _build() -> None:
     from torch.utils.cpp_extension import load
 
-    flags = ["-O3"]  # -march=native below: this CPU's vector units
+    # -march=native (below): this CPU's vector units; -fno-trapping-math lets the softmax's
+    # exp loop vectorize (nothing here traps on floating-point exceptions)
+    # -fopenmp: at::parallel_for runs on torch's own OpenMP threads (the libgomp.so.1 torch
+    # loads; without it, parallel_for is serial)
+    flags = ["-O3", "-fno-trapping-math", "-fopenmp"]
     if platform.machine() in ("x86_64", "AMD64"):
         flags.append("-march=native")
     key = _SOURCE.read_bytes() + " ".join(flags + [_cpu_tag()]).encode()
@@ -65,7 +69,7 @@ def _build() -> None:
     if not any(build_dir.glob("*.so")):
         log.warning("building souverain's fused CPU kernels in %s (once per machine, ~30 s)",
                     build_dir)
-    load(name=f"souverain_kernels_{tag}", sources=[str(_SOURCE)], extra_cflags=flags,
+    load(name=f"souverain_kernels_{tag}", sources=[str(_SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
          build_directory=str(build_dir), is_python_module=False, verbose=False)
 
 
@@ -135,3 +139,19 @@ def rotary(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
         return x
     xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
     return torch.view_as_real(xc * rope).flatten(-2).type_as(x)
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    block_tables: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+                    block_size: int) -> torch.Tensor:
+    """One query per row of ``q`` (B, H, D) attending, in place in the paged cache
+    (slots, KVH, D), to the keys at positions ``[lo[b], hi[b])`` counted from the first block
+    of ``block_tables[b]``; softmax scale 1/sqrt(D), GQA by head groups. Kernels only: the
+    caller checks `usable` first."""
+    return torch.ops.souverain.paged_attention.default(
+        q, k_cache, v_cache, block_tables, lo, hi, block_size, q.shape[-1] ** -0.5)
+
+
+def usable(x: torch.Tensor) -> bool:
+    """Whether the compiled kernels serve ``x`` (built, CPU, no autograd graph needed)."""
+    return _fused(x)

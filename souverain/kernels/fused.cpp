@@ -193,16 +193,187 @@ void rotary_(at::Tensor& x, const at::Tensor& rope) {
   });
 }
 
+
+// Cephes' expf: 2^n * e^r with |r| <= ln2 / 2 and a degree-6 polynomial (~1 ulp); plain
+// float code, so the softmax loop vectorizes (std::exp does not without -ffast-math).
+inline float exp_approx(float x) {
+  x = std::min(std::max(x, -87.3f), 88.3f);
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  float r = x - n * 0.693359375f;
+  r -= n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return y * scale;
+}
+
+// s[g * stride] = scale * (q_g . k) for the G query heads of a kv head
+__attribute__((noinline)) void head_dots(const float* __restrict q, int64_t G, int64_t D,
+                                         const float* __restrict k, float scale,
+                                         float* __restrict s, int64_t stride) {
+#ifdef __AVX512F__
+  if (D % 16 == 0) {  // compilers keep a lane array on the stack and sum it serially
+    for (int64_t g = 0; g < G; ++g) {
+      const float* qg = q + g * D;
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t i = 0; i < D; i += 16)
+        acc = _mm512_fmadd_ps(_mm512_loadu_ps(qg + i), _mm512_loadu_ps(k + i), acc);
+      s[g * stride] = _mm512_reduce_add_ps(acc) * scale;
+    }
+    return;
+  }
+#endif
+  for (int64_t g = 0; g < G; ++g) {
+    const float* qg = q + g * D;
+    float sum = 0.f;
+    for (int64_t i = 0; i < D; ++i) sum += qg[i] * k[i];
+    s[g * stride] = sum * scale;
+  }
+}
+
+// s <- exp(s - max(s)); returns 1 / sum
+__attribute__((noinline)) float softmax_unnormalized(float* __restrict s, int64_t n) {
+  float m = s[0];
+  for (int64_t j = 1; j < n; ++j) m = std::max(m, s[j]);
+  float acc[kLanes] = {0};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int l = 0; l < kLanes; ++l) {
+      s[j + l] = exp_approx(s[j + l] - m);
+      acc[l] += s[j + l];
+    }
+  float sum = 0.f;
+  for (int l = 0; l < kLanes; ++l) sum += acc[l];
+  for (; j < n; ++j) {
+    s[j] = exp_approx(s[j] - m);
+    sum += s[j];
+  }
+  return 1.f / sum;
+}
+
+// acc <- acc + p * v
+inline void axpy(float* __restrict acc, float p, const float* __restrict v, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) acc[i] += p * v[i];
+}
+
+// Attention of one new query per sequence (decode rows) straight from the paged KV cache.
+//   q (B, H, D); k_cache, v_cache (slots, KVH, D) of one layer; block_tables (B, W) int64;
+//   sequence b sees the keys at positions [lo[b], hi[b]) counted from the start of its
+//   table's first block, position p living in slot block_tables[b][p / bs] * bs + p % bs.
+// Exact softmax in float32 (two passes over the scores), no gather and no padding: each
+// (sequence, kv head) pair is one work item that reads its keys and values in place.
+template <typename scalar_t>
+void paged_attention_items(const at::Tensor& q, const at::Tensor& k_cache,
+                           const at::Tensor& v_cache, const at::Tensor& block_tables,
+                           const int64_t* lo, const int64_t* hi, int64_t bs, float scale,
+                           at::Tensor& out) {
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), KVH = k_cache.size(1);
+  const int64_t G = H / KVH, W = block_tables.size(1);
+  const scalar_t* qp = q.data_ptr<scalar_t>();
+  const scalar_t* kp = k_cache.data_ptr<scalar_t>();
+  const scalar_t* vp = v_cache.data_ptr<scalar_t>();
+  const int64_t* tp = block_tables.data_ptr<int64_t>();
+  scalar_t* op = out.data_ptr<scalar_t>();
+  const int64_t qs0 = q.stride(0), qs1 = q.stride(1);
+  int64_t work = 0;  // keys x heads: small problems stay on the calling thread
+  for (int64_t b = 0; b < B; ++b) work += (hi[b] - lo[b]) * H;
+  const int64_t grain = work < 16384 ? B * KVH : 1;
+  at::parallel_for(0, B * KVH, grain, [&](int64_t begin, int64_t end) {
+  std::vector<float> qf(G * D), acc(G * D), row(D), scores, inv(G);
+  for (int64_t item = begin; item < end; ++item) {
+    const int64_t b = item / KVH, kvh = item % KVH, n = hi[b] - lo[b];
+    const int64_t* table = tp + b * W;
+    for (int64_t g = 0; g < G; ++g) load_row(qp + b * qs0 + (kvh * G + g) * qs1, &qf[g * D], D);
+    scores.resize(G * n);
+    // walk the table block by block (no division per key)
+    for (int64_t pos = lo[b], j = 0; pos < hi[b];) {
+      const int64_t in_block = pos % bs, take = std::min(bs - in_block, hi[b] - pos);
+      const scalar_t* k0 = kp + ((table[pos / bs] * bs + in_block) * KVH + kvh) * D;
+      for (int64_t t = 0; t < take; ++t, ++j) {
+        load_row(k0 + t * KVH * D, row.data(), D);
+        head_dots(qf.data(), G, D, row.data(), scale, &scores[j], n);
+      }
+      pos += take;
+    }
+    for (int64_t g = 0; g < G; ++g) inv[g] = softmax_unnormalized(&scores[g * n], n);
+    std::fill(acc.begin(), acc.end(), 0.f);
+    for (int64_t pos = lo[b], j = 0; pos < hi[b];) {
+      const int64_t in_block = pos % bs, take = std::min(bs - in_block, hi[b] - pos);
+      const scalar_t* v0 = vp + ((table[pos / bs] * bs + in_block) * KVH + kvh) * D;
+      for (int64_t t = 0; t < take; ++t, ++j) {
+        load_row(v0 + t * KVH * D, row.data(), D);
+        for (int64_t g = 0; g < G; ++g) axpy(&acc[g * D], scores[g * n + j], row.data(), D);
+      }
+      pos += take;
+    }
+    for (int64_t g = 0; g < G; ++g) {
+      float* a = &acc[g * D];
+      for (int64_t d = 0; d < D; ++d) a[d] *= inv[g];
+      store_row(a, op + (b * H + kvh * G + g) * D, D);
+    }
+  }
+  });
+}
+
+at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache,
+                           const at::Tensor& v_cache, const at::Tensor& block_tables,
+                           const at::Tensor& lo, const at::Tensor& hi, int64_t block_size,
+                           double scale) {
+  TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1,
+              "paged_attention: q must be (B, H, D) with contiguous D");
+  TORCH_CHECK(k_cache.dim() == 3 && k_cache.is_contiguous() && v_cache.sizes() == k_cache.sizes() &&
+              v_cache.is_contiguous(),
+              "paged_attention: k_cache and v_cache must be contiguous (slots, KVH, D)");
+  TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(),
+              "paged_attention: q, k_cache and v_cache must have one dtype");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), KVH = k_cache.size(1);
+  TORCH_CHECK(k_cache.size(2) == D && KVH > 0 && H % KVH == 0,
+              "paged_attention: head_dim or head counts do not match the cache");
+  TORCH_CHECK(block_tables.scalar_type() == at::kLong && block_tables.dim() == 2 &&
+              block_tables.size(0) == B && block_tables.is_contiguous(),
+              "paged_attention: block_tables must be contiguous int64 (B, W)");
+  TORCH_CHECK(lo.scalar_type() == at::kLong && hi.scalar_type() == at::kLong && lo.numel() == B &&
+              hi.numel() == B && lo.is_contiguous() && hi.is_contiguous(),
+              "paged_attention: lo and hi must be contiguous int64 (B,)");
+  const int64_t* lp = lo.data_ptr<int64_t>();
+  const int64_t* hp = hi.data_ptr<int64_t>();
+  const int64_t slots = k_cache.size(0), W = block_tables.size(1);
+  const int64_t* tp = block_tables.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(0 <= lp[b] && lp[b] < hp[b] && (hp[b] - 1) / block_size < W,
+                "paged_attention: key range of row ", b, " is empty or beyond its block table");
+    for (int64_t i = lp[b] / block_size; i <= (hp[b] - 1) / block_size; ++i)
+      TORCH_CHECK(0 <= tp[b * W + i] && (tp[b * W + i] + 1) * block_size <= slots,
+                  "paged_attention: block ", tp[b * W + i], " is outside the cache");
+  }
+  auto out = at::empty({B, H, D}, q.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_attention", [&] {
+    paged_attention_items<scalar_t>(q, k_cache, v_cache, block_tables, lp, hp, block_size,
+                                    static_cast<float>(scale), out);
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(souverain, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)");
   m.def("rotary_(Tensor(a!) x, Tensor rope) -> ()");
+  m.def("paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
+        "Tensor lo, Tensor hi, int block_size, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(souverain, CPU, m) {
   m.impl("rms_norm", &rms_norm);
   m.impl("add_rms_norm", &add_rms_norm);
   m.impl("rotary_", &rotary_);
+  m.impl("paged_attention", &paged_attention);
 }
