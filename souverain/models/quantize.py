@@ -270,11 +270,17 @@ class Int8Linear(nn.Module):
             # uint8 with zero point 128: signed int8 activations send oneDNN to its reference
             # (naive) int8 matmul at 2+ rows, ~1000x slower. Float32 out, times scales / 127.
             q = planes.add_(128.0).to(torch.uint8)
-            parts = [_qlinear(q, 1.0, 128, p, self._scales_127[a:b], self._zero_point, None,
-                              1.0, 0, torch.float32, "none", [], "")
-                     for p, (a, b) in zip(self._packed, self._bounds)]
-            acc = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-            y = acc[:m].add_(acc[m:], alpha=1.0 / 254.0).mul_(amax)
+            if len(self._packed) == 1:
+                acc = _qlinear(q, 1.0, 128, self._packed[0], self._scales_127,
+                               self._zero_point, None, 1.0, 0, torch.float32, "none", [], "")
+                y = acc[:m].add_(acc[m:], alpha=1.0 / 254.0)
+            else:  # each block's planes summed into its columns: no concatenation copy
+                y = torch.empty((m, self.out_features), dtype=torch.float32)
+                for p, (a, b) in zip(self._packed, self._bounds):
+                    acc = _qlinear(q, 1.0, 128, p, self._scales_127[a:b], self._zero_point,
+                                   None, 1.0, 0, torch.float32, "none", [], "")
+                    torch.add(acc[:m], acc[m:], alpha=1.0 / 254.0, out=y[:, a:b])
+            y = y.mul_(amax)
         else:
             q = planes.to(torch.int8)
             parts = [_int_mm(q, p.t()) for p in self._packed]
