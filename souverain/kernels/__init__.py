@@ -83,18 +83,21 @@ def available() -> bool:
             return bool(_state["ok"])
         if os.environ.get("SOUVERAIN_KERNELS", "1").strip().lower() in ("0", "false", "no"):
             _state.update(ok=False, reason="disabled by SOUVERAIN_KERNELS=0")
-        elif hasattr(torch.ops.souverain, "rms_norm"):
+        elif hasattr(torch.ops.souverain, "paged_attention"):
             _state.update(ok=True, reason="")  # another copy already registered them
         else:
             try:
                 _build()
-                _state.update(ok=hasattr(torch.ops.souverain, "rms_norm"), reason="")
+                _state.update(ok=hasattr(torch.ops.souverain, "paged_attention"), reason="")
             except Exception as exc:  # no compiler, no headers, read-only home...
-                reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1:] or ''}"
+                lines = str(exc).strip().splitlines()
+                first_error = next((ln for ln in lines if "error" in ln.lower()),
+                                   lines[-1] if lines else "")
+                reason = f"{type(exc).__name__}: {first_error}"
                 _state.update(ok=False, reason=f"could not be built ({reason})")
                 log.warning("souverain's fused CPU kernels %s; running the PyTorch ops "
-                            "instead (slower at small batch). Install a C++ compiler (g++) "
-                            "to use them.", _state["reason"])
+                            "instead (slower at small batch). They need a C++ compiler (g++) "
+                            "and ninja.", _state["reason"])
     return bool(_state["ok"])
 
 

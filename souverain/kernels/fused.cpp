@@ -263,6 +263,62 @@ inline void axpy(float* __restrict acc, float p, const float* __restrict v, int6
   for (int64_t i = 0; i < n; ++i) acc[i] += p * v[i];
 }
 
+
+#ifdef __AVX512F__
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const at::BFloat16* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline __m512 load16(const at::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+// One (sequence, kv head) item with head_dim = 16 * C, in registers: the key row is loaded
+// once for the G query heads, and each head's output is C independent accumulators.
+//   scores (G, n) scratch; out (G, D) float32, normalized
+template <typename scalar_t, int C>
+void attend_item_avx512(const float* qf, int64_t G, const scalar_t* kp, const scalar_t* vp,
+                        const int64_t* table, int64_t lo, int64_t hi, int64_t bs,
+                        int64_t row_stride, float scale, float* scores, float* out) {
+  constexpr int64_t D = 16 * C;
+  const int64_t n = hi - lo;
+  for (int64_t pos = lo, j = 0; pos < hi;) {
+    const int64_t in_block = pos % bs, take = std::min(bs - in_block, hi - pos);
+    const scalar_t* k0 = kp + (table[pos / bs] * bs + in_block) * row_stride;
+    for (int64_t t = 0; t < take; ++t, ++j) {
+      __m512 k[C];
+      for (int c = 0; c < C; ++c) k[c] = load16(k0 + t * row_stride + 16 * c);
+      for (int64_t g = 0; g < G; ++g) {
+        const float* qg = qf + g * D;
+        __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(qg), k[0]);
+        for (int c = 1; c < C; ++c) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qg + 16 * c), k[c], acc);
+        scores[g * n + j] = _mm512_reduce_add_ps(acc) * scale;
+      }
+    }
+    pos += take;
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    float* p = scores + g * n;
+    const float inv = softmax_unnormalized(p, n);
+    __m512 acc[C];
+    for (int c = 0; c < C; ++c) acc[c] = _mm512_setzero_ps();
+    for (int64_t pos = lo, j = 0; pos < hi;) {
+      const int64_t in_block = pos % bs, take = std::min(bs - in_block, hi - pos);
+      const scalar_t* v0 = vp + (table[pos / bs] * bs + in_block) * row_stride;
+      for (int64_t t = 0; t < take; ++t, ++j) {
+        const __m512 w = _mm512_set1_ps(p[j]);
+        for (int c = 0; c < C; ++c)
+          acc[c] = _mm512_fmadd_ps(w, load16(v0 + t * row_stride + 16 * c), acc[c]);
+      }
+      pos += take;
+    }
+    const __m512 s = _mm512_set1_ps(inv);
+    for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + g * D + 16 * c, _mm512_mul_ps(acc[c], s));
+  }
+}
+#endif
+
 // Attention of one new query per sequence (decode rows) straight from the paged KV cache.
 //   q (B, H, D); k_cache, v_cache (slots, KVH, D) of one layer; block_tables (B, W) int64;
 //   sequence b sees the keys at positions [lo[b], hi[b]) counted from the start of its
@@ -284,7 +340,7 @@ void paged_attention_items(const at::Tensor& q, const at::Tensor& k_cache,
   const int64_t qs0 = q.stride(0), qs1 = q.stride(1);
   int64_t work = 0;  // keys x heads: small problems stay on the calling thread
   for (int64_t b = 0; b < B; ++b) work += (hi[b] - lo[b]) * H;
-  const int64_t grain = work < 16384 ? B * KVH : 1;
+  const int64_t grain = work < 2048 ? B * KVH : 1;
   at::parallel_for(0, B * KVH, grain, [&](int64_t begin, int64_t end) {
   std::vector<float> qf(G * D), acc(G * D), row(D), scores, inv(G);
   for (int64_t item = begin; item < end; ++item) {
@@ -292,6 +348,15 @@ void paged_attention_items(const at::Tensor& q, const at::Tensor& k_cache,
     const int64_t* table = tp + b * W;
     for (int64_t g = 0; g < G; ++g) load_row(qp + b * qs0 + (kvh * G + g) * qs1, &qf[g * D], D);
     scores.resize(G * n);
+#ifdef __AVX512F__
+    if constexpr (!std::is_same_v<scalar_t, double>) if (D == 64 || D == 128) {
+      auto item_fn = D == 64 ? attend_item_avx512<scalar_t, 4> : attend_item_avx512<scalar_t, 8>;
+      item_fn(qf.data(), G, kp + kvh * D, vp + kvh * D, table, lo[b], hi[b], bs, KVH * D, scale,
+              scores.data(), acc.data());
+      for (int64_t g = 0; g < G; ++g) store_row(&acc[g * D], op + (b * H + kvh * G + g) * D, D);
+      continue;
+    }
+#endif
     // walk the table block by block (no division per key)
     for (int64_t pos = lo[b], j = 0; pos < hi[b];) {
       const int64_t in_block = pos % bs, take = std::min(bs - in_block, hi[b] - pos);
