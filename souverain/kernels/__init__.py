@@ -1,20 +1,25 @@
-"""Fused CPU kernels for the decoder's small row-wise ops, with the PyTorch formulas as fallback.
+"""Fused CPU kernels for the decoder's small ops and decode attention, with PyTorch as fallback.
 
 At batch 1 a decode step of a small model is ~1500 eager ATen ops, and the time goes into
 their count, not their work: on SmolLM2-135M the RMSNorms (seven ops each on the CPU) and
-the rotary embeddings took 2.3 of a 12.6 ms int4 step. `fused.cpp` does each of these jobs
-in one pass per row, in float32, rounding once to the activation dtype:
+the rotary embeddings took 2.3 of a 12.6 ms int4 step, and attention (gather, SDPA) ~1.6.
+`fused.cpp` does each of these jobs in one call, in float32, rounding once to the
+activation dtype:
 
 - ``rms_norm(x, weight, eps)`` and ``add_rms_norm(x, residual, weight, eps)`` (the residual
   add of a block fused with the next norm; returns the norm and the new residual stream);
 - ``rotary_(x, rope)``: the interleaved-pair rotation, in place on the q|k columns;
+- ``paged_attention(q, k_cache, v_cache, block_tables, lo, hi, block_size)``: one query per
+  row attending to its keys straight from the KV pages (no gather, no padding to the
+  longest sequence), exact float32 softmax, GQA by head groups; AVX-512 for head_dim 64/128.
 
 The extension is compiled on first use with the machine's C++ compiler
-(``torch.utils.cpp_extension``, ~25 s once, then cached under
-``$SOUVERAIN_HOME/kernels``, one build per source and CPU). Without a compiler, with
-``SOUVERAIN_KERNELS=0``, on other devices or where autograd needs the graph (fine-tuning),
-the same maths runs as PyTorch ops. Each row is computed by the same loop at any batch size
-or thread count, so the kernels keep the engine bitwise batch invariant.
+(``torch.utils.cpp_extension``, ~30 s once, then cached under ``$SOUVERAIN_HOME/kernels``,
+one build per source, flags and CPU). Without a compiler, with ``SOUVERAIN_KERNELS=0``, on
+other devices or where autograd needs the graph (fine-tuning), the same maths runs as
+PyTorch ops. Each row (each sequence and kv head, for attention) is computed by the same
+loop at any batch size or thread count, so the kernels keep the engine bitwise batch
+invariant.
 """
 
 from __future__ import annotations
@@ -55,10 +60,10 @@ def _cpu_tag() -> str:
 def _build() -> None:
     from torch.utils.cpp_extension import load
 
-    # -march=native (below): this CPU's vector units; -fno-trapping-math lets the softmax's
-    # exp loop vectorize (nothing here traps on floating-point exceptions)
-    # -fopenmp: at::parallel_for runs on torch's own OpenMP threads (the libgomp.so.1 torch
-    # loads; without it, parallel_for is serial)
+    # -march=native (below): this CPU's vector units. -fno-trapping-math: the softmax's exp
+    # loop vectorizes (nothing here traps on floating-point exceptions). -fopenmp:
+    # at::parallel_for runs on torch's own OpenMP threads (the libgomp.so.1 torch has
+    # loaded); without it parallel_for is serial.
     flags = ["-O3", "-fno-trapping-math", "-fopenmp"]
     if platform.machine() in ("x86_64", "AMD64"):
         flags.append("-march=native")
@@ -69,8 +74,9 @@ def _build() -> None:
     if not any(build_dir.glob("*.so")):
         log.warning("building souverain's fused CPU kernels in %s (once per machine, ~30 s)",
                     build_dir)
-    load(name=f"souverain_kernels_{tag}", sources=[str(_SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
-         build_directory=str(build_dir), is_python_module=False, verbose=False)
+    load(name=f"souverain_kernels_{tag}", sources=[str(_SOURCE)], extra_cflags=flags,
+         extra_ldflags=["-fopenmp"], build_directory=str(build_dir), is_python_module=False,
+         verbose=False)
 
 
 def available() -> bool:
@@ -102,7 +108,7 @@ def available() -> bool:
 
 
 def status() -> str:
-    """One line for `souverain doctor`."""
+    """One line: whether the kernels run, or why the PyTorch ops run instead."""
     return "fused CPU kernels loaded" if available() else f"fused CPU kernels off: {_state['reason']}"
 
 

@@ -1,10 +1,11 @@
-// Fused CPU kernels for the decoder's small row-wise ops (see souverain/kernels/__init__.py).
+// Fused CPU kernels for the decoder (see souverain/kernels/__init__.py).
 //
 // At batch 1 a SmolLM2 decode step is ~1500 eager ops, most of them tiny: the RMSNorm alone is
-// seven ATen ops on the CPU (pow, mean, add, rsqrt, mul, casts), the rotary embedding five.
-// Each kernel here does one of those jobs in one pass over a row, in float32, rounding to
-// the activation dtype once. Every row is computed by the same loop whatever the number of
-// rows or threads, so the results are bitwise batch invariant.
+// seven ATen ops on the CPU (pow, mean, add, rsqrt, mul, casts), the rotary embedding five,
+// and decode attention a block gather plus SDPA padded to the longest sequence. Each kernel
+// here does one of those jobs in one call, in float32, rounding to the activation dtype once.
+// Every row (every sequence and kv head, for attention) is computed by the same loop
+// whatever the number of rows or threads, so the results are bitwise batch invariant.
 //
 // Registered as torch.ops.souverain.* (no pybind: the dispatcher calls them directly).
 

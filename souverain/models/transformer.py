@@ -22,8 +22,9 @@ from souverain.models.attention import AttentionBackend, PrefillAttention
 
 class RMSNorm(nn.Module):
     """Root-mean-square norm: ``x * rsqrt(mean(x**2) + eps) * weight`` computed in fp32 and
-    rounded once to ``x``'s dtype (mistral-inference rounds before the scaling too; one
-    rounding is closer to fp32). One fused kernel per call (`souverain.kernels`)."""
+    rounded once to ``x``'s dtype (mistral-inference and transformers also round before the
+    scaling, a second rounding for bf16 models). One fused kernel per call
+    (`souverain.kernels`)."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
