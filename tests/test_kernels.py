@@ -250,3 +250,47 @@ def test_paged_backend_same_with_and_without_kernels(monkeypatch):
             assert attn.fused is ok
             outs.append(attn.attend(0, q, k, v, window))
     assert torch.allclose(outs[0], outs[2], atol=1e-5) and torch.allclose(outs[1], outs[3], atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("seed", range(4))
+def test_int8_planes_are_the_pytorch_bytes(dtype, seed):
+    """The fused quantizer gives byte for byte the planes of Int8Linear's PyTorch ops."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(7, 576, generator=g) * torch.logspace(-3, 2, 7)[:, None]).to(dtype)
+    x[3] = 0  # an all-zero row: amax clamps to 1e-30
+    planes, amax = kernels.int8_planes(x)
+    xf = x.float()
+    ref_amax = xf.abs().amax(-1, keepdim=True).clamp_min(1e-30)
+    xs = torch.mul(xf, 127.0 / ref_amax)  # as Int8Linear.forward
+    hi = torch.round(xs)
+    lo = torch.round((xs - hi) * 254.0)
+    assert torch.equal(amax, ref_amax)
+    assert torch.equal(planes, (torch.cat([hi, lo]) + 128).to(torch.uint8))
+
+
+def test_int8_linear_same_with_and_without_kernels(monkeypatch):
+    from souverain.models.quantize import Int8Linear, _HAS_QLINEAR
+
+    if not _HAS_QLINEAR:
+        pytest.skip("this torch build has no oneDNN quantized linear")
+    lin = Int8Linear.from_float(torch.randn(640, 256) / 16)
+    x = torch.randn(5, 256).bfloat16()
+    with torch.inference_mode():
+        fast = lin(x)
+        for r in range(5):
+            assert torch.equal(lin(x[r:r + 1])[0], fast[r])  # batch invariant
+        monkeypatch.setattr(kernels, "_state", {"ok": False, "reason": "test"})
+        slow = lin(x)
+    assert fast.dtype == slow.dtype == torch.bfloat16
+    assert (fast.float() - slow.float()).abs().max() <= 2 ** -7 * slow.float().abs().max()
+
+
+def test_int8_epilogue_into_a_column_block():
+    acc = torch.randn(6, 40)
+    amax = torch.rand(3, 1) + 0.5
+    out = torch.zeros(3, 100, dtype=torch.bfloat16)
+    kernels.int8_epilogue_(out[:, 30:70], acc, amax)
+    ref = ((acc[:3] + acc[3:] / 254) * amax).bfloat16()
+    assert (out[:, 30:70].float() - ref.float()).abs().max() <= 2 ** -7 * ref.float().abs().max()
+    assert not out[:, :30].any() and not out[:, 70:].any()

@@ -61,10 +61,11 @@ def _build() -> None:
     from torch.utils.cpp_extension import load
 
     # -march=native (below): this CPU's vector units. -fno-trapping-math: the softmax's exp
-    # loop vectorizes (nothing here traps on floating-point exceptions). -fopenmp:
-    # at::parallel_for runs on torch's own OpenMP threads (the libgomp.so.1 torch has
-    # loaded); without it parallel_for is serial.
-    flags = ["-O3", "-fno-trapping-math", "-fopenmp"]
+    # loop vectorizes (nothing here traps on floating-point exceptions). -ffp-contract=off:
+    # no fused multiply-adds the source did not write, so int8_planes rounds exactly as the
+    # PyTorch ops do. -fopenmp: at::parallel_for runs on torch's own OpenMP threads (the
+    # libgomp.so.1 torch has loaded); without it parallel_for is serial.
+    flags = ["-O3", "-fno-trapping-math", "-ffp-contract=off", "-fopenmp"]
     if platform.machine() in ("x86_64", "AMD64"):
         flags.append("-march=native")
     key = _SOURCE.read_bytes() + " ".join(flags + [_cpu_tag()]).encode()
@@ -164,3 +165,15 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 def usable(x: torch.Tensor) -> bool:
     """Whether the compiled kernels serve ``x`` (built, CPU, no autograd graph needed)."""
     return _fused(x)
+
+
+def int8_planes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`Int8Linear`'s activation planes: uint8 ``(2m, K)`` (zero point 128) and the row
+    maxima ``(m, 1)`` float32, for ``x`` (..., K) of any float dtype. Kernels only."""
+    return torch.ops.souverain.int8_planes.default(x)
+
+
+def int8_epilogue_(out: torch.Tensor, acc: torch.Tensor, amax: torch.Tensor) -> None:
+    """``out <- (acc[:m] + acc[m:] / 254) * amax`` in ``out``'s dtype (``out`` may be a
+    column block of a wider matrix). Kernels only."""
+    torch.ops.souverain.int8_epilogue_.default(out, acc, amax)

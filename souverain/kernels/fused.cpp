@@ -70,6 +70,13 @@ __attribute__((noinline)) void scale_rows(float* __restrict h, const float* __re
   for (int64_t i = 0; i < n; ++i) h[i] = h[i] * inv * w[i];
 }
 
+// out <- (hi + lo / 254) * a
+__attribute__((noinline)) void combine_planes(const float* __restrict hi,
+                                              const float* __restrict lo, float a,
+                                              float* __restrict out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = (hi[i] + lo[i] * (1.0f / 254.0f)) * a;
+}
+
 constexpr int kLanes = 16;  // independent partial sums: lets the compiler vectorize the sum
 
 inline float sum_of_squares(const float* v, int64_t n) {
@@ -427,12 +434,94 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache,
   return out;
 }
 
+
+// Activations of an int8 linear as two int8 planes per row (see Int8Linear), uint8 with zero
+// point 128 for oneDNN: planes (2m, K) = [hi + 128; lo + 128], amax (m, 1) float32, where
+//   amax = max(|x|, 1e-30), xs = x * (127 / amax), hi = round(xs), lo = round((xs - hi) * 254)
+// with round half to even: the same bytes as the PyTorch ops of Int8Linear.forward.
+__attribute__((noinline)) void quantize_row(const float* __restrict x, int64_t K, float s,
+                                            uint8_t* __restrict hi_out,
+                                            uint8_t* __restrict lo_out) {
+  for (int64_t i = 0; i < K; ++i) {
+    const float xs = x[i] * s;
+    const float hi = std::nearbyint(xs);
+    const float lo = std::nearbyint((xs - hi) * 254.0f);
+    hi_out[i] = static_cast<uint8_t>(static_cast<int32_t>(hi) + 128);
+    lo_out[i] = static_cast<uint8_t>(static_cast<int32_t>(lo) + 128);
+  }
+}
+
+__attribute__((noinline)) float abs_max(const float* __restrict x, int64_t n) {
+  float acc[kLanes] = {0};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) acc[j] = std::max(acc[j], std::fabs(x[i + j]));
+  float m = 0.f;
+  for (int j = 0; j < kLanes; ++j) m = std::max(m, acc[j]);
+  for (; i < n; ++i) m = std::max(m, std::fabs(x[i]));
+  return m;
+}
+
+std::tuple<at::Tensor, at::Tensor> int8_planes(const at::Tensor& input) {
+  const at::Tensor x = as_rows(input, "int8_planes");
+  const int64_t m = x.size(0), K = x.size(1);
+  auto planes = at::empty({2 * m, K}, x.options().dtype(at::kByte));
+  auto amax = at::empty({m, 1}, x.options().dtype(at::kFloat));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "int8_planes", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    uint8_t* pp = planes.data_ptr<uint8_t>();
+    float* ap = amax.data_ptr<float>();
+    const int64_t xs = x.stride(0);
+    at::parallel_for(0, m, 16, [&](int64_t begin, int64_t end) {
+      std::vector<float> row(K);
+      for (int64_t r = begin; r < end; ++r) {
+        load_row(xp + r * xs, row.data(), K);
+        const float a = std::max(abs_max(row.data(), K), 1e-30f);
+        ap[r] = a;
+        // (1 / a) * 127, not 127 / a: torch evaluates `127.0 / amax` as reciprocal(amax) * 127
+        quantize_row(row.data(), K, (1.0f / a) * 127.0f, pp + r * K, pp + (m + r) * K);
+      }
+    });
+  });
+  return {planes, amax};
+}
+
+// out (m, n) <- dtype((acc[:m] + acc[m:] / 254) * amax): the two planes' integer products
+// (already times the weight scales / 127 in oneDNN's epilogue) summed back into one float.
+// out may be a column block of a wider output (row stride >= n).
+void int8_epilogue_(at::Tensor& out, const at::Tensor& acc, const at::Tensor& amax) {
+  TORCH_CHECK(out.dim() == 2 && out.stride(1) == 1, "int8_epilogue_: out must be (m, n) rows");
+  const int64_t m = out.size(0), n = out.size(1);
+  TORCH_CHECK(acc.scalar_type() == at::kFloat && acc.is_contiguous() && acc.dim() == 2 &&
+              acc.size(0) == 2 * m && acc.size(1) == n,
+              "int8_epilogue_: acc must be contiguous float32 (2m, n)");
+  TORCH_CHECK(amax.scalar_type() == at::kFloat && amax.is_contiguous() && amax.numel() == m,
+              "int8_epilogue_: amax must be contiguous float32 (m, 1)");
+  const float* cp = acc.data_ptr<float>();
+  const float* ap = amax.data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "int8_epilogue_", [&] {
+    scalar_t* op = out.data_ptr<scalar_t>();
+    const int64_t os = out.stride(0);
+    at::parallel_for(0, m, 16, [&](int64_t begin, int64_t end) {
+      float buf[kChunk];
+      for (int64_t r = begin; r < end; ++r)
+        for (int64_t c = 0; c < n; c += kChunk) {
+          const int64_t len = std::min(kChunk, n - c);
+          combine_planes(cp + r * n + c, cp + (m + r) * n + c, ap[r], buf, len);
+          store_row(buf, op + r * os + c, len);
+        }
+    });
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY(souverain, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)");
   m.def("rotary_(Tensor(a!) x, Tensor rope) -> ()");
+  m.def("int8_planes(Tensor x) -> (Tensor, Tensor)");
+  m.def("int8_epilogue_(Tensor(a!) out, Tensor acc, Tensor amax) -> ()");
   m.def("paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
         "Tensor lo, Tensor hi, int block_size, float scale) -> Tensor");
 }
@@ -442,4 +531,6 @@ TORCH_LIBRARY_IMPL(souverain, CPU, m) {
   m.impl("add_rms_norm", &add_rms_norm);
   m.impl("rotary_", &rotary_);
   m.impl("paged_attention", &paged_attention);
+  m.impl("int8_planes", &int8_planes);
+  m.impl("int8_epilogue_", &int8_epilogue_);
 }
