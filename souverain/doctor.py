@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from souverain import offline
-from souverain.paths import audit_dir, data_home, libraries_dir
+from souverain.paths import audit_dir, data_home, kernels_dir, libraries_dir
 
 PROXIES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "FTP_PROXY")
 PACKAGES = ("souverain", "torch", "transformers", "tokenizers", "sentence-transformers",
@@ -174,7 +174,7 @@ def data_dirs() -> list[dict[str, Any]]:
     rows = [("data home ($SOUVERAIN_HOME)", data_home(), "writes"),
             ("document libraries", libraries_dir(), "writes"),
             ("audit logs", audit_dir(), "writes"),
-            ("compiled CPU kernels", data_home() / "kernels", "writes"),
+            ("compiled CPU kernels ($SOUVERAIN_CACHE)", kernels_dir(), "writes"),
             ("Hugging Face cache ($HF_HOME)", Path(hf.HF_HOME), "not used (offline)")]
     if os.environ.get("SENTENCE_TRANSFORMERS_HOME"):
         rows.append(("sentence-transformers cache", Path(os.environ[

@@ -144,7 +144,7 @@ class LLMEngine:
                                 quantization=config.quantization)
         self.device = self.model.device
         if self.device.type == "cpu":
-            kernels.available()  # built once per machine (~25 s), here rather than mid-request
+            kernels.available()  # built once per machine (~30 s), here rather than mid-request
 
         windows = {args.window_for_layer(i) for i in range(args.n_layers)}
         self.window = None if None in windows else max(w for w in windows if w is not None)

@@ -14,7 +14,7 @@ activation dtype:
   longest sequence), exact float32 softmax, GQA by head groups; AVX-512 for head_dim 64/128.
 
 The extension is compiled on first use with the machine's C++ compiler
-(``torch.utils.cpp_extension``, ~30 s once, then cached under ``$SOUVERAIN_HOME/kernels``,
+(``torch.utils.cpp_extension``, ~30 s once, then cached under ``~/.cache/souverain/kernels``,
 one build per source, flags and CPU). Without a compiler, with ``SOUVERAIN_KERNELS=0``, on
 other devices or where autograd needs the graph (fine-tuning), the same maths runs as
 PyTorch ops. Each row (each sequence and kv head, for attention) is computed by the same
@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from souverain.paths import data_home
+from souverain.paths import kernels_dir
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def _build() -> None:
         flags.append("-march=native")
     key = _SOURCE.read_bytes() + " ".join(flags + [_cpu_tag()]).encode()
     tag = hashlib.sha256(key).hexdigest()[:12]
-    build_dir = data_home() / "kernels" / tag
+    build_dir = kernels_dir() / tag
     build_dir.mkdir(parents=True, exist_ok=True)
     if not any(build_dir.glob("*.so")):
         log.warning("building souverain's fused CPU kernels in %s (once per machine, ~30 s)",
