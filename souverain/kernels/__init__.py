@@ -28,6 +28,7 @@ import hashlib
 import logging
 import os
 import platform
+import shutil
 import threading
 from pathlib import Path
 
@@ -72,6 +73,13 @@ def _build() -> None:
     tag = hashlib.sha256(key).hexdigest()[:12]
     build_dir = kernels_dir() / tag
     build_dir.mkdir(parents=True, exist_ok=True)
+    if shutil.which("ninja") is None:  # the ninja wheel's binary, in a venv not on PATH
+        try:
+            import ninja
+
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        except ImportError:
+            pass  # torch's load raises "Ninja is required": the reason the log shows
     if not any(build_dir.glob("*.so")):
         log.warning("building souverain's fused CPU kernels in %s (once per machine, ~30 s)",
                     build_dir)
@@ -97,10 +105,11 @@ def available() -> bool:
                 _build()
                 _state.update(ok=hasattr(torch.ops.souverain, "paged_attention"), reason="")
             except Exception as exc:  # no compiler, no headers, read-only home...
-                lines = str(exc).strip().splitlines()
-                first_error = next((ln for ln in lines if "error" in ln.lower()),
-                                   lines[-1] if lines else "")
-                reason = f"{type(exc).__name__}: {first_error}"
+                lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+                hint = next((ln for ln in lines if any(
+                    k in ln for k in ("error:", "fatal", "not found", "No such file"))),
+                    lines[0] if lines else "")
+                reason = f"{type(exc).__name__}: {hint[:300]}"
                 _state.update(ok=False, reason=f"could not be built ({reason})")
                 log.warning("souverain's fused CPU kernels %s; running the PyTorch ops "
                             "instead (slower at small batch). They need a C++ compiler (g++) "
