@@ -123,11 +123,12 @@ def status() -> str:
 
 
 def _fused(x: torch.Tensor, weight: torch.Tensor | None = None) -> bool:
-    # kept cheap: at batch 1 this check runs ~120 times per decode step
-    if not (_state.get("ok") or available()) or not x.is_cpu:
+    # kept cheap: at batch 1 this check runs ~120 times per decode step. Autograd and
+    # other devices are ruled out first, so a training-only process never builds the kernels.
+    if not x.is_cpu or (torch.is_grad_enabled() and (
+            x.requires_grad or (weight is not None and weight.requires_grad))):
         return False
-    return not (torch.is_grad_enabled()
-                and (x.requires_grad or (weight is not None and weight.requires_grad)))
+    return bool(_state.get("ok") or available())
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
