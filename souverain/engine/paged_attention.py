@@ -91,28 +91,27 @@ class PagedAttention:
             self.prefill_parts = [(i, s.q_len) for i, s in enumerate(seqs) if s.q_len > 1]
         self._plans: dict[int | None, tuple] = {}  # window -> precomputed gather indices
 
-    def _key_blocks(self, s: SeqSlice, end: int, window: int | None
+    def _key_blocks(self, s: SeqSlice, start: int, end: int, window: int | None
                     ) -> tuple[list[int], int, int]:
-        """The blocks holding the keys that queries of ``s`` at positions ``[s.start, end)``
+        """The blocks holding the keys that queries of ``s`` at positions ``[start, end)``
         may see, and that key range ``[lo, end)`` relative to the first of those blocks."""
-        lo = 0 if window is None else max(0, s.start - window + 1)
+        lo = 0 if window is None else max(0, start - window + 1)
         bs = self.cache.block_size
         first, last = lo // bs, (end - 1) // bs
         return s.block_table[first:last + 1], lo - first * bs, end - first * bs
 
-    def _kernel_plan(self, window: int | None) -> tuple:
-        """Per kernel row: its block table (padded with the zero block) and key range."""
-        bs = self.cache.block_size
-        spans = []
-        for i, p in self.kernel_rows:
-            s = self.seqs[i]
-            lo = 0 if window is None else max(0, p - window + 1)
-            first = lo // bs
-            spans.append((s.block_table[first:p // bs + 1], lo - first * bs, p + 1 - first * bs))
-        width = max(len(b) for b, _, _ in spans)
-        tables = torch.zeros(len(spans), width, dtype=torch.long)
+    @staticmethod
+    def _padded_tables(spans: list[tuple[list[int], int, int]]) -> torch.Tensor:
+        """The spans' block lists as one (rows, widest) table, padded with the zero block."""
+        tables = torch.zeros(len(spans), max(len(b) for b, _, _ in spans), dtype=torch.long)
         for r, (blocks, _, _) in enumerate(spans):
             tables[r, :len(blocks)] = torch.tensor(blocks, dtype=torch.long)
+        return tables
+
+    def _kernel_plan(self, window: int | None) -> tuple:
+        """Per kernel row: its block table (padded with the zero block) and key range."""
+        spans = [self._key_blocks(self.seqs[i], p, p + 1, window) for i, p in self.kernel_rows]
+        tables = self._padded_tables(spans)
         lo = torch.tensor([lo for _, lo, _ in spans], dtype=torch.long)
         hi = torch.tensor([hi for _, _, hi in spans], dtype=torch.long)
         rows = [self.offsets[i] + p - self.seqs[i].start for i, p in self.kernel_rows]
@@ -126,13 +125,11 @@ class PagedAttention:
         Keys are gathered a whole block at a time (a few KB per copy, not one row per token)
         and the partial blocks at both ends are masked (or sliced, for a single sequence)."""
         bs = self.cache.block_size
-        spans = [self._key_blocks(self.seqs[i], self.seqs[i].start + 1, window)
-                 for i in self.decode_rows]
-        width = max(len(b) for b, _, _ in spans)
-        index = torch.zeros(len(spans), width, dtype=torch.long)  # pad with the zero block
-        mask = torch.zeros(len(spans), 1, 1, width * bs, dtype=torch.bool)
-        for r, (blocks, lo, hi) in enumerate(spans):
-            index[r, :len(blocks)] = torch.tensor(blocks, dtype=torch.long)
+        spans = [self._key_blocks(self.seqs[i], self.seqs[i].start, self.seqs[i].start + 1,
+                                  window) for i in self.decode_rows]
+        index = self._padded_tables(spans)
+        mask = torch.zeros(len(spans), 1, 1, index.shape[1] * bs, dtype=torch.bool)
+        for r, (_, lo, hi) in enumerate(spans):
             mask[r, ..., lo:hi] = True
         rows = torch.tensor([self.offsets[i] for i in self.decode_rows])
         cut = (spans[0][1], spans[0][2]) if len(spans) == 1 else None
@@ -157,7 +154,7 @@ class PagedAttention:
         prefills = []
         for i, n in self.prefill_parts:
             s = self.seqs[i]
-            blocks, lo, hi = self._key_blocks(s, s.start + n, window)
+            blocks, lo, hi = self._key_blocks(s, s.start, s.start + n, window)
             first = s.start + n - (hi - lo)  # absolute position of the first key kept
             q_pos = torch.arange(s.start, s.start + n)
             k_pos = torch.arange(first, s.start + n)

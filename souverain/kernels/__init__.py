@@ -122,7 +122,9 @@ def status() -> str:
     return "fused CPU kernels loaded" if available() else f"fused CPU kernels off: {_state['reason']}"
 
 
-def _fused(x: torch.Tensor, weight: torch.Tensor | None = None) -> bool:
+def usable(x: torch.Tensor, weight: torch.Tensor | None = None) -> bool:
+    """Whether the compiled kernels serve ``x`` (and ``weight``): CPU tensors with no autograd
+    graph to record, and the kernels built (building them on the first call)."""
     # kept cheap: at batch 1 this check runs ~120 times per decode step. Autograd and
     # other devices are ruled out first, so a training-only process never builds the kernels.
     if not x.is_cpu or (torch.is_grad_enabled() and (
@@ -133,7 +135,7 @@ def _fused(x: torch.Tensor, weight: torch.Tensor | None = None) -> bool:
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``x * rsqrt(mean(x**2) + eps) * weight`` in float32, in ``x``'s dtype."""
-    if _fused(x, weight):
+    if usable(x, weight):
         return torch.ops.souverain.rms_norm.default(x, weight, eps)
     if x.dtype == torch.float32 and weight.dtype == torch.float32:
         return F.rms_norm(x, weight.shape, weight, eps)
@@ -143,7 +145,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """``h = x + residual`` (in their dtype) and ``rms_norm(h)``: returns ``(norm, h)``."""
-    if _fused(x, weight) and not residual.requires_grad and x.dtype == residual.dtype:
+    if usable(x, weight) and not residual.requires_grad and x.dtype == residual.dtype:
         return torch.ops.souverain.add_rms_norm.default(x, residual, weight, eps)
     h = x + residual
     return rms_norm(h, weight, eps), h
@@ -154,7 +156,7 @@ def rotary(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
     ``exp(i * angle)`` (rows, 1, head_dim / 2) of `Rotary.factors`: pair (x0, x1) as
     x0 + i x1, times exp(i angle). The fused kernel rotates ``x`` in place and returns it
     (``x`` is a fresh matmul output); the fallback returns a new tensor."""
-    if _fused(x) and x.stride(-1) == 1:
+    if usable(x) and x.stride(-1) == 1:
         torch.ops.souverain.rotary_.default(x, torch.view_as_real(rope).view(x.shape[0], -1, 2))
         return x
     xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
@@ -170,11 +172,6 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     caller checks `usable` first."""
     return torch.ops.souverain.paged_attention.default(
         q, k_cache, v_cache, block_tables, lo, hi, block_size, q.shape[-1] ** -0.5)
-
-
-def usable(x: torch.Tensor) -> bool:
-    """Whether the compiled kernels serve ``x`` (built, CPU, no autograd graph needed)."""
-    return _fused(x)
 
 
 def int8_planes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -272,6 +272,20 @@ inline void axpy(float* __restrict acc, float p, const float* __restrict v, int6
 }
 
 
+// Calls fn(j, row) for the keys (or values) at positions [lo, hi) of one sequence, j counting
+// from 0: position p is slot table[p / bs] * bs + p % bs, and a slot's row for this kv head is
+// base + slot * row_stride. Walks the table block by block (no division per key).
+template <typename T, typename Fn>
+inline void for_each_slot(const T* base, const int64_t* table, int64_t lo, int64_t hi,
+                          int64_t bs, int64_t row_stride, Fn&& fn) {
+  for (int64_t pos = lo, j = 0; pos < hi;) {
+    const int64_t in_block = pos % bs, take = std::min(bs - in_block, hi - pos);
+    const T* row = base + (table[pos / bs] * bs + in_block) * row_stride;
+    for (int64_t t = 0; t < take; ++t, ++j) fn(j, row + t * row_stride);
+    pos += take;
+  }
+}
+
 #ifdef __AVX512F__
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 load16(const at::BFloat16* p) {
@@ -291,36 +305,25 @@ void attend_item_avx512(const float* qf, int64_t G, const scalar_t* kp, const sc
                         int64_t row_stride, float scale, float* scores, float* out) {
   constexpr int64_t D = 16 * C;
   const int64_t n = hi - lo;
-  for (int64_t pos = lo, j = 0; pos < hi;) {
-    const int64_t in_block = pos % bs, take = std::min(bs - in_block, hi - pos);
-    const scalar_t* k0 = kp + (table[pos / bs] * bs + in_block) * row_stride;
-    for (int64_t t = 0; t < take; ++t, ++j) {
-      __m512 k[C];
-      for (int c = 0; c < C; ++c) k[c] = load16(k0 + t * row_stride + 16 * c);
-      for (int64_t g = 0; g < G; ++g) {
-        const float* qg = qf + g * D;
-        __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(qg), k[0]);
-        for (int c = 1; c < C; ++c) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qg + 16 * c), k[c], acc);
-        scores[g * n + j] = _mm512_reduce_add_ps(acc) * scale;
-      }
+  for_each_slot(kp, table, lo, hi, bs, row_stride, [&](int64_t j, const scalar_t* key) {
+    __m512 k[C];
+    for (int c = 0; c < C; ++c) k[c] = load16(key + 16 * c);
+    for (int64_t g = 0; g < G; ++g) {
+      const float* qg = qf + g * D;
+      __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(qg), k[0]);
+      for (int c = 1; c < C; ++c) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qg + 16 * c), k[c], acc);
+      scores[g * n + j] = _mm512_reduce_add_ps(acc) * scale;
     }
-    pos += take;
-  }
+  });
   for (int64_t g = 0; g < G; ++g) {
     float* p = scores + g * n;
     const float inv = softmax_unnormalized(p, n);
     __m512 acc[C];
     for (int c = 0; c < C; ++c) acc[c] = _mm512_setzero_ps();
-    for (int64_t pos = lo, j = 0; pos < hi;) {
-      const int64_t in_block = pos % bs, take = std::min(bs - in_block, hi - pos);
-      const scalar_t* v0 = vp + (table[pos / bs] * bs + in_block) * row_stride;
-      for (int64_t t = 0; t < take; ++t, ++j) {
-        const __m512 w = _mm512_set1_ps(p[j]);
-        for (int c = 0; c < C; ++c)
-          acc[c] = _mm512_fmadd_ps(w, load16(v0 + t * row_stride + 16 * c), acc[c]);
-      }
-      pos += take;
-    }
+    for_each_slot(vp, table, lo, hi, bs, row_stride, [&](int64_t j, const scalar_t* value) {
+      const __m512 w = _mm512_set1_ps(p[j]);
+      for (int c = 0; c < C; ++c) acc[c] = _mm512_fmadd_ps(w, load16(value + 16 * c), acc[c]);
+    });
     const __m512 s = _mm512_set1_ps(inv);
     for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + g * D + 16 * c, _mm512_mul_ps(acc[c], s));
   }
@@ -365,27 +368,18 @@ void paged_attention_items(const at::Tensor& q, const at::Tensor& k_cache,
       continue;
     }
 #endif
-    // walk the table block by block (no division per key)
-    for (int64_t pos = lo[b], j = 0; pos < hi[b];) {
-      const int64_t in_block = pos % bs, take = std::min(bs - in_block, hi[b] - pos);
-      const scalar_t* k0 = kp + ((table[pos / bs] * bs + in_block) * KVH + kvh) * D;
-      for (int64_t t = 0; t < take; ++t, ++j) {
-        load_row(k0 + t * KVH * D, row.data(), D);
-        head_dots(qf.data(), G, D, row.data(), scale, &scores[j], n);
-      }
-      pos += take;
-    }
+    for_each_slot(kp + kvh * D, table, lo[b], hi[b], bs, KVH * D,
+                  [&](int64_t j, const scalar_t* key) {
+      load_row(key, row.data(), D);
+      head_dots(qf.data(), G, D, row.data(), scale, &scores[j], n);
+    });
     for (int64_t g = 0; g < G; ++g) inv[g] = softmax_unnormalized(&scores[g * n], n);
     std::fill(acc.begin(), acc.end(), 0.f);
-    for (int64_t pos = lo[b], j = 0; pos < hi[b];) {
-      const int64_t in_block = pos % bs, take = std::min(bs - in_block, hi[b] - pos);
-      const scalar_t* v0 = vp + ((table[pos / bs] * bs + in_block) * KVH + kvh) * D;
-      for (int64_t t = 0; t < take; ++t, ++j) {
-        load_row(v0 + t * KVH * D, row.data(), D);
-        for (int64_t g = 0; g < G; ++g) axpy(&acc[g * D], scores[g * n + j], row.data(), D);
-      }
-      pos += take;
-    }
+    for_each_slot(vp + kvh * D, table, lo[b], hi[b], bs, KVH * D,
+                  [&](int64_t j, const scalar_t* value) {
+      load_row(value, row.data(), D);
+      for (int64_t g = 0; g < G; ++g) axpy(&acc[g * D], scores[g * n + j], row.data(), D);
+    });
     for (int64_t g = 0; g < G; ++g) {
       float* a = &acc[g * D];
       for (int64_t d = 0; d < D; ++d) a[d] *= inv[g];

@@ -264,12 +264,9 @@ class Int8Linear(nn.Module):
             # the same planes, then the same sum, in one fused kernel each (`souverain.kernels`:
             # ~14 small ops per linear otherwise, which dominate at small batch)
             q, amax = kernels.int8_planes(x)
-            m = q.shape[0] // 2
-            y = torch.empty((m, self.out_features), dtype=x.dtype)
-            for p, (a, b) in zip(self._packed, self._bounds):
-                acc = _qlinear(q, 1.0, 128, p, self._scales_127[a:b], self._zero_point, None,
-                               1.0, 0, torch.float32, "none", [], "")
-                kernels.int8_epilogue_(y if len(self._packed) == 1 else y[:, a:b], acc, amax)
+            y = torch.empty((q.shape[0] // 2, self.out_features), dtype=x.dtype)
+            for a, b, acc in self._block_products(q):
+                kernels.int8_epilogue_(y[:, a:b], acc, amax)
             return y if x.dim() == 2 else y.view(*x.shape[:-1], self.out_features)
         x2 = _as_2d(x, torch.float32)
         m = x2.shape[0]
@@ -282,16 +279,9 @@ class Int8Linear(nn.Module):
             # uint8 with zero point 128: signed int8 activations send oneDNN to its reference
             # (naive) int8 matmul at 2+ rows, ~1000x slower. Float32 out, times scales / 127.
             q = planes.add_(128.0).to(torch.uint8)
-            if len(self._packed) == 1:
-                acc = _qlinear(q, 1.0, 128, self._packed[0], self._scales_127,
-                               self._zero_point, None, 1.0, 0, torch.float32, "none", [], "")
-                y = acc[:m].add_(acc[m:], alpha=1.0 / 254.0)
-            else:  # each block's planes summed into its columns: no concatenation copy
-                y = torch.empty((m, self.out_features), dtype=torch.float32)
-                for p, (a, b) in zip(self._packed, self._bounds):
-                    acc = _qlinear(q, 1.0, 128, p, self._scales_127[a:b], self._zero_point,
-                                   None, 1.0, 0, torch.float32, "none", [], "")
-                    torch.add(acc[:m], acc[m:], alpha=1.0 / 254.0, out=y[:, a:b])
+            y = torch.empty((m, self.out_features), dtype=torch.float32)
+            for a, b, acc in self._block_products(q):  # each block's sum into its columns
+                torch.add(acc[:m], acc[m:], alpha=1.0 / 254.0, out=y[:, a:b])
             y = y.mul_(amax)
         else:
             q = planes.to(torch.int8)
@@ -301,6 +291,14 @@ class Int8Linear(nn.Module):
         if y.dtype != x.dtype:
             y = y.to(x.dtype)
         return y if x.dim() == 2 else y.view(*x.shape[:-1], self.out_features)
+
+    def _block_products(self, q: torch.Tensor
+                        ) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """Per packed row block: its output columns ``a:b`` and oneDNN's float32 product of
+        the uint8 planes ``q`` (2m, K; zero point 128) with it, times ``scales[a:b] / 127``."""
+        for p, (a, b) in zip(self._packed, self._bounds):
+            yield a, b, _qlinear(q, 1.0, 128, p, self._scales_127[a:b], self._zero_point, None,
+                                 1.0, 0, torch.float32, "none", [], "")
 
     def dequantize(self) -> torch.Tensor:
         """The float32 weight the kernel multiplies by."""
