@@ -168,7 +168,7 @@ def sdpa_reference(q, keys, values):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("heads", [(9, 3), (8, 8), (32, 8)])
+@pytest.mark.parametrize("heads", [(9, 3), (8, 8), (32, 8), (12, 2), (16, 2)])  # G = 3, 1, 4, 6, 8
 @pytest.mark.parametrize("D", [32, 64, 128])  # 64 and 128 have an AVX-512 path, 32 not
 def test_paged_attention_matches_float64(dtype, heads, D):
     H, KVH = heads
