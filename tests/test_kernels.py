@@ -294,3 +294,115 @@ def test_int8_epilogue_into_a_column_block():
     ref = ((acc[:3] + acc[3:] / 254) * amax).bfloat16()
     assert (out[:, 30:70].float() - ref.float()).abs().max() <= 2 ** -7 * ref.float().abs().max()
     assert not out[:, :30].any() and not out[:, 70:].any()
+
+
+# --- Int8Linear's own VNNI matmul -------------------------------------------------------------
+
+vnni = pytest.mark.skipif(not kernels.has_vnni(), reason="this CPU has no AVX-512 VNNI")
+
+
+def _int8_pair(monkeypatch, n: int, k: int, seed: int = 0):
+    """The same int8 weight in the VNNI kernel's layout and in oneDNN's."""
+    from souverain.models import quantize as Q
+
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) / k ** 0.5
+    w[:, 1] *= 30  # an outlier input channel, as in real models
+    ours = Q.Int8Linear.from_float(w)
+    with monkeypatch.context() as m:
+        m.setattr(Q, "_vnni_layout", lambda: False)
+        onednn = Q.Int8Linear.from_float(w)
+    assert ours._vnni is not None and onednn._vnni is None
+    return ours, onednn
+
+
+@vnni
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(960, 576), (200, 70), (40, 8), (49, 1536)])
+def test_vnni_int8_linear_is_bitwise_the_onednn_path(monkeypatch, dtype, shape):
+    """Integer products are exact and the epilogue is oneDNN's float ops in the same order: the
+    VNNI kernel reproduces the oneDNN path bit for bit (a reference this machine also runs),
+    over tails in N (not a multiple of 16 / 48), in K (not a multiple of 4) and in rows (not
+    a multiple of 8 plane rows)."""
+    from souverain.models.quantize import _HAS_QLINEAR
+
+    if not _HAS_QLINEAR:
+        pytest.skip("this torch build has no oneDNN quantized linear")
+    n, k = shape
+    ours, onednn = _int8_pair(monkeypatch, n, k)
+    assert torch.equal(ours.qweight, onednn.qweight) and torch.equal(ours.scales, onednn.scales)
+    g = torch.Generator().manual_seed(1)
+    with torch.inference_mode():
+        for m in (1, 2, 3, 7, 16, 33):
+            x = (torch.randn(m, k, generator=g) * 4).to(dtype)
+            got = ours(x)
+            assert got.dtype == dtype and got.shape == (m, n)
+            assert torch.equal(got, onednn(x)), m
+        x = torch.randn(2, 5, k, generator=g).to(dtype)  # leading dims kept
+        assert torch.equal(ours(x), onednn(x)) and ours(x).shape == (2, 5, n)
+
+
+@vnni
+@pytest.mark.parametrize("threads", [1, 2])
+def test_vnni_int8_linear_rows_are_batch_invariant(monkeypatch, threads):
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        ours, _ = _int8_pair(monkeypatch, 300, 200, seed=3)
+        x = torch.randn(37, 200, generator=torch.Generator().manual_seed(4)).bfloat16()
+        with torch.inference_mode():
+            full = ours(x)
+            for r in (0, 5, 36):
+                assert torch.equal(ours(x[r:r + 1])[0], full[r])
+            assert torch.equal(ours(x[8:24]), full[8:24])
+    finally:
+        torch.set_num_threads(prev)
+
+
+@vnni
+def test_vnni_int8_linear_matches_the_dequantized_weight(monkeypatch):
+    """Against plain float64 maths: x @ dequantize().T, within the two planes' activation
+    rounding (<= 1/(2*127*254) of each row's largest magnitude per element)."""
+    ours, _ = _int8_pair(monkeypatch, 130, 96, seed=5)
+    x = torch.randn(9, 96, generator=torch.Generator().manual_seed(6))
+    ref = x.double() @ ours.dequantize().double().t()
+    bound = x.abs().amax(-1, keepdim=True).double() / (2 * 127 * 254) * \
+        ours.dequantize().abs().double().sum(-1)[None, :]
+    with torch.inference_mode():
+        assert ((ours(x).double() - ref).abs() <= bound * 1.01 + 1e-6).all()
+
+
+@vnni
+def test_vnni_fused_projection_is_the_parts_side_by_side(monkeypatch):
+    """wq|wk|wv fusion concatenates the packed blocks (parts of whole 16-row blocks) or repacks
+    (a ragged part): either way, the fused output is the parts' outputs side by side."""
+    from souverain.models.quantize import fuse_linears
+
+    for rows in ((64, 32, 32), (40, 24, 24)):
+        parts = [_int8_pair(monkeypatch, r, 48, seed=i)[0] for i, r in enumerate(rows)]
+        fused = fuse_linears(parts)
+        assert fused is not None and fused._vnni is not None
+        x = torch.randn(5, 48, generator=torch.Generator().manual_seed(7))
+        with torch.inference_mode():
+            assert torch.equal(fused(x), torch.cat([p(x) for p in parts], -1))
+        assert torch.equal(fused.qweight, torch.cat([p.qweight for p in parts]))
+
+
+@vnni
+def test_vnni_int8_linear_fallback_and_bad_inputs(monkeypatch):
+    """Without the kernels (here: disabled after the weight was packed) the module runs the
+    PyTorch ops on its unpacked weight; the op itself names what is wrong with its inputs."""
+    ours, _ = _int8_pair(monkeypatch, 64, 32)
+    x = torch.randn(3, 32)
+    with torch.inference_mode():
+        fast = ours(x)
+        with monkeypatch.context() as m:
+            m.setattr(kernels, "_state", {"ok": False, "reason": "test"})
+            slow = ours(x)
+    torch.testing.assert_close(slow, fast, rtol=1e-6, atol=1e-6)
+    op = torch.ops.souverain.int8_linear.default
+    with pytest.raises(RuntimeError, match="input columns"):
+        op(torch.randn(3, 40), ours._vnni, ours._comp, ours._s127, 64)
+    with pytest.raises(RuntimeError, match="n_out"):
+        op(x, ours._vnni, ours._comp, ours._s127, 100)
+    with pytest.raises(RuntimeError, match="comp"):
+        op(x, ours._vnni, ours._comp[:16], ours._s127, 64)

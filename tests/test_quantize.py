@@ -539,7 +539,8 @@ lin = Int8Linear.from_float(torch.randn(96, 64))
 for m in (1, 2, 16, 300):
     lin(torch.randn(m, 64))
 """
-    env = dict(os.environ, ONEDNN_VERBOSE="1")
+    # the oneDNN packing is used where souverain's VNNI kernel is not (kernels off here)
+    env = dict(os.environ, ONEDNN_VERBOSE="1", SOUVERAIN_KERNELS="0")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=120, check=True).stdout
     if "HAS False" in out:
@@ -552,6 +553,7 @@ for m in (1, 2, 16, 300):
 def test_int8_row_blocks_give_the_whole_matrix_result(monkeypatch):
     """Large int8 weights are packed in row blocks (bounded load memory): the blocks' outputs,
     side by side, are bitwise the one-block result, and `qweight` is the whole weight again."""
+    monkeypatch.setattr(Q, "_vnni_layout", lambda: False)  # oneDNN's packing
     w = torch.from_numpy(_weights(200, 64))
     whole = Int8Linear.from_float(w)
     monkeypatch.setattr(Q, "_PACK_ELEMS", 64 * 64)  # 64-row blocks: 64, 64, 64, 8
@@ -568,6 +570,7 @@ def test_int8_row_blocks_give_the_whole_matrix_result(monkeypatch):
 def test_int8_without_onednn_qlinear_runs_on_int_mm(monkeypatch):
     """Builds without oneDNN's quantized ops take ``aten._int_mm``: the same integer product,
     so the same result up to the float32 epilogue's rounding, and batch invariant too."""
+    monkeypatch.setattr(Q, "_vnni_layout", lambda: False)  # oneDNN's packing
     w = torch.from_numpy(_weights(200, 64))
     x = torch.randn(6, 64, generator=torch.Generator().manual_seed(0))
     packed = Int8Linear.from_float(w)

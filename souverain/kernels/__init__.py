@@ -180,6 +180,22 @@ def int8_planes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.ops.souverain.int8_planes.default(x)
 
 
+def has_vnni() -> bool:
+    """Whether the kernels are built (building them on the first call) with AVX-512 VNNI,
+    which `int8_linear` needs."""
+    if "vnni" not in _state:
+        _state["vnni"] = available() and bool(torch.ops.souverain.has_vnni.default())
+    return bool(_state["vnni"])
+
+
+def int8_linear(x: torch.Tensor, packed: torch.Tensor, comp: torch.Tensor, s127: torch.Tensor,
+                out_features: int) -> torch.Tensor:
+    """`Int8Linear` on its VNNI-packed weight in one call: ``x`` (..., K) quantized into its
+    two planes, times the weight, the planes summed and scaled, in ``x``'s dtype. Kernels
+    only (`has_vnni`)."""
+    return torch.ops.souverain.int8_linear.default(x, packed, comp, s127, out_features)
+
+
 def int8_epilogue_(out: torch.Tensor, acc: torch.Tensor, amax: torch.Tensor) -> None:
     """``out <- (acc[:m] + acc[m:] / 254) * amax`` in ``out``'s dtype (``out`` may be a
     column block of a wider matrix). Kernels only."""

@@ -18,6 +18,11 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
+#include <type_traits>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -619,6 +624,177 @@ void int8_epilogue_(at::Tensor& out, const at::Tensor& acc, const at::Tensor& am
   });
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// Int8Linear's own matmul (AVX-512 VNNI): the two activation planes times the int8 weight, the
+// planes' sum and the scales applied in registers, the output written in the activation dtype.
+//
+// Weight layout ("vnni"): (ceil(N / 16), ceil(K / 4), 64) int8, zero padded; block b, step k
+// holds output channels 16b..16b+15, each with its 4 input columns 4k..4k+3 (what one
+// vpdpbusd multiplies: 4 uint8 activations broadcast, times 16 x 4 int8 weights, summed into
+// 16 int32 lanes). Activations are the planes of int8_planes (uint8, zero point 128) with the
+// hi and lo rows of each input row interleaved; the zero point comes back out as
+// 128 * sum_k w[n, k] (`comp`). A tile is MR plane rows x NR blocks of int32 accumulators
+// (8 x 3 = 24 of the 32 registers); the loops are unrolled by hand-placed pragmas, without
+// which GCC keeps the accumulator array on the stack (2.4 instead of 6 G vpdpbusd/s a core).
+//
+// Per output: a = float(acc_hi - comp) * s, b = float(acc_lo - comp) * s (s = scale / 127),
+// y = (a + b * (1 / 254)) * amax: oneDNN's float32 epilogue and int8_epilogue_'s sum, in the
+// same order, so the result is bitwise that of the oneDNN path. Integer sums are exact, every
+// row is computed alone: batch invariant.
+#if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define SOUVERAIN_VNNI 1
+#define UNROLL _Pragma("GCC unroll 16")
+
+inline void store16(float* dst, __m512 v, __mmask16 mask) { _mm512_mask_storeu_ps(dst, mask, v); }
+inline void store16(at::BFloat16* dst, __m512 v, __mmask16 mask) {
+  // round to nearest even, NaN kept a quiet NaN (from_f's rule, 16 lanes at once)
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7FC0));
+  _mm256_mask_storeu_epi16(dst, mask, _mm512_cvtepi32_epi16(r));
+}
+inline void store16(at::Half* dst, __m512 v, __mmask16 mask) {
+  _mm256_mask_storeu_epi16(dst, mask, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+template <int MR, int NR, typename T>
+inline void vnni_tile(const uint8_t* a, int64_t lda, const int8_t* b, int64_t K4,
+                      const int32_t* comp, const float* s127, const float* amax, T* y,
+                      int64_t ldy, int64_t cols) {
+  __m512i acc[MR][NR];
+  UNROLL for (int m = 0; m < MR; ++m) UNROLL for (int n = 0; n < NR; ++n)
+    acc[m][n] = _mm512_setzero_si512();
+  for (int64_t k = 0; k < K4; ++k) {
+    __m512i bv[NR];
+    UNROLL for (int n = 0; n < NR; ++n) bv[n] = _mm512_loadu_si512(b + (n * K4 + k) * 64);
+    UNROLL for (int m = 0; m < MR; ++m) {
+      const __m512i av = _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(a + m * lda + 4 * k));
+      UNROLL for (int n = 0; n < NR; ++n) acc[m][n] = _mm512_dpbusd_epi32(acc[m][n], av, bv[n]);
+    }
+  }
+  const __m512 inv254 = _mm512_set1_ps(1.0f / 254.0f);
+  UNROLL for (int n = 0; n < NR; ++n) {
+    const int64_t left = cols - 16 * n;
+    if (left <= 0) break;
+    const __mmask16 mask = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1u);
+    const __m512i c = _mm512_loadu_si512(comp + 16 * n);
+    const __m512 s = _mm512_loadu_ps(s127 + 16 * n);
+    UNROLL for (int p = 0; p < MR / 2; ++p) {
+      const __m512 hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[2 * p][n], c)), s);
+      const __m512 lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[2 * p + 1][n], c)), s);
+      const __m512 out = _mm512_mul_ps(_mm512_add_ps(hi, _mm512_mul_ps(lo, inv254)),
+                                       _mm512_set1_ps(amax[p]));
+      store16(y + p * ldy + 16 * n, out, mask);
+    }
+  }
+}
+
+// All plane rows (2m, interleaved) times blocks [16 * NR * panel, ...) of one panel.
+template <int NR, typename T>
+void vnni_panel(const uint8_t* a, int64_t rows, int64_t lda, const int8_t* b, int64_t K4,
+                const int32_t* comp, const float* s127, const float* amax, T* y, int64_t ldy,
+                int64_t cols) {
+  int64_t r = 0;
+  for (; r + 8 <= rows; r += 8)
+    vnni_tile<8, NR>(a + r * lda, lda, b, K4, comp, s127, amax + r / 2, y + (r / 2) * ldy, ldy, cols);
+  if (r + 4 <= rows) {
+    vnni_tile<4, NR>(a + r * lda, lda, b, K4, comp, s127, amax + r / 2, y + (r / 2) * ldy, ldy, cols);
+    r += 4;
+  }
+  if (r < rows)
+    vnni_tile<2, NR>(a + r * lda, lda, b, K4, comp, s127, amax + r / 2, y + (r / 2) * ldy, ldy, cols);
+}
+
+// y (m, n_out) from the interleaved planes (2m, lda): panels of 3 blocks split over threads
+template <typename T>
+void vnni_gemm(const uint8_t* pp, int64_t m, int64_t lda, const at::Tensor& packed,
+               const at::Tensor& comp, const at::Tensor& s127, const float* ap, T* yp,
+               int64_t n_out) {
+  const int64_t N16 = packed.size(0), K4 = packed.size(1);
+  const int8_t* bp = packed.data_ptr<int8_t>();
+  const int32_t* cp = comp.data_ptr<int32_t>();
+  const float* sp = s127.data_ptr<float>();
+  const int64_t panels = (N16 + 2) / 3;
+  at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t blocks = std::min<int64_t>(3, N16 - 3 * p);
+      const int64_t cols = std::min<int64_t>(48, n_out - 48 * p);
+      const int8_t* b = bp + 3 * p * K4 * 64;
+      const int64_t c0 = 48 * p;
+      switch (blocks) {
+        case 3: vnni_panel<3>(pp, 2 * m, lda, b, K4, cp + c0, sp + c0, ap, yp + c0, n_out, cols); break;
+        case 2: vnni_panel<2>(pp, 2 * m, lda, b, K4, cp + c0, sp + c0, ap, yp + c0, n_out, cols); break;
+        default: vnni_panel<1>(pp, 2 * m, lda, b, K4, cp + c0, sp + c0, ap, yp + c0, n_out, cols);
+      }
+    }
+  });
+}
+template <>
+void vnni_gemm<double>(const uint8_t*, int64_t, int64_t, const at::Tensor&, const at::Tensor&,
+                       const at::Tensor&, const float*, double*, int64_t) {
+  TORCH_CHECK(false, "int8_linear: float64 activations are not supported");
+}
+#endif
+
+bool has_vnni() {
+#ifdef SOUVERAIN_VNNI
+  return true;
+#else
+  return false;
+#endif
+}
+
+// y (..., n_out) = Int8Linear(x) on a "vnni" packed weight (see above): x any float dtype,
+// quantized into its two planes here; comp (N16 * 16,) int32; s127 (N16 * 16,) float32.
+at::Tensor int8_linear(const at::Tensor& input, const at::Tensor& packed, const at::Tensor& comp,
+                       const at::Tensor& s127, int64_t n_out) {
+#ifndef SOUVERAIN_VNNI
+  TORCH_CHECK(false, "int8_linear: this CPU has no AVX-512 VNNI (use the oneDNN path)");
+#else
+  const at::Tensor x = as_rows(input, "int8_linear");
+  const int64_t m = x.size(0), K = x.size(1);
+  TORCH_CHECK(packed.scalar_type() == at::kChar && packed.dim() == 3 && packed.size(2) == 64 &&
+              packed.is_contiguous(), "int8_linear: packed must be contiguous int8 (N/16, K/4, 64)");
+  const int64_t N16 = packed.size(0), K4 = packed.size(1);
+  TORCH_CHECK(K4 == (K + 3) / 4, "int8_linear: the weight has ", 4 * K4,
+              " (padded) input columns, the activations ", K);
+  TORCH_CHECK(n_out > 0 && (n_out + 15) / 16 == N16, "int8_linear: n_out ", n_out,
+              " does not match ", N16, " blocks of 16");
+  TORCH_CHECK(comp.scalar_type() == at::kInt && comp.is_contiguous() && comp.numel() == N16 * 16,
+              "int8_linear: comp must be contiguous int32 (N16 * 16,)");
+  TORCH_CHECK(s127.scalar_type() == at::kFloat && s127.is_contiguous() && s127.numel() == N16 * 16,
+              "int8_linear: s127 must be contiguous float32 (N16 * 16,)");
+  const int64_t lda = 4 * K4;
+  auto planes = at::empty({2 * m, lda}, x.options().dtype(at::kByte));
+  auto amax = at::empty({m}, x.options().dtype(at::kFloat));
+  auto out_shape = input.sizes().vec();
+  out_shape.back() = n_out;
+  auto y = at::empty({m, n_out}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "int8_linear", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    uint8_t* pp = planes.data_ptr<uint8_t>();
+    float* ap = amax.data_ptr<float>();
+    const int64_t xs = x.stride(0);
+    at::parallel_for(0, m, 16, [&](int64_t begin, int64_t end) {
+      std::vector<float> row(K);
+      for (int64_t r = begin; r < end; ++r) {
+        load_row(xp + r * xs, row.data(), K);
+        const float a = std::max(abs_max(row.data(), K), 1e-30f);
+        ap[r] = a;
+        uint8_t* hi = pp + 2 * r * lda;
+        quantize_row(row.data(), K, (1.0f / a) * 127.0f, hi, hi + lda);
+        std::fill(hi + K, hi + lda, uint8_t(128));
+        std::fill(hi + lda + K, hi + 2 * lda, uint8_t(128));
+      }
+    });
+    vnni_gemm(pp, m, lda, packed, comp, s127, ap, y.data_ptr<scalar_t>(), n_out);
+  });
+  return y.view(out_shape);
+#endif
+}
 }  // namespace
 
 TORCH_LIBRARY(souverain, m) {
@@ -627,6 +803,8 @@ TORCH_LIBRARY(souverain, m) {
   m.def("rotary_(Tensor(a!) x, Tensor rope) -> ()");
   m.def("int8_planes(Tensor x) -> (Tensor, Tensor)");
   m.def("int8_epilogue_(Tensor(a!) out, Tensor acc, Tensor amax) -> ()");
+  m.def("int8_linear(Tensor x, Tensor packed, Tensor comp, Tensor s127, int n_out) -> Tensor");
+  m.def("has_vnni() -> bool", &has_vnni);
   m.def("paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
         "Tensor lo, Tensor hi, int block_size, float scale) -> Tensor");
 }
@@ -638,4 +816,6 @@ TORCH_LIBRARY_IMPL(souverain, CPU, m) {
   m.impl("paged_attention", &paged_attention);
   m.impl("int8_planes", &int8_planes);
   m.impl("int8_epilogue_", &int8_epilogue_);
+  m.impl("int8_linear", &int8_linear);
 }
+

@@ -154,6 +154,38 @@ if _HAS_QLINEAR:
     _qlinear_prepack = torch.ops.onednn.qlinear_prepack.default
 
 
+def _vnni_layout() -> bool:
+    """Whether new `Int8Linear`s pack for souverain's own VNNI kernel (`kernels.int8_linear`):
+    the kernels built, on a CPU with AVX-512 VNNI. Otherwise oneDNN's packing."""
+    return kernels.has_vnni()
+
+
+def _vnni_pack(q: torch.Tensor) -> torch.Tensor:
+    """(n, k) int8 -> the kernel's (ceil(n/16), ceil(k/4), 64) layout, zero padded: block b,
+    step j holds output rows 16b..16b+15, each with its input columns 4j..4j+3."""
+    n, k = q.shape
+    n16, k4 = -(-n // 16), -(-k // 4)
+    if (n, k) != (16 * n16, 4 * k4):
+        q = F.pad(q, (0, 4 * k4 - k, 0, 16 * n16 - n))
+    return q.view(n16, 16, k4, 4).permute(0, 2, 1, 3).contiguous().view(n16, k4, 64)
+
+
+def _vnni_unpack(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    n16, k4, _ = packed.shape
+    return packed.view(n16, k4, 16, 4).permute(0, 2, 1, 3).reshape(16 * n16, 4 * k4)[:n, :k]
+
+
+def _vnni_comp(packed: torch.Tensor) -> torch.Tensor:
+    """128 * (sum of each output row's weights), int32 (n16 * 16,): the uint8 activations'
+    zero point taken back out. A few blocks at a time (int32 is 4x the weight)."""
+    n16, k4, _ = packed.shape
+    comp = torch.empty((n16, 16), dtype=torch.int32)
+    step = max(1, _CHUNK_ELEMS // (k4 * 64))
+    for b in range(0, n16, step):
+        comp[b:b + step] = packed[b:b + step].view(-1, k4, 16, 4).sum((1, 3), dtype=torch.int32)
+    return comp.view(-1).mul_(128)
+
+
 class Int8Linear(nn.Module):
     """``y = x @ (qweight * scales[:, None]).T``: int8 weights, one scale per output channel
     (symmetric), multiplied in integers against activations split into two int8 planes,
@@ -180,16 +212,36 @@ class Int8Linear(nn.Module):
     quantized ops (other builds) it runs on ``aten._int_mm``. The packed weight is an opaque
     oneDNN tensor, not a buffer: `qweight` unpacks a copy, `packed_nbytes` counts it.
 
+    With souverain's kernels built on a CPU with AVX-512 VNNI, the weight is packed instead
+    for its own kernel (`kernels.int8_linear`: the planes, the integer products and the
+    epilogue in one call, 8 plane rows x 48 output channels of int32 accumulators per tile),
+    whose results are bitwise those of the oneDNN path (tested) and which is faster at every
+    batch on cold weights, where oneDNN pays ~30 us a call and streams them poorly: SmolLM2's
+    30 layers of linears at 2 rows 8.0 -> 3.8 ms, at 32 rows 13.0 -> 8.5 ms, and 683-728 vs
+    591-684 G MAC/s at 512 rows (BENCHMARKS.md, session 7).
+
     The integer product is exact (int32 accumulation: |sum| <= 128 * 127 * K, no overflow for
     K < 132k) and every other op is row-wise, so a row's result is bitwise the same at any
     batch size or thread count. Any float activation dtype; the output has the input's dtype.
     """
 
-    def __init__(self, qweight: torch.Tensor | list[torch.Tensor], scales: torch.Tensor):
+    def __init__(self, qweight: torch.Tensor | list[torch.Tensor], scales: torch.Tensor,
+                 in_features: int | None = None):
         """``qweight``: the (N, K) int8 weight, or its consecutive row blocks, plain (n_i, K)
         or already packed by ``qlinear_prepack`` ((K, n_i), as `from_float` builds them, so
-        that only one block is ever held both plain and packed)."""
+        that only one block is ever held both plain and packed), or already in the VNNI
+        kernel's layout ((N/16, K/4, 64), with ``in_features`` = K)."""
         super().__init__()
+        self._vnni: torch.Tensor | None = None  # the VNNI kernel's packed weight, if used
+        if isinstance(qweight, torch.Tensor) and qweight.dim() == 3:
+            assert in_features is not None and qweight.dtype == torch.int8
+            self._init_vnni(qweight, scales, in_features)
+            return
+        if _vnni_layout() and not (isinstance(qweight, (list, tuple))
+                                   and any(b.is_mkldnn for b in qweight)):
+            plain = torch.cat(list(qweight)) if isinstance(qweight, (list, tuple)) else qweight
+            self._init_vnni(_vnni_pack(plain), scales, plain.shape[1])
+            return
         blocks = list(qweight) if isinstance(qweight, (list, tuple)) else _row_blocks(qweight)
         # weights larger than _PACK_ELEMS are packed in row blocks (one oneDNN call each): the
         # packing holds a plain and a packed copy of what it packs, and a whole 49k-row head
@@ -220,19 +272,35 @@ class Int8Linear(nn.Module):
         self._zero_point = torch.zeros(1, dtype=torch.long)
         self.weight = _LinearWeight(self, self.out_features, self.in_features, torch.float32)
 
+    def _init_vnni(self, packed: torch.Tensor, scales: torch.Tensor, in_features: int) -> None:
+        self._packed, self._bounds = [], []
+        self._vnni = packed
+        self.in_features = in_features
+        self.out_features = scales.shape[0]
+        assert packed.shape == (-(-self.out_features // 16), -(-in_features // 4), 64)
+        self.register_buffer("scales", scales.to(torch.float32).contiguous())
+        self.register_buffer("_scales_127", self.scales / 127.0, persistent=False)
+        self._comp = _vnni_comp(packed)  # the kernel reads 16 channels at a time: padded
+        self._s127 = F.pad(self._scales_127, (0, 16 * packed.shape[0] - self.out_features))
+        self.weight = _LinearWeight(self, self.out_features, self.in_features, torch.float32)
+
     @property
     def compute_dtype(self) -> torch.dtype:
         return torch.float32  # of the quantization and the epilogue; the product is int32
 
     @property
     def qweight(self) -> torch.Tensor:
-        """The (N, K) int8 weight (with oneDNN: a copy unpacked from its blocked layout)."""
+        """The (N, K) int8 weight (packed for a kernel: a copy unpacked from its layout)."""
+        if self._vnni is not None:
+            return _vnni_unpack(self._vnni, self.out_features, self.in_features)
         if _HAS_QLINEAR:
             return torch.cat([p.to_dense().t() for p in self._packed])
         return self._packed[0] if len(self._packed) == 1 else torch.cat(self._packed)
 
     @property
     def packed_nbytes(self) -> int:
+        if self._vnni is not None:
+            return self._vnni.numel()
         return self.out_features * self.in_features
 
     @classmethod
@@ -243,24 +311,27 @@ class Int8Linear(nn.Module):
         ``compute_dtype`` is accepted for symmetry with `Int4Linear` and ignored: this kernel
         always quantizes in float32."""
         n, k = weight.shape
+        scales = torch.empty((n,), dtype=torch.float32)
+        if _vnni_layout():  # quantized and packed a chunk of rows at a time, in place
+            packed = torch.empty((-(-n // 16), -(-k // 4), 64), dtype=torch.int8)
+            for r, w in _row_chunks(weight, 16):
+                packed[r // 16:-(-(r + w.shape[0]) // 16)] = _vnni_pack(_quantize_rows(w, scales, r))
+            return cls(packed, scales, k)
         rows = _block_rows(n, k)
         blocks: list[torch.Tensor] = []
-        scales = torch.empty((n,), dtype=torch.float32)
         for r0 in range(0, n, rows):  # one row block at a time: quantized, packed, dropped
             block = torch.empty((min(rows, n - r0), k), dtype=torch.int8)
             for r, w in _row_chunks(weight, 1, r0, r0 + block.shape[0]):
-                lo, hi = torch.aminmax(w, dim=1)
-                amax = torch.maximum(hi, -lo)
-                s = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
-                q = w / s[:, None]  # a new tensor: ``w`` may be a view of the source
-                block[r - r0:r - r0 + w.shape[0]] = q.round_().clamp_(-127, 127)
-                scales[r:r + w.shape[0]] = s
+                block[r - r0:r - r0 + w.shape[0]] = _quantize_rows(w, scales, r)
             blocks.append(_qlinear_prepack(block, None) if _HAS_QLINEAR else block)
             del block
         return cls(blocks, scales)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _HAS_QLINEAR and kernels.usable(x):
+        if self._vnni is not None and kernels.usable(x):
+            return kernels.int8_linear(x, self._vnni, self._comp, self._s127, self.out_features)
+        onednn = _HAS_QLINEAR and self._vnni is None
+        if onednn and kernels.usable(x):
             # the same planes, then the same sum, in one fused kernel each (`souverain.kernels`:
             # ~14 small ops per linear otherwise, which dominate at small batch)
             q, amax = kernels.int8_planes(x)
@@ -275,7 +346,7 @@ class Int8Linear(nn.Module):
         planes = torch.empty((2 * m, self.in_features), dtype=torch.float32)
         hi = torch.round(xs, out=planes[:m])
         torch.sub(xs, hi, out=planes[m:]).mul_(254.0).round_()  # |lo| <= 127
-        if _HAS_QLINEAR:
+        if onednn:
             # uint8 with zero point 128: signed int8 activations send oneDNN to its reference
             # (naive) int8 matmul at 2+ rows, ~1000x slower. Float32 out, times scales / 127.
             q = planes.add_(128.0).to(torch.uint8)
@@ -284,8 +355,8 @@ class Int8Linear(nn.Module):
                 torch.add(acc[:m], acc[m:], alpha=1.0 / 254.0, out=y[:, a:b])
             y = y.mul_(amax)
         else:
-            q = planes.to(torch.int8)
-            parts = [_int_mm(q, p.t()) for p in self._packed]
+            q = planes.to(torch.int8)  # (the VNNI layout under autograd: its plain weight)
+            parts = [_int_mm(q, p.t()) for p in (self._packed or [self.qweight])]
             acc = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)).to(torch.float32)
             y = torch.add(acc[:m], acc[m:], alpha=1.0 / 254.0).mul_(amax * self._scales_127)
         if y.dtype != x.dtype:
@@ -410,6 +481,17 @@ class _Int4Builder:
 
     def build(self) -> Int4Linear:
         return Int4Linear(self.packed, self.sz, self.group_size, self.k)
+
+
+def _quantize_rows(w: torch.Tensor, scales: torch.Tensor, r: int) -> torch.Tensor:
+    """Round-to-nearest symmetric int8 of float32 rows ``w`` (rows ``r..`` of the weight),
+    one scale per row written into ``scales``."""
+    lo, hi = torch.aminmax(w, dim=1)
+    amax = torch.maximum(hi, -lo)
+    s = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    scales[r:r + w.shape[0]] = s
+    q = w / s[:, None]  # a new tensor: ``w`` may be a view of the source
+    return q.round_().clamp_(-127, 127).to(torch.int8)
 
 
 _PACK_ELEMS = 1 << 24  # int8 weights packed per oneDNN call (16 MB; see Int8Linear.__init__)
@@ -625,8 +707,11 @@ def fuse_linears(parts: list[nn.Module]) -> nn.Module | None:
                           torch.cat([p.scales_and_zeros for p in parts], dim=1),
                           first.group_size, first.in_features)
     if isinstance(first, Int8Linear):
-        return Int8Linear(torch.cat([p.qweight for p in parts]),
-                          torch.cat([p.scales for p in parts]))
+        scales = torch.cat([p.scales for p in parts])
+        if (all(p._vnni is not None for p in parts)
+                and not any(p.out_features % 16 for p in parts[:-1])):
+            return Int8Linear(torch.cat([p._vnni for p in parts]), scales, first.in_features)
+        return Int8Linear(torch.cat([p.qweight for p in parts]), scales)
     return None
 
 
