@@ -406,3 +406,25 @@ def test_vnni_int8_linear_fallback_and_bad_inputs(monkeypatch):
         op(x, ours._vnni, ours._comp, ours._s127, 100)
     with pytest.raises(RuntimeError, match="comp"):
         op(x, ours._vnni, ours._comp[:16], ours._s127, 64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_mul_matches_float64(dtype):
+    """SwiGLU's silu(gate) * up from the fused gate|up output, computed in float32 and rounded
+    once: within one rounding of the activation dtype (plus float32's) of float64 maths."""
+    g = torch.Generator().manual_seed(8)
+    x = (torch.randn(2, 5, 2 * 1000, generator=g) * 4).to(dtype)  # 1000: a chunk tail
+    out = kernels.silu_mul(x)
+    assert out.shape == (2, 5, 1000) and out.dtype == dtype
+    gate, up = x.double().chunk(2, dim=-1)
+    ref = F.silu(gate) * up
+    tol = 1e-6 if dtype == torch.float32 else ulp(dtype)
+    assert ((out.double() - ref).abs() <= tol * ref.abs() + 1e-6).all()
+    for r in range(5):  # row by row: the same bits
+        assert torch.equal(kernels.silu_mul(x[1, r:r + 1]), out[1, r:r + 1])
+
+
+def test_silu_mul_fallback_is_the_pytorch_ops(fallback):
+    x = torch.randn(3, 64)
+    gate, up = x.chunk(2, dim=-1)
+    assert torch.equal(kernels.silu_mul(x), F.silu(gate) * up)

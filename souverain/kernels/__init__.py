@@ -163,6 +163,15 @@ def rotary(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(xc * rope).flatten(-2).type_as(x)
 
 
+def silu_mul(x: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's ``silu(gate) * up`` for ``x = gate|up`` (..., 2H) -> (..., H): one kernel in
+    float32, rounded once to ``x``'s dtype."""
+    if usable(x) and x.stride(-1) == 1:
+        return torch.ops.souverain.silu_mul.default(x)
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     block_tables: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
                     block_size: int) -> torch.Tensor:

@@ -625,6 +625,73 @@ void int8_epilogue_(at::Tensor& out, const at::Tensor& acc, const at::Tensor& am
 }
 
 
+// out (rows, H) = silu(x[:, :H]) * x[:, H:] for SwiGLU's fused gate|up projection, in float32,
+// rounded once to x's dtype (F.silu then a multiply round twice in bf16).
+#ifdef __AVX512F__
+// exp_approx on 16 lanes (the same operations, so the same bits)
+inline __m512 exp_approx16(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.3f));
+  const __m512 n = _mm512_roundscale_ps(
+      _mm512_add_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _mm512_set1_ps(0.5f)),
+      _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_sub_ps(x, _mm512_mul_ps(n, _mm512_set1_ps(0.693359375f)));
+  r = _mm512_sub_ps(r, _mm512_mul_ps(n, _mm512_set1_ps(-2.12194440e-4f)));
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(5.0000001201e-1f));
+  const __m512 y = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(p, r), r), r),
+                                 _mm512_set1_ps(1.0f));
+  const __m512i bits = _mm512_slli_epi32(
+      _mm512_add_epi32(_mm512_cvttps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(y, _mm512_castsi512_ps(bits));
+}
+#endif
+
+__attribute__((noinline)) void silu_mul_row(const float* __restrict g, const float* __restrict u,
+                                            float* __restrict out, int64_t n) {
+  int64_t i = 0;
+#ifdef __AVX512F__
+  const __m512 one = _mm512_set1_ps(1.0f);
+  for (; i + 16 <= n; i += 16) {
+    const __m512 gv = _mm512_loadu_ps(g + i);
+    const __m512 e = exp_approx16(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+    _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_div_ps(gv, _mm512_add_ps(one, e)),
+                                            _mm512_loadu_ps(u + i)));
+  }
+#endif
+  for (; i < n; ++i) out[i] = g[i] / (1.0f + exp_approx(-g[i])) * u[i];
+}
+
+at::Tensor silu_mul(const at::Tensor& input) {
+  const at::Tensor x = as_rows(input, "silu_mul");
+  const int64_t rows = x.size(0), H = x.size(1) / 2;
+  TORCH_CHECK(x.size(1) % 2 == 0, "silu_mul: expected an even number of columns (gate|up)");
+  auto out_shape = input.sizes().vec();
+  out_shape.back() = H;
+  auto out = at::empty({rows, H}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "silu_mul", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    const int64_t xs = x.stride(0);
+    at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(H, 1)),
+                     [&](int64_t begin, int64_t end) {
+      float g[kChunk], u[kChunk], o[kChunk];
+      for (int64_t r = begin; r < end; ++r)
+        for (int64_t c = 0; c < H; c += kChunk) {
+          const int64_t len = std::min(kChunk, H - c);
+          load_row(xp + r * xs + c, g, len);
+          load_row(xp + r * xs + H + c, u, len);
+          silu_mul_row(g, u, o, len);
+          store_row(o, op + r * H + c, len);
+        }
+    });
+  });
+  return out.view(out_shape);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Int8Linear's own matmul (AVX-512 VNNI): the two activation planes times the int8 weight, the
 // planes' sum and the scales applied in registers, the output written in the activation dtype.
@@ -805,6 +872,7 @@ TORCH_LIBRARY(souverain, m) {
   m.def("int8_epilogue_(Tensor(a!) out, Tensor acc, Tensor amax) -> ()");
   m.def("int8_linear(Tensor x, Tensor packed, Tensor comp, Tensor s127, int n_out) -> Tensor");
   m.def("has_vnni() -> bool", &has_vnni);
+  m.def("silu_mul(Tensor x) -> Tensor");
   m.def("paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
         "Tensor lo, Tensor hi, int block_size, float scale) -> Tensor");
 }
@@ -817,5 +885,6 @@ TORCH_LIBRARY_IMPL(souverain, CPU, m) {
   m.impl("int8_planes", &int8_planes);
   m.impl("int8_epilogue_", &int8_epilogue_);
   m.impl("int8_linear", &int8_linear);
+  m.impl("silu_mul", &silu_mul);
 }
 
