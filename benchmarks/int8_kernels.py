@@ -8,7 +8,8 @@
    forward. Per row count M (1 = one plane at batch 1; 2 = both planes at batch 1; 32 = both
    planes at batch 16; 1024 = a 512-token prefill) it times the raw integer products
    (``aten._int_mm`` on the (K, N) view, oneDNN ``qlinear_pointwise`` on a pre-packed weight)
-   and prints ms per pass and the GB/s of weights read.
+   and souverain's VNNI kernel (``kernels.int8_linear``: M/2 float rows in, their planes and
+   the epilogue included), and prints ms per pass and the GB/s of weights read.
 2. Whole block linears (no head) at 1, 16 and 512 rows: float32 ``F.linear``, `Int8Linear` (two planes,
    quantization and epilogue included) and `Int4Linear` (bf16 activations).
 3. Accuracy on the bundled model (logits relative RMS vs the float32 model over three prompts):
@@ -41,15 +42,21 @@ def _best(fn, repeats: int = 3) -> float:
 
 
 def kernels() -> None:
-    from souverain.models.quantize import _HAS_QLINEAR
+    from souverain import kernels as K
+    from souverain.models.quantize import _HAS_QLINEAR, _vnni_comp, _vnni_pack
 
-    print("| model | rows | _int_mm ms (GB/s) | oneDNN packed ms (GB/s) |\n|---|---:|---:|---:|")
+    vnni = K.has_vnni()
+    print("| model | rows | _int_mm ms (GB/s) | oneDNN packed ms (GB/s) | souverain VNNI ms (GB/s) |"
+          "\n|---|---:|---:|---:|---:|")
     for name, (shapes, layers, head) in SHAPES.items():
-        mats = []
+        mats, ours = [], []
         for n, k in shapes * layers + [head]:
             w = torch.randint(-127, 128, (n, k), dtype=torch.int8)
             packed = torch.ops.onednn.qlinear_prepack(w, None) if _HAS_QLINEAR else None
             mats.append((w, packed, torch.rand(n), torch.zeros(1, dtype=torch.long)))
+            if vnni:
+                v = _vnni_pack(w)
+                ours.append((v, _vnni_comp(v), torch.rand(v.shape[0] * 16), n, k))
         total = sum(w.numel() for w, *_ in mats)
         for m in (1, 2, 32, 1024):
             xs = {k: torch.randint(-127, 128, (m, k), dtype=torch.int8) for _, k in shapes + [head]}
@@ -64,12 +71,23 @@ def kernels() -> None:
                     torch.ops.onednn.qlinear_pointwise(xu[w.shape[1]], 1.0, 128, p, s, z, None,
                                                        1.0, 0, torch.float32, "none", [], "")
 
+            # the VNNI kernel is the whole linear: m/2 float rows in, quantized into their two
+            # planes (m plane rows, as the other columns), the epilogue included
+            xf = {k: torch.randn(m // 2, k) for _, k in shapes + [head]}
+
+            def own(ours=ours, xf=xf):
+                for v, c, s, n, k in ours:
+                    K.int8_linear(xf[k], v, c, s, n)
+
             a = _best(int_mm)
-            cell = "n/a"
+            cell = own_cell = "n/a"
             if _HAS_QLINEAR:
                 b = _best(packed)
                 cell = f"{b * 1e3:.1f} ({total / b / 1e9:.1f})"
-            print(f"| {name} | {m} | {a * 1e3:.1f} ({total / a / 1e9:.1f}) | {cell} |")
+            if vnni and m >= 2:
+                c = _best(own)
+                own_cell = f"{c * 1e3:.1f} ({total / c / 1e9:.1f})"
+            print(f"| {name} | {m} | {a * 1e3:.1f} ({total / a / 1e9:.1f}) | {cell} | {own_cell} |")
 
 
 def linears() -> None:

@@ -251,8 +251,35 @@ __attribute__((noinline)) void head_dots(const float* __restrict q, int64_t G, i
   }
 }
 
+#ifdef __AVX512F__
+inline __m512 exp_approx16(__m512 x);
+#endif
+
 // s <- exp(s - max(s)); returns 1 / sum
 __attribute__((noinline)) float softmax_unnormalized(float* __restrict s, int64_t n) {
+#ifdef __AVX512F__
+  if (n >= 16) {  // the same operations on 16 lanes (exp_approx16), so the same values
+    __m512 mv = _mm512_loadu_ps(s);
+    int64_t j = 16;
+    for (; j + 16 <= n; j += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(s + j));
+    float m = _mm512_reduce_max_ps(mv);
+    for (; j < n; ++j) m = std::max(m, s[j]);
+    const __m512 mb = _mm512_set1_ps(m);
+    __m512 acc = _mm512_setzero_ps();
+    j = 0;
+    for (; j + 16 <= n; j += 16) {
+      const __m512 e = exp_approx16(_mm512_sub_ps(_mm512_loadu_ps(s + j), mb));
+      _mm512_storeu_ps(s + j, e);
+      acc = _mm512_add_ps(acc, e);
+    }
+    float sum = _mm512_reduce_add_ps(acc);
+    for (; j < n; ++j) {
+      s[j] = exp_approx(s[j] - m);
+      sum += s[j];
+    }
+    return 1.f / sum;
+  }
+#endif
   float m = s[0];
   for (int64_t j = 1; j < n; ++j) m = std::max(m, s[j]);
   float acc[kLanes] = {0};
@@ -845,7 +872,7 @@ at::Tensor int8_linear(const at::Tensor& input, const at::Tensor& packed, const 
     uint8_t* pp = planes.data_ptr<uint8_t>();
     float* ap = amax.data_ptr<float>();
     const int64_t xs = x.stride(0);
-    at::parallel_for(0, m, 16, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, m, std::max<int64_t>(1, 4096 / std::max<int64_t>(K, 1)), [&](int64_t begin, int64_t end) {
       std::vector<float> row(K);
       for (int64_t r = begin; r < end; ++r) {
         load_row(xp + r * xs, row.data(), K);
