@@ -62,7 +62,8 @@ def main() -> None:
                     qg.double(), gathered(kc).double(), gathered(vc).double()).reshape(B, H, D)
                 out = kernels.paged_attention(q, kc, vc, tables, lo, hi, bs)
                 err = (out.double() - ref).abs().max().item()
-                t_kernel = _median_us(lambda: kernels.paged_attention(q, kc, vc, tables, lo, hi, bs))
+                t_kernel = _median_us(
+                    lambda: kernels.paged_attention(q, kc, vc, tables, lo, hi, bs))
                 t_sdpa = _median_us(lambda: F.scaled_dot_product_attention(
                     qg, gathered(kc), gathered(vc)))
                 print(f"{f'{H}/{KVH} heads, D {D}':>18} {str(dt).split('.')[1]:>9} "

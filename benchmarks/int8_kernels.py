@@ -46,8 +46,8 @@ def kernels() -> None:
     from souverain.models.quantize import _HAS_QLINEAR, _vnni_comp, _vnni_pack
 
     vnni = K.has_vnni()
-    print("| model | rows | _int_mm ms (GB/s) | oneDNN packed ms (GB/s) | souverain VNNI ms (GB/s) |"
-          "\n|---|---:|---:|---:|---:|")
+    print("| model | rows | _int_mm ms (GB/s) | oneDNN packed ms (GB/s) "
+          "| souverain VNNI ms (GB/s) |\n|---|---:|---:|---:|---:|")
     for name, (shapes, layers, head) in SHAPES.items():
         mats, ours = [], []
         for n, k in shapes * layers + [head]:

@@ -9,11 +9,12 @@ x 0.5 byte + scales for int4).
 
 The kernels (ATen, CPU):
 
-- int8 (`Int8Linear`): oneDNN's int8 matmul on a weight pre-packed at load
-  (``onednn.qlinear_prepack`` / ``onednn.qlinear_pointwise``; ``aten._int_mm`` where those
-  ops are missing), exact integer products on AVX-512 VNNI here. The activations are quantized
-  per row on the fly into two int8 planes (~15 bits kept; see the class), the weights per
-  output channel.
+- int8 (`Int8Linear`): souverain's own AVX-512 VNNI matmul (`kernels.int8_linear`) where the
+  fused kernels are built on a VNNI CPU, else oneDNN's int8 matmul on a weight pre-packed at
+  load (``onednn.qlinear_prepack`` / ``onednn.qlinear_pointwise``; ``aten._int_mm`` where
+  those ops are missing): exact integer products (the VNNI kernel and oneDNN give the same
+  bits). The activations are quantized per row on the fly into two int8 planes (~15 bits
+  kept; see the class), the weights per output channel.
 - int4 (`Int4Linear`): ``aten._weight_int4pack_mm_for_cpu(x, packed, group,
   scales_and_zeros [K/group, N, 2])`` with ``packed =
   aten._convert_weight_to_int4pack_for_cpu(q_int32 [N, K] in 0..15, 1)`` (a CPU-specific
@@ -315,7 +316,8 @@ class Int8Linear(nn.Module):
         if _vnni_layout():  # quantized and packed a chunk of rows at a time, in place
             packed = torch.empty((-(-n // 16), -(-k // 4), 64), dtype=torch.int8)
             for r, w in _row_chunks(weight, 16):
-                packed[r // 16:-(-(r + w.shape[0]) // 16)] = _vnni_pack(_quantize_rows(w, scales, r))
+                blocks = slice(r // 16, -(-(r + w.shape[0]) // 16))
+                packed[blocks] = _vnni_pack(_quantize_rows(w, scales, r))
             return cls(packed, scales, k)
         rows = _block_rows(n, k)
         blocks: list[torch.Tensor] = []
