@@ -599,6 +599,16 @@ __attribute__((noinline)) float abs_max(const float* __restrict x, int64_t n) {
   return m;
 }
 
+// One row's two planes (uint8, zero point 128) into hi and lo; returns the row's scale amax.
+template <typename T>
+inline float quantize_planes(const T* x, int64_t K, float* row, uint8_t* hi, uint8_t* lo) {
+  load_row(x, row, K);
+  const float a = std::max(abs_max(row, K), 1e-30f);
+  // (1 / a) * 127, not 127 / a: torch evaluates `127.0 / amax` as reciprocal(amax) * 127
+  quantize_row(row, K, (1.0f / a) * 127.0f, hi, lo);
+  return a;
+}
+
 std::tuple<at::Tensor, at::Tensor> int8_planes(const at::Tensor& input) {
   const at::Tensor x = as_rows(input, "int8_planes");
   const int64_t m = x.size(0), K = x.size(1);
@@ -611,13 +621,8 @@ std::tuple<at::Tensor, at::Tensor> int8_planes(const at::Tensor& input) {
     const int64_t xs = x.stride(0);
     at::parallel_for(0, m, 16, [&](int64_t begin, int64_t end) {
       std::vector<float> row(K);
-      for (int64_t r = begin; r < end; ++r) {
-        load_row(xp + r * xs, row.data(), K);
-        const float a = std::max(abs_max(row.data(), K), 1e-30f);
-        ap[r] = a;
-        // (1 / a) * 127, not 127 / a: torch evaluates `127.0 / amax` as reciprocal(amax) * 127
-        quantize_row(row.data(), K, (1.0f / a) * 127.0f, pp + r * K, pp + (m + r) * K);
-      }
+      for (int64_t r = begin; r < end; ++r)
+        ap[r] = quantize_planes(xp + r * xs, K, row.data(), pp + r * K, pp + (m + r) * K);
     });
   });
   return {planes, amax};
@@ -736,7 +741,7 @@ at::Tensor silu_mul(const at::Tensor& input) {
 // y = (a + b * (1 / 254)) * amax: oneDNN's float32 epilogue and int8_epilogue_'s sum, in the
 // same order, so the result is bitwise that of the oneDNN path. Integer sums are exact, every
 // row is computed alone: batch invariant.
-#if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define SOUVERAIN_VNNI 1
 #define UNROLL _Pragma("GCC unroll 16")
 
@@ -875,11 +880,8 @@ at::Tensor int8_linear(const at::Tensor& input, const at::Tensor& packed, const 
     at::parallel_for(0, m, std::max<int64_t>(1, 4096 / std::max<int64_t>(K, 1)), [&](int64_t begin, int64_t end) {
       std::vector<float> row(K);
       for (int64_t r = begin; r < end; ++r) {
-        load_row(xp + r * xs, row.data(), K);
-        const float a = std::max(abs_max(row.data(), K), 1e-30f);
-        ap[r] = a;
         uint8_t* hi = pp + 2 * r * lda;
-        quantize_row(row.data(), K, (1.0f / a) * 127.0f, hi, hi + lda);
+        ap[r] = quantize_planes(xp + r * xs, K, row.data(), hi, hi + lda);
         std::fill(hi + K, hi + lda, uint8_t(128));
         std::fill(hi + lda + K, hi + 2 * lda, uint8_t(128));
       }

@@ -217,9 +217,10 @@ class Int8Linear(nn.Module):
     for its own kernel (`kernels.int8_linear`: the planes, the integer products and the
     epilogue in one call, 8 plane rows x 48 output channels of int32 accumulators per tile),
     whose results are bitwise those of the oneDNN path (tested) and which is faster at every
-    batch on cold weights, where oneDNN pays ~30 us a call and streams them poorly: SmolLM2's
-    30 layers of linears at 2 rows 8.0 -> 3.8 ms, at 32 rows 13.0 -> 8.5 ms, and 683-728 vs
-    591-684 G MAC/s at 512 rows (BENCHMARKS.md, session 7).
+    batch on cold weights, where oneDNN pays ~30 us a call and streams them poorly: all of
+    SmolLM2's linears and its head at 2 plane rows (batch 1) 8.6 -> 4.9 ms, at 32 (batch 16)
+    15.6 -> 11.6 ms, at 1024 (a 512-token prefill) 277 -> 255 ms, planes and epilogue included
+    (`benchmarks/int8_kernels.py`; BENCHMARKS.md, session 7).
 
     The integer product is exact (int32 accumulation: |sum| <= 128 * 127 * K, no overflow for
     K < 132k) and every other op is row-wise, so a row's result is bitwise the same at any
@@ -357,7 +358,7 @@ class Int8Linear(nn.Module):
                 torch.add(acc[:m], acc[m:], alpha=1.0 / 254.0, out=y[:, a:b])
             y = y.mul_(amax)
         else:
-            q = planes.to(torch.int8)  # (the VNNI layout under autograd: its plain weight)
+            q = planes.to(torch.int8)  # (a VNNI-packed weight, kernels off: unpacked)
             parts = [_int_mm(q, p.t()) for p in (self._packed or [self.qweight])]
             acc = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)).to(torch.float32)
             y = torch.add(acc[:m], acc[m:], alpha=1.0 / 254.0).mul_(amax * self._scales_127)
