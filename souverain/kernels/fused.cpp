@@ -762,11 +762,14 @@ inline void store16(at::Half* dst, __m512 v, __mmask16 mask) {
 template <int MR, int NR, typename T>
 inline void vnni_tile(const uint8_t* a, int64_t lda, const int8_t* b, int64_t K4,
                       const int32_t* comp, const float* s127, const float* amax, T* y,
-                      int64_t ldy, int64_t cols) {
+                      int64_t ldy, int64_t cols, const int8_t* prefetch) {
   __m512i acc[MR][NR];
   UNROLL for (int m = 0; m < MR; ++m) UNROLL for (int n = 0; n < NR; ++n)
     acc[m][n] = _mm512_setzero_si512();
   for (int64_t k = 0; k < K4; ++k) {
+    if (prefetch != nullptr)  // the next panel's weights, streamed in step with this one's
+      UNROLL for (int n = 0; n < 3; ++n)
+        _mm_prefetch(reinterpret_cast<const char*>(prefetch + (n * K4 + k) * 64), _MM_HINT_T0);
     __m512i bv[NR];
     UNROLL for (int n = 0; n < NR; ++n) bv[n] = _mm512_loadu_si512(b + (n * K4 + k) * 64);
     UNROLL for (int m = 0; m < MR; ++m) {
@@ -795,16 +798,21 @@ inline void vnni_tile(const uint8_t* a, int64_t lda, const int8_t* b, int64_t K4
 template <int NR, typename T>
 void vnni_panel(const uint8_t* a, int64_t rows, int64_t lda, const int8_t* b, int64_t K4,
                 const int32_t* comp, const float* s127, const float* amax, T* y, int64_t ldy,
-                int64_t cols) {
+                int64_t cols, const int8_t* next) {
+  // the first tile prefetches the next panel (nullptr: none), the others find this one cached
   int64_t r = 0;
-  for (; r + 8 <= rows; r += 8)
-    vnni_tile<8, NR>(a + r * lda, lda, b, K4, comp, s127, amax + r / 2, y + (r / 2) * ldy, ldy, cols);
+  for (; r + 8 <= rows; r += 8, next = nullptr)
+    vnni_tile<8, NR>(a + r * lda, lda, b, K4, comp, s127, amax + r / 2, y + (r / 2) * ldy, ldy,
+                     cols, next);
   if (r + 4 <= rows) {
-    vnni_tile<4, NR>(a + r * lda, lda, b, K4, comp, s127, amax + r / 2, y + (r / 2) * ldy, ldy, cols);
+    vnni_tile<4, NR>(a + r * lda, lda, b, K4, comp, s127, amax + r / 2, y + (r / 2) * ldy, ldy,
+                     cols, next);
     r += 4;
+    next = nullptr;
   }
   if (r < rows)
-    vnni_tile<2, NR>(a + r * lda, lda, b, K4, comp, s127, amax + r / 2, y + (r / 2) * ldy, ldy, cols);
+    vnni_tile<2, NR>(a + r * lda, lda, b, K4, comp, s127, amax + r / 2, y + (r / 2) * ldy, ldy,
+                     cols, next);
 }
 
 // y (m, n_out) from the interleaved planes (2m, lda): panels of 3 blocks split over threads
@@ -823,10 +831,12 @@ void vnni_gemm(const uint8_t* pp, int64_t m, int64_t lda, const at::Tensor& pack
       const int64_t cols = std::min<int64_t>(48, n_out - 48 * p);
       const int8_t* b = bp + 3 * p * K4 * 64;
       const int64_t c0 = 48 * p;
+      // a whole next panel of this thread's (the last one, ragged or not its own: no prefetch)
+      const int8_t* next = p + 1 < end && N16 - 3 * (p + 1) >= 3 ? b + 3 * K4 * 64 : nullptr;
       switch (blocks) {
-        case 3: vnni_panel<3>(pp, 2 * m, lda, b, K4, cp + c0, sp + c0, ap, yp + c0, n_out, cols); break;
-        case 2: vnni_panel<2>(pp, 2 * m, lda, b, K4, cp + c0, sp + c0, ap, yp + c0, n_out, cols); break;
-        default: vnni_panel<1>(pp, 2 * m, lda, b, K4, cp + c0, sp + c0, ap, yp + c0, n_out, cols);
+        case 3: vnni_panel<3>(pp, 2 * m, lda, b, K4, cp + c0, sp + c0, ap, yp + c0, n_out, cols, next); break;
+        case 2: vnni_panel<2>(pp, 2 * m, lda, b, K4, cp + c0, sp + c0, ap, yp + c0, n_out, cols, next); break;
+        default: vnni_panel<1>(pp, 2 * m, lda, b, K4, cp + c0, sp + c0, ap, yp + c0, n_out, cols, next);
       }
     }
   });
