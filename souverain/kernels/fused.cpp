@@ -414,12 +414,12 @@ inline void weighted_values(const scalar_t* vp, const int64_t* table, int64_t lo
 // One (sequence, kv head) item with head_dim = 16 * C, in registers. Scores: each key row is
 // loaded once for the G query heads, and 16 keys' products are summed at once
 // (sum_lanes16). Values: one pass for up to kMaxAcc / C heads at a time.
-//   scores (G, n) scratch; out (G, D) float32, normalized
+//   scores (G, n) and inv (G) scratch; out (G, D) float32, normalized
 template <typename scalar_t, int C>
 void attend_item_avx512(const float* qf, int64_t G, const scalar_t* kp, const scalar_t* vp,
                         const int64_t* table, int64_t lo, int64_t hi, int64_t bs,
                         int64_t row_stride, float scale, float* scores, float* out,
-                        __m512* partial) {
+                        __m512* partial, float* inv) {
   constexpr int64_t D = 16 * C;
   const int64_t n = hi - lo;
   const __m512 vscale = _mm512_set1_ps(scale);
@@ -443,7 +443,6 @@ void attend_item_avx512(const float* qf, int64_t G, const scalar_t* kp, const sc
       default: key_products<scalar_t, C, 5>(qf + g0 * D, kp, table, lo, hi, bs, row_stride, partial, [&](int64_t j0, int64_t cnt) { flush(g0, 5, j0, cnt); });
     }
   }
-  std::vector<float> inv(G);
   for (int64_t g = 0; g < G; ++g) inv[g] = softmax_unnormalized(scores + g * n, n);
   constexpr int kTile = 24 / C;  // heads per value pass: 24 accumulators of the 32 registers
   for (int64_t g0 = 0; g0 < G; g0 += kTile) {
@@ -506,7 +505,7 @@ void paged_attention_items(const at::Tensor& q, const at::Tensor& k_cache,
     if constexpr (!std::is_same_v<scalar_t, double>) if (D == 64 || D == 128) {
       auto item_fn = D == 64 ? attend_item_avx512<scalar_t, 4> : attend_item_avx512<scalar_t, 8>;
       item_fn(qf.data(), G, kp + kvh * D, vp + kvh * D, table, lo[b], hi[b], bs, KVH * D, scale,
-              scores.data(), acc.data(), partial.data());
+              scores.data(), acc.data(), partial.data(), inv.data());
       for (int64_t g = 0; g < G; ++g) store_row(&acc[g * D], op + (b * H + kvh * G + g) * D, D);
       continue;
     }

@@ -235,23 +235,39 @@ class Int8Linear(nn.Module):
         kernel's layout ((N/16, K/4, 64), with ``in_features`` = K)."""
         super().__init__()
         self._vnni: torch.Tensor | None = None  # the VNNI kernel's packed weight, if used
+        self._packed: list[torch.Tensor] = []  # oneDNN's packed row blocks (or plain ones)
+        self._bounds: list[tuple[int, int]] = []
         if isinstance(qweight, torch.Tensor) and qweight.dim() == 3:
             assert in_features is not None and qweight.dtype == torch.int8
-            self._init_vnni(qweight, scales, in_features)
-            return
-        if _vnni_layout() and not (isinstance(qweight, (list, tuple))
-                                   and any(b.is_mkldnn for b in qweight)):
+            self._vnni, self.in_features = qweight, in_features
+        elif _vnni_layout() and not (isinstance(qweight, (list, tuple))
+                                     and any(b.is_mkldnn for b in qweight)):
             plain = torch.cat(list(qweight)) if isinstance(qweight, (list, tuple)) else qweight
-            self._init_vnni(_vnni_pack(plain), scales, plain.shape[1])
-            return
-        blocks = list(qweight) if isinstance(qweight, (list, tuple)) else _row_blocks(qweight)
-        # weights larger than _PACK_ELEMS are packed in row blocks (one oneDNN call each): the
-        # packing holds a plain and a packed copy of what it packs, and a whole 49k-row head
-        # at once pushed SmolLM2's int4 load peak to 1.31x its weights. Each extra call costs
-        # ~50 us at batch 1 (the 0.86B model's linears: 39.8 ms in one block each, 41.6 with
-        # 16M-weight blocks, 47.4 with 4M ones), so blocks are 16M weights.
-        self._packed: list[torch.Tensor] = []
-        self._bounds: list[tuple[int, int]] = []
+            self._vnni, self.in_features = _vnni_pack(plain), plain.shape[1]
+        else:
+            self._pack_blocks(
+                list(qweight) if isinstance(qweight, (list, tuple)) else _row_blocks(qweight))
+        self.out_features = scales.shape[0]
+        if self._vnni is not None:
+            assert self._vnni.shape == (-(-self.out_features // 16), -(-self.in_features // 4), 64)
+        else:
+            assert self._bounds[-1][1] == self.out_features
+        self.register_buffer("scales", scales.to(torch.float32).contiguous())
+        # the epilogue's factor, kept so a call does not recompute it
+        self.register_buffer("_scales_127", self.scales / 127.0, persistent=False)
+        self._zero_point = torch.zeros(1, dtype=torch.long)
+        if self._vnni is not None:  # the kernel reads 16 channels at a time: padded
+            self._comp = _vnni_comp(self._vnni)
+            self._s127 = F.pad(self._scales_127, (0, 16 * self._vnni.shape[0] - self.out_features))
+        self.weight = _LinearWeight(self, self.out_features, self.in_features, torch.float32)
+
+    def _pack_blocks(self, blocks: list[torch.Tensor]) -> None:
+        """oneDNN's packing, a row block at a time. Weights larger than _PACK_ELEMS are packed
+        in row blocks (one oneDNN call each): the packing holds a plain and a packed copy of
+        what it packs, and a whole 49k-row head at once pushed SmolLM2's int4 load peak to
+        1.31x its weights. Each extra call costs ~50 us at batch 1 (the 0.86B model's linears:
+        39.8 ms in one block each, 41.6 with 16M-weight blocks, 47.4 with 4M ones), so blocks
+        are 16M weights."""
         start, self.in_features = 0, -1
         while blocks:  # pack and drop each plain block in turn
             b = blocks.pop(0)
@@ -266,25 +282,6 @@ class Int8Linear(nn.Module):
             self._packed.append(b)
             self._bounds.append((start, start + n))
             start += n
-        self.out_features = start
-        assert scales.shape == (self.out_features,)
-        self.register_buffer("scales", scales.to(torch.float32).contiguous())
-        # the epilogue's factor, kept so a call does not recompute it
-        self.register_buffer("_scales_127", self.scales / 127.0, persistent=False)
-        self._zero_point = torch.zeros(1, dtype=torch.long)
-        self.weight = _LinearWeight(self, self.out_features, self.in_features, torch.float32)
-
-    def _init_vnni(self, packed: torch.Tensor, scales: torch.Tensor, in_features: int) -> None:
-        self._packed, self._bounds = [], []
-        self._vnni = packed
-        self.in_features = in_features
-        self.out_features = scales.shape[0]
-        assert packed.shape == (-(-self.out_features // 16), -(-in_features // 4), 64)
-        self.register_buffer("scales", scales.to(torch.float32).contiguous())
-        self.register_buffer("_scales_127", self.scales / 127.0, persistent=False)
-        self._comp = _vnni_comp(packed)  # the kernel reads 16 channels at a time: padded
-        self._s127 = F.pad(self._scales_127, (0, 16 * packed.shape[0] - self.out_features))
-        self.weight = _LinearWeight(self, self.out_features, self.in_features, torch.float32)
 
     @property
     def compute_dtype(self) -> torch.dtype:
