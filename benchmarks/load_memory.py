@@ -46,7 +46,7 @@ def write_synthetic(dim: int) -> str:
     import torch
     from safetensors.torch import save_file
 
-    from souverain.models.args import ModelArgs
+    from souverain.weights.args import ModelArgs
     from souverain.weights.checkpoint import expected_shapes
 
     folder = f"/tmp/souverain-synthetic-{dim}"

@@ -53,8 +53,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 LLAMA_CPP_INSTALL = ("llama-cpp-python is not installed: `pip install llama-cpp-python` "
                      "(it compiles llama.cpp, ~10 minutes on 2 cores); "

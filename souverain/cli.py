@@ -11,8 +11,9 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -75,8 +76,8 @@ def user_errors() -> Iterator[None]:
         raise typer.Exit(130) from None
 
 
-def load_llm(model: str, dtype: str, threads: Optional[int], quantization: str = "none",
-             kv_cache_gib: Optional[float] = None) -> Any:
+def load_llm(model: str, dtype: str, threads: int | None, quantization: str = "none",
+             kv_cache_gib: float | None = None) -> Any:
     from souverain.llm import LLM
 
     with Progress(TextColumn("[bold]loading[/] {task.description}"), BarColumn(),
@@ -97,13 +98,13 @@ def load_llm(model: str, dtype: str, threads: Optional[int], quantization: str =
     return llm
 
 
-def sampling(max_tokens: int, temperature: float, top_p: float, seed: Optional[int]) -> Any:
+def sampling(max_tokens: int, temperature: float, top_p: float, seed: int | None) -> Any:
     from souverain.engine.sampling import SamplingParams
 
     return SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
 
 
-def _stats(llm: Any, started: float, first: Optional[float]) -> None:
+def _stats(llm: Any, started: float, first: float | None) -> None:
     o = llm.last_output
     if o is None:
         return
@@ -129,15 +130,15 @@ def _stream(llm: Any, chunks: Iterator[str]) -> None:
 @app.command()
 def chat(
     model: str = ModelArg,
-    system: Optional[str] = typer.Option(None, "--system", "-s", help="A system prompt."),
+    system: str | None = typer.Option(None, "--system", "-s", help="A system prompt."),
     dtype: str = DtypeOpt,
     max_tokens: int = MaxTokensOpt,
     temperature: float = TemperatureOpt,
     top_p: float = TopPOpt,
-    seed: Optional[int] = SeedOpt,
-    threads: Optional[int] = ThreadsOpt,
+    seed: int | None = SeedOpt,
+    threads: int | None = ThreadsOpt,
     quantization: str = QuantOpt,
-    kv_cache_gib: Optional[float] = KvOpt,
+    kv_cache_gib: float | None = KvOpt,
 ) -> None:
     """Chat with a model in the terminal; answers stream as they are generated.
 
@@ -184,10 +185,10 @@ def generate(
     temperature: float = typer.Option(0.0, "--temperature", "-t", min=0.0,
                                       help="0 = greedy (the default here); higher = more varied."),
     top_p: float = TopPOpt,
-    seed: Optional[int] = SeedOpt,
-    threads: Optional[int] = ThreadsOpt,
+    seed: int | None = SeedOpt,
+    threads: int | None = ThreadsOpt,
     quantization: str = QuantOpt,
-    kv_cache_gib: Optional[float] = KvOpt,
+    kv_cache_gib: float | None = KvOpt,
 ) -> None:
     """Continue a prompt once and stream the text to stdout (stats go to stderr).
 
@@ -260,7 +261,7 @@ def inspect(
             out.print("[bold]chat template[/]: built-in Mistral instruct format (mistral-common)")
 
 
-def _audit_log(on: bool, path: Optional[str], content: bool, data_dir: Optional[str]) -> Any:
+def _audit_log(on: bool, path: str | None, content: bool, data_dir: str | None) -> Any:
     from souverain.audit import AuditLog
     from souverain.paths import audit_dir
 
@@ -289,14 +290,14 @@ def _default_name(model: str) -> str:
 @app.command()
 def serve(
     model: str = ModelArg,
-    name: Optional[str] = typer.Option(
+    name: str | None = typer.Option(
         None, "--name", help="Model id clients send (default: the alias, file stem or folder "
                              "name), e.g. mistral-small-latest."),
     more_models: list[str] = typer.Option(
         [], "--model", "-m", help="Serve another model too: NAME=PATH (repeatable)."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
     port: int = typer.Option(8000, "--port", "-p", min=1, max=65535, help="Port."),
-    api_keys_file: Optional[str] = typer.Option(
+    api_keys_file: str | None = typer.Option(
         None, "--api-keys-file", help="Keys file made by `souverain keys add` (hashes only). "
                                       "Without it only clients on this machine are answered."),
     insecure_no_auth: bool = typer.Option(
@@ -304,7 +305,7 @@ def serve(
                                           "only)."),
     lazy: bool = typer.Option(False, "--lazy/--eager",
                               help="Load models on their first request, or all at start-up."),
-    memory_budget_gib: Optional[float] = typer.Option(
+    memory_budget_gib: float | None = typer.Option(
         None, "--memory-budget-gib", min=0.01,
         help="Most memory all loaded models (weights + KV) may hold; idle models are unloaded "
              "to make room for a lazy one."),
@@ -315,7 +316,7 @@ def serve(
     max_upload_mib: float = typer.Option(
         100.0, "--max-upload-mib", min=0.001,
         help="Largest document upload to a library (413 above)."),
-    data_dir: Optional[str] = typer.Option(
+    data_dir: str | None = typer.Option(
         None, "--data-dir", help="Where document libraries (and the audit log) are kept "
                                  "(default: $SOUVERAIN_HOME or ~/.local/share/souverain)."),
     libraries: bool = typer.Option(
@@ -325,7 +326,7 @@ def serve(
         True, "--finetune/--no-finetune",
         help="Serve /v1/files and /v1/fine_tuning/jobs, with a training worker process "
              "started and stopped with the server."),
-    jobs_db: Optional[str] = typer.Option(
+    jobs_db: str | None = typer.Option(
         None, "--jobs-db", help="Fine-tuning jobs database: sqlite:///PATH (default: "
                                 "DATA_DIR/finetune/jobs.sqlite) or "
                                 "postgresql+psycopg://USER:PASS@HOST/DB."),
@@ -343,23 +344,23 @@ def serve(
         True, "--audit/--no-audit",
         help="Append one JSON line per API call (time, key id, route, model, status, tokens, "
              "latency) to DATA_DIR/audit/audit-YYYY-MM-DD.jsonl."),
-    audit_log: Optional[str] = typer.Option(
+    audit_log: str | None = typer.Option(
         None, "--audit-log", help="Write the audit log to this one file instead."),
     audit_content: bool = typer.Option(
         False, "--audit-content",
         help="Also log request bodies and generated text, with e-mails, phones, IBANs, card "
              "numbers and IP addresses redacted."),
-    rate_limit_rpm: Optional[float] = typer.Option(
+    rate_limit_rpm: float | None = typer.Option(
         None, "--rate-limit-rpm", min=0.001, help="Requests per minute per API key (429)."),
-    rate_limit_tpm: Optional[float] = typer.Option(
+    rate_limit_tpm: float | None = typer.Option(
         None, "--rate-limit-tpm", min=1, help="Tokens (prompt + completion) per minute per key."),
     default_temperature: float = typer.Option(
         0.7, "--default-temperature", min=0.0, help="Temperature when a request gives none."),
     dtype: str = DtypeOpt,
     quantization: str = QuantOpt,
-    kv_cache_gib: Optional[float] = KvOpt,
-    threads: Optional[int] = ThreadsOpt,
-    max_model_len: Optional[int] = typer.Option(
+    kv_cache_gib: float | None = KvOpt,
+    threads: int | None = ThreadsOpt,
+    max_model_len: int | None = typer.Option(
         None, "--max-model-len", min=16, help="Context served per sequence (default: the "
                                               "model's, bounded by the KV budget)."),
     max_num_seqs: int = typer.Option(64, "--max-num-seqs", min=1,
@@ -449,7 +450,7 @@ DataDirOpt = typer.Option(None, "--data-dir",
 LibraryArg = typer.Argument(..., help="Library name or id (see `souverain library list`).")
 
 
-def _library_store(data_dir: Optional[str]) -> Any:
+def _library_store(data_dir: str | None) -> Any:
     from souverain.paths import libraries_dir
     from souverain.rag.store import LibraryStore
 
@@ -463,13 +464,13 @@ def ask(
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m",
                               help="Chat model: alias, .gguf file or model folder."),
     k: int = typer.Option(5, "-k", min=1, max=50, help="Most passages given to the model."),
-    data_dir: Optional[str] = DataDirOpt,
+    data_dir: str | None = DataDirOpt,
     as_json: bool = typer.Option(False, "--json", help="Print answer and references as JSON."),
     dtype: str = DtypeOpt,
     max_tokens: int = MaxTokensOpt,
     temperature: float = typer.Option(0.0, "--temperature", "-t", min=0.0,
                                       help="0 = greedy (the default here, for factual answers)."),
-    threads: Optional[int] = ThreadsOpt,
+    threads: int | None = ThreadsOpt,
     quantization: str = QuantOpt,
 ) -> None:
     """Answer a question from a document library, citing the passages used.
@@ -520,7 +521,7 @@ app.add_typer(keys_app, name="keys")
 def keys_add(
     file: str = typer.Argument(..., help="Keys file (created with mode 0600 if missing)."),
     key_name: str = typer.Argument(..., help="Who or what the key is for, e.g. alice."),
-    models: Optional[str] = typer.Option(None, "--models",
+    models: str | None = typer.Option(None, "--models",
                                          help="Comma-separated model ids it may use (all if unset)."),
 ) -> None:
     """Make a new API key: prints it once; the file keeps only its SHA-256 hash.
@@ -583,9 +584,9 @@ def _size(n: int) -> str:
 @library_app.command("create")
 def library_create(
     name: str = typer.Argument(..., help="A name unique on this machine, e.g. policies."),
-    description: Optional[str] = typer.Option(None, "--description", "-d",
+    description: str | None = typer.Option(None, "--description", "-d",
                                               help="What the library holds (shown in lists)."),
-    data_dir: Optional[str] = DataDirOpt,
+    data_dir: str | None = DataDirOpt,
 ) -> None:
     """Create an empty library; then add documents with `souverain library add NAME PATH...`."""
     with user_errors():
@@ -597,7 +598,7 @@ def library_create(
 @library_app.command("list")
 def library_list(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
-    data_dir: Optional[str] = DataDirOpt,
+    data_dir: str | None = DataDirOpt,
 ) -> None:
     """List the libraries: name, id, documents, total size, description."""
     with user_errors():
@@ -631,7 +632,7 @@ def library_add(
         [], "--allowed-root",
         help="Refuse any path (after resolving symlinks) outside these folders (repeatable). "
              "Default: $SOUVERAIN_ALLOWED_ROOTS (':'-separated) if set, else no restriction."),
-    data_dir: Optional[str] = DataDirOpt,
+    data_dir: str | None = DataDirOpt,
 ) -> None:
     """Add files and folders to a library (parsed, cut, embedded and indexed locally).
 
@@ -654,7 +655,7 @@ def library_add(
                       console=err, transient=True) as bar:
             task = bar.add_task("", total=None)
 
-            def progress(done: int, total: int, path: Optional[Path]) -> None:
+            def progress(done: int, total: int, path: Path | None) -> None:
                 bar.update(task, completed=done, total=total,
                            description=path.name if path else "indexing")
 
@@ -681,7 +682,7 @@ def library_search(
     tag: list[str] = typer.Option([], "--tag", "-t",
                                   help="Only documents with one of these tags (repeatable)."),
     as_json: bool = typer.Option(False, "--json", help="Print the hits as JSON."),
-    data_dir: Optional[str] = DataDirOpt,
+    data_dir: str | None = DataDirOpt,
 ) -> None:
     """Find the passages of a library that best match a query.
 
@@ -719,10 +720,10 @@ def library_search(
 @library_app.command("docs")
 def library_docs(
     library: str = LibraryArg,
-    search: Optional[str] = typer.Option(None, "--search", "-s",
+    search: str | None = typer.Option(None, "--search", "-s",
                                          help="Only names containing this."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
-    data_dir: Optional[str] = DataDirOpt,
+    data_dir: str | None = DataDirOpt,
 ) -> None:
     """List a library's documents: id, name, status, pages, passages, size, error."""
     with user_errors():
@@ -751,7 +752,7 @@ def library_remove(
     library: str = LibraryArg,
     document: str = typer.Argument(..., help="Document id or name (see `souverain library "
                                              "docs`)."),
-    data_dir: Optional[str] = DataDirOpt,
+    data_dir: str | None = DataDirOpt,
 ) -> None:
     """Remove one document (its passages and stored copy) from a library."""
     with user_errors():
@@ -765,7 +766,7 @@ def library_remove(
 def library_delete(
     library: str = LibraryArg,
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
-    data_dir: Optional[str] = DataDirOpt,
+    data_dir: str | None = DataDirOpt,
 ) -> None:
     """Delete a library with all its documents and passages (asks first unless --yes)."""
     with user_errors():
@@ -795,7 +796,7 @@ def bench(ctx: typer.Context) -> None:
 @app.command()
 def doctor(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
-    api_keys_file: Optional[str] = typer.Option(
+    api_keys_file: str | None = typer.Option(
         None, "--api-keys-file", help="Also check the keys file `souverain serve` will use."),
 ) -> None:
     """Prove where data goes: every way this installation could reach the network and its
@@ -859,7 +860,7 @@ def finetune_validate(
     estimate: bool = typer.Option(True, "--estimate/--no-estimate",
                                   help="Time a few training steps on this machine to estimate "
                                        "the time of one epoch (loads the model)."),
-    threads: Optional[int] = ThreadsOpt,
+    threads: int | None = ThreadsOpt,
 ) -> None:
     """Check training data: every bad line with its number and the fix (exit 2 if any),
     sample and token counts, and an estimated time per epoch on this machine.

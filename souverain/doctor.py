@@ -135,7 +135,7 @@ def _keys_state(path: str | None) -> str:
 
     try:
         return f"{len(APIKeys.from_file(path))} key(s) in {path}"
-    except Exception as exc:  # noqa: BLE001 - a broken file is a finding, not a crash
+    except Exception as exc:
         return f"cannot read {path}: {exc}"
 
 
@@ -181,7 +181,7 @@ def data_dirs() -> list[dict[str, Any]]:
             "SENTENCE_TRANSFORMERS_HOME"]), "not used (offline)"))
     try:
         rows.append(("bundled embedding model", bundled_model_path(), "reads"))
-    except Exception:  # noqa: BLE001, S110 - a broken install shows in the versions table
+    except Exception:
         pass
     out = []
     for name, path, use in rows:

@@ -8,7 +8,8 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Iterator, Sequence, Union
+from collections.abc import Iterator, Sequence
+from typing import Any, Union
 
 import torch
 

@@ -20,7 +20,7 @@ import souverain.engine.lora as lora_module
 from souverain import LLM, AsyncLLMEngine, EngineConfig, LLMEngine, SamplingParams
 from souverain.errors import CheckpointError, RequestError
 from souverain.weights.adapter import LoRAAdapter, save_adapter
-from souverain.models.args import ModelArgs
+from souverain.weights.args import ModelArgs
 from souverain.models.quantize import Int8Linear
 
 GREEDY = dict(temperature=0, ignore_eos=True)

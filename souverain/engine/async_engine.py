@@ -12,14 +12,15 @@ import asyncio
 import os
 import queue
 import threading
-from typing import AsyncIterator, Sequence as Seq
+from collections.abc import AsyncIterator
+from collections.abc import Sequence as Seq
 
 from souverain.engine.engine import EngineConfig, LLMEngine
 from souverain.engine.sampling import SamplingParams
 from souverain.engine.sequence import RequestOutput
 from souverain.errors import RequestError
-from souverain.weights.adapter import LoRAAdapter
 from souverain.models.loader import ProgressFn
+from souverain.weights.adapter import LoRAAdapter
 
 
 class AsyncLLMEngine:
@@ -36,7 +37,7 @@ class AsyncLLMEngine:
         self._thread.start()
 
     @property
-    def tokenizer(self):  # noqa: ANN201 - the engine's tokenizer, for the server
+    def tokenizer(self):
         return self.engine.tokenizer
 
     async def generate(self, prompt: str | Seq[int], params: SamplingParams | None = None,

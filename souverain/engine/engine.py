@@ -19,9 +19,10 @@ import itertools
 import os
 import threading
 from collections.abc import Iterator
+from collections.abc import Sequence as Seq
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Sequence as Seq
+from typing import Any
 
 import torch
 
@@ -32,14 +33,17 @@ from souverain.engine.paged_attention import PagedAttention, PagedKVCache, SeqSl
 from souverain.engine.sampling import SamplingParams, SamplingRow, sample_batch
 from souverain.engine.scheduler import Scheduler
 from souverain.engine.sequence import (
-    RequestMetrics, RequestOutput, Sequence, now,
+    RequestMetrics,
+    RequestOutput,
+    Sequence,
+    now,
 )
 from souverain.errors import RequestError, TokenizerError
-from souverain.weights.adapter import LoRAAdapter, load_adapter
 from souverain.models.loader import ProgressFn, load_model, parse_dtype
 from souverain.runtime import available_memory, configure_threads, default_dtype
 from souverain.tokenizer import IncrementalDetokenizer, Tokenizer
 from souverain.weights import load
+from souverain.weights.adapter import LoRAAdapter, load_adapter
 
 GiB = 1 << 30
 
@@ -256,7 +260,7 @@ class LLMEngine:
     def prepare_request(self, request_id: str | None, prompt: str | Seq[int],
                         params: SamplingParams | None = None,
                         arrival_time: float | None = None, *,
-                        lora: str | None = None) -> "_Request":
+                        lora: str | None = None) -> _Request:
         """Encode and validate a request without touching the scheduler (safe to call from
         another thread; `AsyncLLMEngine` does so, so bad input fails in the caller at once).
         ``lora``: the name of a loaded adapter to generate with (None: the base model)."""
@@ -281,7 +285,7 @@ class LLMEngine:
                                  stop_ids, limit, arrival, lora=lora_ref))
         return _Request(request_id, ids, seqs, RequestMetrics(arrival), lora=lora_ref)
 
-    def submit(self, req: "_Request") -> None:
+    def submit(self, req: _Request) -> None:
         """Queue a prepared request; it joins the running batch at the next step."""
         if req.request_id in self.requests:
             raise RequestError(f"request id {req.request_id!r} is already in use.")

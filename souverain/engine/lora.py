@@ -35,7 +35,7 @@ from torch import nn
 
 from souverain.errors import CheckpointError, RequestError
 from souverain.weights.adapter import LoRAAdapter
-from souverain.models.args import ModelArgs
+from souverain.weights.args import ModelArgs
 
 # Block-diagonal B up to this many elements (SmolLM2 wqkv r=16: 46k; 7B wqkv: 295k).
 _BLOCK_DIAG_MAX = 1 << 17

@@ -39,8 +39,8 @@ import dataclasses
 import math
 import numbers
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import torch
 
@@ -486,7 +486,7 @@ def _truncate(x: torch.Tensor, bm: torch.Tensor | None, thr: list[float], trunc:
     (``tokens`` filled); the others are returned for the whole-vocabulary draw. ``K`` depends
     on the row alone (tiers 64, 1024, 8192, all), so the result does too."""
     V = x.shape[1]
-    tier = {j: 0 for j in trunc}
+    tier = dict.fromkeys(trunc, 0)
     mass: dict[int, float] = {}  # top-p normalizer of each row (the top-k-kept mass)
     to_full: list[int] = []
     pending = list(trunc)

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from souverain.weights.adapter import LoRAAdapter
 from souverain.models.transformer import Transformer
+from souverain.weights.adapter import LoRAAdapter
 
 
 class LoRALinear(nn.Module):

@@ -25,9 +25,9 @@ from safetensors.torch import save_file
 
 from souverain.errors import FinetuneError
 from souverain.weights.adapter import load_adapter
-from souverain.weights.huggingface import TO_HF_LAYER, interleaved_to_hf
-from souverain.models.args import ModelArgs
+from souverain.weights.args import ModelArgs
 from souverain.weights.checkpoint import Checkpoint
+from souverain.weights.huggingface import TO_HF_LAYER, interleaved_to_hf
 
 _FLOAT = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 _TOKENIZER_FILES = (

@@ -39,13 +39,13 @@ import torch
 import torch.nn.functional as F
 
 from souverain.errors import FinetuneError
-from souverain.weights.adapter import load_adapter, save_adapter
 from souverain.finetune.config import TrainConfig
 from souverain.finetune.data import Sample, batch_tensors, load_dataset, pack
 from souverain.finetune.dpo import pair_losses
 from souverain.finetune.lora import inject_lora, load_into, lora_layers, to_adapter
 from souverain.models.attention import PrefillAttention
 from souverain.models.transformer import Transformer
+from souverain.weights.adapter import load_adapter, save_adapter
 
 EventFn = Callable[[dict[str, Any]], None]
 STATE_FILE = "trainer_state.pt"

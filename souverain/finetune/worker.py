@@ -82,7 +82,7 @@ class _Hold:
         self._thread = threading.Thread(target=self._beat, name="souverain-ft-heartbeat",
                                         daemon=True)
 
-    def __enter__(self) -> _Hold:  # noqa: PYI034
+    def __enter__(self) -> _Hold:
         self._thread.start()
         return self
 
@@ -218,7 +218,7 @@ class Worker:
         hp = job.hyperparameters
         try:
             tokenizer = self._load_tokenizer(job.model_path)
-        except Exception as exc:  # noqa: BLE001 - the reason goes to the job
+        except Exception as exc:
             self._finish(job, FAILED, error=f"Cannot load the tokenizer of base model "
                                             f"{job.model} ({job.model_path}): {exc}")
             return False
@@ -240,7 +240,7 @@ class Worker:
             try:
                 kw = {"seq_len": hp["seq_len"]} if hp.get("seq_len") else {}
                 report = validator(rec.path, tokenizer, method=self._method(job), **kw)
-            except Exception as exc:  # noqa: BLE001 - FinetuneError, or a file we cannot read
+            except Exception as exc:
                 problems.append(f"{rec.filename} ({role} file {file_id}): {exc}")
                 continue
             for e in report.errors:
@@ -280,7 +280,7 @@ class Worker:
             return
         try:
             cfg = self._train_config(job, run_dir)
-        except Exception as exc:  # noqa: BLE001 - a config the trainer refuses
+        except Exception as exc:
             self._finish(job, FAILED, error=f"Invalid training settings: {exc}")
             return
         trainer = self._trainer or _default_trainer()
@@ -476,7 +476,7 @@ def _safe_url(url: str) -> str:
         import sqlalchemy as sa
 
         return sa.engine.make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 - any failure: show the URL as given
+    except Exception:
         return url.split("@")[-1]
 
 

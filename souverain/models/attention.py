@@ -13,8 +13,9 @@ sliding window ``W``, and ``0 <= j <= p`` otherwise.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -103,7 +104,7 @@ class ContiguousKVCache:
         self.max_len = max_len
 
     def batch(self, slots: Sequence[int], starts: Sequence[int],
-              q_lens: Sequence[int]) -> "CachedAttention":
+              q_lens: Sequence[int]) -> CachedAttention:
         """Attention for a flat batch: sequence ``i`` lives in ``slots[i]`` and brings
         ``q_lens[i]`` new tokens at positions ``starts[i] ..``."""
         for s, n in zip(starts, q_lens):

@@ -23,10 +23,10 @@ from torch import nn
 
 from souverain.errors import CheckpointError
 from souverain.models.quantize import (
-    fuse_block_,
     DEFAULT_GROUP_SIZE,
     GGUFRows,
     Int4Linear,
+    fuse_block_,
     gguf_int4_types,
     int4_from_gguf,
     parse_quantization,

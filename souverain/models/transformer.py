@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from souverain import kernels
-from souverain.models.args import ModelArgs
 from souverain.models.attention import AttentionBackend, PrefillAttention
+from souverain.weights.args import ModelArgs
 
 
 class RMSNorm(nn.Module):

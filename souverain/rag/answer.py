@@ -17,8 +17,9 @@ One flow serves `souverain ask` and a chat completion that carries a
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 # Cosine similarity (all-MiniLM-L6-v2, normalised vectors) under which a passage is taken as
 # unrelated to the question. Measured on tests/data/rag: answering passages score 0.35 and up,
@@ -74,7 +75,7 @@ class Grounding:
         body = "\n\n".join(f"[{p.n}] ({p.where()})\n{p.hit.text.strip()}" for p in self.passages)
         return f"{head}\n\n{body}"
 
-    def fit(self, budget_tokens: int, count_tokens: Callable[[str], int]) -> "Grounding":
+    def fit(self, budget_tokens: int, count_tokens: Callable[[str], int]) -> Grounding:
         """Keep the best passages whose system prompt fits `budget_tokens` (the first one is
         always kept: a prompt still too long is then refused by the context check)."""
         for n in range(2, len(self.passages) + 1):

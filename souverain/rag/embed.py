@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -76,7 +76,7 @@ class Embedder:
         try:
             self.model = SentenceTransformer(str(self.path), device=device,
                                              local_files_only=True)
-        except Exception as exc:  # noqa: BLE001 - a broken folder is the user's to fix
+        except Exception as exc:
             raise EmbeddingError(f"Cannot load the embedding model at {self.path}: {exc}; "
                                  "point at a complete sentence-transformers folder.") from exc
         self.model.eval()

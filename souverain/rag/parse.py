@@ -288,7 +288,7 @@ def _parse_pdf(data: bytes, name: str) -> ParsedDocument:
         if reader.is_encrypted:
             try:
                 ok = reader.decrypt("")  # many "protected" PDFs open with an empty password
-            except Exception:  # noqa: BLE001 - unsupported cipher = cannot open
+            except Exception:
                 ok = 0
             if not ok:
                 raise RAGError(
@@ -346,14 +346,14 @@ def _pdf_outline(reader: object) -> dict[int, str]:
             last = parents + [title]
             try:
                 page = reader.get_destination_page_number(item)  # type: ignore[attr-defined]
-            except Exception:  # noqa: BLE001, S112 - a broken bookmark is only a lost heading
+            except Exception:
                 continue
             if page is not None and page >= 0:
                 found[page] = " > ".join(last)
 
     try:
         walk(list(reader.outline), [])  # type: ignore[attr-defined]
-    except Exception:  # noqa: BLE001 - no usable outline: pages without headings
+    except Exception:
         return {}
     return found
 
@@ -413,7 +413,7 @@ def _parse_docx(data: bytes, name: str) -> ParsedDocument:
 def _docx_heading_level(para: object) -> int | None:
     try:
         style = para.style.name or ""  # type: ignore[attr-defined]
-    except Exception:  # noqa: BLE001 - a broken style reference is a plain paragraph
+    except Exception:
         return None
     if style == "Title":
         return 0  # above Heading 1: "Title > Chapter"

@@ -19,9 +19,10 @@ import logging
 import math
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -352,7 +353,7 @@ def create_app(registry: ModelRegistry, config: ServerConfig | None = None) -> F
             try:
                 ckpt = m.checkpoint()
                 tok, ctx = ckpt.tokenizer, ctx or ckpt.args.max_seq_len or 32768
-            except Exception:  # noqa: BLE001 - a card must still list the model
+            except Exception:
                 pass
         fim = chatmod.fim_capable(tok)
         return ModelCard(

@@ -69,7 +69,7 @@ def fim_capable(tok: Any) -> bool:
         return False
     try:
         tok.encode_fim("a", "b")
-    except Exception:  # noqa: BLE001 - any refusal means no FIM
+    except Exception:
         return False
     return True
 
@@ -423,5 +423,5 @@ def _byte_table(tok: Any) -> list[bytes] | None:
         from souverain.grammar.vocab import _table_cached
 
         return _table_cached(tok)[0]
-    except Exception:  # noqa: BLE001 - logprobs still work with decoded pieces
+    except Exception:
         return None

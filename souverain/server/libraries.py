@@ -18,10 +18,11 @@ import asyncio
 import logging
 import math
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 from fastapi import Depends, FastAPI, File, Query, Request, UploadFile
 from fastapi.responses import Response
@@ -145,7 +146,7 @@ class LibraryService:
                 store.process_document(library_id, document_id, parsed)
             except RAGError as exc:  # recorded on the document by the store
                 log.info("document %s not processed: %s", document_id, exc)
-            except Exception:  # noqa: BLE001 - a worker must survive any one document
+            except Exception:
                 log.exception("processing document %s failed", document_id)
 
         self._pool.submit(work)

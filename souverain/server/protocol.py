@@ -66,7 +66,7 @@ Content = Union[str, list[ContentChunk], None]
 
 class FunctionCall(_Request):
     name: str
-    arguments: Union[str, dict[str, Any]] = Field(
+    arguments: str | dict[str, Any] = Field(
         description="A JSON string (or object) with the call's arguments.")
 
 
@@ -168,13 +168,13 @@ class ChatCompletionRequest(_Request):
     min_tokens: int | None = Field(default=None, ge=0)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: Union[str, list[str], None] = None
+    stop: str | list[str] | None = None
     random_seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED,
                              description="OpenAI name of random_seed.")
     response_format: ResponseFormat | None = None
-    tools: list[Union[Tool, DocumentLibraryTool]] | None = None
-    tool_choice: Union[Literal["auto", "none", "any", "required"], ToolChoice, None] = None
+    tools: list[Tool | DocumentLibraryTool] | None = None
+    tool_choice: Literal["auto", "none", "any", "required"] | ToolChoice | None = None
     parallel_tool_calls: bool | None = None
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
@@ -210,7 +210,7 @@ class FIMCompletionRequest(_Request):
     max_tokens: int | None = Field(default=None, ge=1)
     min_tokens: int | None = Field(default=None, ge=0)
     stream: bool = False
-    stop: Union[str, list[str], None] = None
+    stop: str | list[str] | None = None
     random_seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     metadata: dict[str, Any] | None = None
     prompt_cache_key: str | None = None

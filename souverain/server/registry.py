@@ -18,8 +18,9 @@ import gc
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from souverain.engine import AsyncLLMEngine
 from souverain.engine.engine import EngineConfig

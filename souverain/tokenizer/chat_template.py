@@ -31,7 +31,7 @@ class _GenerationTag(jinja2.ext.Extension):
     """``{% generation %}...{% endgeneration %}``: renders its body unchanged (transformers uses it
     to build assistant masks; without the tag such templates would not even parse)."""
 
-    tags = {"generation"}  # noqa: RUF012 (the type jinja2.ext.Extension declares)
+    tags = {"generation"}
 
     def parse(self, parser: Any) -> jinja2.nodes.Node:
         lineno = next(parser.stream).lineno

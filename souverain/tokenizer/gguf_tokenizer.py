@@ -59,65 +59,14 @@ _GPT4O = (
 # ignore_merges: a word that is itself in the vocabulary is one token (tiktoken-style), which
 # llama.cpp turns on for the Llama 3 and tekken families, as their tokenizer.json files do.
 _PRE: dict[str, tuple[tuple[str, ...], bool, bool]] = {
-    **{
-        name: ((_GPT2,), False, False)
-        for name in (
-            "default",
-            "gpt-2",
-            "gpt2",
-            "mpt",
-            "olmo",
-            "jais",
-            "phi-2",
-            "trillion",
-            "granite-docling",
-            "jina-v1-en",
-            "jina-v2-es",
-            "jina-v2-de",
-            "jina-es",
-            "jina-de",
-            "roberta-bpe",
-        )
-    },
+    **dict.fromkeys(("default", "gpt-2", "gpt2", "mpt", "olmo", "jais", "phi-2", "trillion", "granite-docling", "jina-v1-en", "jina-v2-es", "jina-v2-de", "jina-es", "jina-de", "roberta-bpe"), ((_GPT2,), False, False)),
     # digits one by one, then GPT-2 words
-    **{
-        name: ((r"\p{N}", _GPT2), False, False)
-        for name in (
-            "smollm",
-            "starcoder",
-            "refact",
-            "command-r",
-            "codeshell",
-            "exaone",
-            "minerva-7b",
-        )
-    },
-    **{
-        name: ((_LLAMA3,), True, True)
-        for name in (
-            "llama3",
-            "llama-v3",
-            "llama-bpe",
-            "falcon3",
-            "falcon-h1",
-            "pixtral",
-            "midm-2.0",
-            "lfm2",
-        )
-    },
-    **{name: ((_LLAMA3,), False, False) for name in ("dbrx", "smaug-bpe", "chatglm-bpe")},
+    **dict.fromkeys(("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"), ((r"\p{N}", _GPT2), False, False)),
+    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2"), ((_LLAMA3,), True, True)),
+    **dict.fromkeys(("dbrx", "smaug-bpe", "chatglm-bpe"), ((_LLAMA3,), False, False)),
     "tekken": ((_TEKKEN,), True, True),
-    **{
-        name: ((_QWEN2,), False, False)
-        for name in (
-            "qwen2",
-            "stablelm2",
-            "deepseek-r1-qwen",
-            "megrez",
-            "hunyuan",
-        )
-    },
-    **{name: ((_GPT4O,), False, False) for name in ("gpt-4o", "llama4", "minimax-m2")},
+    **dict.fromkeys(("qwen2", "stablelm2", "deepseek-r1-qwen", "megrez", "hunyuan"), ((_QWEN2,), False, False)),
+    **dict.fromkeys(("gpt-4o", "llama4", "minimax-m2"), ((_GPT4O,), False, False)),
 }
 
 

@@ -6,14 +6,15 @@ import ctypes
 import ctypes.util
 import mmap
 import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING
 
 import torch
 
 from souverain.errors import CheckpointError
-from souverain.models.args import ModelArgs
+from souverain.weights.args import ModelArgs
 
 if TYPE_CHECKING:
     import numpy as np
@@ -51,7 +52,7 @@ class Checkpoint:
     format: str  # "consolidated" | "huggingface" | "gguf"
     args: ModelArgs
     tensors: dict[str, TensorInfo]
-    tokenizer: "Tokenizer | None" = None
+    tokenizer: Tokenizer | None = None
     metadata: dict[str, object] = field(default_factory=dict)  # format-specific facts for inspect
     closers: list[Callable[[], None]] = field(default_factory=list, repr=False)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from souverain.errors import CheckpointError
-from souverain.models.args import ModelArgs
+from souverain.weights.args import ModelArgs
 from souverain.weights.checkpoint import Checkpoint, TensorInfo, convert_mapped, validate
 from souverain.weights.safetensors_files import SafetensorsFiles
 

@@ -18,8 +18,14 @@ from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
 
 from souverain.errors import CheckpointError
-from souverain.models.args import ModelArgs, MoeArgs
-from souverain.weights.checkpoint import Checkpoint, TensorInfo, convert_mapped, drop_pages, validate
+from souverain.weights.args import ModelArgs, MoeArgs
+from souverain.weights.checkpoint import (
+    Checkpoint,
+    TensorInfo,
+    convert_mapped,
+    drop_pages,
+    validate,
+)
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from souverain.errors import CheckpointError
-from souverain.models.args import ModelArgs, MoeArgs
+from souverain.weights.args import ModelArgs, MoeArgs
 from souverain.weights.checkpoint import Checkpoint, TensorInfo, convert_mapped, validate
 from souverain.weights.safetensors_files import SafetensorsFiles
 

@@ -94,7 +94,7 @@ class ModelArgs:
         return self.vocab_size * self.dim + self.n_layers * per_layer + self.dim + head
 
     @classmethod
-    def from_params_json(cls, params: dict[str, Any], *, source: str = "params.json") -> "ModelArgs":
+    def from_params_json(cls, params: dict[str, Any], *, source: str = "params.json") -> ModelArgs:
         """Build from an official ``params.json`` dictionary.
 
         ``rope_theta`` absent: mistral-inference falls back to 1e6, right for Mixtral 8x7B whose
