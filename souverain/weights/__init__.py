@@ -2,20 +2,39 @@
 
 Every reader returns a `Checkpoint` whose tensors carry mistral-inference names, with q/k in the
 interleaved RoPE layout, read lazily one at a time.
+
+Importing this package is cheap (no torch): `Checkpoint`, `TensorInfo` and `expected_shapes`
+are imported on first access (PEP 562) and the readers inside `load`, so the CLI can name
+`DEFAULT_MODEL` without loading torch.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from souverain.errors import CheckpointError, UnknownModelError
-from souverain.weights.checkpoint import Checkpoint, TensorInfo, expected_shapes
 from souverain.weights.registry import BUNDLED, DEFAULT_MODEL, resolve_alias
+
+if TYPE_CHECKING:
+    from souverain.weights.checkpoint import Checkpoint, TensorInfo, expected_shapes
 
 __all__ = ["Checkpoint", "TensorInfo", "expected_shapes", "load", "resolve", "BUNDLED",
            "DEFAULT_MODEL"]
+
+_FROM_CHECKPOINT = ("Checkpoint", "TensorInfo", "expected_shapes")
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _FROM_CHECKPOINT:
+        raise AttributeError(f"module 'souverain.weights' has no attribute {name!r}")
+    value = getattr(importlib.import_module("souverain.weights.checkpoint"), name)
+    globals()[name] = value
+    return value
+
 
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
