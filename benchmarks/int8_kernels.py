@@ -43,7 +43,7 @@ def _best(fn, repeats: int = 3) -> float:
 
 def kernels() -> None:
     from souverain import kernels as K
-    from souverain.models.quantize import _HAS_QLINEAR, _vnni_comp, _vnni_pack
+    from souverain.models.int8_linear import _HAS_QLINEAR, _vnni_comp, _vnni_pack
 
     vnni = K.has_vnni()
     print("| model | rows | _int_mm ms (GB/s) | oneDNN packed ms (GB/s) "
@@ -91,7 +91,8 @@ def kernels() -> None:
 
 
 def linears() -> None:
-    from souverain.models.quantize import Int4Linear, Int8Linear
+    from souverain.models.int4_linear import Int4Linear
+    from souverain.models.int8_linear import Int8Linear
 
     print("\n| model | rows | fp32 F.linear ms | Int8Linear ms | Int4Linear ms |\n"
           "|---|---:|---:|---:|---:|")

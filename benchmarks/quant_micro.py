@@ -149,7 +149,8 @@ print(json.dumps([{
 
 INVARIANCE = r"""
 import sys, torch, torch.nn.functional as F
-from souverain.models.quantize import Int8Linear, Int4Linear
+from souverain.models.int8_linear import Int8Linear
+from souverain.models.int4_linear import Int4Linear
 from souverain.runtime import configure_threads
 configure_threads(int(sys.argv[1]) or None)
 torch.manual_seed(0)

@@ -144,8 +144,10 @@ def install_socket_guard() -> None:
             return real_getaddrinfo(host, *args, **kwargs)
         raise _refuse("a name lookup of", name)
 
-    cls.connect = connect  # type: ignore[method-assign]
-    cls.connect_ex = connect_ex  # type: ignore[method-assign]
+    # patching methods of a C type; the stubs type their self as _socket.socket, the base
+    # class socket.socket's methods come from, where ours are written for socket.socket
+    cls.connect = connect  # type: ignore[method-assign,assignment]
+    cls.connect_ex = connect_ex  # type: ignore[method-assign,assignment]
     cls.sendto = sendto  # type: ignore[method-assign,assignment]
     socket.getaddrinfo = getaddrinfo
 

@@ -81,7 +81,8 @@ def _ibans(text: str) -> list[tuple[int, int]]:
         if length is None:
             continue
         # take the country's number of characters, allowing single spaces between them
-        chars, i = [], m.start()
+        chars: list[str] = []
+        i = m.start()
         while i < len(text) and len(chars) < length:
             c = text[i]
             if c.isascii() and c.isalnum():

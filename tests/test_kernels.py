@@ -270,7 +270,7 @@ def test_int8_planes_are_the_pytorch_bytes(dtype, seed):
 
 
 def test_int8_linear_same_with_and_without_kernels(monkeypatch):
-    from souverain.models.quantize import Int8Linear, _HAS_QLINEAR
+    from souverain.models.int8_linear import Int8Linear, _HAS_QLINEAR
 
     if not _HAS_QLINEAR:
         pytest.skip("this torch build has no oneDNN quantized linear")
@@ -303,7 +303,7 @@ vnni = pytest.mark.skipif(not kernels.has_vnni(), reason="this CPU has no AVX-51
 
 def _int8_pair(monkeypatch, n: int, k: int, seed: int = 0):
     """The same int8 weight in the VNNI kernel's layout and in oneDNN's."""
-    from souverain.models import quantize as Q
+    from souverain.models import int8_linear as Q
 
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) / k ** 0.5
     w[:, 1] *= 30  # an outlier input channel, as in real models
@@ -323,7 +323,7 @@ def test_vnni_int8_linear_is_bitwise_the_onednn_path(monkeypatch, dtype, shape):
     VNNI kernel reproduces the oneDNN path bit for bit (a reference this machine also runs),
     over tails in N (not a multiple of 16 / 48), in K (not a multiple of 4) and in rows (not
     a multiple of 8 plane rows)."""
-    from souverain.models.quantize import _HAS_QLINEAR
+    from souverain.models.int8_linear import _HAS_QLINEAR
 
     if not _HAS_QLINEAR:
         pytest.skip("this torch build has no oneDNN quantized linear")

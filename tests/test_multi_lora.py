@@ -21,7 +21,7 @@ from souverain import LLM, AsyncLLMEngine, EngineConfig, LLMEngine, SamplingPara
 from souverain.errors import CheckpointError, RequestError
 from souverain.weights.adapter import LoRAAdapter, save_adapter
 from souverain.weights.args import ModelArgs
-from souverain.models.quantize import Int8Linear
+from souverain.models.int8_linear import Int8Linear
 
 GREEDY = dict(temperature=0, ignore_eos=True)
 ALL = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")

@@ -34,6 +34,7 @@ from typing import Any
 
 from souverain.grammar.processor import GrammarError, GrammarProcessor
 from souverain.tokenizer.base import Tokenizer
+from souverain.tokenizer.mistral import MistralCommonTokenizer
 
 JSON_OPTIONS = {
     "whitespace_flexible": False,
@@ -54,7 +55,7 @@ def json_processor(tokenizer: Tokenizer, schema: dict[str, Any] | None, *,
     """Output = one JSON value valid against ``schema`` (None: any JSON object), then EOS."""
     what = "JSON schema" if schema is not None else "JSON object format"
     body = _json_block(schema if schema is not None else {"type": "object"}, "response_format")
-    lead = '" "? ' if _dummy_prefix(tokenizer) else ""
+    lead = '" "? ' if tokenizer.dummy_prefix else ""
     grammar = f"%llguidance {{}}\nstart: {lead}value\nvalue: {body}\n"
     return GrammarProcessor(tokenizer, grammar, vocab_size=vocab_size, what=what)
 
@@ -90,16 +91,6 @@ def _json_block(schema: Any, where: str) -> str:
     options.update(JSON_OPTIONS)
     schema["x-guidance"] = options
     return "%json " + json.dumps(schema, ensure_ascii=False)
-
-
-def _dummy_prefix(tokenizer: Tokenizer) -> bool:
-    """True when the tokenizer writes a space before text that starts a turn (SentencePiece)."""
-    mistral = getattr(tokenizer, "mistral", None)
-    if mistral is not None:
-        from mistral_common.tokens.tokenizers.tekken import Tekkenizer
-
-        return not isinstance(mistral.instruct_tokenizer.tokenizer, Tekkenizer)
-    return bool(getattr(tokenizer, "dummy_prefix", False))
 
 
 # -- tool calls ---------------------------------------------------------------------------------
@@ -180,16 +171,15 @@ def _functions(tools: Any) -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
-def _tool_format(tokenizer: Tokenizer) -> tuple[str, dict[str, int]] | None:
-    """``("list" | "v11", special ids)`` for Mistral tokenizers, ``("hermes", {})`` for the
-    others, None for a Mistral tokenizer without tool calls (v1)."""
+def _tool_format(tokenizer: Tokenizer) -> tuple[str, dict[str, int | None]] | None:
+    """``("list" | "v11", special ids)`` for tokenizers with Mistral's tool-call tokens (any
+    file format), ``("hermes", {})`` for the others, None for a mistral-common tokenizer
+    without tool calls (v1)."""
     ids = {name: tokenizer.control_id(f"[{name}]") for name in ("TOOL_CALLS", "ARGS")}
-    if getattr(tokenizer, "mistral", None) is not None:
-        if ids["TOOL_CALLS"] is None:
-            return None
-        return ("v11" if ids["ARGS"] is not None else "list"), ids  # type: ignore[return-value]
     if ids["TOOL_CALLS"] is not None:
-        return ("v11" if ids["ARGS"] is not None else "list"), ids  # type: ignore[return-value]
+        return ("v11" if ids["ARGS"] is not None else "list"), ids
+    if isinstance(tokenizer, MistralCommonTokenizer):
+        return None
     return "hermes", {}
 
 
@@ -212,7 +202,7 @@ def _name_and_arguments(name: str) -> str:
     return _lit('{"name": ' + json.dumps(name, ensure_ascii=False) + ', "arguments": ')
 
 
-def _mistral_list_grammar(functions, many: bool, auto: bool, ids: dict[str, int]) -> str:
+def _mistral_list_grammar(functions, many: bool, auto: bool, ids: dict[str, int | None]) -> str:
     calls = 'call (", " call)*' if many else "call"
     return "\n".join([
         "%llguidance {}",
@@ -222,7 +212,7 @@ def _mistral_list_grammar(functions, many: bool, auto: bool, ids: dict[str, int]
     ])
 
 
-def _mistral_v11_grammar(functions, many: bool, auto: bool, ids: dict[str, int]) -> str:
+def _mistral_v11_grammar(functions, many: bool, auto: bool, ids: dict[str, int | None]) -> str:
     tc, args = ids["TOOL_CALLS"], ids["ARGS"]
     return "\n".join([
         "%llguidance {}",
@@ -234,7 +224,10 @@ def _mistral_v11_grammar(functions, many: bool, auto: bool, ids: dict[str, int])
 
 def _hermes_grammar(functions, many: bool, auto: bool) -> str:
     tail = ' "}" "\\n"? "</tool_call>"'
-    head = lambda n: _lit("<tool_call>") + ' "\\n"? ' + _name_and_arguments(n)
+
+    def head(name: str) -> str:
+        return _lit("<tool_call>") + ' "\\n"? ' + _name_and_arguments(name)
+
     more = ' ("\\n"? call)*' if many else ""
     if auto:
         # Free text cannot contain "<tool_call>"; the lazy trigger ends at its first

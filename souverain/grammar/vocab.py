@@ -19,12 +19,14 @@ import json
 import re
 import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import llguidance
 
 from souverain.tokenizer.base import Tokenizer
+from souverain.tokenizer.mistral import MistralCommonTokenizer
+from souverain.tokenizer.template import TemplateTokenizer
 
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 # Mistral control tokens that must stay special even where a tokenizer.json forgot to say so.
@@ -116,20 +118,19 @@ class _ExactEncoder:
         return out
 
 
-def _plain_encoder(tokenizer: Tokenizer):
+def _plain_encoder(tokenizer: Tokenizer) -> Callable[[str], list[int]]:
     """Encode text with no BOS and with special-token strings taken as plain text."""
-    backend = getattr(tokenizer, "backend", None)
-    if backend is not None:
+    if isinstance(tokenizer, TemplateTokenizer):
         import tokenizers
 
-        plain = tokenizers.Tokenizer.from_str(backend.to_str())
+        plain = tokenizers.Tokenizer.from_str(tokenizer.backend.to_str())
         plain.encode_special_tokens = True
         return lambda text: plain.encode(text, add_special_tokens=False).ids
     # mistral-common never parses control-token strings in text. The raw tokenizer, not
     # ``tokenizer``: the cached LLTokenizer keeps this function, and must not keep its own
     # cache key alive.
-    raw = _mistral_raw(tokenizer)
-    if raw is not None:
+    if isinstance(tokenizer, MistralCommonTokenizer):
+        raw = _mistral_raw(tokenizer)
         return lambda text: raw.encode(text, bos=False, eos=False)
     ref = weakref.ref(tokenizer)
     return lambda text: ref().encode(text, bos=False, eos=False)  # type: ignore[union-attr]
@@ -140,10 +141,10 @@ def _plain_encoder(tokenizer: Tokenizer):
 
 def token_table(tokenizer: Tokenizer) -> tuple[list[bytes], set[int]]:
     """``(bytes of every id, special ids)``; special tokens' entries are their names."""
-    raw = _mistral_raw(tokenizer)
-    if raw is not None:
+    if isinstance(tokenizer, MistralCommonTokenizer):
+        raw = _mistral_raw(tokenizer)
         table = _tekken_table(raw) if _is_tekken(raw) else _spm_table(raw)
-    elif getattr(tokenizer, "backend", None) is not None:
+    elif isinstance(tokenizer, TemplateTokenizer):
         table = _tokenizers_table(tokenizer.backend)
     else:
         raise TypeError(f"no byte table for {tokenizer!r}: unknown tokenizer kind")
@@ -152,11 +153,9 @@ def token_table(tokenizer: Tokenizer) -> tuple[list[bytes], set[int]]:
     return tokens, special
 
 
-def _mistral_raw(tokenizer: Tokenizer) -> Any:
-    mistral = getattr(tokenizer, "mistral", None)
-    if mistral is None:
-        return None
-    return mistral.instruct_tokenizer.tokenizer
+def _mistral_raw(tokenizer: MistralCommonTokenizer) -> Any:
+    """mistral-common's own tokenizer (SentencePiece or tekken) inside ``tokenizer``."""
+    return tokenizer.mistral.instruct_tokenizer.tokenizer
 
 
 def _is_tekken(raw: Any) -> bool:

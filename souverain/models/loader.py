@@ -22,23 +22,24 @@ import torch
 from torch import nn
 
 from souverain.errors import CheckpointError
-from souverain.models.quantize import (
+from souverain.models.int4_linear import (
     DEFAULT_GROUP_SIZE,
-    GGUFRows,
     Int4Linear,
-    fuse_block_,
     gguf_int4_types,
     int4_from_gguf,
+)
+from souverain.models.quantize import (
+    fuse_block_,
     parse_quantization,
     quantization_plan,
     quantized_linear,
     set_submodule,
 )
-from souverain.models.transformer import Transformer
+from souverain.models.quantized_weight import GGUFRows, drop_blocks
+from souverain.models.transformer import Transformer, TransformerBlock
 from souverain.weights.checkpoint import (
     Checkpoint,
     TensorInfo,
-    drop_pages,
     release_mapped,
     trim_heap,
 )
@@ -140,13 +141,13 @@ def load_model(ckpt: Checkpoint, dtype: str | torch.dtype = "float32",
         if kind is None:
             state[name] = ckpt.read(name, target)
         else:
-            info = ckpt.tensors.get(name)
-            if info is None:
-                ckpt.read(name)  # raises the checkpoint's "missing tensor" error
             set_submodule(model, name[: -len(".weight")],
-                          build_quantized(info, kind, group_size, compute_dtype))
+                          build_quantized(ckpt.tensor_info(name), kind, group_size,
+                                          compute_dtype))
             if fuse and name.endswith((".attention.wv.weight", ".feed_forward.w3.weight")):
-                fuse_block_(model.layers[int(name.split(".")[1])])  # its parts are all built
+                block = model.layers[int(name.split(".")[1])]
+                assert isinstance(block, TransformerBlock)
+                fuse_block_(block)  # its parts are all built
             trim_heap()
         if progress is not None:
             progress(i + 1, total)
@@ -181,7 +182,7 @@ def build_quantized(info: TensorInfo, kind: str, group_size: int = DEFAULT_GROUP
             return quantized_linear(GGUFRows(blocks, qtype, (n, k)), kind, group_size,
                                     compute_dtype)
         finally:
-            drop_pages(blocks.ctypes.data, blocks.nbytes)
+            drop_blocks(blocks)
     weight = info.read(_FLOAT_SOURCES.get(info.source_dtype, torch.float32))
     try:
         return quantized_linear(weight, kind, group_size, compute_dtype)

@@ -168,7 +168,8 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(TransformerBlock(args, i) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.output = (
+        # a module, not a Linear: quantization may swap it (and adds one for a tied head)
+        self.output: nn.Module | None = (
             None if args.tied_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
         )
         self.rotary = Rotary(args.head_dim, args.rope_theta)

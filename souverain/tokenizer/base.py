@@ -1,13 +1,21 @@
-"""`Tokenizer`: the one interface every tokenizer kind (mistral-common, GGUF, Hugging Face) offers."""
+"""`Tokenizer`: the one interface every tokenizer kind (mistral-common, GGUF, Hugging Face) offers.
+
+A `typing.Protocol`: code that takes a tokenizer types it ``Tokenizer`` and uses only what is
+declared here. The two implementations (`MistralCommonTokenizer`, `TemplateTokenizer` for GGUF
+and Hugging Face files) subclass it explicitly, so a missing method is an error when they are
+built, and they inherit its defaults (`control_id`, ``__repr__``). Anything else an
+implementation offers (its ``mistral`` or ``backend`` object) is reached after an
+``isinstance`` check on that class.
+"""
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 
-class Tokenizer(ABC):
+class Tokenizer(Protocol):
     """Text <-> token ids, plus the chat, tool-call and fill-in-the-middle formats of a model.
 
     Messages and tools use the La Plateforme / OpenAI JSON shapes:
@@ -31,6 +39,9 @@ class Tokenizer(ABC):
     """Jinja source when `encode_chat` renders a template, else None."""
     special_ids: frozenset[int]
     """Ids of control tokens (BOS, [INST], <|im_start|>...): never text the user typed."""
+    dummy_prefix: bool
+    """True when encoding writes a space (SentencePiece's ``▁``) before text that starts a
+    sequence or a turn, so that generated text may start with one."""
 
     @abstractmethod
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:

@@ -58,6 +58,7 @@ class MistralCommonTokenizer(Tokenizer):
         self.eos_ids = [raw.eos_id]
         self.chat_template = None
         self.special_ids = frozenset(int(i) for i in raw.special_ids)
+        self.dummy_prefix = not self._tekken  # SentencePiece adds it, tekken does not
 
     # -- plain text ---------------------------------------------------------------------------
 

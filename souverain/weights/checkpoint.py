@@ -56,12 +56,17 @@ class Checkpoint:
     metadata: dict[str, object] = field(default_factory=dict)  # format-specific facts for inspect
     closers: list[Callable[[], None]] = field(default_factory=list, repr=False)
 
-    def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Read one tensor by its mistral-inference name, converted to ``dtype`` if given."""
+    def tensor_info(self, name: str) -> TensorInfo:
+        """The `TensorInfo` of one tensor by its mistral-inference name; a missing one is a
+        `CheckpointError`."""
         info = self.tensors.get(name)
         if info is None:
             raise CheckpointError(f"{self.path}: tensor {name!r} is missing from the checkpoint.")
-        return info.read(dtype)
+        return info
+
+    def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Read one tensor by its mistral-inference name, converted to ``dtype`` if given."""
+        return self.tensor_info(name).read(dtype)
 
     def items(self) -> Iterator[tuple[str, TensorInfo]]:
         return iter(self.tensors.items())
@@ -160,6 +165,15 @@ def convert_mapped(
     if out.untyped_storage().data_ptr() != source.untyped_storage().data_ptr():
         drop_pages(source.data_ptr(), source.numel() * source.element_size())
     return out
+
+
+def mapped_reader(
+    get: Callable[[], torch.Tensor],
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> Callable[[torch.dtype | None], torch.Tensor]:
+    """A `TensorInfo.read` for the tensor ``get()`` returns (a view of a memory map), through
+    `convert_mapped`: nothing is read before it is called."""
+    return lambda dtype: convert_mapped(get(), dtype, transform)
 
 
 def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:

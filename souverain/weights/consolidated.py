@@ -7,13 +7,21 @@ tokenizer file. Tensor names and the RoPE layout are already ours: nothing to re
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from souverain.errors import CheckpointError
 from souverain.weights.args import ModelArgs
-from souverain.weights.checkpoint import Checkpoint, TensorInfo, convert_mapped, validate
+from souverain.weights.checkpoint import (
+    Checkpoint,
+    TensorInfo,
+    convert_mapped,
+    mapped_reader,
+    validate,
+)
 from souverain.weights.safetensors_files import SafetensorsFiles
 
 _TORCH_DTYPE_NAMES = {
@@ -48,13 +56,13 @@ def open_consolidated(folder: Path) -> Checkpoint:
             "the weights file is missing; download it into this folder."
         )
     tensors: dict[str, TensorInfo] = {}
-    closers = []
+    closers: list[Callable[[], None]] = []
     if st:
         files = SafetensorsFiles(st)
         closers.append(files.close)
         for key in files.keys():
             tensors[key] = TensorInfo(files.shape(key), files.dtype(key),
-                                      (lambda dt, k=key: convert_mapped(files.get(k), dt)))
+                                      mapped_reader(partial(files.get, key)))
     else:
         if len(pth) > 1:
             raise CheckpointError(
@@ -72,7 +80,7 @@ def open_consolidated(folder: Path) -> Checkpoint:
             raise CheckpointError(f"{pth[0]} does not hold a state dict of tensors.")
         for key, t in state.items():
             tensors[key] = TensorInfo(tuple(t.shape), _TORCH_DTYPE_NAMES.get(t.dtype, str(t.dtype)),
-                                      (lambda dt, t=t: convert_mapped(t, dt)))
+                                      partial(convert_mapped, t))
     if args.tied_embeddings:
         tensors.pop("output.weight", None)
     ckpt = Checkpoint(path=folder, format="consolidated", args=args, tensors=tensors,

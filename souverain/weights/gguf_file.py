@@ -174,7 +174,7 @@ def open_gguf(path: Path) -> Checkpoint:
                 _info(t.data, t.tensor_type, shape))
         else:
             raise CheckpointError(f"{path}: unexpected tensor {t.name}; souverain cannot load it.")
-    qtypes = {}
+    qtypes: dict[str, int] = {}
     for t in reader.tensors:
         qtypes[t.tensor_type.name] = qtypes.get(t.tensor_type.name, 0) + 1
     meta = {

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ import torch
 
 from souverain.errors import CheckpointError
 from souverain.weights.args import ModelArgs, MoeArgs
-from souverain.weights.checkpoint import Checkpoint, TensorInfo, convert_mapped, validate
+from souverain.weights.checkpoint import Checkpoint, TensorInfo, mapped_reader, validate
 from souverain.weights.safetensors_files import SafetensorsFiles
 
 SUPPORTED_ARCHITECTURES = ("MistralForCausalLM", "MixtralForCausalLM", "LlamaForCausalLM")
@@ -109,13 +110,34 @@ _EXPERT = re.compile(r"^block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight$")
 
 
 def open_huggingface(folder: Path) -> Checkpoint:
+    """Open a Hugging Face folder: config.json -> `ModelArgs`, then every safetensors tensor
+    under our name (nothing read yet), validated against the args."""
     config_path = folder / "config.json"
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{config_path} is not valid JSON ({exc}); fix or re-download it.") from None
-    args = args_from_config(config, str(config_path))
+    args = args_from_config(_read_config(config_path), str(config_path))
+    files = _weight_files(folder)
+    st = SafetensorsFiles(files)
+    tensors: dict[str, TensorInfo] = {}
+    for key in st.keys():
+        tensors.update(_tensor_infos(st, key, args, folder))
+    ckpt = Checkpoint(path=folder, format="huggingface", args=args, tensors=tensors,
+                      closers=[st.close],
+                      metadata={"architecture": args.extra["architecture"],
+                                "shards": len(files)})
+    validate(ckpt, "config.json")
+    return ckpt
 
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc}); fix or re-download it.") from None
+    return config
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    """The safetensors files: the shards the index lists (all present), else every
+    ``*.safetensors`` of the folder; none at all is an error naming the fix."""
     index = folder / "model.safetensors.index.json"
     if index.exists():
         try:
@@ -136,58 +158,65 @@ def open_huggingface(folder: Path) -> Checkpoint:
         hint = (" It holds only pytorch_model*.bin files: convert them to safetensors "
                 "(transformers: model.save_pretrained(dir, safe_serialization=True)).") if bins else ""
         raise CheckpointError(f"{folder} has config.json but no *.safetensors weights.{hint}")
-    st = SafetensorsFiles(files)
+    return files
 
-    tensors: dict[str, TensorInfo] = {}
 
-    def add(name: str, shape: tuple[int, ...], dtype: str, get: Callable[[], torch.Tensor],
-            transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
-        tensors[name] = TensorInfo(shape, dtype,
-                                   lambda dt: convert_mapped(get(), dt, transform))
+def _info(shape: tuple[int, ...], dtype: str, get: Callable[[], torch.Tensor],
+          transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> TensorInfo:
+    return TensorInfo(shape, dtype, mapped_reader(get, transform))
 
-    for key in st.keys():
-        shape, dtype = st.shape(key), st.dtype(key)
-        if key == "model.embed_tokens.weight":
-            add("tok_embeddings.weight", shape, dtype, lambda k=key: st.get(k))
-        elif key == "model.norm.weight":
-            add("norm.weight", shape, dtype, lambda k=key: st.get(k))
-        elif key == "lm_head.weight":
-            if not args.tied_embeddings:
-                add("output.weight", shape, dtype, lambda k=key: st.get(k))
-        elif (m := _LAYER.match(key)) is None:
-            raise CheckpointError(f"{folder}: unexpected tensor {key}; this is not a {args.extra['architecture']} checkpoint souverain understands.")
-        else:
-            i, rest = m.group(1), m.group(2)
-            prefix = f"layers.{i}."
-            if rest in ("self_attn.q_proj.weight", "self_attn.k_proj.weight"):
-                heads = args.n_heads if "q_proj" in rest else args.n_kv_heads
-                add(prefix + _RENAME[rest], shape, dtype, lambda k=key: st.get(k),
-                    lambda w, h=heads: hf_to_interleaved(w, h))
-            elif rest in _RENAME:
-                add(prefix + _RENAME[rest], shape, dtype, lambda k=key: st.get(k))
-            elif (e := _EXPERT.match(rest)) is not None:
-                add(f"{prefix}feed_forward.experts.{e.group(1)}.{e.group(2)}.weight", shape, dtype,
-                    lambda k=key: st.get(k))
-            elif rest == "mlp.experts.gate_up_proj":  # fused (n_experts, 2*hidden, dim): gate then up
-                n_exp, two_h, d = shape
-                h = two_h // 2
-                for j in range(n_exp):
-                    add(f"{prefix}feed_forward.experts.{j}.w1.weight", (h, d), dtype,
-                        lambda k=key, j=j, h=h: st.get_slice(k, j)[:h].contiguous())
-                    add(f"{prefix}feed_forward.experts.{j}.w3.weight", (h, d), dtype,
-                        lambda k=key, j=j, h=h: st.get_slice(k, j)[h:].contiguous())
-            elif rest == "mlp.experts.down_proj":  # fused (n_experts, dim, hidden)
-                for j in range(shape[0]):
-                    add(f"{prefix}feed_forward.experts.{j}.w2.weight", tuple(shape[1:]), dtype,
-                        lambda k=key, j=j: st.get_slice(k, j))
-            elif rest.endswith("rotary_emb.inv_freq"):
-                continue  # a cached buffer some old exports include; we compute it
-            else:
-                raise CheckpointError(f"{folder}: unexpected tensor {key}; souverain does not know how to load it.")
 
-    ckpt = Checkpoint(path=folder, format="huggingface", args=args, tensors=tensors,
-                      closers=[st.close],
-                      metadata={"architecture": args.extra["architecture"],
-                                "shards": len(files)})
-    validate(ckpt, "config.json")
-    return ckpt
+def _tensor_infos(st: SafetensorsFiles, key: str, args: ModelArgs, folder: Path
+                  ) -> dict[str, TensorInfo]:
+    """Our tensors for one Hugging Face tensor ``key``: usually one, renamed; none for an
+    ignored one; one per expert for a fused expert stack."""
+    shape, dtype = st.shape(key), st.dtype(key)
+    get = partial(st.get, key)
+    if key == "model.embed_tokens.weight":
+        return {"tok_embeddings.weight": _info(shape, dtype, get)}
+    if key == "model.norm.weight":
+        return {"norm.weight": _info(shape, dtype, get)}
+    if key == "lm_head.weight":
+        return {} if args.tied_embeddings else {"output.weight": _info(shape, dtype, get)}
+    if (m := _LAYER.match(key)) is None:
+        raise CheckpointError(f"{folder}: unexpected tensor {key}; this is not a {args.extra['architecture']} checkpoint souverain understands.")
+    return _layer_tensor_infos(st, key, m.group(2), f"layers.{m.group(1)}.", args, folder)
+
+
+def _layer_tensor_infos(st: SafetensorsFiles, key: str, rest: str, prefix: str,
+                        args: ModelArgs, folder: Path) -> dict[str, TensorInfo]:
+    """`_tensor_infos` for ``key`` = ``model.layers.{i}.{rest}`` (``prefix`` = ``layers.{i}.``)."""
+    shape, dtype = st.shape(key), st.dtype(key)
+    get = partial(st.get, key)
+    if rest in ("self_attn.q_proj.weight", "self_attn.k_proj.weight"):
+        heads = args.n_heads if "q_proj" in rest else args.n_kv_heads
+        return {prefix + _RENAME[rest]:
+                _info(shape, dtype, get, partial(hf_to_interleaved, n_heads=heads))}
+    if rest in _RENAME:
+        return {prefix + _RENAME[rest]: _info(shape, dtype, get)}
+    if (e := _EXPERT.match(rest)) is not None:
+        return {f"{prefix}feed_forward.experts.{e.group(1)}.{e.group(2)}.weight":
+                _info(shape, dtype, get)}
+    out: dict[str, TensorInfo] = {}
+    if rest == "mlp.experts.gate_up_proj":  # fused (n_experts, 2*hidden, dim): gate then up
+        n_exp, two_h, d = shape
+        h = two_h // 2
+        for j in range(n_exp):
+            out[f"{prefix}feed_forward.experts.{j}.w1.weight"] = _info(
+                (h, d), dtype, partial(_expert_rows, st, key, j, slice(None, h)))
+            out[f"{prefix}feed_forward.experts.{j}.w3.weight"] = _info(
+                (h, d), dtype, partial(_expert_rows, st, key, j, slice(h, None)))
+    elif rest == "mlp.experts.down_proj":  # fused (n_experts, dim, hidden)
+        for j in range(shape[0]):
+            out[f"{prefix}feed_forward.experts.{j}.w2.weight"] = _info(
+                tuple(shape[1:]), dtype, partial(st.get_slice, key, j))
+    elif rest.endswith("rotary_emb.inv_freq"):
+        pass  # a cached buffer some old exports include; we compute it
+    else:
+        raise CheckpointError(f"{folder}: unexpected tensor {key}; souverain does not know how to load it.")
+    return out
+
+
+def _expert_rows(st: SafetensorsFiles, key: str, expert: int, rows: slice) -> torch.Tensor:
+    """Rows ``rows`` of expert ``expert`` of a fused expert stack (gate or up half)."""
+    return st.get_slice(key, expert)[rows].contiguous()
