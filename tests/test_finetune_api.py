@@ -85,7 +85,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Path):
         url = request.getfixturevalue("pg_url")
     s = JobStore(url, tmp_path)
     if url is not None:  # one cluster for the session: start each test from empty tables
-        from souverain.finetune import store as store_mod
+        from souverain.finetune import jobs_db as store_mod
 
         with s.engine.begin() as c:
             for t in (store_mod.files_t, store_mod.jobs_t, store_mod.events_t,
@@ -348,7 +348,7 @@ def check_fine_tuned_model_is_served(client: Mistral, server: ServerProcess, job
     the base engine's with the job's adapter (computed here, offline), and a base request in
     the same batch still answers as the base model."""
     from souverain import LLMEngine
-    from souverain.engine.engine import EngineConfig
+    from souverain.engine.config import EngineConfig
     from souverain.engine.sampling import SamplingParams
     from souverain.weights.adapter import load_adapter
 

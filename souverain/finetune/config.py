@@ -181,7 +181,7 @@ class TrainConfig:
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike[str]) -> TrainConfig:
-        import yaml  # type: ignore[import-untyped]
+        import yaml
 
         p = Path(path)
         if not p.is_file():

@@ -16,7 +16,8 @@ Formats (one JSON object per line; one kind per file):
   the two answers are a string, an assistant message, or a one-message list.
 
 A conversation longer than ``seq_len`` is an **error** (never truncated: a cut answer teaches
-the model to stop mid-sentence). Every bad line is reported with its number and the fix.
+the model to stop mid-sentence). Every bad line is reported with its number and the fix (the
+rules of one sample: sample_checks.py).
 
 Loss mask: only assistant tokens are trained on (``sum(CE * mask) / sum(mask)``). The span of
 assistant message ``i`` is found by rendering the conversation up to it twice, as a prompt
@@ -31,19 +32,25 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from souverain.errors import FinetuneError, SouverainError
+from souverain.finetune.sample_checks import (
+    Kind,
+    LineProblem,
+    answer_message,
+    check_keys,
+    check_messages,
+    check_tools,
+    fits,
+    kind_of,
+)
 from souverain.tokenizer import Tokenizer
 
-Kind = Literal["pretrain", "instruct", "function_calling", "preference"]
 DEFAULT_MAX_BYTES = 2 << 30  # 2 GiB per file
-_TOOL_CALL_ID = re.compile(r"^[A-Za-z0-9]{9}$")
-_ROLES = ("system", "user", "assistant", "tool")
 
 
 @dataclass
@@ -100,10 +107,6 @@ class DataReport:
         return f"{self.path} has {len(self.errors)} invalid line(s): {shown}{more}."
 
 
-class _LineProblem(Exception):
-    pass
-
-
 # --------------------------------------------------------------------------------------
 # Rendering conversations and finding the assistant spans
 # --------------------------------------------------------------------------------------
@@ -156,7 +159,7 @@ class ChatRenderer:
             before = self.prompt(clean[:i], tools)
             upto = self.full(clean[: i + 1], tools)
             if upto[: len(before)] != before:
-                raise _LineProblem(
+                raise LineProblem(
                     f"the chat format renders the prompt before assistant message {i + 1} "
                     "differently from the conversation that contains it, so its tokens cannot "
                     "be found for the loss mask; use a model whose chat template renders "
@@ -168,7 +171,7 @@ class ChatRenderer:
             else:  # Mistral formats: system prompt / tools moved to the last user turn
                 start = _find_after(full, span, before[-3:], cursor)
                 if start < 0:
-                    raise _LineProblem(
+                    raise LineProblem(
                         f"assistant message {i + 1} cannot be located in the rendered "
                         "conversation for the loss mask; check the message order"
                     )
@@ -187,193 +190,6 @@ def _find_after(seq: list[int], span: list[int], lead: list[int], start: int) ->
         if seq[p : p + n] == span and seq[p - k : p] == lead:
             return p
     return -1
-
-
-# --------------------------------------------------------------------------------------
-# Checking one line
-# --------------------------------------------------------------------------------------
-
-
-def _kind_of(obj: dict[str, Any]) -> Kind:
-    if "chosen" in obj or "rejected" in obj:
-        return "preference"
-    if "messages" in obj:
-        return "function_calling" if obj.get("tools") else "instruct"
-    if "text" in obj:
-        return "pretrain"
-    raise _LineProblem(
-        f"object with keys {sorted(obj)[:5]} is no known sample; write "
-        '{"text": ...} (pretrain), {"messages": [...]} (instruct) or '
-        '{"prompt", "chosen", "rejected"} (preference)'
-    )
-
-
-def _check_tools(tools: Any) -> set[str]:
-    if not isinstance(tools, list) or not tools:
-        raise _LineProblem(
-            '"tools" must be a non-empty list of {"type": "function", '
-            '"function": {"name", "description", "parameters"}}'
-        )
-    names = set()
-    for j, t in enumerate(tools):
-        fn = t.get("function") if isinstance(t, dict) else None
-        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
-            raise _LineProblem(
-                f'tools[{j}] must be {{"type": "function", "function": '
-                '{"name": ..., "parameters": {...}}}'
-            )
-        names.add(fn["name"])
-    return names
-
-
-def _check_messages(messages: Any, tool_names: set[str] | None, *, final: str) -> list[bool]:
-    """Validate roles, order, weights and tool calls; return the per-message trained flags.
-    ``final``: "assistant" (instruct) or "prompt" (the prompt of a preference pair)."""
-    if not isinstance(messages, list) or not messages:
-        raise _LineProblem('"messages" must be a non-empty list of {"role", "content"} objects')
-    trained: list[bool] = []
-    pending: list[str] = []  # tool-call ids not answered yet
-    seen_ids: set[str] = set()
-    prev = None
-    for i, m in enumerate(messages, start=1):
-        if not isinstance(m, dict) or m.get("role") not in _ROLES:
-            raise _LineProblem(
-                f"message {i} must be an object whose role is one of {', '.join(_ROLES)}"
-            )
-        role = m["role"]
-        if "weight" in m:
-            if role != "assistant":
-                raise _LineProblem(
-                    f'message {i} ({role}) has a "weight"; only assistant messages have one'
-                )
-            if m["weight"] not in (0, 1) or isinstance(m["weight"], bool):
-                raise _LineProblem(f'message {i}: "weight" must be 0 or 1, not {m["weight"]!r}')
-        content = m.get("content")
-        calls = m.get("tool_calls")
-        if role == "system":
-            if i != 1:
-                raise _LineProblem(
-                    f"message {i} is a system message; only one is allowed, and it must come first"
-                )
-        elif role == "user":
-            if prev not in (None, "system", "assistant"):
-                raise _LineProblem(
-                    f"message {i} (user) follows a {prev} message; a user turn "
-                    "follows the system prompt or an assistant answer"
-                )
-            if pending:
-                raise _LineProblem(
-                    f"message {i} (user) comes before the tool results of "
-                    f"call(s) {', '.join(pending)}; add the tool messages first"
-                )
-        elif role == "assistant":
-            if prev not in ("user", "tool"):
-                raise _LineProblem(
-                    f"message {i} (assistant) follows "
-                    f"{'nothing' if prev is None else 'a ' + prev + ' message'}"
-                    "; an assistant answers a user or tool message"
-                )
-            if pending:
-                raise _LineProblem(
-                    f"message {i} (assistant) comes before the tool results "
-                    f"of call(s) {', '.join(pending)}; add the tool messages"
-                )
-            if calls is not None:
-                if tool_names is None:
-                    raise _LineProblem(
-                        f'message {i} has "tool_calls" but the sample has no '
-                        'top-level "tools" list; add the tool definitions'
-                    )
-                if not isinstance(calls, list) or not calls:
-                    raise _LineProblem(f'message {i}: "tool_calls" must be a non-empty list')
-                for call in calls:
-                    _check_call(call, i, tool_names, seen_ids)
-                    pending.append(call["id"])
-            elif not isinstance(content, str) or not content:
-                raise _LineProblem(
-                    f'message {i} (assistant) needs a non-empty string "content" (or "tool_calls")'
-                )
-        else:  # tool
-            if prev not in ("assistant", "tool"):
-                raise _LineProblem(
-                    f"message {i} (tool) must follow an assistant message with tool_calls"
-                )
-            tid = m.get("tool_call_id")
-            if tid not in pending:
-                where = "was already answered" if tid in seen_ids else "matches no earlier call"
-                raise _LineProblem(
-                    f"message {i} (tool): tool_call_id {tid!r} {where}; give "
-                    "the id of the assistant's tool call it answers"
-                )
-            pending.remove(tid)
-        if role in ("system", "user", "tool") and not isinstance(content, str):
-            raise _LineProblem(f'message {i} ({role}) needs a string "content"')
-        trained.append(role == "assistant" and m.get("weight", 1) == 1)
-        prev = role
-    if final == "assistant":
-        if prev != "assistant":
-            raise _LineProblem(
-                f"the last message is a {prev} message; a training "
-                "conversation ends with the assistant answer to learn"
-            )
-        if not any(trained):
-            raise _LineProblem(
-                'every assistant message has "weight": 0, so there is '
-                "nothing to learn; set weight 1 on at least one"
-            )
-    elif prev not in ("user", "tool") or pending:
-        raise _LineProblem(
-            "the prompt of a preference pair must end with a user (or tool) "
-            "message that the chosen/rejected answers reply to"
-        )
-    return trained
-
-
-def _check_call(call: Any, i: int, tool_names: set[str], seen: set[str]) -> None:
-    fn = call.get("function") if isinstance(call, dict) else None
-    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-        raise _LineProblem(
-            f'message {i}: each tool call is {{"id", "type": "function", '
-            '"function": {"name", "arguments"}}'
-        )
-    cid = call.get("id")
-    if not isinstance(cid, str) or not _TOOL_CALL_ID.match(cid):
-        raise _LineProblem(
-            f"message {i}: tool call id {cid!r} must be exactly 9 letters or "
-            'digits (e.g. "a1B2c3D4e")'
-        )
-    if cid in seen:
-        raise _LineProblem(f"message {i}: tool call id {cid!r} is used twice; ids are unique")
-    seen.add(cid)
-    if fn["name"] not in tool_names:
-        raise _LineProblem(
-            f"message {i}: tool call to {fn['name']!r}, which is not in "
-            f'"tools" ({", ".join(sorted(tool_names))})'
-        )
-    args = fn.get("arguments", "{}")
-    if isinstance(args, str):
-        try:
-            args = json.loads(args)
-        except json.JSONDecodeError:
-            raise _LineProblem(
-                f"message {i}: the arguments of {fn['name']!r} are not valid JSON"
-            ) from None
-    if not isinstance(args, dict):
-        raise _LineProblem(f"message {i}: the arguments of {fn['name']!r} must be a JSON object")
-
-
-def _answer(value: Any, name: str) -> dict[str, Any]:
-    if isinstance(value, list) and len(value) == 1:
-        value = value[0]
-    if isinstance(value, str) and value:
-        return {"role": "assistant", "content": value}
-    if (
-        isinstance(value, dict)
-        and value.get("role", "assistant") == "assistant"
-        and (isinstance(value.get("content"), str) and value["content"])
-    ):
-        return {"role": "assistant", "content": value["content"]}
-    raise _LineProblem(f'"{name}" must be a non-empty string or one assistant message')
 
 
 # --------------------------------------------------------------------------------------
@@ -422,7 +238,7 @@ def validate_file(
                 continue
             try:
                 _one_line(line, n, report, renderer, method, seq_len)
-            except _LineProblem as exc:
+            except LineProblem as exc:
                 report.errors.append(LineError(n, str(exc)))
                 continue
             if first_kind_line == 0:
@@ -445,29 +261,29 @@ def _one_line(
     try:
         obj = json.loads(line.rstrip("\r\n"))
     except json.JSONDecodeError as exc:
-        raise _LineProblem(
+        raise LineProblem(
             f"invalid JSON ({exc.msg} at column {exc.colno}); each line must "
             "be one complete JSON object"
         ) from None
     if not isinstance(obj, dict):
-        raise _LineProblem(f"a line must hold a JSON object, not a {type(obj).__name__}")
-    kind = _kind_of(obj)
+        raise LineProblem(f"a line must hold a JSON object, not a {type(obj).__name__}")
+    kind = kind_of(obj)
     family = "messages" if kind in ("instruct", "function_calling") else kind
     if report.kind is None:
         if method == "dpo" and kind != "preference":
-            raise _LineProblem(
+            raise LineProblem(
                 "DPO needs preference samples "
                 '{"prompt", "chosen", "rejected"}, not a ' + kind + " sample"
             )
         if method == "sft" and kind == "preference":
-            raise _LineProblem(
+            raise LineProblem(
                 "a preference sample (chosen/rejected) trains with method dpo, not sft"
             )
         report.kind = kind
     else:
         known = "messages" if report.kind in ("instruct", "function_calling") else report.kind
         if family != known:
-            raise _LineProblem(
+            raise LineProblem(
                 f"a {kind} sample in a file of {report.kind} samples; put each kind in its own file"
             )
         if kind == "function_calling":
@@ -480,24 +296,16 @@ def _one_line(
         else:
             _conversation(obj, n, report, renderer, seq_len)
     except SouverainError as exc:  # the tokenizer refused the conversation
-        raise _LineProblem(str(exc).rstrip(".")) from None
-
-
-def _check_keys(obj: dict[str, Any], allowed: set[str]) -> None:
-    extra = set(obj) - allowed
-    if extra:
-        raise _LineProblem(
-            f"unknown key(s) {', '.join(sorted(extra))}; allowed here: {', '.join(sorted(allowed))}"
-        )
+        raise LineProblem(str(exc).rstrip(".")) from None
 
 
 def _pretrain(
     obj: dict[str, Any], n: int, report: DataReport, tokenizer: Tokenizer, seq_len: int
 ) -> None:
-    _check_keys(obj, {"text"})
+    check_keys(obj, {"text"})
     text = obj["text"]
     if not isinstance(text, str) or not text.strip():
-        raise _LineProblem('"text" must be a non-empty string')
+        raise LineProblem('"text" must be a non-empty string')
     ids = tokenizer.encode(text, bos=True, eos=True)
     pieces = [ids[i : i + seq_len] for i in range(0, len(ids), seq_len)]
     pieces = [p for p in pieces if len(p) > 1]
@@ -509,45 +317,46 @@ def _pretrain(
 def _conversation(
     obj: dict[str, Any], n: int, report: DataReport, renderer: ChatRenderer, seq_len: int
 ) -> None:
-    _check_keys(obj, {"messages", "tools"})
+    check_keys(obj, {"messages", "tools"})
     tools = obj.get("tools")
-    names = _check_tools(tools) if tools is not None else None
-    trained = _check_messages(obj["messages"], names, final="assistant")
+    names = check_tools(tools) if tools is not None else None
+    trained = check_messages(obj["messages"], names, final="assistant")
     tokens, mask = renderer.tokens_and_mask(obj["messages"], tools, trained)
-    _fits(len(tokens), seq_len, "conversation")
+    fits(len(tokens), seq_len, "conversation")
     _add(report, Sample(tokens, mask, n))
 
 
 def _preference(
     obj: dict[str, Any], n: int, report: DataReport, renderer: ChatRenderer, seq_len: int
 ) -> None:
-    _check_keys(obj, {"prompt", "messages", "chosen", "rejected", "tools"})
+    check_keys(obj, {"prompt", "messages", "chosen", "rejected", "tools"})
     for key in ("chosen", "rejected"):
         if key not in obj:
-            raise _LineProblem(f'a preference sample needs "{key}"')
+            raise LineProblem(f'a preference sample needs "{key}"')
     if ("prompt" in obj) == ("messages" in obj):
-        raise _LineProblem(
+        raise LineProblem(
             'give the prompt as "prompt" (a string) or "messages" (a list '
             "ending with a user message), one of the two"
         )
     if "prompt" in obj:
         if not isinstance(obj["prompt"], str) or not obj["prompt"]:
-            raise _LineProblem('"prompt" must be a non-empty string')
+            raise LineProblem('"prompt" must be a non-empty string')
         prompt = [{"role": "user", "content": obj["prompt"]}]
     else:
         prompt = obj["messages"]
     tools = obj.get("tools")
-    names = _check_tools(tools) if tools is not None else None
-    _check_messages(prompt, names, final="prompt")
-    chosen, rejected = _answer(obj["chosen"], "chosen"), _answer(obj["rejected"], "rejected")
+    names = check_tools(tools) if tools is not None else None
+    check_messages(prompt, names, final="prompt")
+    chosen = answer_message(obj["chosen"], "chosen")
+    rejected = answer_message(obj["rejected"], "rejected")
     if chosen["content"] == rejected["content"]:
-        raise _LineProblem('"chosen" and "rejected" are the same answer; a pair must differ')
+        raise LineProblem('"chosen" and "rejected" are the same answer; a pair must differ')
     pair = []
     for answer in (chosen, rejected):
         msgs = [*prompt, answer]
         trained = [False] * len(prompt) + [True]
         tokens, mask = renderer.tokens_and_mask(msgs, tools, trained)
-        _fits(len(tokens), seq_len, "prompt + answer")
+        fits(len(tokens), seq_len, "prompt + answer")
         pair.append(Sample(tokens, mask, n))
     report.kind = "preference"
     report.n_samples += 1
@@ -555,14 +364,6 @@ def _preference(
         report.n_tokens += len(s.tokens)
         report.n_trainable_tokens += s.n_trainable
     report.samples.append(PreferencePair(pair[0], pair[1], n))
-
-
-def _fits(n_tokens: int, seq_len: int, what: str) -> None:
-    if n_tokens > seq_len:
-        raise _LineProblem(
-            f"the {what} is {n_tokens} tokens, over seq_len {seq_len}; it is "
-            "not truncated: raise seq_len or shorten/split the sample"
-        )
 
 
 def _add(report: DataReport, sample: Sample) -> None:

@@ -1,8 +1,9 @@
 """Persistent fine-tuning state: uploaded files, jobs, their events and checkpoints.
 
 One SQL database (SQLAlchemy Core: ``sqlite:///path`` by default, ``postgresql+psycopg://...``
-for a shared server) holds the metadata; file bytes live under ``DATA/finetune/files/`` (written
-atomically: temp file, fsync, rename) and training runs under ``DATA/finetune/runs/<job id>/``.
+for a shared server; its tables and engine are jobs_db.py's) holds the metadata; file bytes
+live under ``DATA/finetune/files/`` (written atomically: temp file, fsync, rename) and training
+runs under ``DATA/finetune/runs/<job id>/``.
 
 The HTTP server and the worker process both open a `JobStore` on the same database. Every state
 change is one conditional ``UPDATE ... WHERE status IN (...)``, so two processes never both win
@@ -28,9 +29,18 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Connection
 
 from souverain.errors import SouverainError
+from souverain.finetune.jobs_db import (
+    checkpoints_t,
+    events_t,
+    files_t,
+    jobs_t,
+    metadata,
+    open_engine,
+    safe_url,
+)
 from souverain.paths import data_home
 
 QUEUED, STARTED, VALIDATING, VALIDATED, RUNNING = (
@@ -66,62 +76,6 @@ def default_db_url(root: Path | None = None) -> str:
 
 def this_host() -> str:
     return socket.gethostname()
-
-
-_meta = sa.MetaData()
-files_t = sa.Table(
-    "ft_files", _meta,
-    sa.Column("id", sa.String(36), primary_key=True),
-    sa.Column("filename", sa.Text, nullable=False),
-    sa.Column("bytes", sa.BigInteger, nullable=False),
-    sa.Column("purpose", sa.String(32), nullable=False),
-    sa.Column("created_at", sa.Float, nullable=False),
-    sa.Column("sha256", sa.String(64), nullable=False),
-    sa.Column("sample_type", sa.String(32)),
-    sa.Column("num_lines", sa.Integer),
-    sa.Column("mimetype", sa.Text),
-    sa.Column("path", sa.Text, nullable=False),
-)
-jobs_t = sa.Table(
-    "ft_jobs", _meta,
-    sa.Column("id", sa.String(36), primary_key=True),
-    sa.Column("model", sa.Text, nullable=False),  # the served name clients sent
-    sa.Column("model_path", sa.Text, nullable=False),  # what the worker loads
-    sa.Column("status", sa.String(32), nullable=False, index=True),
-    sa.Column("auto_start", sa.Boolean, nullable=False),
-    sa.Column("hyperparameters", sa.JSON, nullable=False),
-    sa.Column("training_files", sa.JSON, nullable=False),  # [{"file_id", "weight"}]
-    sa.Column("validation_files", sa.JSON, nullable=False),  # [file_id]
-    sa.Column("suffix", sa.Text),
-    sa.Column("fine_tuned_model", sa.Text),
-    sa.Column("created_at", sa.Float, nullable=False),
-    sa.Column("modified_at", sa.Float, nullable=False),
-    sa.Column("trained_tokens", sa.BigInteger),
-    sa.Column("run_dir", sa.Text),
-    sa.Column("adapter_dir", sa.Text),
-    sa.Column("error", sa.Text),
-    sa.Column("worker_pid", sa.Integer),
-    sa.Column("worker_host", sa.Text),
-    sa.Column("heartbeat_at", sa.Float),
-    sa.Column("resumes", sa.Integer, nullable=False, default=0),
-)
-events_t = sa.Table(
-    "ft_events", _meta,
-    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("job_id", sa.String(36), nullable=False, index=True),
-    sa.Column("created_at", sa.Float, nullable=False),
-    sa.Column("name", sa.Text, nullable=False),
-    sa.Column("data", sa.JSON),
-)
-checkpoints_t = sa.Table(
-    "ft_checkpoints", _meta,
-    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("job_id", sa.String(36), nullable=False, index=True),
-    sa.Column("step", sa.Integer, nullable=False),
-    sa.Column("path", sa.Text, nullable=False),
-    sa.Column("metrics", sa.JSON),
-    sa.Column("created_at", sa.Float, nullable=False),
-)
 
 
 @dataclass
@@ -197,12 +151,10 @@ class JobStore:
         self.runs_dir = self.root / "runs"
         self.url = url or default_db_url(root)
         try:
-            self.engine = _engine(self.url)
-            _meta.create_all(self.engine)
-        except (sa.exc.SQLAlchemyError, OSError) as exc:
-            reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-            raise JobsError(f"Cannot open the fine-tuning jobs database {_safe(self.url)}: "
-                            f"{reason}; pass another --jobs-db, or --no-finetune.") from None
+            self.engine = open_engine(self.url)
+            metadata.create_all(self.engine)
+        except (sa.exc.SQLAlchemyError, OSError, ImportError) as exc:
+            raise _open_error(self.url, exc) from None
 
     def close(self) -> None:
         self.engine.dispose()
@@ -299,7 +251,7 @@ class JobStore:
         with self.engine.begin() as c:
             c.execute(jobs_t.insert().values(**values))
             _event(c, job_id, "status-updated", {"status": QUEUED})
-        return JobRecord(**values)  # type: ignore[arg-type]
+        return JobRecord(**values)
 
     def get_job(self, job_id: str) -> JobRecord:
         with self.engine.begin() as c:
@@ -516,39 +468,11 @@ def _write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
-def _safe(url: str) -> str:
-    """The URL without its password."""
-    try:
-        return sa.engine.make_url(url).render_as_string(hide_password=True)
-    except sa.exc.ArgumentError:
-        return url.rsplit("@", 1)[-1]
-
-
-def _engine(url: str) -> Engine:
-    if url.startswith("sqlite"):
-        path = sa.engine.make_url(url).database
-        if path and path != ":memory:":
-            Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        engine = sa.create_engine(url, connect_args={"timeout": 30})
-
-        @sa.event.listens_for(engine, "connect")
-        def _connect(dbapi: Any, _record: Any) -> None:
-            dbapi.isolation_level = None  # we issue BEGIN ourselves (below)
-            cur = dbapi.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")  # readers never wait for the writer
-            cur.execute("PRAGMA busy_timeout=30000")
-            cur.execute("PRAGMA synchronous=NORMAL")
-            cur.close()
-
-        @sa.event.listens_for(engine, "begin")
-        def _begin(conn: Connection) -> None:
-            # take the write lock up front: a deferred transaction that upgrades later can
-            # fail at once with "database is locked" when the other process writes
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
-
-        return engine
-    try:
-        return sa.create_engine(url, pool_pre_ping=True)
-    except (sa.exc.ArgumentError, ImportError) as exc:  # a bad URL or a missing driver
-        raise JobsError(f"Cannot open the jobs database {_safe(url)} ({exc}); use "
-                        "sqlite:///PATH or postgresql+psycopg://USER@HOST/DB.") from None
+def _open_error(url: str, exc: BaseException) -> JobsError:
+    if isinstance(exc, (sa.exc.ArgumentError, ImportError)) and not url.startswith("sqlite"):
+        # a bad URL or a missing driver
+        return JobsError(f"Cannot open the jobs database {safe_url(url)} ({exc}); use "
+                         "sqlite:///PATH or postgresql+psycopg://USER@HOST/DB.")
+    reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+    return JobsError(f"Cannot open the fine-tuning jobs database {safe_url(url)}: "
+                     f"{reason}; pass another --jobs-db, or --no-finetune.")

@@ -18,14 +18,14 @@ One run, top to bottom:
    + rename): the adapter (both formats) and ``trainer_state.pt`` (optimizer, scheduler, the
    python / numpy / torch RNG states, the step). ``resume=True`` restores all of it, so a run
    killed with SIGKILL and resumed ends with the very tensors an uninterrupted run gives
-   (same machine, same thread count).
+   (same machine, same thread count). The run folder's layout and its atomic writes are
+   run_state.py's.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import shutil
 import time
@@ -43,32 +43,20 @@ from souverain.finetune.config import TrainConfig
 from souverain.finetune.data import Sample, batch_tensors, load_dataset, pack
 from souverain.finetune.dpo import pair_losses
 from souverain.finetune.lora import inject_lora, load_into, lora_layers, to_adapter
+from souverain.finetune.run_state import (
+    STATE_FILE,
+    Emitter,
+    EventFn,
+    check_run_dir,
+    checkpoints,
+    restore_trainer_state,
+    start_run_dir,
+    trainer_state,
+    write_dir_atomically,
+)
 from souverain.models.attention import PrefillAttention
 from souverain.models.transformer import Transformer
 from souverain.weights.adapter import load_adapter, save_adapter
-
-EventFn = Callable[[dict[str, Any]], None]
-STATE_FILE = "trainer_state.pt"
-# config fields that change the trajectory: a resumed run must have the same ones
-_TRAJECTORY = (
-    "model",
-    "train_files",
-    "method",
-    "seq_len",
-    "batch_size",
-    "grad_accum",
-    "max_steps",
-    "epochs",
-    "learning_rate",
-    "weight_decay",
-    "warmup_fraction",
-    "schedule",
-    "max_grad_norm",
-    "dtype",
-    "seed",
-    "lora",
-    "dpo_beta",
-)
 
 
 @dataclass
@@ -129,7 +117,7 @@ class _Units:
 
 
 # --------------------------------------------------------------------------------------
-# Schedules, checkpoints
+# Schedule
 # --------------------------------------------------------------------------------------
 
 
@@ -150,42 +138,6 @@ def lr_lambda(cfg: TrainConfig, total: int) -> Callable[[int], float]:
         return max(0.0, 1.0 - progress)
 
     return f
-
-
-def _checkpoints(run_dir: Path) -> list[Path]:
-    root = run_dir / "checkpoints"
-    if not root.is_dir():
-        return []
-    return sorted(
-        p
-        for p in root.iterdir()
-        if p.is_dir() and p.name.startswith("step_") and (p / STATE_FILE).is_file()
-    )
-
-
-def _write_dir_atomically(final: Path, fill: Callable[[Path], None]) -> Path:
-    tmp = final.with_name(f".tmp_{final.name}_{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    fill(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    return final
-
-
-class _Emitter:
-    def __init__(self, run_dir: Path, on_event: EventFn | None):
-        self.path = run_dir / "metrics.jsonl"
-        self.on_event = on_event
-
-    def __call__(self, event: dict[str, Any]) -> None:
-        event = {**event, "time": round(time.time(), 3)}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(event) + "\n")
-        if self.on_event is not None:
-            self.on_event(event)
 
 
 # --------------------------------------------------------------------------------------
@@ -260,143 +212,140 @@ def run_training(
     """Train a LoRA adapter as ``cfg`` says; see the module docstring for the whole path.
     ``should_stop()`` is polled before every step: when true, a checkpoint is written and the
     run returns with status "cancelled" (resume it later with ``resume=True``)."""
-    run_dir = Path(cfg.run_dir)
-    existing = _checkpoints(run_dir)
-    if existing and not resume:
-        raise FinetuneError(
-            f"{run_dir} already holds checkpoints of a run; resume it "
-            "(--resume) or choose another run_dir."
+    existing = check_run_dir(cfg, Path(cfg.run_dir), resume)
+    run = _Run(cfg, on_event)
+    if resume and existing:
+        step = run.restore(existing[-1])
+    else:
+        step = 0
+        run.evaluate(step)
+    return run.train(step, should_stop)
+
+
+class _Run:
+    """One run's state: the LoRA-wrapped model, its optimizer and schedule, the data order and
+    the events. Built in the order the RNGs are consumed (a resumed run replays it)."""
+
+    def __init__(self, cfg: TrainConfig, on_event: EventFn | None):
+        ckpt, self.model, train_data, self.eval_data = prepare(cfg)
+        self.cfg, self.run_dir, self.args = cfg, Path(cfg.run_dir), ckpt.args
+        start_run_dir(cfg, self.run_dir)
+        self.emit = Emitter(self.run_dir, on_event)
+        self.units = _Units(cfg, train_data)
+        self.total = self.units.total_steps()
+        self.params = [
+            p for layer in lora_layers(self.model).values() for p in (layer.lora_A, layer.lora_B)
+        ]
+        self.opt = torch.optim.AdamW(
+            self.params,
+            lr=cfg.learning_rate,
+            betas=(0.9, 0.95),
+            eps=1e-8,
+            weight_decay=cfg.weight_decay,
         )
-    if (run_dir / "checkpoints" / "final").exists() and not existing and not resume:
-        raise FinetuneError(f"{run_dir} holds a finished run; choose another run_dir.")
-    saved_cfg = run_dir / "config.json"
-    if resume and saved_cfg.is_file():
-        before = json.loads(saved_cfg.read_text())
-        current = cfg.to_dict()
-        changed = [k for k in _TRAJECTORY if before.get(k) != current.get(k)]
-        if changed:
-            raise FinetuneError(
-                f"cannot resume {run_dir}: the config changed ({', '.join(changed)}"
-                "); put it back, or start a new run_dir."
-            )
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg, self.total))
+        self.history: dict[str, Any] = {}  # the last step's event
 
-    ckpt, model, train_data, eval_data = prepare(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "checkpoints").mkdir(exist_ok=True)
-    saved_cfg.write_text(json.dumps(cfg.to_dict(), indent=2))
-    emit = _Emitter(run_dir, on_event)
-    units = _Units(cfg, train_data)
-    total = units.total_steps()
-    params = [p for layer in lora_layers(model).values() for p in (layer.lora_A, layer.lora_B)]
-    opt = torch.optim.AdamW(
-        params, lr=cfg.learning_rate, betas=(0.9, 0.95), eps=1e-8, weight_decay=cfg.weight_decay
-    )
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total))
-    args = ckpt.args
+    def restore(self, checkpoint: Path) -> int:
+        """Adapter, optimizer, scheduler and RNGs as they were at ``checkpoint``; its step."""
+        load_into(self.model, load_adapter(checkpoint))
+        step = restore_trainer_state(checkpoint, self.opt, self.sched)
+        self.emit({"type": "resume", "step": step, "path": str(checkpoint)})
+        return step
 
-    def save_adapter_to(folder: Path) -> None:
+    def evaluate(self, step: int) -> dict[str, float]:
+        """Evaluate (when there is eval data) and emit the result."""
+        if not self.eval_data:
+            return {}
+        ev = evaluate(self.model, self.cfg, self.eval_data)
+        self.emit({"type": "eval", "step": step, **ev})
+        return ev
+
+    def train(self, step: int, should_stop: Callable[[], bool] | None) -> TrainResult:
+        """Optimizer steps from ``step`` to the end, with evals and checkpoints on their
+        schedules; stopped early (checkpoint written) when ``should_stop()``."""
+        cfg = self.cfg
+        self.model.train()
+        started, first_step = time.monotonic(), step
+        while step < self.total:
+            if should_stop is not None and should_stop():
+                return self._stopped(step)
+            t0 = time.monotonic()
+            g = step * cfg.grad_accum
+            micro = [self.units.microbatch(g + j) for j in range(cfg.grad_accum)]
+            lr = self.opt.param_groups[0]["lr"]
+            stats = _train_step(self.model, cfg, micro, self.params, self.opt, self.sched)
+            step += 1
+            now = time.monotonic()
+            event = {
+                "type": "step",
+                "step": step,
+                "total_steps": self.total,
+                **stats,
+                "lr": lr,
+                "tokens_per_s": stats["tokens"] / max(now - t0, 1e-9),
+                "elapsed_s": now - started,
+                "eta_s": (now - started) / (step - first_step) * (self.total - step),
+            }
+            self.history.update({k: v for k, v in event.items() if k != "type"})
+            self.emit(event)
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < self.total:
+                self.evaluate(step)
+            if step % cfg.checkpoint_every == 0 and step < self.total:
+                self.checkpoint(step)
+        return self._finish(step)
+
+    def save_adapter_to(self, folder: Path) -> None:
+        cfg = self.cfg
         save_adapter(
-            to_adapter(model, base_model=str(cfg.model), name=folder.name),
+            to_adapter(self.model, base_model=str(cfg.model), name=folder.name),
             folder,
-            n_heads=args.n_heads,
-            n_kv_heads=args.n_kv_heads,
+            n_heads=self.args.n_heads,
+            n_kv_heads=self.args.n_kv_heads,
             alpha=cfg.lora.alpha
             if cfg.lora.alpha is not None
             else cfg.lora.scaling * cfg.lora.rank,
             dropout=cfg.lora.dropout,
         )
 
-    def checkpoint(step: int) -> Path:
-        state = {
-            "step": step,
-            "microbatch": step * cfg.grad_accum,
-            "total_steps": total,
-            "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(),
-            "rng": {
-                "python": random.getstate(),
-                "numpy": np.random.get_state(),
-                "torch": torch.get_rng_state(),
-            },
-            "config": cfg.to_dict(),
-        }
+    def checkpoint(self, step: int) -> Path:
+        """``checkpoints/step_NNNNNN`` (the oldest beyond ``keep_checkpoints`` removed)."""
+        state = trainer_state(self.cfg, step, self.total, self.opt, self.sched)
 
         def fill(tmp: Path) -> None:
-            save_adapter_to(tmp)
+            self.save_adapter_to(tmp)
             torch.save(state, tmp / STATE_FILE)
 
-        path = _write_dir_atomically(run_dir / "checkpoints" / f"step_{step:06d}", fill)
-        for old in _checkpoints(run_dir)[: -cfg.keep_checkpoints]:
+        path = write_dir_atomically(self.run_dir / "checkpoints" / f"step_{step:06d}", fill)
+        for old in checkpoints(self.run_dir)[: -self.cfg.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
-        emit({"type": "checkpoint", "step": step, "path": str(path)})
+        self.emit({"type": "checkpoint", "step": step, "path": str(path)})
         return path
 
-    step = 0
-    if resume and existing:
-        last = existing[-1]
-        state = torch.load(last / STATE_FILE, map_location="cpu", weights_only=False)
-        load_into(model, load_adapter(last))
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        random.setstate(state["rng"]["python"])
-        np.random.set_state(state["rng"]["numpy"])
-        torch.set_rng_state(state["rng"]["torch"])
-        step = int(state["step"])
-        emit({"type": "resume", "step": step, "path": str(last)})
-    elif eval_data:
-        emit({"type": "eval", "step": 0, **evaluate(model, cfg, eval_data)})
+    def _stopped(self, step: int) -> TrainResult:
+        here = self.run_dir / "checkpoints" / f"step_{step:06d}"
+        path = here if (here / STATE_FILE).is_file() else self.checkpoint(step)
+        self.emit({"type": "done", "status": "cancelled", "step": step, "path": str(path)})
+        return TrainResult(path, step, self.history, "cancelled")
 
-    model.train()
-    started = time.monotonic()
-    first_step = step
-    history: dict[str, Any] = {}
-    while step < total:
-        if should_stop is not None and should_stop():
-            here = run_dir / "checkpoints" / f"step_{step:06d}"
-            path = here if (here / STATE_FILE).is_file() else checkpoint(step)
-            emit({"type": "done", "status": "cancelled", "step": step, "path": str(path)})
-            return TrainResult(path, step, history, "cancelled")
-        t0 = time.monotonic()
-        micro = [units.microbatch(step * cfg.grad_accum + j) for j in range(cfg.grad_accum)]
-        lr = opt.param_groups[0]["lr"]
-        stats = _train_step(model, cfg, micro, params, opt, sched)
-        step += 1
-        now = time.monotonic()
-        done = step - first_step
-        event = {
-            "type": "step",
-            "step": step,
-            "total_steps": total,
-            **stats,
-            "lr": lr,
-            "tokens_per_s": stats["tokens"] / max(now - t0, 1e-9),
-            "elapsed_s": now - started,
-            "eta_s": (now - started) / done * (total - step),
+    def _finish(self, step: int) -> TrainResult:
+        """The final eval and ``checkpoints/final`` (adapter + metrics.json)."""
+        metrics = {
+            "steps": step,
+            "loss": self.history.get("loss"),
+            "train_tokens_per_s": self.history.get("tokens_per_s"),
         }
-        history.update({k: v for k, v in event.items() if k != "type"})
-        emit(event)
-        if eval_data and cfg.eval_every and step % cfg.eval_every == 0 and step < total:
-            emit({"type": "eval", "step": step, **evaluate(model, cfg, eval_data)})
-        if step % cfg.checkpoint_every == 0 and step < total:
-            checkpoint(step)
+        metrics.update(self.evaluate(step))
 
-    metrics = {
-        "steps": step,
-        "loss": history.get("loss"),
-        "train_tokens_per_s": history.get("tokens_per_s"),
-    }
-    if eval_data:
-        ev = evaluate(model, cfg, eval_data)
-        emit({"type": "eval", "step": step, **ev})
-        metrics.update(ev)
+        def fill(tmp: Path) -> None:
+            self.save_adapter_to(tmp)
+            (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
 
-    def fill_final(tmp: Path) -> None:
-        save_adapter_to(tmp)
-        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
-
-    final = _write_dir_atomically(run_dir / "checkpoints" / "final", fill_final)
-    emit({"type": "done", "status": "completed", "step": step, "path": str(final), **metrics})
-    return TrainResult(final, step, metrics, "completed")
+        final = write_dir_atomically(self.run_dir / "checkpoints" / "final", fill)
+        self.emit(
+            {"type": "done", "status": "completed", "step": step, "path": str(final), **metrics}
+        )
+        return TrainResult(final, step, metrics, "completed")
 
 
 def _train_step(

@@ -25,18 +25,18 @@ RUNNING without an owner, for the next worker to resume at once.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import signal
 import sys
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from souverain.finetune.job_training import Hold, Progress, last_step, method_of, train_config
+from souverain.finetune.jobs_db import safe_url
 from souverain.finetune.store import (
     CANCELLATION_REQUESTED,
     CANCELLED,
@@ -55,6 +55,9 @@ from souverain.finetune.store import (
     this_host,
 )
 
+if TYPE_CHECKING:
+    from souverain.tokenizer import Tokenizer
+
 log = logging.getLogger("souverain.finetune.worker")
 
 _MAX_LISTED_ERRORS = 20
@@ -71,37 +74,6 @@ class WorkerConfig:
     step_event_every_s: float = 2.0  # training-step events stored at most this often
 
 
-class _Hold:
-    """A job this worker holds: a heartbeat thread that also notices cancel requests."""
-
-    def __init__(self, store: JobStore, job_id: str, every: float, stopping: threading.Event):
-        self.store, self.job_id, self.every = store, job_id, every
-        self.cancel = threading.Event()
-        self._done = threading.Event()
-        self._stopping = stopping
-        self._thread = threading.Thread(target=self._beat, name="souverain-ft-heartbeat",
-                                        daemon=True)
-
-    def __enter__(self) -> _Hold:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._done.set()
-        self._thread.join(timeout=10)
-
-    def _beat(self) -> None:
-        while not self._done.wait(self.every):
-            try:
-                if self.store.heartbeat(self.job_id) in (CANCELLATION_REQUESTED, CANCELLED):
-                    self.cancel.set()
-            except Exception:  # a busy database must not stop training
-                log.warning("heartbeat of job %s failed", self.job_id, exc_info=True)
-
-    def should_stop(self) -> bool:
-        return self.cancel.is_set() or self._stopping.is_set()
-
-
 class Worker:
     """Runs jobs from ``store`` one at a time. ``trainer``, ``validator`` and
     ``load_tokenizer`` default to souverain's (`run_training`, `validate_file`, the base model's
@@ -110,7 +82,7 @@ class Worker:
     def __init__(self, store: JobStore, config: WorkerConfig | None = None, *,
                  trainer: Callable[..., Any] | None = None,
                  validator: Callable[..., Any] | None = None,
-                 load_tokenizer: Callable[[str], Any] | None = None):
+                 load_tokenizer: Callable[[str], Tokenizer] | None = None):
         self.store = store
         self.config = config or WorkerConfig()
         self.pid = os.getpid()
@@ -130,7 +102,7 @@ class Worker:
             threading.Thread(target=self._watch_parent, name="souverain-ft-parent",
                              daemon=True).start()
         log.info("fine-tuning worker %s:%d ready (threads=%s, database %s)", self.host,
-                 self.pid, self.config.threads, _safe_url(self.store.url))
+                 self.pid, self.config.threads, safe_url(self.store.url))
         while not self.stopping.is_set():
             try:
                 if not self.run_once():
@@ -199,7 +171,7 @@ class Worker:
         """Validate then train a job this worker just claimed (status STARTED)."""
         self.store.add_event(job.id, "status-updated", {"status": STARTED,
                                                         "worker": f"{self.host}:{self.pid}"})
-        with _Hold(self.store, job.id, self.config.heartbeat_s, self.stopping):
+        with Hold(self.store, job.id, self.config.heartbeat_s, self.stopping):
             if not self.validate(job):  # (a big file takes a while: keep the heartbeat)
                 return
         job = self.store.get_job(job.id)
@@ -215,31 +187,49 @@ class Worker:
         """VALIDATING -> VALIDATED, or FAILED_VALIDATION / CANCELLED; True if validated."""
         if not self.store.set_status(job.id, VALIDATING, expect=(STARTED,), event={}):
             return self._settle_cancel(job.id)
-        hp = job.hyperparameters
         try:
             tokenizer = self._load_tokenizer(job.model_path)
         except Exception as exc:
             self._finish(job, FAILED, error=f"Cannot load the tokenizer of base model "
                                             f"{job.model} ({job.model_path}): {exc}")
             return False
+        checked = self._check_files(job, tokenizer)
+        if checked is None:  # stopping: the next worker validates it again
+            self.store.set_status(job.id, QUEUED, expect=(VALIDATING,), worker_pid=None,
+                                  worker_host=None)
+            return False
+        problems, summary = checked
+        if self.store.get_job(job.id).status == CANCELLATION_REQUESTED:
+            return self._settle_cancel(job.id)
+        if problems:
+            self._validation_failed(job, problems, summary)
+            return False
+        data_tokens = sum(s["tokens"] for s in summary if s["role"] == "training")
+        return self.store.set_status(job.id, VALIDATED, expect=(VALIDATING,),
+                                     event={"files": summary, "data_tokens": data_tokens}) \
+            or self._settle_cancel(job.id)
+
+    def _check_files(self, job: JobRecord, tokenizer: Tokenizer
+                     ) -> tuple[list[str], list[dict[str, Any]]] | None:
+        """Every problem of the job's files (one sentence each) and a summary per file; None
+        when the worker is asked to stop meanwhile."""
         validator = self._validator or _default_validator()
+        hp = job.hyperparameters
+        kw = {"seq_len": hp["seq_len"]} if hp.get("seq_len") else {}
         problems: list[str] = []
         summary = []
         files = [("training", f) for f in job.training_file_ids] + \
                 [("validation", f) for f in job.validation_files]
         for role, file_id in files:
             if self.stopping.is_set():
-                self.store.set_status(job.id, QUEUED, expect=(VALIDATING,), worker_pid=None,
-                                      worker_host=None)
-                return False
+                return None
             try:
                 rec = self.store.get_file(file_id)
             except NotFound:
                 problems.append(f"{role} file {file_id} was deleted")
                 continue
             try:
-                kw = {"seq_len": hp["seq_len"]} if hp.get("seq_len") else {}
-                report = validator(rec.path, tokenizer, method=self._method(job), **kw)
+                report = validator(rec.path, tokenizer, method=method_of(self.store, job), **kw)
             except Exception as exc:
                 problems.append(f"{rec.filename} ({role} file {file_id}): {exc}")
                 continue
@@ -250,152 +240,90 @@ class Worker:
                             "errors": len(report.errors)})
             if not report.errors and report.n_samples == 0:
                 problems.append(f"{rec.filename} ({role} file {file_id}) has no samples")
-        if self.store.get_job(job.id).status == CANCELLATION_REQUESTED:
-            return self._settle_cancel(job.id)
-        if problems:
-            listed = "; ".join(problems[:_MAX_LISTED_ERRORS])
-            more = len(problems) - _MAX_LISTED_ERRORS
-            error = (f"{len(problems)} problem{'s' if len(problems) > 1 else ''} in the "
-                     f"training data: {listed}" + (f"; and {more} more" if more > 0 else "")
-                     + ". Fix the files, upload them again and create a new job.")
-            self.store.set_status(job.id, FAILED_VALIDATION, expect=(VALIDATING,),
-                                  event={"errors": problems[:200], "files": summary},
-                                  error=error, worker_pid=None, worker_host=None)
-            return False
-        data_tokens = sum(s["tokens"] for s in summary if s["role"] == "training")
-        return self.store.set_status(job.id, VALIDATED, expect=(VALIDATING,),
-                                     event={"files": summary, "data_tokens": data_tokens}) \
-            or self._settle_cancel(job.id)
+        return problems, summary
+
+    def _validation_failed(self, job: JobRecord, problems: list[str],
+                           summary: list[dict[str, Any]]) -> None:
+        listed = "; ".join(problems[:_MAX_LISTED_ERRORS])
+        more = len(problems) - _MAX_LISTED_ERRORS
+        error = (f"{len(problems)} problem{'s' if len(problems) > 1 else ''} in the "
+                 f"training data: {listed}" + (f"; and {more} more" if more > 0 else "")
+                 + ". Fix the files, upload them again and create a new job.")
+        self.store.set_status(job.id, FAILED_VALIDATION, expect=(VALIDATING,),
+                              event={"errors": problems[:200], "files": summary},
+                              error=error, worker_pid=None, worker_host=None)
 
     def train(self, job: JobRecord, recovering: bool = False) -> None:
         """RUNNING -> SUCCESS | CANCELLED | FAILED (or left RUNNING, unowned, on shutdown)."""
         run_dir = Path(job.run_dir or self.store.runs_dir / job.id)
-        resume = recovering and _has_checkpoint(run_dir)
+        resume = recovering and last_step(run_dir) > 0
         if recovering:
             self.store.add_event(job.id, "status-updated", {
                 "status": RUNNING, "resumed": resume,
-                "from_step": _last_step(run_dir) if resume else 0})
+                "from_step": last_step(run_dir) if resume else 0})
         elif not self.store.set_status(job.id, RUNNING, expect=(VALIDATED,), event={}):
             self._settle_cancel(job.id)
             return
         try:
-            cfg = self._train_config(job, run_dir)
+            cfg = train_config(self.store, job, run_dir, self.config.threads)
         except Exception as exc:
             self._finish(job, FAILED, error=f"Invalid training settings: {exc}")
             return
         trainer = self._trainer or _default_trainer()
-        state: dict[str, Any] = {"loss": None, "eval": None, "last_event": 0.0, "step": 0,
-                                 "tokens": self._tokens_at(job.id, _last_step(run_dir))
-                                 if resume else 0}
-
-        def on_event(ev: dict[str, Any]) -> None:
-            try:
-                self._on_event(job, ev, state)
-            except Exception:  # bookkeeping must never stop training
-                log.warning("job %s: recording event %s failed", job.id, ev.get("type"),
-                            exc_info=True)
-
-        with _Hold(self.store, job.id, self.config.heartbeat_s, self.stopping) as hold:
+        every = self.config.step_event_every_s
+        progress = Progress.resumed(self.store, job.id, every, run_dir) if resume \
+            else Progress(self.store, job.id, every)
+        with Hold(self.store, job.id, self.config.heartbeat_s, self.stopping) as hold:
             try:
                 _limit_threads(self.config.threads)
-                result = trainer(cfg, resume=resume, on_event=on_event,
+                result = trainer(cfg, resume=resume, on_event=self._recorder(job, progress),
                                  should_stop=hold.should_stop)
             except Exception as exc:  # the reason goes to the job
                 if self.stopping.is_set() and not hold.cancel.is_set():
-                    self._release(job, state)
+                    self._release(job, progress)
                     return
                 log.exception("job %s failed", job.id)
                 self._finish(job, FAILED, error=_failure(exc))
                 return
             cancelled = hold.cancel.is_set() or \
                 self.store.get_job(job.id).status == CANCELLATION_REQUESTED
+        self._trained(job, result, progress, cancelled)
+
+    def _recorder(self, job: JobRecord, progress: Progress) -> Callable[[dict[str, Any]], None]:
+        def on_event(ev: dict[str, Any]) -> None:
+            try:
+                self._on_event(job, ev, progress)
+            except Exception:  # bookkeeping must never stop training
+                log.warning("job %s: recording event %s failed", job.id, ev.get("type"),
+                            exc_info=True)
+
+        return on_event
+
+    def _on_event(self, job: JobRecord, ev: dict[str, Any], progress: Progress) -> None:
+        """Each trainer event of ``job``, looked up per event: the place to watch the
+        training from (tests stop the worker at a given step here)."""
+        progress.record(ev)
+
+    def _trained(self, job: JobRecord, result: Any, progress: Progress, cancelled: bool) -> None:
+        """The trainer returned: CANCELLED, released (stopped for a shutdown) or SUCCESS."""
         if cancelled:
             self._finish(job, CANCELLED, expect=(CANCELLATION_REQUESTED, RUNNING),
-                         event={"step": state["step"]})
-        elif getattr(result, "status", "completed") != "completed":  # stopped: shutdown
-            self._release(job, state)
-        else:
-            tokens = state["tokens"] or None
-            name = fine_tuned_name(job.model, job.suffix, job.id)
-            ok = self._finish(job, SUCCESS, expect=(RUNNING,), event={
-                "fine_tuned_model": name, "steps": getattr(result, "steps", None)},
-                fine_tuned_model=name, adapter_dir=str(result.final_dir),
-                trained_tokens=int(tokens) if tokens else None)
-            if not ok and self.store.get_job(job.id).status == CANCELLATION_REQUESTED:
-                self._finish(job, CANCELLED, expect=(CANCELLATION_REQUESTED,), event={})
-            log.info("job %s: %s", job.id, "SUCCESS -> " + name if ok else "cancelled")
+                         event={"step": progress.step})
+            return
+        if getattr(result, "status", "completed") != "completed":  # stopped: shutdown
+            self._release(job, progress)
+            return
+        tokens = progress.tokens or None
+        name = fine_tuned_name(job.model, job.suffix, job.id)
+        ok = self._finish(job, SUCCESS, expect=(RUNNING,), event={
+            "fine_tuned_model": name, "steps": getattr(result, "steps", None)},
+            fine_tuned_model=name, adapter_dir=str(result.final_dir),
+            trained_tokens=int(tokens) if tokens else None)
+        if not ok and self.store.get_job(job.id).status == CANCELLATION_REQUESTED:
+            self._finish(job, CANCELLED, expect=(CANCELLATION_REQUESTED,), event={})
+        log.info("job %s: %s", job.id, "SUCCESS -> " + name if ok else "cancelled")
 
     # -- helpers ----------------------------------------------------------------------------
-    def _train_config(self, job: JobRecord, run_dir: Path) -> Any:
-        from souverain.finetune.config import LoRAConfig, TrainConfig
-
-        hp = job.hyperparameters
-        paths = [self.store.get_file(f).path for f in job.training_file_ids]
-        evals = [self.store.get_file(f).path for f in job.validation_files]
-        steps = hp.get("training_steps")
-        every = max(1, min(50, steps // 5)) if steps else 50
-        kw: dict[str, Any] = {
-            "model": job.model_path, "train_files": paths, "eval_files": evals,
-            "run_dir": str(run_dir),
-            "max_steps": steps, "epochs": hp.get("epochs"),
-            "learning_rate": hp.get("learning_rate", 1e-4),
-            "weight_decay": hp.get("weight_decay", 0.1),
-            "warmup_fraction": hp.get("warmup_fraction", 0.05),
-            "method": self._method(job), "checkpoint_every": every,
-            "eval_every": every if evals else None,
-            "threads": self.config.threads, "lora": LoRAConfig(rank=hp.get("lora_rank") or 16)}
-        if hp.get("seq_len"):
-            kw["seq_len"] = hp["seq_len"]
-        known = {f.name for f in dataclasses.fields(TrainConfig)}
-        return TrainConfig(**{k: v for k, v in kw.items() if k in known})
-
-    def _tokens_at(self, job_id: str, step: int) -> int:
-        """Tokens trained up to checkpoint ``step`` (a resumed run counts on from there)."""
-        for c in self.store.checkpoints(job_id):
-            if c.step == step:
-                return int(c.metrics.get("trained_tokens") or 0)
-        return 0
-
-    def _method(self, job: JobRecord) -> str:
-        """DPO when every training file holds preference pairs, else SFT."""
-        kinds = set()
-        for f in job.training_file_ids:
-            try:
-                kinds.add(self.store.get_file(f).sample_type)
-            except NotFound:
-                pass
-        return "dpo" if kinds == {"preference"} else "sft"
-
-    def _on_event(self, job: JobRecord, ev: dict[str, Any], state: dict[str, Any]) -> None:
-        kind = ev.get("type")
-        data = {k: v for k, v in ev.items() if k != "type"}
-        if kind == "step":
-            state["step"] = int(ev.get("step") or 0)
-            state["loss"] = ev.get("loss")
-            state["tokens"] += int(ev.get("tokens") or 0)  # this step's tokens
-            now = time.monotonic()
-            last = ev.get("total_steps") is not None and ev.get("step") == ev["total_steps"]
-            if now - state["last_event"] >= self.config.step_event_every_s or last \
-                    or state["step"] <= 1:
-                state["last_event"] = now
-                self.store.add_event(job.id, "training-step", data)
-        elif kind == "eval":
-            state["eval"] = ev
-            self.store.add_event(job.id, "evaluation", data)
-        elif kind == "checkpoint":
-            ev_eval = state["eval"] or {}
-            metrics = {"train_loss": state["loss"],
-                       "valid_loss": ev_eval.get("eval_loss"),
-                       "valid_mean_token_accuracy": ev_eval.get("eval_accuracy"),
-                       "trained_tokens": state["tokens"]}
-            self.store.add_checkpoint(job.id, int(ev.get("step") or 0), str(ev.get("path")),
-                                      metrics)
-            self.store.update(job.id, trained_tokens=state["tokens"])
-        elif kind == "done":
-            self.store.add_event(job.id, "training-done", data)
-        else:
-            self.store.add_event(job.id, str(kind or "event"), data)
-
     def _finish(self, job: JobRecord, status: str, *, error: str | None = None,
                 expect: tuple[str, ...] = (STARTED, VALIDATING, VALIDATED, RUNNING,
                                            CANCELLATION_REQUESTED),
@@ -412,25 +340,15 @@ class Worker:
                               worker_pid=None, worker_host=None)
         return False
 
-    def _release(self, job: JobRecord, state: dict[str, Any]) -> None:
+    def _release(self, job: JobRecord, progress: Progress) -> None:
         """Shutting down mid-training: the job stays RUNNING with no owner, so the next
         worker resumes it from its last checkpoint at once."""
-        self.store.add_event(job.id, "paused", {"step": state["step"],
+        self.store.add_event(job.id, "paused", {"step": progress.step,
                                                 "reason": "the worker was stopped"})
         self.store.set_status(job.id, RUNNING, expect=(RUNNING,), worker_pid=None,
                               worker_host=None)
         log.info("job %s paused at step %s; it resumes when a worker starts", job.id,
-                 state["step"])
-
-
-def _has_checkpoint(run_dir: Path) -> bool:
-    return _last_step(run_dir) > 0
-
-
-def _last_step(run_dir: Path) -> int:
-    steps = [int(p.name.split("_", 1)[1]) for p in (run_dir / "checkpoints").glob("step_*")
-             if p.name.split("_", 1)[1].isdigit()]
-    return max(steps, default=0)
+                 progress.step)
 
 
 def _failure(exc: BaseException) -> str:
@@ -449,7 +367,7 @@ def _limit_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-def _tokenizer_of(model_path: str) -> Any:
+def _tokenizer_of(model_path: str) -> Tokenizer:
     from souverain import weights
 
     tok = weights.load(model_path).tokenizer
@@ -468,16 +386,6 @@ def _default_trainer() -> Callable[..., Any]:
     from souverain.finetune.train import run_training
 
     return run_training
-
-
-def _safe_url(url: str) -> str:
-    """The database URL without its password."""
-    try:
-        import sqlalchemy as sa
-
-        return sa.engine.make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return url.split("@")[-1]
 
 
 def main(argv: list[str] | None = None) -> int:

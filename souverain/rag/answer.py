@@ -3,12 +3,13 @@
 One flow serves `souverain ask` and a chat completion that carries a
 ``{"type": "document_library", "library_ids": [...]}`` tool:
 
-1. `ground()` searches the libraries with the question (hybrid search, see store.py) and keeps
-   the passages whose similarity passes a floor and is within a margin of the best one. None pass -> `Grounding.found` is False, and
-   the caller answers `not_found_text()` instead of letting the model invent.
+1. `ground()` searches the libraries with the question (hybrid search, see search.py) and keeps
+   the passages whose similarity passes a floor and is within a margin of the best one. None
+   pass -> `Grounding.found` is False, and the caller answers `not_found_text()` instead of
+   letting the model invent.
 2. `Grounding.fit()` keeps as many as fit the token budget; `Grounding.system_prompt()`
-   numbers them ``[1]``, ``[2]``... with their document and position, in rank order. The passages go first in the
-   prompt, so a repeated context is a prefix-cache hit.
+   numbers them ``[1]``, ``[2]``... with their document and position, in rank order. The
+   passages go first in the prompt, so a repeated context is a prefix-cache hit.
 3. `Grounding.sources_footer(answer)` lists the passages the answer cites (every passage given
    when it cites none) as ``[n] document, page p, § heading``; `Grounding.references(answer)`
    gives the same as JSON for the API's ``references`` field.
@@ -19,7 +20,11 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from souverain.rag.search import Hit
+    from souverain.rag.store import LibraryStore
 
 # Cosine similarity (all-MiniLM-L6-v2, normalised vectors) under which a passage is taken as
 # unrelated to the question. Measured on tests/data/rag: answering passages score 0.35 and up,
@@ -36,7 +41,7 @@ _CITE = re.compile(r"\[(\d{1,3})\]")
 @dataclass(frozen=True)
 class Passage:
     n: int  # its number in the prompt, from 1
-    hit: Any  # souverain.rag.store.Hit
+    hit: Hit
 
     def where(self) -> str:
         """``handbook.pdf, page 3, § Leave > Notice``"""
@@ -106,7 +111,7 @@ class Grounding:
                 "documents that answer it.")
 
 
-def ground(store: Any, library_ids: Sequence[str], query: str, *,
+def ground(store: LibraryStore, library_ids: Sequence[str], query: str, *,
            k: int = DEFAULT_PASSAGES, floor: float = RELEVANCE_FLOOR) -> Grounding:
     """Search `library_ids` (ids or names) for `query`; keep the relevant passages (then
     `Grounding.fit` them to a token budget).

@@ -17,9 +17,9 @@ from __future__ import annotations
 import itertools
 import re
 from bisect import bisect_left
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from souverain.rag.parse import ParsedDocument, Section
 
@@ -30,6 +30,13 @@ _SLAB_CHARS = 200_000  # a huge section is tokenized in slabs of this many chars
 
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n\s*")
 _SENTENCE_END = re.compile(r"(?<=[.!?…])[\"'”’»)\]]*\s+")
+
+
+class HFTokenizer(Protocol):
+    """The embedder's Hugging Face tokenizer, as far as chunking calls it (`Embedder.tokenizer`;
+    souverain's `Tokenizer` is a generation model's, with another interface)."""
+
+    def __call__(self, text: str | list[str], **kwargs: Any) -> Mapping[str, Any]: ...
 
 
 @dataclass(frozen=True)
@@ -49,7 +56,7 @@ class Chunk:
 class _Span:
     """Token counts of any char span of one text, from one tokenizer pass with offsets."""
 
-    def __init__(self, text: str, tokenizer: Any):
+    def __init__(self, text: str, tokenizer: HFTokenizer):
         enc = tokenizer(
             text, add_special_tokens=False, return_offsets_mapping=True, truncation=False
         )
@@ -109,7 +116,7 @@ def _slabs(text: str) -> Iterator[tuple[int, int]]:
     yield pos, len(text)
 
 
-def _heading_prefix(heading: str | None, tokenizer: Any, max_heading_tokens: int) -> str:
+def _heading_prefix(heading: str | None, tokenizer: HFTokenizer, max_heading_tokens: int) -> str:
     if not heading:
         return ""
     enc = tokenizer(
@@ -123,7 +130,7 @@ def _heading_prefix(heading: str | None, tokenizer: Any, max_heading_tokens: int
 
 def chunk_section(
     section: Section,
-    tokenizer: Any,
+    tokenizer: HFTokenizer,
     *,
     target_tokens: int = TARGET_TOKENS,
     overlap_tokens: int = OVERLAP_TOKENS,
@@ -176,7 +183,7 @@ def _overlap_start(span: _Span, a: int, b: int, overlap: int, fallback: int) -> 
 
 def chunk_document(
     doc: ParsedDocument,
-    tokenizer: Any,
+    tokenizer: HFTokenizer,
     max_tokens: int,
     *,
     target_tokens: int = TARGET_TOKENS,

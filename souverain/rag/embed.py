@@ -81,10 +81,15 @@ class Embedder:
                                  "point at a complete sentence-transformers folder.") from exc
         self.model.eval()
         self.tokenizer = self.model.tokenizer
-        self.max_tokens = int(self.model.max_seq_length)
+        max_tokens, dim = self.model.max_seq_length, self.model.get_embedding_dimension()
+        if max_tokens is None or dim is None:
+            raise EmbeddingError(f"The embedding model at {self.path} declares no maximum "
+                                 "sequence length or embedding size; point at a complete "
+                                 "sentence-transformers folder.")
+        self.max_tokens = int(max_tokens)
         # we count tokens of whole texts ourselves (and refuse long ones): no length warning
         self.tokenizer.model_max_length = 1 << 30
-        self.dim = int(self.model.get_embedding_dimension())
+        self.dim = int(dim)
         self.batch_size = batch_size
         self._lock = threading.Lock()
 

@@ -287,10 +287,11 @@ def _parse_pdf(data: bytes, name: str) -> ParsedDocument:
         reader = PdfReader(io.BytesIO(data))
         if reader.is_encrypted:
             try:
-                ok = reader.decrypt("")  # many "protected" PDFs open with an empty password
+                # many "protected" PDFs open with an empty password
+                opened = bool(reader.decrypt(""))  # PasswordType.NOT_DECRYPTED is 0
             except Exception:
-                ok = 0
-            if not ok:
+                opened = False
+            if not opened:
                 raise RAGError(
                     f"{name}: the PDF is encrypted with a password; save an "
                     "unprotected copy and add that."

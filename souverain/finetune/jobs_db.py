@@ -1,0 +1,106 @@
+"""The SQL side of the fine-tuning jobs: the four tables and the engine that reaches them.
+
+SQLAlchemy Core over ``sqlite:///path`` (WAL, ``BEGIN IMMEDIATE`` so a writer never fails
+half-way with "database is locked") or ``postgresql+psycopg://...``. `JobStore` (store.py)
+owns the transitions and the records built from these rows.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+metadata = sa.MetaData()
+files_t = sa.Table(
+    "ft_files", metadata,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("filename", sa.Text, nullable=False),
+    sa.Column("bytes", sa.BigInteger, nullable=False),
+    sa.Column("purpose", sa.String(32), nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("sha256", sa.String(64), nullable=False),
+    sa.Column("sample_type", sa.String(32)),
+    sa.Column("num_lines", sa.Integer),
+    sa.Column("mimetype", sa.Text),
+    sa.Column("path", sa.Text, nullable=False),
+)
+jobs_t = sa.Table(
+    "ft_jobs", metadata,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("model", sa.Text, nullable=False),  # the served name clients sent
+    sa.Column("model_path", sa.Text, nullable=False),  # what the worker loads
+    sa.Column("status", sa.String(32), nullable=False, index=True),
+    sa.Column("auto_start", sa.Boolean, nullable=False),
+    sa.Column("hyperparameters", sa.JSON, nullable=False),
+    sa.Column("training_files", sa.JSON, nullable=False),  # [{"file_id", "weight"}]
+    sa.Column("validation_files", sa.JSON, nullable=False),  # [file_id]
+    sa.Column("suffix", sa.Text),
+    sa.Column("fine_tuned_model", sa.Text),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("modified_at", sa.Float, nullable=False),
+    sa.Column("trained_tokens", sa.BigInteger),
+    sa.Column("run_dir", sa.Text),
+    sa.Column("adapter_dir", sa.Text),
+    sa.Column("error", sa.Text),
+    sa.Column("worker_pid", sa.Integer),
+    sa.Column("worker_host", sa.Text),
+    sa.Column("heartbeat_at", sa.Float),
+    sa.Column("resumes", sa.Integer, nullable=False, default=0),
+)
+events_t = sa.Table(
+    "ft_events", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("job_id", sa.String(36), nullable=False, index=True),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("name", sa.Text, nullable=False),
+    sa.Column("data", sa.JSON),
+)
+checkpoints_t = sa.Table(
+    "ft_checkpoints", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("job_id", sa.String(36), nullable=False, index=True),
+    sa.Column("step", sa.Integer, nullable=False),
+    sa.Column("path", sa.Text, nullable=False),
+    sa.Column("metrics", sa.JSON),
+    sa.Column("created_at", sa.Float, nullable=False),
+)
+
+
+def safe_url(url: str) -> str:
+    """The URL without its password."""
+    try:
+        return sa.engine.make_url(url).render_as_string(hide_password=True)
+    except sa.exc.ArgumentError:
+        return url.rsplit("@", 1)[-1]
+
+
+def open_engine(url: str) -> Engine:
+    """An engine on ``url``; SQLite gets its folder created, WAL and immediate transactions.
+    Raises `sqlalchemy.exc.ArgumentError` or `ImportError` for a bad URL or a missing
+    driver."""
+    if not url.startswith("sqlite"):
+        return sa.create_engine(url, pool_pre_ping=True)
+    path = sa.engine.make_url(url).database
+    if path and path != ":memory:":
+        Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    engine = sa.create_engine(url, connect_args={"timeout": 30})
+
+    @sa.event.listens_for(engine, "connect")
+    def _connect(dbapi: Any, _record: Any) -> None:
+        dbapi.isolation_level = None  # we issue BEGIN ourselves (below)
+        cur = dbapi.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")  # readers never wait for the writer
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.close()
+
+    @sa.event.listens_for(engine, "begin")
+    def _begin(conn: Connection) -> None:
+        # take the write lock up front: a deferred transaction that upgrades later can
+        # fail at once with "database is locked" when the other process writes
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
