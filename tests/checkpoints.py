@@ -16,7 +16,9 @@ Layout produced by :func:`build_tiny_checkpoint` under ``root/<name>/``::
 Conversions (HF -> mistral-inference names) permute the rows of wq / wk from Hugging Face's
 rotate-half RoPE layout to the interleaved-pair layout used by consolidated checkpoints and
 GGUF (llama.cpp's ``convert_hf_to_gguf.py`` ``LlamaModel.permute``; transformers'
-``LlamaTensorProcessor._reverse_permute_weights`` is its inverse).
+``LlamaTensorProcessor._reverse_permute_weights`` is its inverse). That permutation, the GGUF
+tensor names and metadata and the SentencePiece vocabulary are `souverain.bench.formats`' (the
+bench's mistral-1b writer uses the same ones).
 
 Everything is float32 and seeded: building the same model twice gives identical bytes.
 """
@@ -32,6 +34,19 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from souverain.bench.formats import (
+    GGUF_EXPERT_NAMES,
+    add_gguf_tensor,
+    add_llama_hparams,  # noqa: F401  (tests import it from here)
+    add_sentencepiece_vocab,
+    finish_gguf,
+    gguf_name,
+    llama_gguf_writer,
+    permute_interleaved_to_rotate_half,
+    permute_rotate_half_to_interleaved,
+    v3_tokenizer_path,
+)
 
 V3_TOKENIZER_NAME = "tokenizer.model.v3"
 GGUF_QTYPES = ("f32", "f16", "q8_0")
@@ -123,16 +138,6 @@ SPECS: dict[str, TinySpec] = {
         linear_std=0.25,
     ),
 }
-
-
-def v3_tokenizer_path() -> Path:
-    """The real mistral-common v3 SentencePiece tokenizer (32768 tokens) shipped in the wheel."""
-    import mistral_common
-
-    path = Path(mistral_common.__file__).parent / "data" / "mistral_instruct_tokenizer_240323.model.v3"
-    if not path.is_file():
-        raise FileNotFoundError(path)
-    return path
 
 
 # --------------------------------------------------------------------------------------
@@ -263,32 +268,6 @@ def params_from_hf_config(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------
-# RoPE layout permutation
-# --------------------------------------------------------------------------------------
-
-
-def permute_rotate_half_to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """HF (rotate-half: pairs (j, j + hd/2)) -> consolidated/GGUF (interleaved: pairs (2j, 2j+1)).
-
-    Row ``2j`` of each head takes HF row ``j``, row ``2j+1`` takes HF row ``j + hd/2``.
-    Identical to llama.cpp ``LlamaModel.permute``:
-    ``w.reshape(n, 2, rows // n // 2, *rest).swapaxes(1, 2).reshape(w.shape)``."""
-    rows = w.shape[0]
-    head_dim = rows // n_heads
-    assert head_dim * n_heads == rows and head_dim % 2 == 0, (w.shape, n_heads)
-    return w.reshape(n_heads, 2, head_dim // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape).contiguous()
-
-
-def permute_interleaved_to_rotate_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Inverse of :func:`permute_rotate_half_to_interleaved` (transformers'
-    ``LlamaTensorProcessor._reverse_permute_weights``)."""
-    rows = w.shape[0]
-    head_dim = rows // n_heads
-    assert head_dim * n_heads == rows and head_dim % 2 == 0, (w.shape, n_heads)
-    return w.reshape(n_heads, head_dim // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape).contiguous()
-
-
-# --------------------------------------------------------------------------------------
 # HF <-> mistral-inference names
 # --------------------------------------------------------------------------------------
 
@@ -416,60 +395,28 @@ def write_pth(hf_dir: str | Path, out_dir: str | Path) -> Path:
     return out
 
 
-_GGUF_FILE_TYPE = {"f32": 0, "f16": 1, "q8_0": 7}  # gguf.LlamaFileType ALL_F32 / MOSTLY_F16 / MOSTLY_Q8_0
-
-
 def mistral_to_gguf_tensors(sd: dict[str, torch.Tensor], params: dict[str, Any]) -> dict[str, np.ndarray]:
     """mistral-inference names -> llama.cpp names (float32 numpy, numpy shape = torch shape;
     MoE experts stacked ``[n_expert, rows, cols]``). wq/wk are already interleaved."""
-    t = {"token_embd.weight": sd["tok_embeddings.weight"], "output_norm.weight": sd["norm.weight"]}
-    if "output.weight" in sd:
-        t["output.weight"] = sd["output.weight"]
+    t = {gguf_name(k): sd[k] for k in ("tok_embeddings.weight", "norm.weight", "output.weight")
+         if k in sd}
     for i in range(params["n_layers"]):
-        m, b = f"layers.{i}", f"blk.{i}"
-        t[f"{b}.attn_norm.weight"] = sd[f"{m}.attention_norm.weight"]
-        t[f"{b}.attn_q.weight"] = sd[f"{m}.attention.wq.weight"]
-        t[f"{b}.attn_k.weight"] = sd[f"{m}.attention.wk.weight"]
-        t[f"{b}.attn_v.weight"] = sd[f"{m}.attention.wv.weight"]
-        t[f"{b}.attn_output.weight"] = sd[f"{m}.attention.wo.weight"]
-        t[f"{b}.ffn_norm.weight"] = sd[f"{m}.ffn_norm.weight"]
-        if "moe" in params:
+        m = f"layers.{i}"
+        parts = ["attention_norm", "attention.wq", "attention.wk", "attention.wv", "attention.wo",
+                 "ffn_norm"]
+        parts += (["feed_forward.gate"] if "moe" in params
+                  else ["feed_forward.w1", "feed_forward.w3", "feed_forward.w2"])
+        t.update({gguf_name(f"{m}.{part}.weight"): sd[f"{m}.{part}.weight"] for part in parts})
+        if "moe" in params:  # experts stacked [n_expert, rows, cols], one tensor per projection
             n = params["moe"]["num_experts"]
-            t[f"{b}.ffn_gate_inp.weight"] = sd[f"{m}.feed_forward.gate.weight"]
-            for gname, w in (("ffn_gate_exps", "w1"), ("ffn_up_exps", "w3"), ("ffn_down_exps", "w2")):
-                t[f"{b}.{gname}.weight"] = torch.stack(
+            for w, gname in GGUF_EXPERT_NAMES.items():
+                t[f"blk.{i}.{gname}.weight"] = torch.stack(
                     [sd[f"{m}.feed_forward.experts.{j}.{w}.weight"] for j in range(n)])
-        else:
-            t[f"{b}.ffn_gate.weight"] = sd[f"{m}.feed_forward.w1.weight"]
-            t[f"{b}.ffn_up.weight"] = sd[f"{m}.feed_forward.w3.weight"]
-            t[f"{b}.ffn_down.weight"] = sd[f"{m}.feed_forward.w2.weight"]
     return {k: v.detach().to(torch.float32).contiguous().numpy() for k, v in t.items()}
 
 
 def gguf_path(out_dir: str | Path, qtype: str) -> Path:
     return Path(out_dir) / f"model-{qtype}.gguf"
-
-
-def add_llama_hparams(w, params: dict[str, Any], context_length: int) -> None:
-    """GGUF ``llama.*`` hyper-parameters of a params.json dict (head_dim explicit, window
-    under ``llama.attention.sliding_window``, which souverain reads and llama.cpp ignores)."""
-    w.add_block_count(params["n_layers"])
-    w.add_context_length(context_length)
-    w.add_embedding_length(params["dim"])
-    w.add_feed_forward_length(params["hidden_dim"])
-    w.add_head_count(params["n_heads"])
-    w.add_head_count_kv(params["n_kv_heads"])
-    w.add_layer_norm_rms_eps(params["norm_eps"])
-    w.add_rope_freq_base(params["rope_theta"])
-    w.add_key_length(params["head_dim"])
-    w.add_value_length(params["head_dim"])
-    w.add_rope_dimension_count(params["head_dim"])
-    w.add_vocab_size(params["vocab_size"])
-    if "moe" in params:
-        w.add_expert_count(params["moe"]["num_experts"])
-        w.add_expert_used_count(params["moe"]["num_experts_per_tok"])
-    if params.get("sliding_window") is not None:
-        w.add_sliding_window(params["sliding_window"])
 
 
 def write_gguf(hf_dir: str | Path, out_dir: str | Path, qtype: str = "f32", *,
@@ -481,10 +428,8 @@ def write_gguf(hf_dir: str | Path, out_dir: str | Path, qtype: str = "f32", *,
     own convention: llama.cpp ignores it for arch llama). No tokenizer metadata unless
     ``with_tokenizer`` (then a minimal ``tokenizer.ggml.*`` llama/SentencePiece vocab taken
     from the v3 tokenizer)."""
-    import gguf
-
-    if qtype not in _GGUF_FILE_TYPE:
-        raise ValueError(f"qtype must be one of {sorted(_GGUF_FILE_TYPE)}, not {qtype!r}")
+    if qtype not in GGUF_QTYPES:
+        raise ValueError(f"qtype must be one of {sorted(GGUF_QTYPES)}, not {qtype!r}")
     hf_dir = Path(hf_dir)
     cfg = hf_config(hf_dir)
     params = params_from_hf_config(cfg)
@@ -492,35 +437,15 @@ def write_gguf(hf_dir: str | Path, out_dir: str | Path, qtype: str = "f32", *,
     path = gguf_path(out_dir, qtype)
     path.parent.mkdir(parents=True, exist_ok=True)
 
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_name(name or f"souverain-tiny-{cfg.get('model_type', 'llama')}")
-    add_llama_hparams(w, params, cfg.get("max_position_embeddings", 512))
-    w.add_file_type(_GGUF_FILE_TYPE[qtype])
+    w = llama_gguf_writer(path, name or f"souverain-tiny-{cfg.get('model_type', 'llama')}",
+                          params, cfg.get("max_position_embeddings", 512), qtype)
     if with_tokenizer:
-        _add_sentencepiece_vocab(w, v3_tokenizer_path())
-
-    q8 = gguf.GGMLQuantizationType.Q8_0
+        add_sentencepiece_vocab(w, v3_tokenizer_path(), add_bos=None)
     for tname, arr in tensors.items():
         keep_f32 = arr.ndim == 1 or tname.endswith("_norm.weight") or ".ffn_gate_inp." in tname
-        if qtype == "f32" or keep_f32:
-            w.add_tensor(tname, arr.astype(np.float32))
-        elif qtype == "f16":
-            w.add_tensor(tname, arr.astype(np.float16))
-        else:
-            qarr = gguf.quants.quantize(arr, q8)
-            w.add_tensor(tname, qarr, raw_shape=qarr.shape, raw_dtype=q8)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+        add_gguf_tensor(w, tname, arr, "f32" if keep_f32 else qtype)
+    finish_gguf(w)
     return path
-
-
-def _add_sentencepiece_vocab(w, model_file: Path) -> None:
-    """Minimal llama/SPM tokenizer metadata (tokens, scores, types, bos/eos/unk ids)."""
-    from souverain.bench import add_sentencepiece_vocab
-
-    add_sentencepiece_vocab(w, model_file, add_bos=None)
 
 
 # --------------------------------------------------------------------------------------

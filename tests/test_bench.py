@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 
-from souverain import bench
+from souverain.bench import command as bench
 
 
 def test_bench_quick_souverain_only(tiny_mistral: dict, tmp_path, capsys) -> None:

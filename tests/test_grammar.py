@@ -149,7 +149,7 @@ def gguf_spm_tok(tmp_path_factory):
     """A GGUF holding v3's SentencePiece vocabulary as llama.cpp metadata (tokenizer only)."""
     import gguf
 
-    from souverain.bench import add_sentencepiece_vocab
+    from souverain.bench.formats import add_sentencepiece_vocab
 
     path = tmp_path_factory.mktemp("gguf-spm") / "tok.gguf"
     writer = gguf.GGUFWriter(str(path), arch="llama")

@@ -1,0 +1,145 @@
+"""What one bench session runs: `BenchOptions` (the command's flags, one field each) ->
+the list of runs (one engine on one file each, one subprocess each), the GGUF files to
+describe, and the vocabulary size the prompts are drawn from."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from souverain.bench.measure import log
+from souverain.bench.mistral_1b import GGUF_FORMATS, MISTRAL_1B, ensure_mistral_1b
+
+ENGINES = ("souverain", "llama.cpp", "transformers")
+LLAMA_CPP_INSTALL = ("llama-cpp-python is not installed: `pip install llama-cpp-python` "
+                     "(it compiles llama.cpp, ~10 minutes on 2 cores); "
+                     "skipping the llama.cpp column")
+LlamaConcurrency = Literal["batched", "sequential", "both"]
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """The flags of `souverain bench` (see its ``--help``); comma lists stay strings."""
+
+    model: str
+    threads: int | None
+    engines: str
+    quantization: str
+    dtype: str
+    hf_dtype: str
+    formats: str
+    concurrency: str
+    llama_concurrency: LlamaConcurrency
+    llama_flash_attn: bool
+    repeats: int
+    cache_dir: str
+    quick: bool
+    prepare_only: bool
+    no_bandwidth: bool
+    timeout: float
+    wait_quiet: float
+    json_path: str | None
+    markdown: bool
+    render: str | None
+
+    def format_list(self) -> list[str]:
+        """``--formats`` as a list (mistral-1b's GGUF files)."""
+        return [f.strip().lower() for f in self.formats.split(",") if f.strip()]
+
+    def concurrency_levels(self) -> list[int]:
+        """``--concurrency``; ``--quick`` turns the default levels into 2 and 4."""
+        if self.quick and self.concurrency == "8,16,32":
+            return [2, 4]
+        return [int(x) for x in self.concurrency.split(",") if x.strip()]
+
+
+def llama_cpp_version() -> str | None:
+    """llama-cpp-python's version ("?" if unknown), None when it is not installed."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        return None
+    try:
+        from importlib.metadata import version
+
+        return version("llama-cpp-python")
+    except Exception:
+        return "?"
+
+
+def plan_runs(o: BenchOptions) -> tuple[list[dict[str, Any]], dict[str, Path], int]:
+    """The runs (one subprocess each), the GGUF files to describe (by name), and the
+    vocabulary size."""
+    engines = [e.strip() for e in o.engines.split(",") if e.strip()]
+    bad = [e for e in engines if e not in ENGINES]
+    if bad:
+        raise SystemExit(f"unknown engine(s) {bad}; choose from {', '.join(ENGINES)}")
+    quants = [q.strip() for q in o.quantization.split(",") if q.strip()]
+    if o.model == "mistral-1b":
+        runs, files, vocab = _plan_mistral_1b(o, engines, quants)
+    else:
+        runs, files, vocab = _plan_model(o, engines, quants)
+    if any(r["engine"] == "llama.cpp" for r in runs) and llama_cpp_version() is None:
+        log(LLAMA_CPP_INSTALL)
+        runs = [r for r in runs if r["engine"] != "llama.cpp"]
+    return runs, files, vocab
+
+
+def _plan_mistral_1b(o: BenchOptions, engines: list[str], quants: list[str]
+                     ) -> tuple[list[dict[str, Any]], dict[str, Path], int]:
+    """souverain and llama.cpp on each GGUF format, transformers on the HF folder."""
+    formats = o.format_list()
+    bad = [f for f in formats if f not in GGUF_FORMATS]
+    if bad:
+        raise SystemExit(f"unknown format(s) {bad}; choose from {', '.join(GGUF_FORMATS)}")
+    paths = ensure_mistral_1b(Path(o.cache_dir).expanduser(), formats)
+    files = {fmt.upper(): paths["gguf"][fmt] for fmt in formats}
+    runs: list[dict[str, Any]] = []
+    for fmt in formats:
+        p = paths["gguf"][fmt]
+        if "souverain" in engines:
+            for q in quants:
+                runs.append({"engine": "souverain", "path": str(p), "quantization": q,
+                             "dtype": o.dtype, "source": fmt.upper(),
+                             "label": f"souverain · {fmt.upper()} GGUF · quant {q}"})
+        if "llama.cpp" in engines:
+            runs.append({"engine": "llama.cpp", "path": str(p), "source": fmt.upper(),
+                         "label": f"llama.cpp · {fmt.upper()} GGUF"})
+    if "transformers" in engines:
+        runs.append({"engine": "transformers", "path": str(paths["hf"]), "dtype": o.hf_dtype,
+                     "source": "HF bf16 safetensors",
+                     "label": f"transformers · HF folder · {o.hf_dtype}"})
+    return runs, files, MISTRAL_1B["vocab_size"]
+
+
+def _plan_model(o: BenchOptions, engines: list[str], quants: list[str]
+                ) -> tuple[list[dict[str, Any]], dict[str, Path], int]:
+    """Every engine on the one file or folder souverain resolves (llama.cpp: GGUF only)."""
+    from souverain.weights import load, resolve
+
+    name = "smollm2-135m-instruct" if o.model == "smollm2" else o.model
+    path = resolve(name)
+    vocab = load(path).args.vocab_size
+    is_gguf = path.is_file() and path.suffix.lower() == ".gguf"
+    src = path.name
+    files = {path.name: path} if is_gguf else {}
+    runs: list[dict[str, Any]] = []
+    for q in quants:
+        if "souverain" in engines:
+            runs.append({"engine": "souverain", "path": str(path), "quantization": q,
+                         "dtype": o.dtype, "source": src, "label": f"souverain · quant {q}"})
+    if "llama.cpp" in engines:
+        if is_gguf:
+            runs.append({"engine": "llama.cpp", "path": str(path), "source": src,
+                         "label": "llama.cpp"})
+        else:
+            log(f"llama.cpp runs GGUF files only; {path} is not one: skipped")
+    if "transformers" in engines:
+        r = {"engine": "transformers", "dtype": o.hf_dtype, "source": src,
+             "label": f"transformers · {o.hf_dtype}"}
+        if is_gguf:
+            r.update(path=str(path.parent), gguf_file=path.name)
+        else:
+            r.update(path=str(path))
+        runs.append(r)
+    return runs, files, vocab
