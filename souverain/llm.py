@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
-from typing import Any, Union
+from typing import Any, cast
 
 import torch
 
-from souverain.engine.engine import EngineConfig, LLMEngine
+from souverain.engine.config import EngineConfig
+from souverain.engine.engine import LLMEngine
 from souverain.engine.sampling import SamplingParams
 from souverain.engine.sequence import RequestOutput
 from souverain.errors import RequestError, TokenizerError
 from souverain.models.loader import ProgressFn
+from souverain.tokenizer import Tokenizer
 
-Prompt = Union[str, Sequence[int]]
+Prompt = str | Sequence[int]
 Messages = list[dict[str, Any]]
 
 
@@ -41,14 +43,14 @@ class LLM:
         self.checkpoint = self.engine.checkpoint
         self.args = self.engine.args
         self.tokenizer = self.engine.tokenizer
-        self.model = self.engine.model
-        self.dtype = self.engine.dtype
+        self.model = self.engine.runner.model
+        self.dtype = self.engine.runner.dtype
         self.threads = self.engine.threads
         self.context = self.engine.max_model_len
         self.last_output: RequestOutput | None = None
 
     # -- prompts -----------------------------------------------------------------------------
-    def _require_tokenizer(self, what: str) -> Any:
+    def _require_tokenizer(self, what: str) -> Tokenizer:
         if self.tokenizer is None:
             fix = ("use a GGUF that embeds its tokenizer (tokenizer.ggml.* metadata)"
                    if self.checkpoint.format == "gguf" else
@@ -70,14 +72,15 @@ class LLM:
         if isinstance(prompts, str) or (
             isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)
         ):
-            prompts = [prompts]  # type: ignore[list-item]
-        return [self.encode(p) for p in prompts]  # type: ignore[union-attr]
+            return [self.encode(cast(Prompt, prompts))]
+        return [self.encode(p) for p in cast(Sequence[Prompt], prompts)]
 
     def _chats(self, messages: Messages | Sequence[Messages],
                tools: list[dict[str, Any]] | None) -> list[list[int]]:
         tok = self._require_tokenizer("chat")
-        batch = [messages] if messages and isinstance(messages[0], dict) else messages
-        return [tok.encode_chat(list(m), tools=tools) for m in batch]  # type: ignore[arg-type]
+        one = bool(messages) and isinstance(messages[0], dict)
+        batch = cast(Sequence[Messages], [messages] if one else messages)
+        return [tok.encode_chat(list(m), tools=tools) for m in batch]
 
     @staticmethod
     def _params(params: SamplingParams | Sequence[SamplingParams] | None,
@@ -153,6 +156,4 @@ class LLM:
         adapter ``lora`` if given (see ``engine.add_lora``)."""
         ids = [int(t) for t in token_ids]
         self.engine.check_token_ids(ids)
-        with self.engine.lora_applied(lora), torch.inference_mode():
-            tokens = torch.tensor(ids, dtype=torch.long, device=self.model.device)
-            return self.model(tokens, torch.arange(len(ids), device=self.model.device))
+        return self.engine.runner.prompt_logits(ids, lora)

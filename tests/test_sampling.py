@@ -11,9 +11,8 @@ from collections import Counter
 import pytest
 import torch
 
-from souverain.engine.sampling import (
-    SamplingParams, SamplingRow, TokenLogprob, _process_, sample, sample_batch,
-)
+from souverain.engine.sampler import SamplingRow, _process_, sample, sample_batch
+from souverain.engine.sampling import SamplingParams, TokenLogprob
 from souverain.errors import RequestError
 
 

@@ -15,11 +15,13 @@ import threading
 from collections.abc import AsyncIterator
 from collections.abc import Sequence as Seq
 
-from souverain.engine.engine import EngineConfig, LLMEngine
+from souverain.engine.config import EngineConfig
+from souverain.engine.engine import LLMEngine
 from souverain.engine.sampling import SamplingParams
 from souverain.engine.sequence import RequestOutput
 from souverain.errors import RequestError
 from souverain.models.loader import ProgressFn
+from souverain.tokenizer import Tokenizer
 from souverain.weights.adapter import LoRAAdapter
 
 
@@ -37,7 +39,7 @@ class AsyncLLMEngine:
         self._thread.start()
 
     @property
-    def tokenizer(self):
+    def tokenizer(self) -> Tokenizer | None:
         return self.engine.tokenizer
 
     async def generate(self, prompt: str | Seq[int], params: SamplingParams | None = None,

@@ -6,10 +6,12 @@
         for out in engine.step():
             print(out.request_id, out.outputs[0].delta_text, out.finished)
 
-Each `step` = scheduler (continuous batching, chunked prefill, prefix cache, preemption) ->
-one forward over the flat batch of every scheduled sequence through a `PagedAttention`
-backend -> batched sampling -> detokenization and stop checks -> blocks of finished
-sequences freed at once.
+Each `step` = schedule (continuous batching, chunked prefill, prefix cache, preemption) ->
+`ModelRunner`: one `StepBatch` of every scheduled sequence, one forward through a
+`PagedAttention` backend, batched sampling -> postprocess: KV bookkeeping, detokenization and
+stop checks, blocks of finished sequences freed at once. The engine owns the requests, the
+scheduler, the block manager and the outputs; the runner owns the model, the KV cache and
+the LoRA adapters.
 """
 
 from __future__ import annotations
@@ -17,21 +19,17 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
-import threading
-from collections.abc import Iterator
 from collections.abc import Sequence as Seq
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
-from souverain import kernels
 from souverain.engine.block_manager import BlockManager
-from souverain.engine.lora import LoRAManager, LoRARef
-from souverain.engine.paged_attention import PagedAttention, PagedKVCache, SeqSlice
-from souverain.engine.sampling import SamplingParams, SamplingRow, sample_batch
-from souverain.engine.scheduler import Scheduler
+from souverain.engine.config import EngineConfig
+from souverain.engine.lora import LoRARef
+from souverain.engine.model_runner import ModelRunner, StepBatch
+from souverain.engine.sampling import SamplingParams, TokenLogprob
+from souverain.engine.scheduler import ScheduledSeq, Scheduler
 from souverain.engine.sequence import (
     RequestMetrics,
     RequestOutput,
@@ -39,63 +37,11 @@ from souverain.engine.sequence import (
     now,
 )
 from souverain.errors import RequestError, TokenizerError
-from souverain.models.loader import ProgressFn, load_model, parse_dtype
-from souverain.runtime import available_memory, configure_threads, default_dtype
+from souverain.models.loader import ProgressFn
+from souverain.runtime import configure_threads
 from souverain.tokenizer import IncrementalDetokenizer, Tokenizer
 from souverain.weights import load
 from souverain.weights.adapter import LoRAAdapter, load_adapter
-
-GiB = 1 << 30
-
-
-@dataclass
-class EngineConfig:
-    """How the engine runs a model; CLI flags map 1:1 onto these fields.
-
-    KV budget: ``kv_cache_tokens`` or ``kv_cache_gib`` (one of them; default: 25% of the
-    memory available after loading, at most 4 GiB, and no more than ``max_num_seqs`` full
-    contexts). The budget is the only KV memory the engine ever uses; when it runs out,
-    sequences are preempted and recomputed, never dropped.
-
-    LoRA: at most ``max_loras`` adapters resident at once (and ``lora_budget_gib`` of their
-    float32 weights, if set); loading one more evicts the least recently used adapter that no
-    unfinished request uses.
-    """
-
-    dtype: str = "auto"
-    quantization: str = "none"
-    threads: int | None = None
-    block_size: int = 16
-    kv_cache_tokens: int | None = None
-    kv_cache_gib: float | None = None
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 512
-    enable_prefix_caching: bool = True
-    max_model_len: int | None = None
-    max_loras: int = 8
-    lora_budget_gib: float | None = None
-
-    def __post_init__(self) -> None:
-        checks = [
-            (self.block_size >= 1, f"block_size={self.block_size} must be >= 1"),
-            (self.max_num_seqs >= 1, f"max_num_seqs={self.max_num_seqs} must be >= 1"),
-            (self.max_num_batched_tokens >= 1,
-             f"max_num_batched_tokens={self.max_num_batched_tokens} must be >= 1"),
-            (self.kv_cache_tokens is None or self.kv_cache_gib is None,
-             "give kv_cache_tokens or kv_cache_gib, not both"),
-            (self.kv_cache_tokens is None or self.kv_cache_tokens >= 2 * self.block_size,
-             f"kv_cache_tokens={self.kv_cache_tokens} must be at least 2 blocks "
-             f"({2 * self.block_size} tokens)"),
-            (self.kv_cache_gib is None or self.kv_cache_gib > 0, "kv_cache_gib must be > 0"),
-            (self.max_loras >= 1, f"max_loras={self.max_loras} must be >= 1"),
-            (self.lora_budget_gib is None or self.lora_budget_gib > 0,
-             "lora_budget_gib must be > 0"),
-            (self.quantization in ("none", "int8", "int4"),
-             f"quantization={self.quantization!r} must be none, int8 or int4"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise RequestError(f"invalid engine setting: {message}.")
 
 
 @dataclass
@@ -132,64 +78,37 @@ class LLMEngine:
         self.checkpoint = load(model)
         self.args = args = self.checkpoint.args
         self.tokenizer: Tokenizer | None = self.checkpoint.tokenizer
-        if config.dtype != "auto":
-            dtype = config.dtype
-        elif config.quantization != "none":
-            # int4's kernel computes in bf16 anyway: a bf16 residual stream and KV cache save
-            # two casts per linear and half the KV memory (SmolLM2 int4, `souverain bench`:
-            # peak RSS 1340 -> 643 MB, decode b=1 unchanged at 61 tok/s; logits rel. error vs
-            # fp32 .021 -> .032, same greedy tokens). int8 quantizes its activations in fp32;
-            # a bf16 stream measured the same speed there (batch 1 and 16) at half the KV.
-            dtype = "bfloat16"
-        else:
-            dtype = default_dtype(args.n_params)
-        self.dtype = parse_dtype(dtype)
-        self.model = load_model(self.checkpoint, self.dtype, progress=progress,
-                                quantization=config.quantization)
-        self.device = self.model.device
-        if self.device.type == "cpu":
-            kernels.available()  # built once per machine (~30 s), here rather than mid-request
+        self.runner = runner = ModelRunner(self.checkpoint, config, progress)
+        # the runner's, named here for callers (the server's memory accounting, `LLM`, tests);
+        # a step reaches them only through the runner
+        self.model, self.cache, self.loras = runner.model, runner.cache, runner.loras
+        self.dtype, self.kv_bytes_per_token = runner.dtype, runner.kv_bytes_per_token
 
         windows = {args.window_for_layer(i) for i in range(args.n_layers)}
         self.window = None if None in windows else max(w for w in windows if w is not None)
-        per_token = PagedKVCache.bytes_per_token(args.n_layers, args.n_kv_heads, args.head_dim,
-                                                 self.dtype)
-        context = config.max_model_len or args.max_seq_len or 32768
-        if config.kv_cache_tokens is not None:
-            tokens = config.kv_cache_tokens
-        else:
-            gib = config.kv_cache_gib
-            budget = gib * GiB if gib is not None else min(4 * GiB, 0.25 * (available_memory() or 8 * GiB))
-            tokens = int(budget // per_token)
-            if gib is None:
-                tokens = min(tokens, config.max_num_seqs * context)
-        num_blocks = max(2, tokens // config.block_size)
-        self.kv_tokens = (num_blocks - 1) * config.block_size  # block 0 is the padding block
-        if self.window is None:
-            # a sequence holds all its tokens: it can never be longer than the whole budget
-            context = min(context, self.kv_tokens)
-        elif self.kv_tokens < self.window + config.max_num_batched_tokens + config.block_size:
-            raise RequestError(
-                f"the KV budget ({self.kv_tokens} tokens) is smaller than one sliding window "
-                f"plus a step ({self.window} + {config.max_num_batched_tokens}); raise "
-                "kv_cache_tokens / kv_cache_gib."
-            )
-        self.max_model_len = context
-        self.kv_bytes_per_token = per_token
-        self.cache = PagedKVCache(args.n_layers, num_blocks, config.block_size, args.n_kv_heads,
-                                  args.head_dim, self.dtype, self.device)
-        self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching,
-                                   self.window)
+        self.kv_tokens = (runner.num_blocks - 1) * config.block_size  # block 0 pads
+        self.max_model_len = self._max_model_len()
+        self.blocks = BlockManager(runner.num_blocks, config.block_size,
+                                   config.enable_prefix_caching, self.window)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
         self.requests: dict[str, _Request] = {}
         self._seq_ids = itertools.count()
         self._request_ids = itertools.count()
         self.eos_ids = set(self.tokenizer.eos_ids) if self.tokenizer is not None else set()
-        budget = config.lora_budget_gib
-        self.loras = LoRAManager(self.model, args, config.max_loras,
-                                 None if budget is None else int(budget * GiB))
-        # adapters may be added from other threads (the server) while the engine thread steps
-        self._lora_lock = threading.Lock()
+
+    def _max_model_len(self) -> int:
+        """Most tokens one sequence may reach: the context, within the KV budget."""
+        config, context = self.config, self.config.context(self.args)
+        if self.window is None:
+            # a sequence holds all its tokens: it can never be longer than the whole budget
+            return min(context, self.kv_tokens)
+        if self.kv_tokens < self.window + config.max_num_batched_tokens + config.block_size:
+            raise RequestError(
+                f"the KV budget ({self.kv_tokens} tokens) is smaller than one sliding window "
+                f"plus a step ({self.window} + {config.max_num_batched_tokens}); raise "
+                "kv_cache_tokens / kv_cache_gib."
+            )
+        return context
 
     # -- LoRA adapters -------------------------------------------------------------------------
     def add_lora(self, name: str, adapter: LoRAAdapter | str | os.PathLike[str]) -> None:
@@ -199,27 +118,21 @@ class LLMEngine:
         if not isinstance(adapter, LoRAAdapter):
             adapter = load_adapter(adapter, n_heads=self.args.n_heads,
                                    n_kv_heads=self.args.n_kv_heads)
-        with self._lora_lock:
-            self.loras.add(name, adapter, self._lora_in_use)
+        with self.runner.lora_lock:
+            self.runner.loras.add(name, adapter, self._lora_in_use)
 
     def remove_lora(self, name: str) -> None:
         """Unload an adapter; RequestError if unknown or if unfinished requests use it."""
-        with self._lora_lock:
-            self.loras.ref(name)  # unknown -> RequestError naming the loaded ones
+        with self.runner.lora_lock:
+            self.runner.loras.ref(name)  # unknown -> RequestError naming the loaded ones
             if self._lora_in_use(name):
                 raise RequestError(f"LoRA adapter {name!r} is used by unfinished requests; "
                                    "abort them or wait for them to finish.")
-            self.loras.remove(name)
-
-    @contextmanager
-    def lora_applied(self, name: str | None) -> Iterator[None]:
-        """Direct model calls inside use adapter ``name`` on every row (None: the base)."""
-        with self._lora_lock, self.loras.applied(name):
-            yield
+            self.runner.loras.remove(name)
 
     def list_loras(self) -> list[str]:
         """Resident adapters, least recently used first."""
-        return self.loras.names()
+        return self.runner.loras.names()
 
     def _lora_in_use(self, name: str) -> bool:
         return any(r.lora is not None and r.lora.name == name for r in self.requests.values())
@@ -267,7 +180,7 @@ class LLMEngine:
         params = params or SamplingParams()
         lora_ref = None
         if lora is not None:  # a dict read: no lock (this may run on the event loop)
-            lora_ref = self.loras.ref(lora)
+            lora_ref = self.runner.loras.ref(lora)
         request_id = request_id if request_id is not None else f"req-{next(self._request_ids)}"
         ids = self.encode_prompt(prompt)
         self.check_prompt(ids)
@@ -290,11 +203,11 @@ class LLMEngine:
         if req.request_id in self.requests:
             raise RequestError(f"request id {req.request_id!r} is already in use.")
         if req.lora is not None:
-            with self._lora_lock:
-                if not self.loras.is_current(req.lora):
+            with self.runner.lora_lock:
+                if not self.runner.loras.is_current(req.lora):
                     raise RequestError(f"LoRA adapter {req.lora.name!r} was removed or "
                                        "evicted before the request started; add it again.")
-                self.loras.touch(req.lora.name)
+                self.runner.loras.touch(req.lora.name)
                 self.requests[req.request_id] = req  # in use from now: never evicted
         else:
             self.requests[req.request_id] = req
@@ -329,50 +242,36 @@ class LLMEngine:
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return []
-        tokens: list[int] = []
-        positions: list[int] = []
-        slices: list[SeqSlice] = []
-        sampling: list[tuple[Sequence, int]] = []  # (seq, flat row of its last token)
-        lora_rows: dict[int, list[int]] = {}  # adapter slot -> its flat rows (others: base)
-        for item in scheduled:
-            seq, n, c = item.seq, item.num_new, item.seq.num_computed
-            if seq.lora is not None:
-                lora_rows.setdefault(seq.lora.slot, []).extend(range(len(tokens),
-                                                                     len(tokens) + n))
-            tokens.extend(seq.token_ids[c:c + n])
-            positions.extend(range(c, c + n))
-            slices.append(SeqSlice(c, n, seq.block_table, seq.num_prompt_tokens))
-            if c + n == seq.num_tokens:
-                sampling.append((seq, len(tokens) - 1))
-        attn = PagedAttention(self.cache, slices, self.device)
-        rows = torch.tensor([r for _, r in sampling], dtype=torch.long, device=self.device)
-        with self._lora_lock, torch.inference_mode():
-            self.loras.begin_step(lora_rows, len(tokens))
-            try:
-                logits = self.model(torch.tensor(tokens, dtype=torch.long, device=self.device),
-                                    torch.tensor(positions, dtype=torch.long,
-                                                 device=self.device),
-                                    attn, logits_indices=rows)
-            finally:
-                self.loras.end_step()
+        batch = self.runner.prepare(scheduled)
+        logits = self.runner.run(batch)
+        return self._postprocess(scheduled, batch, logits)
+
+    def _postprocess(self, scheduled: list[ScheduledSeq], batch: StepBatch,
+                     logits: torch.Tensor) -> list[RequestOutput]:
+        """After the forward: the new KV is committed, then the sampled tokens go into the
+        outputs."""
         t = now()
+        self._commit_computed(scheduled)
+        if not batch.sampling:
+            return []
+        tokens, logprobs = self.runner.sample(batch, logits)
+        touched = self._append_tokens(batch.sampling, tokens, logprobs, t)
+        return self._outputs(touched, t)
+
+    def _commit_computed(self, scheduled: list[ScheduledSeq]) -> None:
+        """The scheduled tokens' K/V are in the cache now: full blocks join the prefix cache,
+        blocks that left the sliding window are released."""
         for item in scheduled:
             item.seq.num_computed += item.num_new
             self.blocks.commit_computed(item.seq)
             self.blocks.release_outside_window(item.seq)
-        if not sampling:
-            return []
-        logits = logits.cpu()
-        with torch.inference_mode():  # logits is an inference tensor: edit it in that mode
-            for i, (seq, _) in enumerate(sampling):
-                if len(seq.output_token_ids) < seq.params.min_tokens and seq.stop_ids:
-                    logits[i, list(seq.stop_ids)] = float("-inf")
-        new_tokens, logprobs = sample_batch(logits, [
-            SamplingRow(seq.params, seq.generator, seq.prompt_token_ids, seq.output_token_ids)
-            for seq, _ in sampling
-        ])
+
+    def _append_tokens(self, seqs: list[Sequence], tokens: list[int],
+                       logprobs: list[TokenLogprob | None], t: float) -> dict[str, _Request]:
+        """Each sequence's new token (finished sequences leave the scheduler); returns the
+        requests that progressed."""
         touched: dict[str, _Request] = {}
-        for (seq, _), token, lp in zip(sampling, new_tokens, logprobs):
+        for seq, token, lp in zip(seqs, tokens, logprobs):
             req = self.requests.get(seq.request_id)
             if req is None:
                 continue
@@ -382,6 +281,10 @@ class LLMEngine:
             if seq.output.finished:
                 self.scheduler.finish(seq)
             touched[req.request_id] = req
+        return touched
+
+    def _outputs(self, touched: dict[str, _Request], t: float) -> list[RequestOutput]:
+        """A snapshot per progressed request; finished requests are forgotten."""
         outputs = []
         for req in touched.values():
             if all(s.finished for s in req.seqs):
@@ -395,7 +298,8 @@ class LLMEngine:
         return outputs
 
     # -- output processing -------------------------------------------------------------------
-    def _append_token(self, seq: Sequence, token: int, logprob: Any) -> None:
+    def _append_token(self, seq: Sequence, token: int, logprob: TokenLogprob | None
+                      ) -> None:
         """Add a sampled token to ``seq``; update its text and decide whether it is done."""
         out, p = seq.output, seq.params
         seq.token_ids.append(token)
@@ -436,7 +340,7 @@ class LLMEngine:
         return rest
 
     # -- introspection -------------------------------------------------------------------
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> dict[str, int]:
         return {
             "running": len(self.scheduler.running),
             "waiting": len(self.scheduler.waiting),
@@ -446,6 +350,6 @@ class LLMEngine:
             "preemptions": self.scheduler.num_preemptions,
             "prefix_cache_queries": self.scheduler.prefix_queried_tokens,
             "prefix_cache_hits": self.scheduler.prefix_hit_tokens,
-            "loras": len(self.loras.resident),
-            "lora_evictions": self.loras.num_evictions,
+            "loras": len(self.runner.loras.resident),
+            "lora_evictions": self.runner.loras.num_evictions,
         }

@@ -29,11 +29,13 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from torch import nn
 
 from souverain.errors import CheckpointError, RequestError
+from souverain.models.transformer import Transformer
 from souverain.weights.adapter import LoRAAdapter
 from souverain.weights.args import ModelArgs
 
@@ -86,8 +88,9 @@ class MultiLoRALinear(nn.Module):
         super().__init__()
         self.base = base
         self.parts = parts  # (adapter module name, output rows), in output order
-        self.in_features = int(base.in_features)
-        self.out_features = int(base.out_features)
+        # float, int8 and int4 linears all say their shape as nn.Linear does
+        self.in_features = int(cast(int, base.in_features))
+        self.out_features = int(cast(int, base.out_features))
         self.step = step
         self.deltas: dict[int, _Delta] = {}
 
@@ -156,7 +159,7 @@ class _Resident:
     targets: list[str]
 
 
-def _adaptable(model: nn.Module, args: ModelArgs) -> dict[str, list[tuple[str, int]]]:
+def _adaptable(model: Transformer, args: ModelArgs) -> dict[str, list[tuple[str, int]]]:
     """``{model module name: [(adapter module name, output rows)]}`` for every linear a LoRA
     may target, seeing through the fused projections."""
     q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
@@ -184,7 +187,7 @@ class LoRAManager:
     their slots, LRU order, and the wrappers that apply them. Not thread-safe: the engine
     serialises calls with its lock."""
 
-    def __init__(self, model: nn.Module, args: ModelArgs, max_loras: int,
+    def __init__(self, model: Transformer, args: ModelArgs, max_loras: int,
                  budget_bytes: int | None = None):
         self.model = model
         self.args = args
