@@ -29,6 +29,7 @@ import re
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -256,8 +257,7 @@ class AuditMiddleware:
             if route is None:  # plain Starlette routes (/openapi.json, /docs): fixed paths
                 path = scope.get("path", "")
                 routes = getattr(scope.get("app"), "routes", ())
-                route = path if any(getattr(r, "path", None) == path for r in routes) \
-                    else "unmatched"
+                route = path if path in route_paths(routes) else "unmatched"
             client = scope.get("client")
             self.audit.submit({
                 "start": start_wall, "latency_s": time.perf_counter() - start,
@@ -267,3 +267,14 @@ class AuditMiddleware:
                 "body": b"".join(body), "response": b"".join(response),
                 "content_type": content_type,
             })
+
+
+def route_paths(routes: Sequence[Any]) -> set[str | None]:
+    """The path template of every route of an app. FastAPI >= 0.137 keeps an included router
+    as one node of ``app.routes``, which `iter_route_contexts` expands; before, ``app.routes``
+    held every route itself."""
+    try:
+        from fastapi.routing import iter_route_contexts
+    except ImportError:
+        return {getattr(r, "path", None) for r in routes}
+    return {c.path for c in iter_route_contexts(routes)}

@@ -14,8 +14,6 @@ from souverain.errors import SouverainError
 from souverain.server.auth import (
     APIKeys,
     AuthError,
-    ConfigError,
-    KeyInfo,
     add_key,
     authorize,
     generate_key,
@@ -23,6 +21,7 @@ from souverain.server.auth import (
     require_loopback,
     revoke_key,
 )
+from souverain.server.keyfile import ConfigError, KeyInfo
 from souverain.server.metrics import ServerMetrics
 from souverain.server.ratelimit import AdmissionQueue, RateLimiter, retry_after
 

@@ -1,26 +1,8 @@
-"""API keys for the HTTP server: a key file, constant-time checks, live revocation.
+"""API keys for the HTTP server: the live key set, constant-time checks, live revocation,
+the edits `souverain keys add|revoke` make to the key file, and the no-key (loopback) rule.
 
-Key file format
----------------
-One key per line; blank lines and lines starting with ``#`` are ignored::
-
-    # <key_id> <name> sha256:<64 hex> [models=a,b]
-    3f9a1c2e alice sha256:3f9a1c2e...(64 hex in all)
-    77b0d41a ci-bot sha256:77b0d41a... models=mistral-7b,codestral
-
-* ``key_id`` is a public identifier (letters, digits, ``._-``): it is what logs, metrics and
-  rate limits name, never the key itself.
-* ``name`` is a free label without spaces (who or what holds the key).
-* ``sha256:<hex>`` is the SHA-256 of the key as the client sends it. The plaintext key is not
-  stored: :func:`add_key` shows it once and writes only the hash.
-* ``models=a,b`` (optional) restricts the key to those model ids; without it the key may use
-  every model the server serves (a request for another model gets 403).
-
-For convenience a line may also hold just a bare plaintext key (for example a key copied from
-an environment variable). It is hashed at load time and the plaintext is not kept; its
-``key_id`` (and name) are the first 8 hex digits of its hash. A bare ``sha256:<hex>`` line works
-the same way. Prefer :func:`add_key`: a file of hashes is harmless if it leaks, a file of
-plaintext keys is not.
+The key file's format and its parsing are `souverain.server.keyfile`'s. The plaintext of a
+key is shown once by :func:`add_key`, which writes only its hash.
 
 The server re-reads the file when it changes (checked at most once per second, on the next
 request), so revoking a key is removing its line (:func:`revoke_key` does it atomically) and
@@ -40,29 +22,29 @@ import hmac
 import ipaddress
 import logging
 import os
-import re
 import secrets
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from souverain.errors import SouverainError
+from souverain.server.keyfile import (
+    HASH_PREFIX,
+    ConfigError,
+    KeyEntry,
+    KeyInfo,
+    file_signature,
+    key_digest,
+    parse_keys,
+    parse_line,
+    read_keyfile,
+)
 
 logger = logging.getLogger(__name__)
 
 KEY_PREFIX = "sk-sov-"
 RELOAD_INTERVAL_S = 1.0
-_HASH_PREFIX = "sha256:"
-_HEX64 = re.compile(r"[0-9a-fA-F]{64}")
-_KEY_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
-_LINE_FORMAT = "'<key_id> <name> sha256:<64 hex> [models=a,b]' or a bare key"
-
-
-class ConfigError(SouverainError):
-    """The API key file is missing, unreadable or malformed (the message names the line)."""
 
 
 class AuthError(Exception):
@@ -111,153 +93,19 @@ def _invalid() -> AuthError:
     return AuthError(401, "Invalid or revoked API key.", "invalid_api_key")
 
 
-@dataclass(frozen=True)
-class KeyInfo:
-    """Who a request authenticated as. Holds no secret (neither the key nor its hash)."""
-
-    key_id: str
-    name: str
-    models: frozenset[str] | None = None  # None = every model
-
-    def allows(self, model: str) -> bool:
-        return self.models is None or model in self.models
-
-
-@dataclass(frozen=True)
-class _Entry:
-    info: KeyInfo
-    digest: bytes = field(repr=False)  # raw 32-byte SHA-256 of the key
-    line: int = 0
-
-
-def _digest(key: str) -> bytes:
-    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
-
-
-# -- parsing -----------------------------------------------------------------------------------
-def _err(source: str, lineno: int, what: str) -> ConfigError:
-    # Never quote the line: it may hold a plaintext key.
-    return ConfigError(f"API key file {source}, line {lineno}: {what} (expected {_LINE_FORMAT}).")
-
-
-def _parse_line(line: str, lineno: int, source: str, *, warn: bool = True) -> _Entry | None:
-    """One line's entry, None for a blank or comment line; :class:`ConfigError` if malformed."""
-    line = line.strip()
-    if not line or line.startswith("#"):
-        return None
-    tokens = line.split()
-    if len(tokens) == 1:
-        token = tokens[0]
-        if token.lower().startswith(_HASH_PREFIX):
-            hexpart = token[len(_HASH_PREFIX) :]
-            if not _HEX64.fullmatch(hexpart):
-                raise _err(source, lineno, "the hash is not 64 hex digits")
-            digest = bytes.fromhex(hexpart)
-        else:
-            digest = _digest(token)
-            if warn and len(token) < 16:
-                logger.warning(
-                    "API key file %s, line %d: bare key is shorter than 16 characters; "
-                    "prefer a generated key (souverain.server.auth.generate_key).",
-                    source,
-                    lineno,
-                )
-        key_id = digest.hex()[:8]
-        return _Entry(info=KeyInfo(key_id=key_id, name=key_id), digest=digest, line=lineno)
-    if len(tokens) not in (3, 4):
-        raise _err(source, lineno, f"{len(tokens)} fields")
-    key_id, name, hashed = tokens[:3]
-    if not _KEY_ID.fullmatch(key_id):
-        raise _err(source, lineno, "the key_id must be 1-64 letters, digits, '.', '_' or '-'")
-    if not hashed.lower().startswith(_HASH_PREFIX) or not _HEX64.fullmatch(
-        hashed[len(_HASH_PREFIX) :]
-    ):
-        raise _err(source, lineno, "the third field must be 'sha256:' followed by 64 hex digits")
-    digest = bytes.fromhex(hashed[len(_HASH_PREFIX) :])
-    models: frozenset[str] | None = None
-    if len(tokens) == 4:
-        opt = tokens[3]
-        if not opt.startswith("models="):
-            raise _err(source, lineno, "the only option after the hash is 'models=a,b'")
-        names = [m for m in opt[len("models=") :].split(",") if m]
-        if not names:
-            raise _err(source, lineno, "'models=' lists no model")
-        models = frozenset(names)
-    return _Entry(info=KeyInfo(key_id=key_id, name=name, models=models), digest=digest, line=lineno)
-
-
-def _parse(text: str, source: str) -> list[_Entry]:
-    entries: list[_Entry] = []
-    ids: dict[str, int] = {}
-    digests: dict[bytes, int] = {}
-    for lineno, raw in enumerate(text.splitlines(), start=1):
-        entry = _parse_line(raw, lineno, source)
-        if entry is None:
-            continue
-        if entry.info.key_id in ids:
-            raise _err(
-                source,
-                lineno,
-                f"key_id {entry.info.key_id!r} is already used on line {ids[entry.info.key_id]}",
-            )
-        if entry.digest in digests:
-            raise _err(
-                source, lineno, f"the same key is already listed on line {digests[entry.digest]}"
-            )
-        ids[entry.info.key_id] = lineno
-        digests[entry.digest] = lineno
-        entries.append(entry)
-    return entries
-
-
-def _read(path: Path) -> tuple[str, tuple]:
-    """(text, stat signature) of the file, both taken from the same open file."""
-    try:
-        with open(path, "rb") as f:
-            st = os.fstat(f.fileno())
-            data = f.read()
-    except FileNotFoundError:
-        raise ConfigError(
-            f"API key file {path} does not exist: create it with `souverain keys add FILE NAME` (or fix the path)."
-        ) from None
-    except IsADirectoryError:
-        raise ConfigError(f"API key file {path} is a directory, not a file.") from None
-    except OSError as exc:
-        raise ConfigError(
-            f"API key file {path} cannot be read ({exc.strerror}): check its permissions."
-        ) from None
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        lineno = data[: exc.start].count(b"\n") + 1
-        raise ConfigError(f"API key file {path}, line {lineno}: not valid UTF-8 text.") from None
-    if st.st_mode & 0o077:
-        logger.warning(
-            "API key file %s is accessible to other users (mode %o): run `chmod 600 %s`.",
-            path,
-            st.st_mode & 0o777,
-            path,
-        )
-    return text, _signature(st)
-
-
-def _signature(st: os.stat_result) -> tuple:
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-
 # -- the key set -------------------------------------------------------------------------------
 class APIKeys:
     """A set of accepted API keys, optionally backed by a key file that is re-read on change."""
 
     def __init__(
         self,
-        entries: Iterable[_Entry] = (),
+        entries: Iterable[KeyEntry] = (),
         *,
         path: str | os.PathLike | None = None,
         clock: Callable[[], float] = time.monotonic,
         _signature: tuple | None = None,
     ) -> None:
-        self._entries: tuple[_Entry, ...] = tuple(entries)
+        self._entries: tuple[KeyEntry, ...] = tuple(entries)
         self.path = Path(path) if path is not None else None
         self._clock = clock
         self._sig = _signature
@@ -270,8 +118,8 @@ class APIKeys:
     ) -> APIKeys:
         """Load a key file; raises :class:`ConfigError` (one sentence, naming the line)."""
         p = Path(path).expanduser().absolute()  # reloads must not depend on the cwd
-        text, sig = _read(p)
-        entries = _parse(text, str(p))
+        text, sig = read_keyfile(p)
+        entries = parse_keys(text, str(p))
         if not entries:
             logger.warning("API key file %s lists no key: every request will be refused (401).", p)
         logger.info("Loaded %d API key(s) from %s.", len(entries), p)
@@ -280,13 +128,13 @@ class APIKeys:
     @classmethod
     def from_plaintext(cls, keys: Iterable[str]) -> APIKeys:
         """Keys given directly (e.g. from an environment variable); hashed, not kept."""
-        entries: dict[bytes, _Entry] = {}
+        entries: dict[bytes, KeyEntry] = {}
         for i, key in enumerate(keys, start=1):
             if not key or any(c.isspace() for c in key):
                 raise ConfigError(f"API key number {i} is empty or contains whitespace.")
-            digest = _digest(key)
+            digest = key_digest(key)
             entries.setdefault(
-                digest, _Entry(KeyInfo(digest.hex()[:8], digest.hex()[:8]), digest, i)
+                digest, KeyEntry(KeyInfo(digest.hex()[:8], digest.hex()[:8]), digest, i)
             )
         return cls(entries.values())
 
@@ -304,7 +152,7 @@ class APIKeys:
     @staticmethod
     def hash_key(key: str) -> str:
         """``"sha256:<hex>"`` of a key, the form the key file stores."""
-        return _HASH_PREFIX + hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
+        return HASH_PREFIX + hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
 
     # -- checks ----------------------------------------------------------------------------
     def authenticate(self, authorization_header: str | None) -> KeyInfo:
@@ -322,7 +170,7 @@ class APIKeys:
         presented = parts[1].strip()
         if not presented or any(c.isspace() for c in presented):
             raise _malformed()
-        digest = _digest(presented)  # surrogatepass: encoding any str succeeds
+        digest = key_digest(presented)  # surrogatepass: encoding any str succeeds
         del presented
         match: KeyInfo | None = None
         for entry in self._entries:  # a snapshot: reloads swap the tuple, never mutate it
@@ -367,14 +215,14 @@ class APIKeys:
                     exc.strerror,
                 )
                 return
-            if _signature(st) == self._sig:
+            if file_signature(st) == self._sig:
                 return
             try:
-                text, sig = _read(self.path)
-                entries = _parse(text, str(self.path))
+                text, sig = read_keyfile(self.path)
+                entries = parse_keys(text, str(self.path))
             except ConfigError as exc:
                 logger.error("%s Refusing every key until the file is fixed.", exc)
-                self._entries, self._sig = (), _signature(st)
+                self._entries, self._sig = (), file_signature(st)
                 return
             before = {e.info.key_id for e in self._entries}
             self._entries, self._sig = tuple(entries), sig
@@ -417,9 +265,9 @@ def add_key(path: str | os.PathLike, name: str, models: list[str] | None = None)
             if not m or "," in m or any(c.isspace() for c in m):
                 raise ConfigError(f"Model id {m!r} must be non-empty, without spaces or commas.")
     p = Path(path).expanduser()
-    existing: list[_Entry] = []
+    existing: list[KeyEntry] = []
     if p.exists():
-        existing = _parse(_read(p)[0], str(p))
+        existing = parse_keys(read_keyfile(p)[0], str(p))
     used_ids = {e.info.key_id for e in existing}
     while True:
         key = generate_key()
@@ -454,12 +302,12 @@ def revoke_key(path: str | os.PathLike, key_id_or_name: str) -> bool:
     the change up within a second. Lines it cannot parse are kept as they are.
     """
     p = Path(path).expanduser()
-    text, _ = _read(p)
+    text, _ = read_keyfile(p)
     kept: list[str] = []
     removed: list[str] = []
     for lineno, raw in enumerate(text.splitlines(keepends=True), start=1):
         try:
-            entry = _parse_line(raw, lineno, str(p), warn=False)
+            entry = parse_line(raw, lineno, str(p), warn=False)
         except ConfigError:
             entry = None
         if entry is not None and key_id_or_name in (entry.info.key_id, entry.info.name):

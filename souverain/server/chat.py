@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from souverain.engine.sampling import SamplingParams, TokenLogprob
+from souverain.engine.sampling import LogitsProcessor, SamplingParams, TokenLogprob
 from souverain.engine.sequence import CompletionOutput
 from souverain.server.errors import APIError
 from souverain.server.protocol import (
@@ -26,7 +26,9 @@ from souverain.server.protocol import (
     SAFE_PROMPT,
     ChatCompletionRequest,
     FIMCompletionRequest,
+    ResponseFormat,
 )
+from souverain.tokenizer.base import Tokenizer
 from souverain.tokenizer.mistral import MistralCommonTokenizer
 
 TAG_OPEN = "<tool_call>"
@@ -60,11 +62,11 @@ def _text(content: Any, where: str) -> str:
     return "".join(parts)
 
 
-def can_chat(tok: Any) -> bool:
-    return isinstance(tok, MistralCommonTokenizer) or bool(getattr(tok, "chat_template", None))
+def can_chat(tok: Tokenizer) -> bool:
+    return isinstance(tok, MistralCommonTokenizer) or bool(tok.chat_template)
 
 
-def fim_capable(tok: Any) -> bool:
+def fim_capable(tok: Tokenizer | None) -> bool:
     if tok is None:
         return False
     try:
@@ -74,12 +76,12 @@ def fim_capable(tok: Any) -> bool:
     return True
 
 
-def _template_renders_tools(tok: Any) -> bool:
-    src = getattr(tok, "chat_template", None) or ""
+def _template_renders_tools(tok: Tokenizer) -> bool:
+    src = tok.chat_template or ""
     return "tools" in src and "tool_calls" in src
 
 
-def _messages(body: ChatCompletionRequest, tok: Any, native: bool,
+def _messages(body: ChatCompletionRequest, tok: Tokenizer, native: bool,
               tool_prompt: str | None) -> tuple[list[dict[str, Any]], str]:
     """The conversation as plain dicts for `Tokenizer.encode_chat`, and the assistant prefix."""
     out: list[dict[str, Any]] = []
@@ -157,8 +159,8 @@ def _stops(stop: Any) -> list[str]:
     return stops
 
 
-def _sampling(body: Any, *, default_temperature: float, prompt_len: int, max_model_len: int,
-              processors: list[Any], n: int = 1, logprobs: bool = False,
+def _sampling(body: ChatCompletionRequest | FIMCompletionRequest, *, default_temperature: float,
+              prompt_len: int, max_model_len: int, processors: list[LogitsProcessor], n: int = 1, logprobs: bool = False,
               top_logprobs: int = 0, extra: dict[str, Any] | None = None) -> SamplingParams:
     max_tokens = getattr(body, "max_tokens", None)
     if max_tokens is None:
@@ -197,11 +199,49 @@ def _sampling(body: Any, *, default_temperature: float, prompt_len: int, max_mod
     return SamplingParams(**kwargs)
 
 
-def plan_chat(body: ChatCompletionRequest, tok: Any, *, vocab_size: int, max_model_len: int,
-              default_temperature: float) -> ChatPlan:
+def require_tokenizer(body: ChatCompletionRequest | FIMCompletionRequest,
+                      tok: Tokenizer | None) -> Tokenizer:
+    """The model's tokenizer, or a 400: without one it can neither chat nor fill in."""
     if tok is None:
-        raise APIError(400, f"Model {body.model!r} has no tokenizer, so it cannot chat.",
-                       param="model")
+        if isinstance(body, ChatCompletionRequest):
+            raise APIError(400, f"Model {body.model!r} has no tokenizer, so it cannot chat.",
+                           param="model")
+        raise APIError(400, f"Model {body.model!r} has no tokenizer.", param="model")
+    return tok
+
+
+def plan_chat(body: ChatCompletionRequest, tok: Tokenizer, *, vocab_size: int,
+              max_model_len: int, default_temperature: float) -> ChatPlan:
+    """Messages -> prompt ids (safe prompt, tools, assistant prefix) and the sampling
+    parameters, with the grammar processors that tool_choice and response_format ask for."""
+    _refuse_unsupported(body)
+    tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else []
+    mode = _tool_mode(body, tools)
+    native_id = tok.control_id("[TOOL_CALLS]")  # None: no native tool tokens (e.g. v1)
+    tools_active = bool(tools) and mode != "none"
+    renders_tools = native_id is not None or _template_renders_tools(tok)
+    tool_prompt = None
+    if tools_active and not renders_tools:
+        from souverain.grammar import tools_system_prompt
+
+        tool_prompt = tools_system_prompt(tools)
+    messages, prefix = _messages(body, tok, native_id is not None, tool_prompt)
+    if prefix and tools_active and mode != "auto":
+        raise APIError(400, "An assistant prefix cannot be combined with a forced tool call; "
+                            "use tool_choice auto or none.", param="tool_choice")
+    ids = tok.encode_chat(messages, tools=(tools or None) if renders_tools else None)
+    forced = tools_active and mode != "auto"
+    processors = _processors(body, tok, tools, mode, native_id, vocab_size)
+    params = _sampling(body, default_temperature=default_temperature, prompt_len=len(ids),
+                       max_model_len=max_model_len, processors=processors, n=body.n or 1,
+                       logprobs=bool(body.logprobs), top_logprobs=body.top_logprobs or 0,
+                       extra=_penalties(body))
+    return ChatPlan(ids, params, tools_active=tools_active, forced_tools=forced,
+                    native_tools=native_id is not None, tool_calls_id=native_id, prefix=prefix)
+
+
+def _refuse_unsupported(body: ChatCompletionRequest) -> None:
+    """A 400 for the fields that ask for what no model served here can do."""
     if body.prompt_logprobs:
         raise APIError(400, "prompt_logprobs is not supported by this server; leave it unset.",
                        param="prompt_logprobs")
@@ -215,11 +255,11 @@ def plan_chat(body: ChatCompletionRequest, tok: Any, *, vocab_size: int, max_mod
         raise APIError(400, "prompt_mode is not supported here (no reasoning models); leave "
                             "it unset.", param="prompt_mode")
 
-    if body.tools or (body.response_format is not None and body.response_format.type != "text"):
-        from souverain.grammar import json_processor, tool_call_processor, tools_system_prompt
-    processors: list[Any] = []
-    tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else []
+
+def _tool_mode(body: ChatCompletionRequest, tools: list[dict[str, Any]]) -> str:
+    """``tool_choice`` as one string: auto, none, any, required, or the function's name."""
     choice = body.tool_choice
+    mode: str
     if isinstance(choice, str) or choice is None:
         mode = choice or "auto"
     else:
@@ -230,44 +270,55 @@ def plan_chat(body: ChatCompletionRequest, tok: Any, *, vocab_size: int, max_mod
     if mode in ("any", "required") and not tools:
         raise APIError(400, f"tool_choice={mode!r} needs at least one tool in tools.",
                        param="tool_choice")
-    native_id = tok.control_id("[TOOL_CALLS]")  # None: no native tool tokens (e.g. v1)
+    return mode
+
+
+def _processors(body: ChatCompletionRequest, tok: Tokenizer, tools: list[dict[str, Any]],
+                mode: str, native_id: int | None, vocab_size: int) -> list[LogitsProcessor]:
+    """The logits processors of a chat: a forced tool call wins over a JSON format, then
+    auto tool calls, the [TOOL_CALLS] ban of tool_choice none, and logit_bias."""
+    processors: list[LogitsProcessor] = []
     tools_active = bool(tools) and mode != "none"
-    renders_tools = native_id is not None or _template_renders_tools(tok)
-    tool_prompt = None
-    if tools_active and not renders_tools:
-        tool_prompt = tools_system_prompt(tools)
-    messages, prefix = _messages(body, tok, native_id is not None, tool_prompt)
-    if prefix and tools_active and mode != "auto":
-        raise APIError(400, "An assistant prefix cannot be combined with a forced tool call; "
-                            "use tool_choice auto or none.", param="tool_choice")
-    ids = tok.encode_chat(messages, tools=(tools or None) if renders_tools else None)
-    forced = tools_active and mode != "auto"
     parallel = body.parallel_tool_calls if body.parallel_tool_calls is not None else True
-    if forced:
+    rf = body.response_format
+    if tools_active and mode != "auto":
+        from souverain.grammar import tool_call_processor
+
         proc = tool_call_processor(tok, tools, choice="any" if mode == "required" else mode,
-                                   vocab_size=vocab_size, parallel=parallel and mode in (
-                                       "any", "required"))
-        processors.append(proc)
-    else:
-        rf = body.response_format
-        if rf is not None and rf.type != "text":
-            if rf.type == "json_schema":
-                if rf.json_schema is None:
-                    raise APIError(400, "response_format type json_schema needs a json_schema "
-                                        "object with the schema.", param="response_format")
-                processors.append(json_processor(tok, rf.json_schema.schema_,
-                                                 vocab_size=vocab_size))
-            else:
-                processors.append(json_processor(tok, None, vocab_size=vocab_size))
-        elif tools_active:
-            proc = tool_call_processor(tok, tools, choice="auto", vocab_size=vocab_size,
-                                       parallel=parallel)
-            if proc is not None:
-                processors.append(proc)
-        if tools and mode == "none" and native_id is not None:
-            processors.append(_BanTokens([native_id]))
+                                   vocab_size=vocab_size,
+                                   parallel=parallel and mode in ("any", "required"))
+        if proc is not None:  # never None for a forced choice
+            processors.append(proc)
+    elif rf is not None and rf.type != "text":
+        processors.append(_json_format(rf, tok, vocab_size))
+    elif tools_active:
+        from souverain.grammar import tool_call_processor
+
+        proc = tool_call_processor(tok, tools, choice="auto", vocab_size=vocab_size,
+                                   parallel=parallel)
+        if proc is not None:
+            processors.append(proc)
+    if tools and mode == "none" and native_id is not None:
+        processors.append(_BanTokens([native_id]))
     if body.logit_bias:
         processors.append(_logit_bias(body.logit_bias, vocab_size))
+    return processors
+
+
+def _json_format(rf: ResponseFormat, tok: Tokenizer, vocab_size: int) -> LogitsProcessor:
+    """The processor of response_format json_object / json_schema."""
+    from souverain.grammar import json_processor
+
+    if rf.type == "json_schema":
+        if rf.json_schema is None:
+            raise APIError(400, "response_format type json_schema needs a json_schema "
+                                "object with the schema.", param="response_format")
+        return json_processor(tok, rf.json_schema.schema_, vocab_size=vocab_size)
+    return json_processor(tok, None, vocab_size=vocab_size)
+
+
+def _penalties(body: ChatCompletionRequest) -> dict[str, Any]:
+    """The sampling fields a chat request sets beyond FIM's (penalties, top_k)."""
     extra: dict[str, Any] = {}
     if body.presence_penalty is not None:
         extra["presence_penalty"] = body.presence_penalty
@@ -277,18 +328,12 @@ def plan_chat(body: ChatCompletionRequest, tok: Any, *, vocab_size: int, max_mod
         extra["repetition_penalty"] = body.repetition_penalty
     if body.top_k is not None:
         extra["top_k"] = body.top_k
-    params = _sampling(body, default_temperature=default_temperature, prompt_len=len(ids),
-                       max_model_len=max_model_len, processors=processors, n=body.n or 1,
-                       logprobs=bool(body.logprobs), top_logprobs=body.top_logprobs or 0,
-                       extra=extra)
-    return ChatPlan(ids, params, tools_active=tools_active, forced_tools=forced,
-                    native_tools=native_id is not None, tool_calls_id=native_id, prefix=prefix)
+    return extra
 
 
-def plan_fim(body: FIMCompletionRequest, tok: Any, *, max_model_len: int,
+def plan_fim(body: FIMCompletionRequest, tok: Tokenizer, *, max_model_len: int,
              default_temperature: float) -> ChatPlan:
-    if tok is None:
-        raise APIError(400, f"Model {body.model!r} has no tokenizer.", param="model")
+    """Prompt and suffix -> fill-in-the-middle prompt ids and the sampling parameters."""
     ids = tok.encode_fim(body.prompt, body.suffix or "")
     params = _sampling(body, default_temperature=default_temperature, prompt_len=len(ids),
                        max_model_len=max_model_len, processors=[])
@@ -304,7 +349,7 @@ class _BanTokens:
         return row
 
 
-def _logit_bias(bias: dict[str, float], vocab_size: int) -> Any:
+def _logit_bias(bias: dict[str, float], vocab_size: int) -> LogitsProcessor:
     ids, values = [], []
     for k, v in bias.items():
         try:
@@ -362,7 +407,8 @@ def streamable_text(plan: ChatPlan, out: CompletionOutput) -> str:
     return text[:len(text) - keep]
 
 
-def final_message(plan: ChatPlan, out: CompletionOutput, tok: Any) -> tuple[str, list[dict], str]:
+def final_message(plan: ChatPlan, out: CompletionOutput,
+                  tok: Tokenizer) -> tuple[str, list[dict], str]:
     """(content, tool_calls, finish_reason) of a finished choice."""
     calls: list[dict] = []
     content = out.text
@@ -392,7 +438,8 @@ def sse(obj: Any) -> bytes:
     return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
 
 
-def logprobs_body(lps: list[TokenLogprob] | None, tok: Any) -> dict[str, Any] | None:
+def logprobs_body(lps: list[TokenLogprob] | None,
+                  tok: Tokenizer | None) -> dict[str, Any] | None:
     if lps is None:
         return None
 
@@ -415,7 +462,7 @@ def logprobs_body(lps: list[TokenLogprob] | None, tok: Any) -> dict[str, Any] | 
     return {"content": content}
 
 
-def _byte_table(tok: Any) -> list[bytes] | None:
+def _byte_table(tok: Tokenizer | None) -> list[bytes] | None:
     """Every token's bytes (from the grammar's exact tables), or None for an unknown kind."""
     if tok is None:
         return None

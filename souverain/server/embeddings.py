@@ -1,5 +1,7 @@
-"""``POST /v1/embeddings``: La Plateforme's (and OpenAI's) embeddings API over the local
-sentence-transformers model (`souverain.rag.embed`).
+"""La Plateforme's (and OpenAI's) embeddings API over the local sentence-transformers model
+(`souverain.rag.embed`): the request and response schemas, the `EmbeddingService`, and the
+checks and body of one request. The route ``POST /v1/embeddings`` is
+`souverain.server.routers.embeddings`.
 
 The model is served as ``souverain-embed``, with ``mistral-embed`` as an alias so that code
 written for La Plateforme runs unchanged. It loads on its first request, on a worker thread;
@@ -18,22 +20,16 @@ import asyncio
 import base64
 import json
 import time
-import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from souverain.audit import note
 from souverain.errors import SouverainError
 from souverain.rag.embed import DEFAULT_EMBED_MODEL, Embedder, get_embedder, resolve_embed_model
-from souverain.server.auth import KeyInfo
 from souverain.server.errors import APIError
-from souverain.server.protocol import ErrorBody, ModelCapabilities, ModelCard, _Request
+from souverain.server.protocol import ModelCapabilities, ModelCard, _Request
 
 MAX_INPUTS = 512
 ALIASES = ("mistral-embed",)
@@ -130,8 +126,30 @@ class EmbeddingService:
                                        code="model_load_failed") from None
         return self._embedder
 
+    async def embed(self, body: EmbeddingRequest, texts: list[str],
+                    request_id: str) -> tuple[dict[str, Any], int]:
+        """(response body, prompt tokens) of one request; the forwards on a worker thread."""
+        embedder = await self.embedder()
+        check_options(body, embedder.dim)
+        result = await asyncio.to_thread(embedder.embed, texts)
+        payload = await asyncio.to_thread(response_body, body, request_id, result.vectors,
+                                          result.total_tokens)
+        return payload, result.total_tokens
 
-def _texts(body: EmbeddingRequest) -> list[str]:
+
+def served(service: EmbeddingService | None, model: str) -> EmbeddingService:
+    """The embedding service if it serves ``model``, else a 404 naming what is served here."""
+    if service is None or not service.serves(model):
+        names = f"{service.name} (alias {', '.join(service.aliases)})" if service \
+            else "none (the server runs with --embed-model none)"
+        raise APIError(404, f"Embedding model {model!r} is not served here; the "
+                            f"embedding model of this server: {names}.",
+                       param="model", code="model_not_found")
+    return service
+
+
+def request_texts(body: EmbeddingRequest) -> list[str]:
+    """The texts to embed, or a 400 (token ids, none, more than MAX_INPUTS)."""
     x = body.input
     if isinstance(x, str):
         return [x]
@@ -148,7 +166,8 @@ def _texts(body: EmbeddingRequest) -> list[str]:
     return list(x)  # type: ignore[arg-type]
 
 
-def _check_options(body: EmbeddingRequest, dim: int) -> None:
+def check_options(body: EmbeddingRequest, dim: int) -> None:
+    """A 400 for an output dtype or a dimension this model does not give."""
     if body.output_dtype not in (None, "float"):
         raise APIError(400, f"output_dtype {body.output_dtype!r} is not supported here: this "
                             "server returns float embeddings only (omit output_dtype or send "
@@ -161,8 +180,9 @@ def _check_options(body: EmbeddingRequest, dim: int) -> None:
                                 f"{dim}).", param=field)
 
 
-def _response(body: EmbeddingRequest, request_id: str, vectors: np.ndarray,
-              tokens: int) -> dict[str, Any]:
+def response_body(body: EmbeddingRequest, request_id: str, vectors: np.ndarray,
+                  tokens: int) -> dict[str, Any]:
+    """The response: one embedding per text (floats, or base64 of little-endian float32)."""
     data = []
     for i, v in enumerate(vectors):  # v: (dim,) float32
         emb: Any = (base64.b64encode(v.astype("<f4").tobytes()).decode("ascii")
@@ -170,48 +190,3 @@ def _response(body: EmbeddingRequest, request_id: str, vectors: np.ndarray,
         data.append({"object": "embedding", "embedding": emb, "index": i})
     return {"id": request_id, "object": "list", "model": body.model, "data": data,
             "usage": {"prompt_tokens": tokens, "completion_tokens": 0, "total_tokens": tokens}}
-
-
-def install(app: FastAPI, authorize: Callable[..., Any],
-            check_model: Callable[[KeyInfo | None, str], None],
-            charge: Callable[[KeyInfo | None, int], None],
-            model: str | None) -> EmbeddingService | None:
-    """Add ``POST /v1/embeddings`` to ``app``; ``model`` None = no embedding model (404s).
-    Returns the service, whose card `GET /v1/models` lists."""
-    service = EmbeddingService(model) if model is not None else None
-    errors = {c: {"model": ErrorBody} for c in (400, 401, 403, 404, 413, 422, 429, 503)}
-
-    @app.post("/v1/embeddings", response_model=EmbeddingResponse, responses=errors,  # type: ignore[arg-type]
-              tags=["embeddings"], summary="Embeddings (La Plateforme / OpenAI)")
-    async def embeddings(body: EmbeddingRequest, request: Request,
-                         key: KeyInfo | None = Depends(authorize)) -> JSONResponse:
-        notes = note(request)
-        notes["model"] = body.model
-        check_model(key, body.model)
-        if service is None or not service.serves(body.model):
-            served = f"{service.name} (alias {', '.join(service.aliases)})" if service \
-                else "none (the server runs with --embed-model none)"
-            raise APIError(404, f"Embedding model {body.model!r} is not served here; the "
-                                f"embedding model of this server: {served}.",
-                           param="model", code="model_not_found")
-        texts = _texts(body)
-        admission = app.state.admission
-        if not admission.try_acquire():
-            raise APIError(429, "The server is at capacity; retry shortly.", code="queue_full",
-                           headers={"Retry-After": "1"})
-        try:
-            embedder = await service.embedder()
-            _check_options(body, embedder.dim)
-            result = await asyncio.to_thread(embedder.embed, texts)
-            request_id = f"embd-{uuid.uuid4().hex}"
-            payload = await asyncio.to_thread(_response, body, request_id, result.vectors,
-                                              result.total_tokens)
-        finally:
-            admission.release()
-        notes.update(request_id=request_id, prompt_tokens=result.total_tokens,
-                     completion_tokens=0)
-        charge(key, result.total_tokens)
-        app.state.metrics.observe_tokens(service.name, result.total_tokens, 0)
-        return JSONResponse(payload)
-
-    return service

@@ -8,8 +8,10 @@ bug here, and its body says so without leaking internals.
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
@@ -20,6 +22,9 @@ from starlette.responses import JSONResponse
 from souverain.errors import SouverainError
 
 log = logging.getLogger("souverain.server")
+
+T = TypeVar("T")
+E = TypeVar("E", bound=Exception)
 
 _TYPES = {
     400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
@@ -57,6 +62,16 @@ def error_body(status: int, message: str, *, param: str | None = None, code: str
 def error_response(err: APIError) -> JSONResponse:
     return JSONResponse(error_body(err.status, err.message, param=err.param, code=err.code,
                                    type=err.type), status_code=err.status, headers=err.headers)
+
+
+async def call_in_thread(fn: Callable[..., T], *args: Any, errors: type[E],
+                         translate: Callable[[E], APIError]) -> T:
+    """``fn(*args)`` on a worker thread (it blocks: SQLite, files, parsing), its ``errors``
+    raised as the `APIError` that ``translate`` makes of them."""
+    try:
+        return await asyncio.to_thread(fn, *args)
+    except errors as exc:
+        raise translate(exc) from None
 
 
 def _validation_detail(exc: RequestValidationError) -> list[dict[str, Any]]:

@@ -1,10 +1,7 @@
-"""La Plateforme's Files and Fine-tuning jobs APIs over a `JobStore`.
-
-Routes (shapes of La Plateforme's OpenAPI spec; ``client.files`` of the mistralai SDK):
-``POST /v1/files`` (multipart ``file`` + ``purpose`` fine-tune|batch), ``GET /v1/files``,
-``GET/DELETE /v1/files/{file_id}``, ``GET /v1/files/{file_id}/content``;
-``GET/POST /v1/fine_tuning/jobs``, ``GET /v1/fine_tuning/jobs/{job_id}`` (with events and
-checkpoints), ``POST …/{job_id}/cancel``, ``POST …/{job_id}/start``.
+"""La Plateforme's Files and Fine-tuning jobs APIs over a `JobStore`: request bodies, the
+checks of an upload and of a new job, and the JSON shapes of files and jobs (La Plateforme's
+OpenAPI spec; ``client.files`` of the mistralai SDK). Its routes are
+`souverain.server.routers.files`.
 
 The server only records: a job is QUEUED here and a separate worker process
 (`souverain.finetune.worker`) validates and trains it, so a long run never slows serving. A
@@ -15,21 +12,13 @@ base model's tokenizer) is the job's VALIDATING step, whose errors name file and
 
 from __future__ import annotations
 
-import asyncio
 import json
-import math
 import re
-from collections.abc import Callable
-from enum import Enum
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile
-from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from souverain.finetune.store import (
-    STATUSES,
     Conflict,
     FileRecord,
     JobRecord,
@@ -189,7 +178,8 @@ def _kind(obj: dict[str, Any]) -> str | None:
     return None
 
 
-def _api_error(exc: JobsError) -> APIError:
+def jobs_api_error(exc: JobsError) -> APIError:
+    """The HTTP error of a store error: 404 (no such file or job), 409 (wrong status), 400."""
     if isinstance(exc, NotFound):
         return APIError(404, str(exc), code="not_found")
     if isinstance(exc, Conflict):
@@ -197,185 +187,31 @@ def _api_error(exc: JobsError) -> APIError:
     return APIError(400, str(exc))
 
 
-async def _call(fn: Callable[..., Any], *args: Any) -> Any:
-    try:
-        return await asyncio.to_thread(fn, *args)
-    except JobsError as exc:
-        raise _api_error(exc) from None
-
-
-def install(app: FastAPI, authorize: Callable[..., Any], store: JobStore, *,
-            find_model: Callable[[str], str], check_model: Callable[[Any, str], None],
-            max_file_bytes: int) -> None:
-    """Add the Files and Fine-tuning jobs routes to ``app``. ``find_model(name)`` returns the
-    path of a served model (or raises a 404 APIError); ``check_model(key, name)`` raises a 403
-    when the caller's API key may not use that model."""
-    auth = Depends(authorize)
-    errs: dict[int | str, dict[str, Any]] = {c: {"description": d} for c, d in (
-        (400, "Bad request"), (401, "No or bad API key"), (404, "No such file, job or model"),
-        (409, "Not allowed in the job's current status"), (413, "Upload too large"),
-        (429, "Rate limited"))}
-
-    # -- files --------------------------------------------------------------------------------
-    @app.post("/v1/files", tags=["files"], summary="Upload a file (JSONL) for fine-tuning "
-              "or batch", responses=errs)
-    async def upload_file(request: Request, file: UploadFile = File(...),
-                          purpose: str = Form("fine-tune"),
-                          expiry: int | None = Form(None),
-                          visibility: str | None = Form(None),
-                          key: Any = auth) -> dict[str, Any]:
-        name = Path(file.filename or "").name
-        if not name:
-            raise APIError(400, "The uploaded file has no name; send it as "
-                                "file=@path;filename=NAME.jsonl.", param="file")
-        if purpose not in ("fine-tune", "batch"):
-            raise APIError(400, f"purpose {purpose!r} is not supported here; use fine-tune "
-                                "or batch.", param="purpose")
-        data = await file.read()
-        if len(data) > max_file_bytes:
-            raise APIError(413, f"{name} is {len(data)} bytes, over the file limit of "
-                                f"{max_file_bytes} bytes; split it or raise --max-file-mib.",
-                           code="too_large")
-        sample_type, lines = await asyncio.to_thread(check_upload, data, name, purpose)
-        mime = (file.content_type or "").split(";")[0].strip() or None
-        rec = await _call(lambda: store.add_file(data, name, purpose, sample_type=sample_type,
-                                                 num_lines=lines, mimetype=mime))
-        return file_json(rec)
-
-    @app.get("/v1/files", tags=["files"], summary="List files", responses=errs)
-    async def list_files(page: int = Query(0, ge=0, le=1_000_000),
-                         page_size: int = Query(100, ge=1, le=1000),
-                         include_total: bool = True,
-                         purpose: str | None = None,
-                         search: str | None = None,
-                         sample_type: list[Literal["instruct", "pretrain", "preference",
-                                                   "batch_request"]] | None = Query(None),
-                         key: Any = auth) -> dict[str, Any]:
-        _no_nul(purpose=purpose, search=search, sample_type=",".join(sample_type or []))
-        files, total = await _call(lambda: store.list_files(
-            purpose=purpose, search=search, sample_types=sample_type,
-            offset=page * page_size, limit=page_size))
-        return {"data": [file_json(f) for f in files], "object": "list",
-                "total": total if include_total else None}
-
-    @app.get("/v1/files/{file_id}", tags=["files"], summary="One file's metadata",
-             responses=errs)
-    async def retrieve_file(file_id: str, key: Any = auth) -> dict[str, Any]:
-        return file_json(await _call(store.get_file, file_id), deleted=False)
-
-    @app.delete("/v1/files/{file_id}", tags=["files"], summary="Delete a file",
-                responses=errs)
-    async def delete_file(file_id: str, key: Any = auth) -> dict[str, Any]:
-        await _call(store.delete_file, file_id)
-        return {"id": file_id, "object": "file", "deleted": True}
-
-    @app.get("/v1/files/{file_id}/content", tags=["files"], summary="Download a file",
-             responses={200: {"content": {"application/octet-stream": {}}}, **errs})
-    async def download_file(file_id: str, key: Any = auth) -> FileResponse:
-        rec = await _call(store.get_file, file_id)
-        if not Path(rec.path).is_file():
-            raise APIError(404, f"The bytes of file {file_id} are missing from "
-                                f"{Path(rec.path).parent}; upload it again.", code="not_found")
-        return FileResponse(rec.path, media_type="application/octet-stream",
-                            filename=rec.filename)
-
-    # -- fine-tuning jobs ---------------------------------------------------------------------
-    tags: list[str | Enum] = ["fine-tuning"]
-
-    @app.post("/v1/fine_tuning/jobs", tags=tags, summary="Create a fine-tuning job (LoRA)",
-              responses=errs)
-    async def create_job(body: JobCreate, key: Any = auth) -> dict[str, Any]:
-        check_model(key, body.model)  # an unknown or forbidden model first: 404 / 403
-        model_path = find_model(body.model)
-        for field in ("integrations", "repositories", "classifier_targets"):
-            if getattr(body, field):
-                raise APIError(400, f"{field} are not supported here: training runs on this "
-                                    "machine and nothing is sent elsewhere; remove the field.",
-                               param=field)
-        hp = body.hyperparameters
-        if hp.training_steps is not None and hp.epochs is not None:
-            raise APIError(400, "hyperparameters sets both training_steps and epochs; give "
-                                "one of them.", param="hyperparameters")
-        if hp.fim_ratio:
-            raise APIError(400, "hyperparameters.fim_ratio: FIM training is not supported "
-                                "here; leave it out or set 0.", param="hyperparameters.fim_ratio")
-        if body.invalid_sample_skip_percentage:
-            raise APIError(400, "invalid_sample_skip_percentage must be 0 here: every line "
-                                "is checked and any invalid one fails the job with its line "
-                                "number.", param="invalid_sample_skip_percentage")
-        if body.suffix is not None and not _SUFFIX.match(body.suffix):
-            raise APIError(400, f"suffix {body.suffix!r} may hold only letters, digits, '.', "
-                                "'_' and '-' (at most 40, no ':').", param="suffix")
-        files = [f if isinstance(f, TrainingFile) else TrainingFile(file_id=f)
-                 for f in body.training_files]
-        if len({f.weight for f in files}) > 1:
-            raise APIError(400, "training_files with different weights are not supported "
-                                "here yet; give every file the same weight (or repeat a file "
-                                "to weigh it more).", param="training_files")
-        job = await _call(lambda: store.create_job(
-            model=body.model, model_path=model_path,
-            training_files=[f.model_dump() for f in files],
-            validation_files=body.validation_files,
-            hyperparameters=hp.model_dump(exclude_none=True), suffix=body.suffix,
-            auto_start=body.auto_start))
-        return await asyncio.to_thread(job_json, job, store)
-
-    @app.get("/v1/fine_tuning/jobs", tags=tags, summary="List fine-tuning jobs",
-             responses=errs)
-    async def list_jobs(page: int = Query(0, ge=0, le=1_000_000), page_size: int = Query(100, ge=1, le=1000),
-                        model: str | None = None, status: str | None = None,
-                        created_after: str | None = None, suffix: str | None = None,
-                        created_by_me: bool | None = None, wandb_project: str | None = None,
-                        wandb_name: str | None = None,
-                        key: Any = auth) -> dict[str, Any]:
-        _no_nul(model=model, suffix=suffix)
-        if status is not None and status not in STATUSES:
-            raise APIError(400, f"status {status!r} is not a job status; use one of "
-                                f"{', '.join(STATUSES)}.", param="status")
-        after = _timestamp(created_after) if created_after else None
-        jobs, total = await _call(lambda: store.list_jobs(
-            model=model, status=status, suffix=suffix, created_after=after,
-            offset=page * page_size, limit=page_size))
-        return {"data": [job_json(j) for j in jobs], "object": "list", "total": total,
-                "has_more": (page + 1) * page_size < total,
-                "total_pages": math.ceil(total / page_size) if total else 0}
-
-    @app.get("/v1/fine_tuning/jobs/{job_id}", tags=tags,
-             summary="One fine-tuning job, with its events and checkpoints", responses=errs)
-    async def get_job(job_id: str, key: Any = auth) -> dict[str, Any]:
-        return await _call(lambda: job_json(store.get_job(job_id), store))
-
-    @app.post("/v1/fine_tuning/jobs/{job_id}/cancel", tags=tags,
-              summary="Cancel a job (a running one stops at its next step)", responses=errs)
-    async def cancel_job(job_id: str, key: Any = auth) -> dict[str, Any]:
-        return await _call(lambda: job_json(store.cancel(job_id), store))
-
-    @app.post("/v1/fine_tuning/jobs/{job_id}/start", tags=tags,
-              summary="Start a job created with auto_start=false", responses=errs)
-    async def start_job(job_id: str, key: Any = auth) -> dict[str, Any]:
-        return await _call(lambda: job_json(store.start(job_id), store))
-
-
-def _no_nul(**params: str | None) -> None:
-    """A NUL character matches nothing and PostgreSQL refuses it in text: a 400 instead."""
-    for name, value in params.items():
-        if value and "\x00" in value:
-            raise APIError(400, f"{name} contains a NUL character; remove it.", param=name)
-
-
-def _timestamp(value: str) -> float:
-    """``created_after``: a UNIX time or an ISO 8601 date-time."""
-    try:
-        return float(value)
-    except ValueError:
-        pass
-    from datetime import datetime, timezone
-
-    try:
-        d = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        raise APIError(400, f"created_after {value!r} is neither a UNIX time nor an ISO 8601 "
-                            "date-time.", param="created_after") from None
-    if d.tzinfo is None:
-        d = d.replace(tzinfo=timezone.utc)
-    return d.timestamp()
+def check_job(body: JobCreate) -> list[TrainingFile]:
+    """A 400 for what a job may not ask here; its training files with their weights."""
+    for field in ("integrations", "repositories", "classifier_targets"):
+        if getattr(body, field):
+            raise APIError(400, f"{field} are not supported here: training runs on this "
+                                "machine and nothing is sent elsewhere; remove the field.",
+                           param=field)
+    hp = body.hyperparameters
+    if hp.training_steps is not None and hp.epochs is not None:
+        raise APIError(400, "hyperparameters sets both training_steps and epochs; give "
+                            "one of them.", param="hyperparameters")
+    if hp.fim_ratio:
+        raise APIError(400, "hyperparameters.fim_ratio: FIM training is not supported "
+                            "here; leave it out or set 0.", param="hyperparameters.fim_ratio")
+    if body.invalid_sample_skip_percentage:
+        raise APIError(400, "invalid_sample_skip_percentage must be 0 here: every line "
+                            "is checked and any invalid one fails the job with its line "
+                            "number.", param="invalid_sample_skip_percentage")
+    if body.suffix is not None and not _SUFFIX.match(body.suffix):
+        raise APIError(400, f"suffix {body.suffix!r} may hold only letters, digits, '.', "
+                            "'_' and '-' (at most 40, no ':').", param="suffix")
+    files = [f if isinstance(f, TrainingFile) else TrainingFile(file_id=f)
+             for f in body.training_files]
+    if len({f.weight for f in files}) > 1:
+        raise APIError(400, "training_files with different weights are not supported "
+                            "here yet; give every file the same weight (or repeat a file "
+                            "to weigh it more).", param="training_files")
+    return files

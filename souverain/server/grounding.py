@@ -12,15 +12,18 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from souverain.errors import RAGError
 from souverain.rag.answer import Grounding, ground, last_user_text
 from souverain.server import chat as chatmod
 from souverain.server.errors import APIError
-from souverain.server.protocol import DocumentLibraryTool, Message
+from souverain.server.libraries import LibraryService, rag_api_error
+from souverain.server.protocol import ChatCompletionRequest, DocumentLibraryTool, Message
+from souverain.tokenizer.base import Tokenizer
 
 # Tokens kept free for the answer when the request sets no max_tokens.
 ANSWER_RESERVE = 512
@@ -34,7 +37,8 @@ def _text(content: Any) -> str:
     return ""
 
 
-async def ground_chat(body: Any, service: Any, tok: Any, max_model_len: int) -> tuple[Any, Any]:
+async def ground_chat(body: ChatCompletionRequest, service: LibraryService | None, tok: Tokenizer,
+                      max_model_len: int) -> tuple[ChatCompletionRequest, Grounding | None]:
     """(body without the library tools and with the passages as a system message, grounding)
     — or (body, None) when it names no library."""
     lib_tools = [t for t in (body.tools or []) if isinstance(t, DocumentLibraryTool)]
@@ -59,12 +63,10 @@ async def ground_chat(body: Any, service: Any, tok: Any, max_model_len: int) -> 
     try:
         grounding = await asyncio.to_thread(run)
     except RAGError as exc:
-        from souverain.server.libraries import rag_api_error
-
         err = rag_api_error(exc)
         err.param = "tools"
         raise err from None
-    function_tools = [t for t in body.tools if not isinstance(t, DocumentLibraryTool)]
+    function_tools = [t for t in body.tools or [] if not isinstance(t, DocumentLibraryTool)]
     update: dict[str, Any] = {"tools": function_tools or None}
     if not function_tools and body.tool_choice in ("auto", "any", "required"):
         update["tool_choice"] = None
@@ -81,7 +83,7 @@ async def ground_chat(body: Any, service: Any, tok: Any, max_model_len: int) -> 
     return body.model_copy(update=update), grounding
 
 
-def not_found_response(body: Any, grounding: Grounding) -> Any:
+def not_found_response(body: ChatCompletionRequest, grounding: Grounding) -> Response:
     """The answer when no passage is relevant: said plainly, no tokens generated."""
     text = grounding.not_found_text()
     rid = f"cmpl-rag-{time.time_ns():x}"
@@ -100,7 +102,7 @@ def not_found_response(body: Any, grounding: Grounding) -> Any:
     base = {"id": rid, "object": "chat.completion.chunk", "created": created,
             "model": body.model}
 
-    async def events() -> Any:
+    async def events() -> AsyncIterator[bytes]:
         for i in range(n):
             yield sse(dict(base, choices=[{"index": i, "finish_reason": None,
                                            "delta": {"role": "assistant", "content": ""}}]))

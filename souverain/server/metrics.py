@@ -86,7 +86,7 @@ class _EngineCollector(Collector):
             self._sources.pop(model, None)
 
     @staticmethod
-    def _families() -> dict[str, Metric]:
+    def _families() -> dict[str, GaugeMetricFamily | CounterMetricFamily]:
         return {
             "queue_depth": GaugeMetricFamily(
                 "souverain_queue_depth", "Sequences waiting to be scheduled.", labels=["model"]

@@ -9,7 +9,7 @@ accepted and documented in their description (``prediction``, ``prompt_cache_key
 
 from __future__ import annotations
 
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -60,8 +60,8 @@ class OtherChunk(_Open):
     type: str
 
 
-ContentChunk = Union[TextChunk, OtherChunk]
-Content = Union[str, list[ContentChunk], None]
+ContentChunk = TextChunk | OtherChunk
+Content = str | list[ContentChunk] | None
 
 
 class FunctionCall(_Request):

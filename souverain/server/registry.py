@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from souverain.engine import AsyncLLMEngine
-from souverain.engine.engine import EngineConfig
+from souverain.engine.config import EngineConfig
 from souverain.errors import SouverainError
 from souverain.models.quantize import quantized_bytes
 from souverain.server.errors import APIError

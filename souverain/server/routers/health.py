@@ -1,0 +1,27 @@
+"""Operations: ``GET /health`` (liveness, no key needed) and ``GET /metrics`` (Prometheus)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response
+
+from souverain.server import state
+from souverain.server.access import authorize
+from souverain.server.keyfile import KeyInfo
+from souverain.server.openapi import error_responses
+from souverain.server.protocol import Health
+
+router = APIRouter()
+
+
+@router.get("/health", response_model=Health, tags=["ops"], summary="Liveness")
+async def health(request: Request) -> Health:
+    return Health(status="ok", models={m.name: "loaded" if m.loaded else "not loaded"
+                                       for m in state.registry(request).models})
+
+
+@router.get("/metrics", tags=["ops"], summary="Prometheus metrics",
+            responses={200: {"content": {"text/plain": {}}}, **error_responses(401, 403, 429)})
+async def prometheus(request: Request, key: KeyInfo | None = Depends(authorize)) -> Response:
+    body, content_type = state.metrics(request).render()
+    return Response(body, media_type=content_type)

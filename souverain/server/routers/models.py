@@ -1,0 +1,78 @@
+"""``GET /v1/models`` and ``GET /v1/models/{model_id}``: the cards of the served models, of
+the fine-tuned models on them, and of the embedding model (context length, capabilities)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Depends, Request
+
+from souverain.server import chat as chatmod
+from souverain.server import state
+from souverain.server.access import authorize
+from souverain.server.keyfile import KeyInfo
+from souverain.server.openapi import error_responses
+from souverain.server.protocol import ModelCapabilities, ModelCard, ModelList
+from souverain.server.registry import FineTuned, ServedModel
+from souverain.tokenizer.base import Tokenizer
+
+router = APIRouter()
+
+
+def model_card(request: Request, m: ServedModel, name: str | None = None,
+               ft: FineTuned | None = None) -> ModelCard:
+    """A served model's card (or, with ``ft``, a fine-tuned model's on it); a model that is
+    not loaded is described from its checkpoint's header, without reading its tensors."""
+    config = state.config(request)
+    tok: Tokenizer | None = None
+    ctx = m.config.max_model_len
+    if m.engine is not None:
+        tok = m.engine.engine.tokenizer
+        ctx = m.engine.engine.max_model_len
+    else:
+        try:
+            ckpt = m.checkpoint()
+            tok, ctx = ckpt.tokenizer, ctx or ckpt.args.max_seq_len or 32768
+        except Exception:
+            pass
+    return ModelCard(
+        id=name or m.name, created=m.created, name=m.name,
+        aliases=[] if ft else m.aliases,
+        description=(f"LoRA adapter {ft.adapter_dir} on {m.name}" if ft
+                     else f"{m.model} served by souverain"),
+        max_context_length=int(ctx or 0),
+        default_model_temperature=config.default_temperature,
+        capabilities=ModelCapabilities(
+            completion_chat=tok is not None and chatmod.can_chat(tok),
+            completion_fim=chatmod.fim_capable(tok),
+            function_calling=tok is not None,
+            fine_tuning=config.finetune and ft is None),
+        loaded=m.loaded,
+        type="fine-tuned" if ft else "base",
+        root=m.name if ft else None,
+        job=ft.job if ft else None,
+    )
+
+
+@router.get("/v1/models", response_model=ModelList, responses=error_responses(401, 403, 429),
+            tags=["models"], summary="List the models served here")
+async def list_models(request: Request,
+                      key: KeyInfo | None = Depends(authorize)) -> ModelList:
+    registry = state.registry(request)
+    fine_tuned = [model_card(request, registry.find(ft.base), ft.name, ft)
+                  for ft in await asyncio.to_thread(registry.fine_tuned)]
+    embed = state.embeddings(request)
+    return ModelList(data=[model_card(request, m) for m in registry.models] + fine_tuned
+                     + ([embed.card()] if embed is not None else []))
+
+
+@router.get("/v1/models/{model_id}", response_model=ModelCard,
+            responses=error_responses(401, 403, 404, 429), tags=["models"],
+            summary="One model: context length and capabilities")
+async def get_model(model_id: str, request: Request,
+                    key: KeyInfo | None = Depends(authorize)) -> ModelCard:
+    embed = state.embeddings(request)
+    if embed is not None and embed.serves(model_id):
+        return embed.card(model_id)
+    m, ft = await asyncio.to_thread(state.registry(request).resolve, model_id)
+    return model_card(request, m, model_id, ft)

@@ -1,0 +1,64 @@
+"""What the server keeps on ``app.state``, and the getters that routes read it through.
+
+`create_app` puts there, once: ``registry`` (`ModelRegistry`), ``config`` (`ServerConfig`),
+``metrics`` (`ServerMetrics`), ``admission`` (`AdmissionQueue`), ``limiter`` (`RateLimiter`, or
+None without rate limits), ``chat`` (`ChatService`), ``embeddings`` (`EmbeddingService`, or None
+with ``--embed-model none``), ``libraries`` (`LibraryService`, or None with
+``--no-libraries``), ``jobs`` (`JobStore`, or None without fine-tuning) and ``worker`` (the
+fine-tuning `WorkerProcess`, or None). Nothing else writes them; a route reads them with a
+getter below, so one request's state is always one app's.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from fastapi import Request
+
+if TYPE_CHECKING:
+    from souverain.finetune.store import JobStore
+    from souverain.server.app import ServerConfig
+    from souverain.server.chat_service import ChatService
+    from souverain.server.embeddings import EmbeddingService
+    from souverain.server.libraries import LibraryService
+    from souverain.server.metrics import ServerMetrics
+    from souverain.server.ratelimit import AdmissionQueue, RateLimiter
+    from souverain.server.registry import ModelRegistry
+
+
+def registry(request: Request) -> ModelRegistry:
+    return request.app.state.registry
+
+
+def config(request: Request) -> ServerConfig:
+    return request.app.state.config
+
+
+def metrics(request: Request) -> ServerMetrics:
+    return request.app.state.metrics
+
+
+def admission(request: Request) -> AdmissionQueue:
+    return request.app.state.admission
+
+
+def limiter(request: Request) -> RateLimiter | None:
+    return request.app.state.limiter
+
+
+def chat_service(request: Request) -> ChatService:
+    return request.app.state.chat
+
+
+def embeddings(request: Request) -> EmbeddingService | None:
+    return request.app.state.embeddings
+
+
+def libraries(request: Request) -> LibraryService:
+    """The document libraries (their routes are mounted only when they are on)."""
+    return request.app.state.libraries
+
+
+def jobs(request: Request) -> JobStore:
+    """The fine-tuning store (its routes are mounted only with fine-tuning on)."""
+    return request.app.state.jobs
