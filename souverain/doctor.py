@@ -64,6 +64,8 @@ def _origin(name: str) -> str:
 
 def egress_findings(env: dict[str, str] | None = None, *,
                     api_keys_file: str | None = None) -> list[Finding]:
+    """Every path out of this machine and its state under ``env`` (default: this process's
+    environment); ``api_keys_file`` adds the state of the keys file `serve` would use."""
     env = dict(os.environ if env is None else env)
     out: list[Finding] = []
 
@@ -147,6 +149,7 @@ def _hide_password(url: str) -> str:
 
 
 def dir_size(path: Path) -> int:
+    """Bytes of the regular files under ``path`` (symlinks not followed, unreadable skipped)."""
     total = 0
     stack = [path]
     while stack:
@@ -192,6 +195,7 @@ def data_dirs() -> list[dict[str, Any]]:
 
 
 def versions() -> dict[str, str]:
+    """Python, the platform and the installed versions of the packages that matter here."""
     out = {"python": platform.python_version(), "platform": platform.platform()}
     for dist in PACKAGES:
         try:
@@ -202,6 +206,7 @@ def versions() -> dict[str, str]:
 
 
 def report(api_keys_file: str | None = None) -> dict[str, Any]:
+    """Everything `souverain doctor` prints, as one JSON-able dict."""
     findings = egress_findings(api_keys_file=api_keys_file)
     return {
         "egress": any(f.egress for f in findings),
@@ -211,10 +216,3 @@ def report(api_keys_file: str | None = None) -> dict[str, Any]:
         "executable": sys.executable,
     }
 
-
-def human_bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
-    return f"{n} B"

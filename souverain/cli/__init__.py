@@ -1,0 +1,59 @@
+"""The `souverain` command line: the typer `app` and `main()`, one module per command family.
+
+  run.py       chat, generate, inspect, ask (a model loaded in this process)
+  serve.py     serve (La Plateforme's HTTP API)
+  keys.py      keys add|list|revoke (the API keys file)
+  library.py   library create|list|add|search|docs|remove|delete
+  finetune.py  finetune validate|run|merge
+  doctor.py    doctor (egress, data folders, versions)
+  bench        `souverain.bench.command.bench_app`, registered here
+  common.py    consoles, shared options, `user_errors` (user error -> one sentence, exit 2)
+
+Every user-fixable problem (a bad path, a corrupt file, a bad flag value) ends the command with
+one sentence on stderr and exit code 2, never a traceback. Importing this package, `--help`,
+`keys` and `doctor` never import torch: heavy imports happen inside the commands that need them.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from souverain.bench.command import bench_app
+from souverain.cli.doctor import doctor
+from souverain.cli.finetune import finetune_app
+from souverain.cli.keys import keys_app
+from souverain.cli.library import library_app
+from souverain.cli.run import ask, chat, generate, inspect
+from souverain.cli.serve import serve
+
+app = typer.Typer(
+    name="souverain",
+    help=(
+        "Your own La Plateforme: run Mistral-family open-weight models (Mistral, Mixtral, NeMo, "
+        "Ministral, Codestral, Llama-architecture) on machines you own.\n\n"
+        "MODEL is a bundled alias (smollm2-135m-instruct, the default), a .gguf file, or a "
+        "folder in the official consolidated format (params.json + consolidated.safetensors) "
+        "or the Hugging Face format (config.json + *.safetensors). Nothing is downloaded."
+    ),
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+# registered in the order `souverain --help` lists them
+for command in (chat, generate, inspect, serve, ask):
+    app.command()(command)
+app.command()(doctor)
+app.add_typer(bench_app, name="bench", short_help=(
+    "Benchmark souverain against llama.cpp and transformers on the same workload, in one run "
+    "(`souverain bench --help` lists the options; llama.cpp needs `pip install "
+    "llama-cpp-python`)."))
+app.add_typer(keys_app, name="keys")
+app.add_typer(library_app, name="library")
+app.add_typer(finetune_app, name="finetune")
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,78 @@
+"""What every command of the `souverain` command line shares: the two consoles, the
+`user_errors` rule (a user-fixable problem -> one sentence on stderr, exit code 2), the option
+declarations several commands take, and the model-loading progress bar.
+
+Cheap to import (typer, rich, `souverain.errors`): torch and the engine are imported by the
+commands that need them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from souverain.errors import SouverainError
+from souverain.weights.registry import DEFAULT_MODEL
+
+err = Console(stderr=True, highlight=False, soft_wrap=True)  # an error stays one line
+out = Console(highlight=False)
+
+ModelArg = typer.Argument(DEFAULT_MODEL, help="Alias, .gguf file or model folder.",
+                          show_default=True)
+DtypeOpt = typer.Option("auto", "--dtype",
+                        help="Weights/activations dtype: auto (float32 if it fits in RAM; "
+                             "bfloat16 with --quantization), float32, bfloat16.")
+MaxTokensOpt = typer.Option(256, "--max-tokens", "-n", min=1, help="Most tokens to generate.")
+TemperatureOpt = typer.Option(0.7, "--temperature", "-t", min=0.0,
+                              help="0 = greedy (deterministic); higher = more varied.")
+TopPOpt = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass.")
+SeedOpt = typer.Option(None, "--seed", help="Random seed for reproducible sampling.")
+ThreadsOpt = typer.Option(None, "--threads", min=1, help="CPU threads (default: physical cores).")
+QuantOpt = typer.Option("none", "--quantization", "-q",
+                        help="Quantized linears on the CPU: none, int4 (weight-only; fastest "
+                             "single-stream decode) or int8 (int8 weights x 2-plane int8 "
+                             "activations; most throughput under concurrent load). Small "
+                             "accuracy cost.")
+KvOpt = typer.Option(None, "--kv-cache-gib", min=0.001,
+                     help="KV-cache budget in GiB (default: 25% of free memory, at most 4).")
+DataDirOpt = typer.Option(None, "--data-dir",
+                          help="Where libraries are kept (default: $SOUVERAIN_HOME or "
+                               "~/.local/share/souverain).")
+LibraryArg = typer.Argument(..., help="Library name or id (see `souverain library list`).")
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn the errors a user can fix into one sentence and exit code 2."""
+    try:
+        yield
+    except SouverainError as exc:
+        err.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+    except (FileNotFoundError, PermissionError, IsADirectoryError) as exc:
+        err.print(f"[bold red]error:[/] {exc.strerror or exc}: {exc.filename}")
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        raise typer.Exit(130) from None
+
+
+def loading_bar() -> Progress:
+    """The transient bar shown on stderr while a model's tensors are read
+    (one task per model, its total set by the first progress callback)."""
+    return Progress(TextColumn("[bold]loading[/] {task.description}"), BarColumn(),
+                    MofNCompleteColumn(), TextColumn("tensors"), TimeElapsedColumn(),
+                    console=err, transient=True)
+
+
+def human_bytes(n: float) -> str:
+    """``n`` bytes as B / KiB / MiB / GiB, one decimal above bytes."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"

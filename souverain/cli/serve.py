@@ -1,0 +1,286 @@
+"""`souverain serve`: La Plateforme's HTTP API on this machine, in named steps: flags ->
+served models and `ServerConfig`, the model registry (loaded now with progress bars unless
+--lazy), the FastAPI app, uvicorn. The engine, FastAPI and uvicorn are imported inside the
+command.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import typer
+
+from souverain.cli.common import (
+    DtypeOpt,
+    KvOpt,
+    ModelArg,
+    QuantOpt,
+    ThreadsOpt,
+    err,
+    loading_bar,
+    user_errors,
+)
+from souverain.errors import SouverainError
+
+if TYPE_CHECKING:
+    from souverain.audit import AuditLog
+    from souverain.engine.config import EngineConfig
+    from souverain.server.app import ServerConfig
+    from souverain.server.registry import ModelRegistry, ServedModel
+
+MiB = 1 << 20
+
+# the flags of `serve` alone (the model and engine flags are shared, in souverain.cli.common)
+NameOpt = typer.Option(
+    None, "--name", help="Model id clients send (default: the alias, file stem or folder "
+                         "name), e.g. mistral-small-latest.")
+MoreModelsOpt = typer.Option(
+    [], "--model", "-m", help="Serve another model too: NAME=PATH (repeatable).")
+HostOpt = typer.Option("127.0.0.1", "--host", help="Address to listen on.")
+PortOpt = typer.Option(8000, "--port", "-p", min=1, max=65535, help="Port.")
+ApiKeysFileOpt = typer.Option(
+    None, "--api-keys-file", help="Keys file made by `souverain keys add` (hashes only). "
+                                  "Without it only clients on this machine are answered.")
+InsecureNoAuthOpt = typer.Option(
+    False, "--insecure-no-auth", help="Answer any client without a key (trusted networks "
+                                      "only).")
+LazyOpt = typer.Option(False, "--lazy/--eager",
+                       help="Load models on their first request, or all at start-up.")
+MemoryBudgetOpt = typer.Option(
+    None, "--memory-budget-gib", min=0.01,
+    help="Most memory all loaded models (weights + KV) may hold; idle models are unloaded "
+         "to make room for a lazy one.")
+MaxPendingOpt = typer.Option(256, "--max-pending", min=1,
+                             help="Requests running or queued at once; more get 429.")
+MaxRequestOpt = typer.Option(4.0, "--max-request-mib", min=0.001,
+                             help="Largest request body accepted (413 above).")
+MaxUploadOpt = typer.Option(
+    100.0, "--max-upload-mib", min=0.001,
+    help="Largest document upload to a library (413 above).")
+DataDirOpt = typer.Option(
+    None, "--data-dir", help="Where document libraries (and the audit log) are kept "
+                             "(default: $SOUVERAIN_HOME or ~/.local/share/souverain).")
+LibrariesOpt = typer.Option(
+    True, "--libraries/--no-libraries",
+    help="Serve the Libraries API and the document_library chat tool.")
+FinetuneOpt = typer.Option(
+    True, "--finetune/--no-finetune",
+    help="Serve /v1/files and /v1/fine_tuning/jobs, with a training worker process "
+         "started and stopped with the server.")
+JobsDbOpt = typer.Option(
+    None, "--jobs-db", help="Fine-tuning jobs database: sqlite:///PATH (default: "
+                            "DATA_DIR/finetune/jobs.sqlite) or "
+                            "postgresql+psycopg://USER:PASS@HOST/DB.")
+MaxFileOpt = typer.Option(
+    512.0, "--max-file-mib", min=0.001, help="Largest POST /v1/files upload (413 above).")
+FinetuneThreadsOpt = typer.Option(
+    1, "--finetune-threads", min=0,
+    help="CPU threads the training worker uses (0 = all cores; 1 leaves the rest to "
+         "serving).")
+EmbedModelOpt = typer.Option(
+    "souverain-embed", "--embed-model",
+    help="Model of POST /v1/embeddings (served as souverain-embed, alias mistral-embed): "
+         "the bundled all-MiniLM-L6-v2, a sentence-transformers folder, or none.")
+AuditOpt = typer.Option(
+    True, "--audit/--no-audit",
+    help="Append one JSON line per API call (time, key id, route, model, status, tokens, "
+         "latency) to DATA_DIR/audit/audit-YYYY-MM-DD.jsonl.")
+AuditLogOpt = typer.Option(
+    None, "--audit-log", help="Write the audit log to this one file instead.")
+AuditContentOpt = typer.Option(
+    False, "--audit-content",
+    help="Also log request bodies and generated text, with e-mails, phones, IBANs, card "
+         "numbers and IP addresses redacted.")
+RateLimitRpmOpt = typer.Option(
+    None, "--rate-limit-rpm", min=0.001, help="Requests per minute per API key (429).")
+RateLimitTpmOpt = typer.Option(
+    None, "--rate-limit-tpm", min=1, help="Tokens (prompt + completion) per minute per key.")
+DefaultTemperatureOpt = typer.Option(
+    0.7, "--default-temperature", min=0.0, help="Temperature when a request gives none.")
+MaxModelLenOpt = typer.Option(
+    None, "--max-model-len", min=16, help="Context served per sequence (default: the "
+                                          "model's, bounded by the KV budget).")
+MaxNumSeqsOpt = typer.Option(64, "--max-num-seqs", min=1,
+                             help="Sequences decoded together in one batch.")
+LogLevelOpt = typer.Option("info", "--log-level", help="debug, info, warning, error.")
+
+
+def _default_name(model: str) -> str:
+    p = Path(model)
+    if not p.exists():
+        return model  # an alias
+    return p.stem if p.is_file() else p.name
+
+
+def served_models(model: str, name: str | None, more_models: list[str],
+                  engine_config: Callable[[], EngineConfig]) -> list[ServedModel]:
+    """MODEL (as --name) then each --model NAME=PATH, each with its own engine config."""
+    from souverain.server.registry import ServedModel
+
+    served = [ServedModel(name or _default_name(model), model, engine_config())]
+    for spec in more_models:
+        n, sep, path = spec.partition("=")
+        if not sep or not n or not path:
+            raise typer.BadParameter(f"--model {spec!r} must be NAME=PATH")
+        served.append(ServedModel(n, path, engine_config()))
+    return served
+
+
+def _audit_log(on: bool, path: str | None, content: bool,
+               data_dir: str | None) -> AuditLog | None:
+    from souverain.audit import AuditLog
+    from souverain.paths import audit_dir
+
+    if not on:
+        return None
+    try:
+        if path:
+            return AuditLog(path=path, content=content)
+        return AuditLog(audit_dir(Path(data_dir).expanduser() if data_dir else None),
+                        content=content)
+    except OSError as exc:
+        raise SouverainError(f"Cannot open the audit log ({exc.strerror}: {exc.filename}); "
+                             "give a writable --audit-log PATH or --data-dir, or --no-audit."
+                             ) from None
+
+
+def server_config(*, api_keys_file: str | None, insecure_no_auth: bool, max_pending: int,
+                  max_request_mib: float, rate_limit_rpm: float | None,
+                  rate_limit_tpm: float | None, default_temperature: float,
+                  data_dir: str | None, libraries: bool, max_upload_mib: float,
+                  embed_model: str, audit: bool, audit_log: str | None, audit_content: bool,
+                  finetune: bool, jobs_db: str | None, max_file_mib: float,
+                  finetune_threads: int) -> ServerConfig:
+    """The flags as `ServerConfig`: MiB -> bytes, the data folder expanded, the keys file
+    read, the audit log opened, ``none`` and 0 -> None."""
+    from souverain.server.app import ServerConfig
+    from souverain.server.auth import APIKeys
+
+    return ServerConfig(api_keys=APIKeys.from_file(api_keys_file) if api_keys_file else None,
+                        insecure_no_auth=insecure_no_auth, max_pending=max_pending,
+                        max_request_bytes=int(max_request_mib * MiB),
+                        rate_limit_rpm=rate_limit_rpm, rate_limit_tpm=rate_limit_tpm,
+                        default_temperature=default_temperature,
+                        data_dir=Path(data_dir).expanduser() if data_dir else None,
+                        libraries=libraries, max_upload_bytes=int(max_upload_mib * MiB),
+                        embed_model=None if embed_model.lower() == "none" else embed_model,
+                        audit=_audit_log(audit, audit_log, audit_content, data_dir),
+                        finetune=finetune, jobs_db=jobs_db,
+                        max_file_bytes=int(max_file_mib * MiB),
+                        finetune_threads=finetune_threads or None)
+
+
+def load_now(registry: ModelRegistry, m: ServedModel) -> None:
+    """Load one served model now, with its progress bar (--eager loads each at start-up)."""
+    with loading_bar() as bar:
+        task = bar.add_task(f"{m.name} ({m.model})", total=None)
+        registry.load_now(m, progress=lambda d, t: bar.update(task, completed=d, total=t))
+
+
+def announce(served: list[ServedModel], host: str, port: int, config: ServerConfig,
+             api_keys_file: str | None) -> None:
+    """What is served where, who may call it, where the audit log goes."""
+    from souverain.server.auth import is_loopback
+
+    keys = config.api_keys
+    auth = (f"{len(keys)} API key(s) from {api_keys_file}" if keys is not None
+            else "no auth (--insecure-no-auth)" if config.insecure_no_auth
+            else "no API keys: loopback clients only")
+    err.print(f"[bold]souverain[/] serving {', '.join(m.name for m in served)} on "
+              f"http://{host}:{port} · {auth}")
+    err.print(f"[dim]audit log: {config.audit.describe() if config.audit else 'off'}[/]")
+    if keys is None and not config.insecure_no_auth and not is_loopback(host):
+        err.print("[yellow]warning:[/] listening beyond loopback without API keys: remote "
+                  "clients get 403 until you pass --api-keys-file.")
+
+
+def run_uvicorn(app: Any, host: str, port: int, log_level: str) -> None:
+    import uvicorn
+
+    # uvicorn drains on SIGTERM, then re-raises it: make that re-raise a clean exit (0),
+    # not a death by signal (-15).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    uvicorn.run(app, host=host, port=port, log_level=log_level.lower(),
+                timeout_graceful_shutdown=30)
+
+
+def serve(
+    model: str = ModelArg,
+    name: str | None = NameOpt,
+    more_models: list[str] = MoreModelsOpt,
+    host: str = HostOpt,
+    port: int = PortOpt,
+    api_keys_file: str | None = ApiKeysFileOpt,
+    insecure_no_auth: bool = InsecureNoAuthOpt,
+    lazy: bool = LazyOpt,
+    memory_budget_gib: float | None = MemoryBudgetOpt,
+    max_pending: int = MaxPendingOpt,
+    max_request_mib: float = MaxRequestOpt,
+    max_upload_mib: float = MaxUploadOpt,
+    data_dir: str | None = DataDirOpt,
+    libraries: bool = LibrariesOpt,
+    finetune: bool = FinetuneOpt,
+    jobs_db: str | None = JobsDbOpt,
+    max_file_mib: float = MaxFileOpt,
+    finetune_threads: int = FinetuneThreadsOpt,
+    embed_model: str = EmbedModelOpt,
+    audit: bool = AuditOpt,
+    audit_log: str | None = AuditLogOpt,
+    audit_content: bool = AuditContentOpt,
+    rate_limit_rpm: float | None = RateLimitRpmOpt,
+    rate_limit_tpm: float | None = RateLimitTpmOpt,
+    default_temperature: float = DefaultTemperatureOpt,
+    dtype: str = DtypeOpt,
+    quantization: str = QuantOpt,
+    kv_cache_gib: float | None = KvOpt,
+    threads: int | None = ThreadsOpt,
+    max_model_len: int | None = MaxModelLenOpt,
+    max_num_seqs: int = MaxNumSeqsOpt,
+    log_level: str = LogLevelOpt,
+) -> None:
+    """Serve La Plateforme's HTTP API (chat completions, FIM, models, metrics) on this machine.
+
+    The official SDKs work unchanged with only the URL changed:
+      Mistral(api_key=KEY, server_url="http://127.0.0.1:8000")
+      OpenAI(api_key=KEY, base_url="http://127.0.0.1:8000/v1")
+
+    Examples:
+      souverain serve                                   # bundled model on 127.0.0.1:8000
+      souverain keys add keys.txt alice                 # prints a new key once, stores its hash
+      souverain serve /models/Mistral-7B-Instruct-v0.3 --name mistral-small-latest \\
+          --api-keys-file keys.txt --host 0.0.0.0 --quantization int8
+      souverain serve --model codestral=/models/codestral.gguf --lazy --memory-budget-gib 12
+    """
+    with user_errors():
+        from souverain.engine.config import EngineConfig
+        from souverain.server.app import create_app
+        from souverain.server.registry import ModelRegistry
+
+        def engine_config() -> EngineConfig:
+            return EngineConfig(dtype=dtype, quantization=quantization, threads=threads,
+                                kv_cache_gib=kv_cache_gib, max_model_len=max_model_len,
+                                max_num_seqs=max_num_seqs)
+
+        served = served_models(model, name, more_models, engine_config)
+        registry = ModelRegistry(served, memory_budget_gib)
+        config = server_config(
+            api_keys_file=api_keys_file, insecure_no_auth=insecure_no_auth,
+            max_pending=max_pending, max_request_mib=max_request_mib,
+            rate_limit_rpm=rate_limit_rpm, rate_limit_tpm=rate_limit_tpm,
+            default_temperature=default_temperature, data_dir=data_dir, libraries=libraries,
+            max_upload_mib=max_upload_mib, embed_model=embed_model, audit=audit,
+            audit_log=audit_log, audit_content=audit_content, finetune=finetune,
+            jobs_db=jobs_db, max_file_mib=max_file_mib, finetune_threads=finetune_threads)
+        logging.basicConfig(level=log_level.upper(),
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        if not lazy:
+            for m in served:
+                load_now(registry, m)
+        app = create_app(registry, config)
+        announce(served, host, port, config, api_keys_file)
+        run_uvicorn(app, host, port, log_level)
