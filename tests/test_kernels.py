@@ -273,7 +273,7 @@ def test_int8_linear_same_with_and_without_kernels(monkeypatch):
     from souverain.models.int8_linear import Int8Linear, _HAS_QLINEAR
 
     if not _HAS_QLINEAR:
-        pytest.skip("this torch build has no oneDNN quantized linear")
+        pytest.skip("no exact oneDNN int8 matmul on this torch build or CPU (needs VNNI or AMX)")
     lin = Int8Linear.from_float(torch.randn(640, 256) / 16)
     x = torch.randn(5, 256).bfloat16()
     with torch.inference_mode():
@@ -326,7 +326,7 @@ def test_vnni_int8_linear_is_bitwise_the_onednn_path(monkeypatch, dtype, shape):
     from souverain.models.int8_linear import _HAS_QLINEAR
 
     if not _HAS_QLINEAR:
-        pytest.skip("this torch build has no oneDNN quantized linear")
+        pytest.skip("no exact oneDNN int8 matmul on this torch build or CPU (needs VNNI or AMX)")
     n, k = shape
     ours, onednn = _int8_pair(monkeypatch, n, k)
     assert torch.equal(ours.qweight, onednn.qweight) and torch.equal(ours.scales, onednn.scales)
