@@ -46,7 +46,6 @@ class StepBatch:
     logits_indices: torch.Tensor  # (S,) flat row of each sampling sequence's last token
     sampling: list[Sequence]  # the S sequences that sample this step, in logits order
     lora_rows: dict[int, list[int]]  # adapter slot -> its flat rows (the other rows: base)
-    num_tokens: int  # T
 
 
 class ModelRunner:
@@ -113,13 +112,13 @@ class ModelRunner:
                 positions=torch.tensor(positions, dtype=torch.long, device=device),
                 attn=PagedAttention(self.cache, slices, device),
                 logits_indices=torch.tensor(rows, dtype=torch.long, device=device),
-                sampling=sampling, lora_rows=lora_rows, num_tokens=len(tokens))
+                sampling=sampling, lora_rows=lora_rows)
 
     def run(self, batch: StepBatch) -> torch.Tensor:
         """One forward over the whole batch: every new token's K/V written to its slot;
         returns the float32 logits of the sampling rows, ``(S, vocab)``."""
         with self.lora_lock, torch.inference_mode():
-            self.loras.begin_step(batch.lora_rows, batch.num_tokens)
+            self.loras.begin_step(batch.lora_rows, len(batch.token_ids))
             try:
                 return self.model(batch.token_ids, batch.positions, batch.attn,
                                   logits_indices=batch.logits_indices)
