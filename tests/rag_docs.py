@@ -78,3 +78,27 @@ def make_pdf(pages: list[str]) -> bytes:
     out += (b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n"
             % (len(objects) + 1, xref))
     return bytes(out)
+
+
+HANDBOOK_HTML = b"""<!doctype html><html><head><title>Handbook</title><style>p{color:red}</style>
+</head><body><nav><a href="/">Home</a></nav><h1>Acme employee handbook</h1>
+<h2>Notice period</h2><p>The notice period is <b>three months</b> for a senior engineer.</p>
+<table><tr><th>Grade</th><th>Notice</th></tr><tr><td>Junior</td><td>one month</td></tr></table>
+<ul><li>Written notice.</li><li>To the manager.</li></ul></body></html>"""
+
+
+def make_docx(blocks: list[tuple[str, str]]) -> bytes:
+    """A .docx written by python-docx; blocks: ("h1"|"h2"|"p", text)."""
+    import io
+
+    import docx
+
+    document = docx.Document()
+    for kind, text in blocks:
+        if kind.startswith("h"):
+            document.add_heading(text, level=int(kind[1]))
+        else:
+            document.add_paragraph(text)
+    buf = io.BytesIO()
+    document.save(buf)
+    return buf.getvalue()
