@@ -197,7 +197,7 @@ BROKEN = b"\n".join(GOOD.splitlines()[:2] + [b'{"messages": [{"role": "user"'] +
 
 
 @pytest.mark.parametrize("data, words", [
-    (BROKEN, "bad.jsonl line 3: invalid JSON"),  # what an upload refuses, were it let through
+    (BROKEN, "bad.jsonl line 3: not valid JSON"),  # what an upload refuses, were it let through
     (b"\n\n", "is empty"),
 ])
 def test_worker_validation_errors_name_lines(tmp_path: Path, model_dir: str, data: bytes,
@@ -327,7 +327,7 @@ def test_files_through_the_sdk(client: Mistral) -> None:
     (b"", 400, "is empty"),
     (b"\n  \n", 400, "is empty"),
     (GOOD.splitlines()[0] + b'\n{"messages": [\n', 400, "line 2 is not valid JSON"),
-    (b'["a list"]\n', 400, "line 1 holds a JSON list"),
+    (b'["a list"]\n', 400, "line 1 holds a JSON array"),
     (b'{"prompt_text": "x"}\n', 400, "line 1 is no training sample"),
     (GOOD.splitlines()[0] + b'\n{"text": "pretraining"}\n', 400, "line 2 is a pretrain"),
     (b"\xff\xfe{}\n", 400, "not UTF-8"),
@@ -455,7 +455,7 @@ def test_bad_job_requests(client: Mistral, server: ServerProcess) -> None:
         call = httpx.get if path.endswith("nope") else httpx.post
         assert call(server.url + path, timeout=30).status_code == 404
     r = httpx.get(server.url + "/v1/fine_tuning/jobs", params={"status": "DONE"}, timeout=30)
-    assert r.status_code == 400 and "QUEUED" in r.json()["message"]
+    assert r.status_code == 422 and "QUEUED" in r.json()["message"]  # status is an enum
 
 
 @pytest.mark.parametrize("lines, words", [

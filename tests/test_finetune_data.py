@@ -45,7 +45,7 @@ def test_every_bad_line_is_reported_with_its_number(mistral_tok) -> None:
     r = validate_file(DATA / "instruct_bad.jsonl", mistral_tok, seq_len=256)
     by_line = {e.line: e.message for e in r.errors}
     assert sorted(by_line) == [2, 3, 4, 5, 6, 7, 8, 9, 10, 11]  # line 1 is good
-    assert "invalid JSON" in by_line[2]
+    assert "not valid JSON" in by_line[2]
     assert "last message is a user message" in by_line[3]
     assert "follows nothing" in by_line[4]
     assert "only one is allowed" in by_line[5]
@@ -222,7 +222,7 @@ def test_load_dataset_raises_with_line_numbers(mistral_tok) -> None:
     with pytest.raises(
         FinetuneError,
         match=r"instruct_bad.jsonl has 10 invalid line\(s\): "
-        r"line 2: invalid JSON",
+        r"line 2: not valid JSON",
     ):
         load_dataset([str(DATA / "instruct_bad.jsonl")], mistral_tok, method="sft", seq_len=256)
 
@@ -294,7 +294,7 @@ def test_cli_validate(tiny_mistral: dict) -> None:
         check=False,
     )
     assert bad.returncode == 2
-    assert "instruct_bad.jsonl:2: invalid JSON" in bad.stderr
+    assert "instruct_bad.jsonl:2: not valid JSON" in bad.stderr
     assert "instruct_bad.jsonl:11:" in bad.stderr and "Traceback" not in bad.stderr
     good = subprocess.run(
         [

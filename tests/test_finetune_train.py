@@ -207,7 +207,7 @@ def test_sft_rejects_preference_data_before_loading(tiny_mistral: dict, tmp_path
         train_files=[str(DATA / "instruct_bad.jsonl")],
         run_dir=str(tmp_path / "r"),
     )
-    with pytest.raises(FinetuneError, match=r"line 2: invalid JSON.*line 3"):
+    with pytest.raises(FinetuneError, match=r"line 2: not valid JSON.*line 3"):
         run_training(cfg)
     assert not (tmp_path / "r").exists()
 
@@ -299,19 +299,52 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tiny_mistral: dict, tmp_pa
 
 
 def test_should_stop_checkpoints_and_resume_is_exact(tiny_mistral: dict, tmp_path: Path) -> None:
-    cfg = TrainConfig.from_dict(_resume_config(tiny_mistral["consolidated"], tmp_path / "a", 8))
+    """Stopped between steps (after step 5), and half-way through a step (between the two
+    microbatches of step 5, whose gradients and RNG draws are then dropped): each run resumed
+    ends bit-identical to an uninterrupted one (LoRA dropout is on). Stopped while the data is
+    still being validated: nothing was trained or written."""
+    model = tiny_mistral["consolidated"]
+    cfg = TrainConfig.from_dict(_resume_config(model, tmp_path / "a", 8))
     straight = run_training(cfg)
-    cfg_b = TrainConfig.from_dict(_resume_config(tiny_mistral["consolidated"], tmp_path / "b", 8))
-    polls = iter(range(100))
-    stopped = run_training(cfg_b, should_stop=lambda: next(polls) == 5)
-    assert stopped.status == "cancelled" and stopped.steps == 5
+    a = _adapter_tensors(straight.final_dir)
+
+    def steps_seen(into: list[int]):
+        return lambda ev: into.append(ev["step"]) if ev["type"] == "step" else None
+
+    cfg_b = TrainConfig.from_dict(_resume_config(model, tmp_path / "b", 8))
+    done: list[int] = []
+    stopped = run_training(cfg_b, on_event=steps_seen(done), should_stop=lambda: len(done) >= 5)
+    assert stopped.status == "cancelled" and stopped.steps == 5 and done == [1, 2, 3, 4, 5]
     assert (stopped.final_dir / "trainer_state.pt").is_file()
     with pytest.raises(FinetuneError, match="resume"):
         run_training(cfg_b)
     resumed = run_training(cfg_b, resume=True)
     assert resumed.status == "completed" and resumed.steps == 8
-    a, b = _adapter_tensors(straight.final_dir), _adapter_tensors(resumed.final_dir)
+    b = _adapter_tensors(resumed.final_dir)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+    cfg_c = TrainConfig.from_dict(_resume_config(model, tmp_path / "c", 8))
+    done_c: list[int] = []
+    polls: list[int] = []
+
+    def mid_step() -> bool:  # polls after step 4: before step 5, then between its microbatches
+        if len(done_c) >= 4:
+            polls.append(len(done_c))
+        return len(polls) == 2
+
+    stopped = run_training(cfg_c, on_event=steps_seen(done_c), should_stop=mid_step)
+    assert stopped.status == "cancelled" and stopped.steps == 4 and done_c == [1, 2, 3, 4]
+    assert polls == [4, 4]  # the second poll came inside step 5, which was dropped
+    assert stopped.final_dir.name == "step_000004"  # (checkpoint_every 3: written at the stop)
+    resumed = run_training(cfg_c, resume=True)
+    assert resumed.status == "completed" and resumed.steps == 8
+    c = _adapter_tensors(resumed.final_dir)
+    assert all(torch.equal(a[k], c[k]) for k in a)
+
+    cfg_d = TrainConfig.from_dict(_resume_config(model, tmp_path / "d", 8))
+    early = run_training(cfg_d, should_stop=lambda: True)
+    assert early.status == "cancelled" and early.steps == 0
+    assert not list((tmp_path / "d").glob("checkpoints/*"))
     changed = TrainConfig.from_dict(
         {**_resume_config(tiny_mistral["consolidated"], tmp_path / "b", 8), "seed": 8}
     )

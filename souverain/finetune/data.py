@@ -17,7 +17,9 @@ Formats (one JSON object per line; one kind per file):
 
 A conversation longer than ``seq_len`` is an **error** (never truncated: a cut answer teaches
 the model to stop mid-sentence). Every bad line is reported with its number and the fix (the
-rules of one sample: sample_checks.py).
+rules of one sample: sample_checks.py). Lines are read as jsonl.py says (the upload check
+reads them the same way), one at a time; ``should_stop`` is polled before each line, so a
+cancelled job stops validating within a line's work (`Stopped`).
 
 Loss mask: only assistant tokens are trained on (``sum(CE * mask) / sum(mask)``). The span of
 assistant message ``i`` is found by rendering the conversation up to it twice, as a prompt
@@ -30,14 +32,14 @@ the same generation-prompt tokens. A conversation where neither holds is refused
 
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from souverain.errors import FinetuneError, SouverainError
+from souverain.finetune import jsonl
 from souverain.finetune.sample_checks import (
     Kind,
     LineProblem,
@@ -51,6 +53,10 @@ from souverain.finetune.sample_checks import (
 from souverain.tokenizer import Tokenizer
 
 DEFAULT_MAX_BYTES = 2 << 30  # 2 GiB per file
+
+
+class Stopped(Exception):
+    """``should_stop()`` turned true: the work was abandoned (cancel, shutdown), not failed."""
 
 
 @dataclass
@@ -197,11 +203,6 @@ def _find_after(seq: list[int], span: list[int], lead: list[int], start: int) ->
 # --------------------------------------------------------------------------------------
 
 
-def _lines(path: Path) -> Iterator[tuple[int, str]]:
-    with open(path, encoding="utf-8", errors="strict") as f:
-        yield from enumerate(f, start=1)
-
-
 def validate_file(
     path: str | os.PathLike[str],
     tokenizer: Tokenizer,
@@ -209,11 +210,14 @@ def validate_file(
     method: Literal["sft", "dpo"] = "sft",
     seq_len: int = 512,
     max_bytes: int = DEFAULT_MAX_BYTES,
+    max_line_bytes: int | None = None,
     renderer: ChatRenderer | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> DataReport:
     """Check every line of a JSONL file and tokenize it; every bad line becomes a `LineError`
-    (the report is complete, not stopped at the first). ``report.samples`` holds the
-    `Sample`s (sft) or `PreferencePair`s (dpo) of the good lines."""
+    (the report is complete, not stopped at the first; a line over ``max_line_bytes`` ends
+    it). ``report.samples`` holds the `Sample`s (sft) or `PreferencePair`s (dpo) of the good
+    lines. Raises `Stopped` when ``should_stop()`` (polled before each line) is true."""
     p = Path(path)
     report = DataReport(str(p), None)
     if not p.is_file():
@@ -231,40 +235,29 @@ def validate_file(
         )
         return report
     renderer = renderer or ChatRenderer(tokenizer)
-    first_kind_line = 0
-    try:
-        for n, line in _lines(p):
-            if not line.strip():
-                continue
-            try:
-                _one_line(line, n, report, renderer, method, seq_len)
-            except LineProblem as exc:
-                report.errors.append(LineError(n, str(exc)))
-                continue
-            if first_kind_line == 0:
-                first_kind_line = n
-    except UnicodeDecodeError as exc:
-        report.errors.append(
-            LineError(
-                0,
-                f"{p} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8 JSONL",
-            )
-        )
+    with open(p, "rb") as f:
+        try:
+            for n, line in jsonl.lines(f, max_line_bytes):
+                if should_stop is not None and should_stop():
+                    raise Stopped(f"validating {p} was stopped at line {n}")
+                if jsonl.is_blank(line):
+                    continue
+                try:
+                    _one_line(jsonl.parse(line, n), report, renderer, method, seq_len, n)
+                except jsonl.JSONLError as exc:
+                    report.errors.append(LineError(n, exc.reason.removeprefix("is ")))
+                except LineProblem as exc:
+                    report.errors.append(LineError(n, str(exc)))
+        except jsonl.JSONLError as exc:  # a line over max_line_bytes
+            report.errors.append(LineError(exc.line, exc.reason.removeprefix("is ")))
     if report.kind is None and not report.errors:
         report.errors.append(LineError(0, f"{p} is empty; write one JSON sample per line"))
     return report
 
 
 def _one_line(
-    line: str, n: int, report: DataReport, renderer: ChatRenderer, method: str, seq_len: int
+    obj: Any, report: DataReport, renderer: ChatRenderer, method: str, seq_len: int, n: int
 ) -> None:
-    try:
-        obj = json.loads(line.rstrip("\r\n"))
-    except json.JSONDecodeError as exc:
-        raise LineProblem(
-            f"invalid JSON ({exc.msg} at column {exc.colno}); each line must "
-            "be one complete JSON object"
-        ) from None
     if not isinstance(obj, dict):
         raise LineProblem(f"a line must hold a JSON object, not a {type(obj).__name__}")
     kind = kind_of(obj)
@@ -380,13 +373,21 @@ def load_dataset(
     method: Literal["sft", "dpo"],
     seq_len: int,
     max_bytes: int = DEFAULT_MAX_BYTES,
+    should_stop: Callable[[], bool] | None = None,
 ) -> tuple[list[Any], list[DataReport]]:
     """Validate and tokenize every file; raise `FinetuneError` with the first errors (line
-    numbers included) if any file has one. Returns all samples, in file order."""
+    numbers included) if any file has one (`Stopped` when ``should_stop()``). Returns all
+    samples, in file order."""
     renderer = ChatRenderer(tokenizer)
     reports = [
         validate_file(
-            p, tokenizer, method=method, seq_len=seq_len, max_bytes=max_bytes, renderer=renderer
+            p,
+            tokenizer,
+            method=method,
+            seq_len=seq_len,
+            max_bytes=max_bytes,
+            renderer=renderer,
+            should_stop=should_stop,
         )
         for p in paths
     ]

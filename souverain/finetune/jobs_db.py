@@ -1,8 +1,13 @@
 """The SQL side of the fine-tuning jobs: the four tables and the engine that reaches them.
 
-SQLAlchemy Core over ``sqlite:///path`` (WAL, ``BEGIN IMMEDIATE`` so a writer never fails
-half-way with "database is locked") or ``postgresql+psycopg://...``. `JobStore` (store.py)
+SQLAlchemy Core over ``sqlite:///path`` or ``postgresql+psycopg://...``. `JobStore` (store.py)
 owns the transitions and the records built from these rows.
+
+SQLite: WAL, so readers never wait for the writer; a write transaction starts with ``BEGIN
+IMMEDIATE`` (a deferred one that upgrades later can fail at once with "database is locked"
+when another process writes), a read-only one (a connection with the ``READ`` execution
+option) with a plain deferred ``BEGIN``, which WAL never blocks. Every transaction is short:
+nothing slow (validation, training, file I/O) runs inside one.
 """
 
 from __future__ import annotations
@@ -49,6 +54,9 @@ jobs_t = sa.Table(
     sa.Column("worker_host", sa.Text),
     sa.Column("heartbeat_at", sa.Float),
     sa.Column("resumes", sa.Integer, nullable=False, default=0),
+    # the holding worker process's own id: its lock file under finetune/workers/ says
+    # whether it is alive, whatever pid reuse or a restarted container does to pids
+    sa.Column("worker_token", sa.String(64)),
 )
 events_t = sa.Table(
     "ft_events", metadata,
@@ -77,8 +85,12 @@ def safe_url(url: str) -> str:
         return url.rsplit("@", 1)[-1]
 
 
-def open_engine(url: str) -> Engine:
-    """An engine on ``url``; SQLite gets its folder created, WAL and immediate transactions.
+READ = "souverain_read_only"  # execution option of a connection that only reads
+
+
+def open_engine(url: str, busy_timeout_s: float = 30.0) -> Engine:
+    """An engine on ``url``; SQLite gets its folder created, WAL, immediate write transactions
+    and deferred read ones, and waits up to ``busy_timeout_s`` for another writer's lock.
     Raises `sqlalchemy.exc.ArgumentError` or `ImportError` for a bad URL or a missing
     driver."""
     if not url.startswith("sqlite"):
@@ -86,21 +98,32 @@ def open_engine(url: str) -> Engine:
     path = sa.engine.make_url(url).database
     if path and path != ":memory:":
         Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
-    engine = sa.create_engine(url, connect_args={"timeout": 30})
+    engine = sa.create_engine(url, connect_args={"timeout": busy_timeout_s})
 
     @sa.event.listens_for(engine, "connect")
     def _connect(dbapi: Any, _record: Any) -> None:
         dbapi.isolation_level = None  # we issue BEGIN ourselves (below)
         cur = dbapi.cursor()
         cur.execute("PRAGMA journal_mode=WAL")  # readers never wait for the writer
-        cur.execute("PRAGMA busy_timeout=30000")
+        cur.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
         cur.execute("PRAGMA synchronous=NORMAL")
         cur.close()
 
     @sa.event.listens_for(engine, "begin")
     def _begin(conn: Connection) -> None:
-        # take the write lock up front: a deferred transaction that upgrades later can
-        # fail at once with "database is locked" when the other process writes
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # a writer takes the write lock up front; a reader never asks for it
+        read = conn.get_execution_options().get(READ, False)
+        conn.exec_driver_sql("BEGIN" if read else "BEGIN IMMEDIATE")
 
     return engine
+
+
+def add_missing_columns(engine: Engine) -> None:
+    """Columns added to the tables since a database was created (``create_all`` only creates
+    missing tables): ``ALTER TABLE ... ADD COLUMN`` each, nullable."""
+    have = {c["name"] for c in sa.inspect(engine).get_columns(jobs_t.name)}
+    with engine.begin() as c:
+        for col in jobs_t.columns:
+            if col.name not in have:
+                kind = col.type.compile(dialect=engine.dialect)
+                c.exec_driver_sql(f"ALTER TABLE {jobs_t.name} ADD COLUMN {col.name} {kind}")

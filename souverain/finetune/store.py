@@ -17,13 +17,15 @@ VALIDATED -> CANCELLED at once; a job a worker holds -> CANCELLATION_REQUESTED -
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import socket
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,8 @@ from sqlalchemy.engine import Connection
 
 from souverain.errors import SouverainError
 from souverain.finetune.jobs_db import (
+    READ,
+    add_missing_columns,
     checkpoints_t,
     events_t,
     files_t,
@@ -64,6 +68,11 @@ class NotFound(JobsError):
 
 class Conflict(JobsError):
     """The job or file is not in a state that allows the operation."""
+
+
+class Busy(JobsError):
+    """Another process held the database's write lock for longer than the busy timeout: try
+    again in a moment (HTTP 503 with Retry-After)."""
 
 
 def finetune_dir(root: Path | None = None) -> Path:
@@ -114,6 +123,7 @@ class JobRecord:
     worker_host: str | None
     heartbeat_at: float | None
     resumes: int = 0
+    worker_token: str | None = None
 
     @property
     def training_file_ids(self) -> list[str]:
@@ -145,19 +155,36 @@ def fine_tuned_name(base: str, suffix: str | None, job_id: str) -> str:
 class JobStore:
     """Files, jobs, events and checkpoints in one SQL database (see the module docstring)."""
 
-    def __init__(self, url: str | None = None, root: Path | None = None):
+    def __init__(self, url: str | None = None, root: Path | None = None, *,
+                 busy_timeout_s: float = 30.0):
         self.root = finetune_dir(root)
         self.files_dir = self.root / "files"
         self.runs_dir = self.root / "runs"
+        self.workers_dir = self.root / "workers"
         self.url = url or default_db_url(root)
         try:
-            self.engine = open_engine(self.url)
+            self.engine = open_engine(self.url, busy_timeout_s)
             metadata.create_all(self.engine)
+            add_missing_columns(self.engine)
         except (sa.exc.SQLAlchemyError, OSError, ImportError) as exc:
             raise _open_error(self.url, exc) from None
 
     def close(self) -> None:
         self.engine.dispose()
+
+    @contextmanager
+    def _write(self) -> Iterator[Connection]:
+        """A short write transaction (SQLite: BEGIN IMMEDIATE)."""
+        with _busy_as_error(), self.engine.begin() as c:
+            yield c
+
+    @contextmanager
+    def _read(self) -> Iterator[Connection]:
+        """A read-only transaction (SQLite: a deferred BEGIN, which a writer never blocks)."""
+        with _busy_as_error(), self.engine.connect() as conn:
+            conn.execution_options(**{READ: True})
+            with conn.begin():
+                yield conn
 
     # -- files ------------------------------------------------------------------------------
     def add_file(self, data: bytes, filename: str, purpose: str, *,
@@ -175,7 +202,7 @@ class JobStore:
                          sample_type=sample_type, num_lines=num_lines, mimetype=mimetype,
                          path=str(path))
         try:
-            with self.engine.begin() as c:
+            with self._write() as c:
                 c.execute(files_t.insert().values(**rec.__dict__))
         except BaseException:
             path.unlink(missing_ok=True)
@@ -185,7 +212,7 @@ class JobStore:
     def get_file(self, file_id: str) -> FileRecord:
         row = None
         if "\x00" not in file_id:  # (PostgreSQL refuses NUL in text; no id holds one)
-            with self.engine.begin() as c:
+            with self._read() as c:
                 row = c.execute(files_t.select().where(files_t.c.id == file_id)
                                 ).mappings().first()
         if row is None:
@@ -203,7 +230,7 @@ class JobStore:
         if sample_types:
             cond.append(files_t.c.sample_type.in_(list(sample_types)))
         where = sa.and_(sa.true(), *cond)
-        with self.engine.begin() as c:
+        with self._read() as c:
             total = c.execute(sa.select(sa.func.count()).select_from(files_t).where(where)
                               ).scalar_one()
             rows = c.execute(files_t.select().where(where)
@@ -211,10 +238,11 @@ class JobStore:
                              .offset(offset).limit(limit)).mappings().all()
         return [FileRecord(**r) for r in rows], int(total)
 
-    def delete_file(self, file_id: str) -> None:
-        """Delete a file, unless a job that has not finished still needs it."""
+    def delete_file(self, file_id: str) -> FileRecord:
+        """Delete a file, its row and its bytes, unless a job that has not finished still needs
+        it; returns what was deleted."""
         rec = self.get_file(file_id)
-        with self.engine.begin() as c:
+        with self._write() as c:
             for job in c.execute(jobs_t.select().where(jobs_t.c.status.notin_(TERMINAL))
                                  ).mappings():
                 ids = [f["file_id"] for f in job["training_files"]] + list(
@@ -225,6 +253,7 @@ class JobStore:
                                    "finish before deleting the file.")
             c.execute(files_t.delete().where(files_t.c.id == file_id))
         Path(rec.path).unlink(missing_ok=True)
+        return rec
 
     # -- jobs -------------------------------------------------------------------------------
     def create_job(self, *, model: str, model_path: str, training_files: list[dict[str, Any]],
@@ -247,14 +276,14 @@ class JobStore:
             "suffix": suffix, "fine_tuned_model": None, "created_at": now, "modified_at": now,
             "trained_tokens": None, "run_dir": str(self.runs_dir / job_id),
             "adapter_dir": None, "error": None, "worker_pid": None, "worker_host": None,
-            "heartbeat_at": None, "resumes": 0}
-        with self.engine.begin() as c:
+            "heartbeat_at": None, "resumes": 0, "worker_token": None}
+        with self._write() as c:
             c.execute(jobs_t.insert().values(**values))
             _event(c, job_id, "status-updated", {"status": QUEUED})
         return JobRecord(**values)
 
     def get_job(self, job_id: str) -> JobRecord:
-        with self.engine.begin() as c:
+        with self._read() as c:
             return _job(c, job_id)
 
     def list_jobs(self, *, model: str | None = None, status: str | None = None,
@@ -270,7 +299,7 @@ class JobStore:
         if created_after is not None:
             cond.append(jobs_t.c.created_at > created_after)
         where = sa.and_(sa.true(), *cond)
-        with self.engine.begin() as c:
+        with self._read() as c:
             total = c.execute(sa.select(sa.func.count()).select_from(jobs_t).where(where)
                               ).scalar_one()
             rows = c.execute(jobs_t.select().where(where)
@@ -279,14 +308,14 @@ class JobStore:
         return [JobRecord(**r) for r in rows], int(total)
 
     def events(self, job_id: str) -> list[EventRecord]:
-        with self.engine.begin() as c:
+        with self._read() as c:
             rows = c.execute(events_t.select().where(events_t.c.job_id == job_id)
                              .order_by(events_t.c.id)).mappings().all()
         return [EventRecord(r["job_id"], r["created_at"], r["name"], r["data"] or {})
                 for r in rows]
 
     def checkpoints(self, job_id: str) -> list[CheckpointRecord]:
-        with self.engine.begin() as c:
+        with self._read() as c:
             rows = c.execute(checkpoints_t.select().where(checkpoints_t.c.job_id == job_id)
                              .order_by(checkpoints_t.c.step, checkpoints_t.c.id)
                              ).mappings().all()
@@ -296,7 +325,7 @@ class JobStore:
     def cancel(self, job_id: str) -> JobRecord:
         """A job nobody holds is CANCELLED at once; a held one gets CANCELLATION_REQUESTED (its
         worker stops at the next step). Cancelling a cancelled job is a no-op."""
-        with self.engine.begin() as c:
+        with self._write() as c:
             job = _job(c, job_id)
             done = _transition(c, job_id, (QUEUED, VALIDATED), CANCELLED, worker_pid=None,
                                worker_host=None) \
@@ -309,7 +338,7 @@ class JobStore:
     def start(self, job_id: str) -> JobRecord:
         """Start a job created with ``auto_start=false``: a VALIDATED one is queued again (the
         worker re-checks its files, then trains); one not validated yet trains right after."""
-        with self.engine.begin() as c:
+        with self._write() as c:
             job = _job(c, job_id)
             if not _transition(c, job_id, (VALIDATED,), QUEUED, auto_start=True):
                 if job.status in TERMINAL or job.status == CANCELLATION_REQUESTED:
@@ -322,50 +351,53 @@ class JobStore:
             return _job(c, job_id)
 
     # -- the worker's side ------------------------------------------------------------------
-    def claim_next(self, pid: int, host: str | None = None) -> JobRecord | None:
-        """Atomically take the oldest QUEUED job (-> STARTED, owned by ``host:pid``)."""
+    def claim_next(self, pid: int, host: str | None = None,
+                   token: str | None = None) -> JobRecord | None:
+        """Atomically take the oldest QUEUED job (-> STARTED, owned by ``host:pid``, and by
+        the worker whose `WorkerLock` is ``token``)."""
         host = host or this_host()
         while True:
-            with self.engine.begin() as c:
+            with self._write() as c:
                 job_id = c.execute(sa.select(jobs_t.c.id).where(jobs_t.c.status == QUEUED)
                                    .order_by(jobs_t.c.created_at, jobs_t.c.id).limit(1)
                                    ).scalar()
                 if job_id is None:
                     return None
                 if _transition(c, job_id, (QUEUED,), STARTED, worker_pid=pid,
-                               worker_host=host, heartbeat_at=time.time()):
+                               worker_host=host, worker_token=token,
+                               heartbeat_at=time.time()):
                     return _job(c, job_id)
             # another worker took it between the select and the update: try the next one
 
     def set_status(self, job_id: str, status: str, *, expect: Iterable[str] = HELD,
                    event: dict[str, Any] | None = None, **values: Any) -> bool:
         """``status`` (+ ``values``) if the job is in one of ``expect``; True if it was."""
-        with self.engine.begin() as c:
+        with self._write() as c:
             ok = _transition(c, job_id, tuple(expect), status, **values)
             if ok and event is not None:
                 _event(c, job_id, "status-updated", {"status": status, **event})
             return ok
 
     def update(self, job_id: str, **values: Any) -> None:
-        with self.engine.begin() as c:
+        with self._write() as c:
             c.execute(jobs_t.update().where(jobs_t.c.id == job_id)
                       .values(modified_at=time.time(), **values))
 
     def heartbeat(self, job_id: str) -> str:
         """Mark the job alive now; returns its current status (cancellation shows up here)."""
-        with self.engine.begin() as c:
+        with self._write() as c:
             c.execute(jobs_t.update().where(jobs_t.c.id == job_id)
                       .values(heartbeat_at=time.time()))
             return str(c.execute(sa.select(jobs_t.c.status).where(jobs_t.c.id == job_id)
                                  ).scalar_one())
 
     def add_event(self, job_id: str, name: str, data: dict[str, Any] | None = None) -> None:
-        with self.engine.begin() as c:
+        with self._write() as c:
             _event(c, job_id, name, data or {})
 
     def add_checkpoint(self, job_id: str, step: int, path: str,
                        metrics: dict[str, Any]) -> None:
-        with self.engine.begin() as c:
+        with self._write() as c:
             # a resumed run may write a step again: keep one row per step
             c.execute(checkpoints_t.delete().where(checkpoints_t.c.job_id == job_id,
                                                    checkpoints_t.c.step == step))
@@ -375,44 +407,103 @@ class JobStore:
 
     def orphans(self, *, stale_after: float, host: str | None = None,
                 pid_alive: Callable[[int], bool] | None = None) -> list[JobRecord]:
-        """Jobs a worker holds whose worker is gone: its pid is dead on this host, it released
-        the job (stopped while training), or its heartbeat is older than ``stale_after``."""
+        """Jobs a worker holds whose worker is gone: it released the job (stopped while
+        training); its `WorkerLock` under this data folder is free (the process ended: a
+        crash, kill -9, a reboot, a new container; pid reuse cannot fool it); without a lock
+        file, its pid is dead on this host; or its heartbeat is older than ``stale_after``."""
         host = host or this_host()
         alive = pid_alive or _pid_alive
         now = time.time()
-        with self.engine.begin() as c:
+        with self._read() as c:
             rows = c.execute(jobs_t.select().where(jobs_t.c.status.in_(HELD))
                              .order_by(jobs_t.c.created_at)).mappings().all()
         out = []
         for r in rows:
             job = JobRecord(**r)
-            if job.worker_pid is None \
-                    or (job.worker_host == host and not alive(job.worker_pid)) \
+            locked = WorkerLock.held(self.workers_dir, job.worker_token)
+            if job.worker_pid is None or locked is False \
+                    or (locked is None and job.worker_host == host
+                        and not alive(job.worker_pid)) \
                     or now - (job.heartbeat_at or 0) > stale_after:
                 out.append(job)
         return out
 
-    def adopt(self, job: JobRecord, pid: int, host: str | None = None) -> bool:
+    def adopt(self, job: JobRecord, pid: int, host: str | None = None,
+              token: str | None = None) -> bool:
         """Take over an orphaned job, if nobody did first (compare-and-set on its owner)."""
         owner = sa.and_(jobs_t.c.worker_pid == job.worker_pid,
                         jobs_t.c.worker_host == job.worker_host) \
             if job.worker_pid is not None else jobs_t.c.worker_pid.is_(None)
-        with self.engine.begin() as c:
+        with self._write() as c:
             res = c.execute(jobs_t.update()
                             .where(jobs_t.c.id == job.id, jobs_t.c.status == job.status, owner)
                             .values(worker_pid=pid, worker_host=host or this_host(),
-                                    heartbeat_at=time.time(), modified_at=time.time()))
+                                    worker_token=token, heartbeat_at=time.time(),
+                                    modified_at=time.time()))
             return res.rowcount == 1
 
     def succeeded_models(self) -> list[tuple[str, str, str, str]]:
         """``(fine_tuned_model, base_model, adapter_dir, job_id)`` of every SUCCESS job, oldest
         first; ``base_model`` is the served model name the job was created with."""
-        with self.engine.begin() as c:
+        with self._read() as c:
             rows = c.execute(sa.select(jobs_t.c.fine_tuned_model, jobs_t.c.model,
                                        jobs_t.c.adapter_dir, jobs_t.c.id)
                              .where(jobs_t.c.status == SUCCESS)
                              .order_by(jobs_t.c.created_at)).all()
         return [(r[0], r[1], r[2], r[3]) for r in rows if r[0] and r[2]]
+
+
+class WorkerLock:
+    """A worker process's liveness, as the kernel sees it: an exclusive `flock` on
+    ``workers/<token>.lock`` held for the worker's life. The kernel drops it when the process
+    ends however it ends (kill -9 included), so a free lock means a dead worker, even where its
+    pid now names another process (pid reuse, a container restarted with the same pids)."""
+
+    def __init__(self, workers_dir: Path):
+        self.token = uuid.uuid4().hex
+        workers_dir.mkdir(parents=True, exist_ok=True)
+        self.path = workers_dir / f"{self.token}.lock"
+        self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            self.path.unlink(missing_ok=True)
+            os.close(self._fd)
+            self._fd = None
+
+    @staticmethod
+    def held(workers_dir: Path, token: str | None) -> bool | None:
+        """True if the worker ``token`` is alive, False if it is gone (its lock file is then
+        removed), None when there is no lock file to tell (no token, or another machine's
+        data folder)."""
+        if not token or not token.isalnum():
+            return None
+        path = workers_dir / f"{token}.lock"
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        finally:
+            os.close(fd)  # (closing drops the lock taken just now, if it was)
+        path.unlink(missing_ok=True)
+        return False
+
+
+@contextmanager
+def _busy_as_error() -> Iterator[None]:
+    """SQLite's "database is locked" after the busy timeout -> `Busy` (the others re-raise)."""
+    try:
+        yield
+    except sa.exc.OperationalError as exc:
+        if "locked" not in str(exc.orig) and "busy" not in str(exc.orig):
+            raise
+        raise Busy("The jobs database is busy (another process holds its write lock); "
+                   "try again in a few seconds.") from None
 
 
 def _job(c: Connection, job_id: str) -> JobRecord:
@@ -425,6 +516,8 @@ def _job(c: Connection, job_id: str) -> JobRecord:
 
 def _transition(c: Connection, job_id: str, expect: tuple[str, ...], status: str,
                 **values: Any) -> bool:
+    if "worker_pid" in values and values["worker_pid"] is None:
+        values.setdefault("worker_token", None)  # released: no owner at all
     res = c.execute(jobs_t.update()
                     .where(jobs_t.c.id == job_id, jobs_t.c.status.in_(expect))
                     .values(status=status, modified_at=time.time(), **values))

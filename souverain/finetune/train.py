@@ -20,6 +20,12 @@ One run, top to bottom:
    killed with SIGKILL and resumed ends with the very tensors an uninterrupted run gives
    (same machine, same thread count). The run folder's layout and its atomic writes are
    run_state.py's.
+
+``should_stop()`` is polled before every line while the data is validated, before every
+evaluation batch, before every step and between the microbatches of a step, so a cancel (or a
+shutdown) takes effect within about one microbatch's work. A step interrupted half-way is
+dropped (gradients cleared, RNG states put back): the checkpoint written then is exactly the
+one of the last whole step, and resuming from it stays bit-exact.
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ import torch.nn.functional as F
 
 from souverain.errors import FinetuneError
 from souverain.finetune.config import TrainConfig
-from souverain.finetune.data import Sample, batch_tensors, load_dataset, pack
+from souverain.finetune.data import Sample, Stopped, batch_tensors, load_dataset, pack
 from souverain.finetune.dpo import pair_losses
 from souverain.finetune.lora import inject_lora, load_into, lora_layers, to_adapter
 from souverain.finetune.run_state import (
@@ -145,9 +151,11 @@ def lr_lambda(cfg: TrainConfig, total: int) -> Callable[[int], float]:
 # --------------------------------------------------------------------------------------
 
 
-def prepare(cfg: TrainConfig) -> tuple[Any, Transformer, list[Any], list[Any]]:
+def prepare(
+    cfg: TrainConfig, should_stop: Callable[[], bool] | None = None
+) -> tuple[Any, Transformer, list[Any], list[Any]]:
     """Checkpoint, LoRA-wrapped model (seeded init), training and eval data. Data errors
-    raise before the model is read."""
+    raise before the model is read (`Stopped` when ``should_stop()`` while validating)."""
     from souverain import weights
     from souverain.models.loader import load_model
 
@@ -158,11 +166,21 @@ def prepare(cfg: TrainConfig) -> tuple[Any, Transformer, list[Any], list[Any]]:
         raise FinetuneError(
             f"{cfg.model} has no tokenizer; copy its tokenizer file into the model folder."
         )
-    train, _ = load_dataset(cfg.train_files, ckpt.tokenizer, method=cfg.method, seq_len=cfg.seq_len)
+    train, _ = load_dataset(
+        cfg.train_files,
+        ckpt.tokenizer,
+        method=cfg.method,
+        seq_len=cfg.seq_len,
+        should_stop=should_stop,
+    )
     evals: list[Any] = []
     if cfg.eval_files:
         evals, _ = load_dataset(
-            cfg.eval_files, ckpt.tokenizer, method=cfg.method, seq_len=cfg.seq_len
+            cfg.eval_files,
+            ckpt.tokenizer,
+            method=cfg.method,
+            seq_len=cfg.seq_len,
+            should_stop=should_stop,
         )
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -173,15 +191,22 @@ def prepare(cfg: TrainConfig) -> tuple[Any, Transformer, list[Any], list[Any]]:
 
 
 @torch.no_grad()
-def evaluate(model: Transformer, cfg: TrainConfig, data: list[Any]) -> dict[str, float]:
+def evaluate(
+    model: Transformer,
+    cfg: TrainConfig,
+    data: list[Any],
+    should_stop: Callable[[], bool] | None = None,
+) -> dict[str, float]:
     """Eval loss over all eval samples (SFT: token-weighted CE on assistant tokens, and
-    perplexity = e^loss; DPO: mean pair loss, reward margin and accuracy)."""
+    perplexity = e^loss; DPO: mean pair loss, reward margin and accuracy). Raises `Stopped`
+    when ``should_stop()`` (polled before each batch)."""
     was_training = model.training
     model.eval()
     try:
         if cfg.method == "sft":
             total, count = 0.0, 0
             for grp in pack([len(s.tokens) - 1 for s in data], cfg.seq_len):
+                _check(should_stop)
                 loss_sum, n, _ = sft_loss_sum(model, [data[i] for i in grp])
                 total += float(loss_sum)
                 count += n
@@ -189,6 +214,7 @@ def evaluate(model: Transformer, cfg: TrainConfig, data: list[Any]) -> dict[str,
             return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0))}
         losses, margins = [], []
         for i in range(0, len(data), cfg.batch_size):
+            _check(should_stop)
             lo, ma = pair_losses(model, data[i : i + cfg.batch_size], cfg.dpo_beta)
             losses.append(lo)
             margins.append(ma)
@@ -210,15 +236,19 @@ def run_training(
     should_stop: Callable[[], bool] | None = None,
 ) -> TrainResult:
     """Train a LoRA adapter as ``cfg`` says; see the module docstring for the whole path.
-    ``should_stop()`` is polled before every step: when true, a checkpoint is written and the
-    run returns with status "cancelled" (resume it later with ``resume=True``)."""
+    ``should_stop()`` is polled all along (see the module docstring): when true, the run
+    returns with status "cancelled"; during training a checkpoint of the last whole step is
+    written first (resume it later with ``resume=True``)."""
     existing = check_run_dir(cfg, Path(cfg.run_dir), resume)
-    run = _Run(cfg, on_event)
-    if resume and existing:
-        step = run.restore(existing[-1])
-    else:
-        step = 0
-        run.evaluate(step)
+    try:
+        run = _Run(cfg, on_event, should_stop)
+        if resume and existing:
+            step = run.restore(existing[-1])
+        else:
+            step = 0
+            run.evaluate(step)
+    except Stopped:  # before the first step: nothing to save
+        return TrainResult(Path(cfg.run_dir), 0, {}, "cancelled")
     return run.train(step, should_stop)
 
 
@@ -226,8 +256,11 @@ class _Run:
     """One run's state: the LoRA-wrapped model, its optimizer and schedule, the data order and
     the events. Built in the order the RNGs are consumed (a resumed run replays it)."""
 
-    def __init__(self, cfg: TrainConfig, on_event: EventFn | None):
-        ckpt, self.model, train_data, self.eval_data = prepare(cfg)
+    def __init__(
+        self, cfg: TrainConfig, on_event: EventFn | None, should_stop: Callable[[], bool] | None
+    ):
+        ckpt, self.model, train_data, self.eval_data = prepare(cfg, should_stop)
+        self.should_stop = should_stop
         self.cfg, self.run_dir, self.args = cfg, Path(cfg.run_dir), ckpt.args
         start_run_dir(cfg, self.run_dir)
         self.emit = Emitter(self.run_dir, on_event)
@@ -257,7 +290,7 @@ class _Run:
         """Evaluate (when there is eval data) and emit the result."""
         if not self.eval_data:
             return {}
-        ev = evaluate(self.model, self.cfg, self.eval_data)
+        ev = evaluate(self.model, self.cfg, self.eval_data, self.should_stop)
         self.emit({"type": "eval", "step": step, **ev})
         return ev
 
@@ -274,7 +307,15 @@ class _Run:
             g = step * cfg.grad_accum
             micro = [self.units.microbatch(g + j) for j in range(cfg.grad_accum)]
             lr = self.opt.param_groups[0]["lr"]
-            stats = _train_step(self.model, cfg, micro, self.params, self.opt, self.sched)
+            rng = _rng_states() if should_stop is not None else None
+            try:
+                stats = _train_step(
+                    self.model, cfg, micro, self.params, self.opt, self.sched, should_stop
+                )
+            except Stopped:  # half-way through the step: as if it never began
+                self.opt.zero_grad(set_to_none=True)
+                _set_rng_states(rng)
+                return self._stopped(step)
             step += 1
             now = time.monotonic()
             event = {
@@ -290,10 +331,16 @@ class _Run:
             self.history.update({k: v for k, v in event.items() if k != "type"})
             self.emit(event)
             if cfg.eval_every and step % cfg.eval_every == 0 and step < self.total:
-                self.evaluate(step)
+                try:
+                    self.evaluate(step)
+                except Stopped:
+                    return self._stopped(step)
             if step % cfg.checkpoint_every == 0 and step < self.total:
                 self.checkpoint(step)
-        return self._finish(step)
+        try:
+            return self._finish(step)
+        except Stopped:  # during the final evaluation
+            return self._stopped(step)
 
     def save_adapter_to(self, folder: Path) -> None:
         cfg = self.cfg
@@ -355,15 +402,19 @@ def _train_step(
     params: list[torch.nn.Parameter],
     opt: torch.optim.Optimizer,
     sched: torch.optim.lr_scheduler.LRScheduler,
+    should_stop: Callable[[], bool] | None = None,
 ) -> dict[str, float]:
     """One optimizer step over ``grad_accum`` microbatches; the loss is normalised over the
-    whole step (not per microbatch) so accumulation equals one big batch."""
+    whole step (not per microbatch) so accumulation equals one big batch. Raises `Stopped`
+    between microbatches when ``should_stop()`` (the optimizer has not stepped then)."""
     stats: dict[str, float] = {}
     tokens = 0
     if cfg.method == "sft":
         n_trained = sum(s.n_trainable for mb in micro for s in mb)
         total_loss = 0.0
-        for mb in micro:
+        for j, mb in enumerate(micro):
+            if j:
+                _check(should_stop)
             loss_sum, _, n_tok = sft_loss_sum(model, mb)
             (loss_sum / max(1, n_trained)).backward()
             total_loss += float(loss_sum.detach())
@@ -373,7 +424,9 @@ def _train_step(
     else:
         n_pairs = sum(len(mb) for mb in micro)
         losses, margins = [], []
-        for mb in micro:
+        for j, mb in enumerate(micro):
+            if j:
+                _check(should_stop)
             lo, ma = pair_losses(model, mb, cfg.dpo_beta)
             (lo.sum() / n_pairs).backward()
             losses.append(lo.detach())
@@ -391,6 +444,22 @@ def _train_step(
     opt.zero_grad(set_to_none=True)
     stats["tokens"] = tokens
     return stats
+
+
+def _check(should_stop: Callable[[], bool] | None) -> None:
+    if should_stop is not None and should_stop():
+        raise Stopped("stopped by should_stop()")
+
+
+def _rng_states() -> tuple[Any, Any, torch.Tensor]:
+    return random.getstate(), np.random.get_state(), torch.get_rng_state()
+
+
+def _set_rng_states(states: tuple[Any, Any, torch.Tensor] | None) -> None:
+    if states is not None:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
 
 
 def measure_tokens_per_s(

@@ -13,13 +13,18 @@ heartbeat go to the store; a cancel request stops it at the next step), then SUC
 ``fine_tuned_model`` and the final adapter folder) | CANCELLED | FAILED (the exception's
 message).
 
-Nothing is lost to a crash or a restart: the worker looks for jobs whose worker is gone (its pid
-is dead on this host, or its heartbeat is older than ``--stale-after``) at start and between
-jobs. A job caught while validating is queued again; one caught RUNNING is resumed from its
+Nothing is lost to a crash or a restart: the worker looks for jobs whose worker is gone at
+start (so a restarted server resumes an interrupted job within seconds, with no request) and
+between jobs. Each worker holds a `WorkerLock` (an flock under DATA/finetune/workers/) for its
+life, so a job's worker is known dead as soon as its process is, even when its pid was reused
+(a restarted container, a reboot); without a lock file, its pid dead on this host, or its
+heartbeat older than ``--stale-after``, says so. A job caught while validating is queued again; one caught RUNNING is resumed from its
 last checkpoint (``run_training(resume=True)``) or trained again from the start when it had
 none; after ``--max-resumes`` unclean stops it is marked FAILED with the reason. A worker asked
 to stop (SIGTERM, or its parent server gone) stops training at the next step and leaves the job
-RUNNING without an owner, for the next worker to resume at once.
+RUNNING without an owner, for the next worker to resume at once. Validation and training poll
+the stop and cancel flags between lines, batches and microbatches, so either takes effect
+within seconds, even on a big file or a long step.
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ from souverain.finetune.store import (
     JobRecord,
     JobStore,
     NotFound,
+    WorkerLock,
     fine_tuned_name,
     this_host,
 )
@@ -87,6 +93,8 @@ class Worker:
         self.config = config or WorkerConfig()
         self.pid = os.getpid()
         self.host = this_host()
+        self.lock = WorkerLock(store.workers_dir)
+        self.token = self.lock.token
         self.stopping = threading.Event()
         self._trainer = trainer
         self._validator = validator
@@ -110,6 +118,7 @@ class Worker:
             except Exception:  # e.g. the database briefly unreachable: retry
                 log.exception("fine-tuning worker loop failed; retrying")
                 self.stopping.wait(max(self.config.poll_s, 2.0))
+        self.lock.release()
         log.info("fine-tuning worker %d stopped", self.pid)
 
     def run_once(self) -> bool:
@@ -117,7 +126,7 @@ class Worker:
         did = self.recover()
         if self.stopping.is_set():
             return did
-        job = self.store.claim_next(self.pid, self.host)
+        job = self.store.claim_next(self.pid, self.host, self.token)
         if job is None:
             return did
         self.process(job)
@@ -137,9 +146,9 @@ class Worker:
         for job in self.store.orphans(stale_after=self.config.stale_after_s, host=self.host):
             if self.stopping.is_set():
                 break
-            if job.worker_pid == self.pid and job.worker_host == self.host:
+            if self._mine(job):
                 continue
-            if not self.store.adopt(job, self.pid, self.host):
+            if not self.store.adopt(job, self.pid, self.host, self.token):
                 continue  # another worker got there first
             did = True
             unclean = job.worker_pid is not None
@@ -166,13 +175,18 @@ class Worker:
                 self.train(self.store.get_job(job.id), recovering=True)
         return did
 
+    def _mine(self, job: JobRecord) -> bool:
+        if job.worker_token is not None:
+            return job.worker_token == self.token
+        return job.worker_pid == self.pid and job.worker_host == self.host
+
     # -- one job ----------------------------------------------------------------------------
     def process(self, job: JobRecord) -> None:
         """Validate then train a job this worker just claimed (status STARTED)."""
         self.store.add_event(job.id, "status-updated", {"status": STARTED,
                                                         "worker": f"{self.host}:{self.pid}"})
-        with Hold(self.store, job.id, self.config.heartbeat_s, self.stopping):
-            if not self.validate(job):  # (a big file takes a while: keep the heartbeat)
+        with Hold(self.store, job.id, self.config.heartbeat_s, self.stopping) as hold:
+            if not self.validate(job, hold):  # (a big file takes a while: keep the heartbeat)
                 return
         job = self.store.get_job(job.id)
         if not job.auto_start:  # wait in VALIDATED for POST .../start
@@ -183,8 +197,9 @@ class Worker:
             return
         self.train(job)
 
-    def validate(self, job: JobRecord) -> bool:
-        """VALIDATING -> VALIDATED, or FAILED_VALIDATION / CANCELLED; True if validated."""
+    def validate(self, job: JobRecord, hold: Hold | None = None) -> bool:
+        """VALIDATING -> VALIDATED, or FAILED_VALIDATION / CANCELLED; True if validated.
+        ``hold.should_stop`` is polled before every line: a cancel stops it within seconds."""
         if not self.store.set_status(job.id, VALIDATING, expect=(STARTED,), event={}):
             return self._settle_cancel(job.id)
         try:
@@ -193,8 +208,12 @@ class Worker:
             self._finish(job, FAILED, error=f"Cannot load the tokenizer of base model "
                                             f"{job.model} ({job.model_path}): {exc}")
             return False
-        checked = self._check_files(job, tokenizer)
-        if checked is None:  # stopping: the next worker validates it again
+        should_stop = hold.should_stop if hold is not None else self.stopping.is_set
+        checked = self._check_files(job, tokenizer, should_stop)
+        if checked is None:  # cancelled, or stopping: the next worker validates it again
+            if (hold is not None and hold.cancel.is_set()) or \
+                    self.store.get_job(job.id).status == CANCELLATION_REQUESTED:
+                return self._settle_cancel(job.id)
             self.store.set_status(job.id, QUEUED, expect=(VALIDATING,), worker_pid=None,
                                   worker_host=None)
             return False
@@ -209,10 +228,13 @@ class Worker:
                                      event={"files": summary, "data_tokens": data_tokens}) \
             or self._settle_cancel(job.id)
 
-    def _check_files(self, job: JobRecord, tokenizer: Tokenizer
+    def _check_files(self, job: JobRecord, tokenizer: Tokenizer,
+                     should_stop: Callable[[], bool]
                      ) -> tuple[list[str], list[dict[str, Any]]] | None:
         """Every problem of the job's files (one sentence each) and a summary per file; None
-        when the worker is asked to stop meanwhile."""
+        when ``should_stop()`` (cancel, or the worker asked to stop) meanwhile."""
+        from souverain.finetune.data import Stopped
+
         validator = self._validator or _default_validator()
         hp = job.hyperparameters
         kw = {"seq_len": hp["seq_len"]} if hp.get("seq_len") else {}
@@ -221,7 +243,7 @@ class Worker:
         files = [("training", f) for f in job.training_file_ids] + \
                 [("validation", f) for f in job.validation_files]
         for role, file_id in files:
-            if self.stopping.is_set():
+            if should_stop():
                 return None
             try:
                 rec = self.store.get_file(file_id)
@@ -229,7 +251,10 @@ class Worker:
                 problems.append(f"{role} file {file_id} was deleted")
                 continue
             try:
-                report = validator(rec.path, tokenizer, method=method_of(self.store, job), **kw)
+                report = validator(rec.path, tokenizer, method=method_of(self.store, job),
+                                   should_stop=should_stop, **kw)
+            except Stopped:
+                return None
             except Exception as exc:
                 problems.append(f"{rec.filename} ({role} file {file_id}): {exc}")
                 continue

@@ -5,20 +5,26 @@ OpenAPI spec; ``client.files`` of the mistralai SDK). Its routes are
 
 The server only records: a job is QUEUED here and a separate worker process
 (`souverain.finetune.worker`) validates and trains it, so a long run never slows serving. A
-fine-tune upload is checked at once (empty, not UTF-8, a line that is not a JSON object, an
-unknown sample shape -> 400 naming the line); the full check (roles, order, lengths, with the
-base model's tokenizer) is the job's VALIDATING step, whose errors name file and line.
+fine-tune upload is checked at once, line by line with the worker's own JSONL rules
+(`souverain.finetune.jsonl`): empty, a line over the per-line limit, not UTF-8, not strict JSON
+(NaN, Infinity, too deep), not a JSON object, an unknown sample shape -> 400 naming the line;
+the full check (roles, order, lengths, with the base model's tokenizer) is the job's VALIDATING
+step, whose errors name file and line.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from souverain.finetune import jsonl
+from souverain.finetune.jsonl import DEFAULT_MAX_LINE_BYTES
 from souverain.finetune.store import (
+    Busy,
     Conflict,
     FileRecord,
     JobRecord,
@@ -121,51 +127,61 @@ def job_json(j: JobRecord, store: JobStore | None = None) -> dict[str, Any]:
     return body
 
 
-def check_upload(data: bytes, name: str, purpose: str) -> tuple[str | None, int]:
-    """``(sample_type, num_lines)`` of an upload, or a 400 naming the first bad line."""
-    if not data.strip():
-        raise APIError(400, f"{name} is empty; a {purpose} file holds one JSON object per "
-                            "line.", param="file", code="empty_file")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data[:exc.start].count(b"\n") + 1
-        raise APIError(400, f"{name} is not UTF-8 text (line {line}); save it as UTF-8 "
-                            "JSONL.", param="file", code="invalid_file") from None
+def check_upload(data: bytes, name: str, purpose: str, *,
+                 max_line_bytes: int | None = DEFAULT_MAX_LINE_BYTES) -> tuple[str | None, int]:
+    """``(sample_type, num_lines)`` of an upload, or a 400 naming the first bad line.
+
+    Total: any bytes give a result or an `APIError` (lines read one at a time with the rules
+    of `souverain.finetune.jsonl`, the ones the worker's validation uses)."""
     kinds: dict[str, int] = {}
     n = 0
-    for i, row in enumerate(text.splitlines(), start=1):
-        if not row.strip():
-            continue
-        n += 1
-        try:
-            obj = json.loads(row)
-        except json.JSONDecodeError as exc:
-            raise APIError(400, f"{name} line {i} is not valid JSON ({exc.msg} at column "
-                                f"{exc.colno}); a JSONL file holds one complete JSON object "
-                                "per line.", param="file", code="invalid_jsonl") from None
-        if not isinstance(obj, dict):
-            raise APIError(400, f"{name} line {i} holds a JSON {type(obj).__name__}, not an "
-                                "object; write one JSON object per line.", param="file",
-                           code="invalid_jsonl")
-        if purpose != "fine-tune":
-            continue
-        kind = _kind(obj)
-        if kind is None:
-            raise APIError(400, f"{name} line {i} is no training sample (keys "
-                                f"{sorted(obj)[:5]}); write {{\"messages\": [...]}} "
-                                "(instruct), {\"text\": ...} (pretrain) or {\"prompt\", "
-                                "\"chosen\", \"rejected\"} (preference).", param="file",
-                           code="invalid_sample")
-        if kinds and kind not in kinds:
-            first = next(iter(kinds))
-            raise APIError(400, f"{name} line {i} is a {kind} sample but line {kinds[first]} "
-                                f"is a {first} sample; put each kind in its own file.",
-                           param="file", code="mixed_samples")
-        kinds.setdefault(kind, i)
+    try:
+        for i, row in jsonl.lines(io.BytesIO(data), max_line_bytes):
+            if jsonl.is_blank(row):
+                continue
+            n += 1
+            obj = jsonl.parse(row, i)
+            if not isinstance(obj, dict):
+                raise jsonl.JSONLError(i, f"holds a JSON {_json_type(obj)}, not an object; "
+                                          "write one JSON object per line")
+            if purpose != "fine-tune":
+                continue
+            kind = _kind(obj)
+            if kind is None:
+                raise APIError(400, f"{name} line {i} is no training sample (keys "
+                                    f"{_keys(obj)}); write {{\"messages\": [...]}} "
+                                    "(instruct), {\"text\": ...} (pretrain) or {\"prompt\", "
+                                    "\"chosen\", \"rejected\"} (preference).", param="file",
+                               code="invalid_sample")
+            for other, line in kinds.items():
+                if other != kind:
+                    raise APIError(400, f"{name} line {i} is a {kind} sample but line {line} "
+                                        f"is a {other} sample; put each kind in its own file.",
+                                   param="file", code="mixed_samples")
+            kinds.setdefault(kind, i)
+    except jsonl.JSONLError as exc:
+        code = "line_too_long" if "longer than the limit" in exc.reason else "invalid_jsonl"
+        hint = ", or raise the server's --max-jsonl-line-kib" if code == "line_too_long" else ""
+        raise APIError(400, f"{name} line {exc.line} {exc.reason}{hint}.", param="file",
+                       code=code) from None
+    if n == 0:
+        raise APIError(400, f"{name} is empty (no line holds a JSON object); a {purpose} file "
+                            "holds one JSON object per line, lines separated by \\n.",
+                       param="file", code="empty_file")
     if purpose == "batch":
         return "batch_request", n
-    return next(iter(kinds)), n
+    return min(kinds, key=kinds.__getitem__), n
+
+
+def _json_type(obj: Any) -> str:
+    return {list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(obj), "number")
+
+
+def _keys(obj: dict[str, Any]) -> str:
+    """The first keys of an object, each short and ASCII (safe in any error body)."""
+    shown = [json.dumps(k)[:24] for k in sorted(obj)[:5]]
+    return "[" + ", ".join(shown) + (", ..." if len(obj) > 5 else "") + "]"
 
 
 def _kind(obj: dict[str, Any]) -> str | None:
@@ -179,7 +195,10 @@ def _kind(obj: dict[str, Any]) -> str | None:
 
 
 def jobs_api_error(exc: JobsError) -> APIError:
-    """The HTTP error of a store error: 404 (no such file or job), 409 (wrong status), 400."""
+    """The HTTP error of a store error: 404 (no such file or job), 409 (wrong status), 503
+    (the database busy: retry), 400."""
+    if isinstance(exc, Busy):
+        return APIError(503, str(exc), code="database_busy", headers={"Retry-After": "2"})
     if isinstance(exc, NotFound):
         return APIError(404, str(exc), code="not_found")
     if isinstance(exc, Conflict):

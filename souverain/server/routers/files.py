@@ -6,12 +6,14 @@ the mistralai SDK) over the `JobStore` on ``app.state``; mounted only with fine-
 ``GET/POST /v1/fine_tuning/jobs``, ``GET /v1/fine_tuning/jobs/{job_id}`` (with events and
 checkpoints), ``POST …/{job_id}/cancel``, ``POST …/{job_id}/start``.
 
-Every store call runs on a worker thread; a `JobsError` becomes a 404, 409 or 400.
+Every store call runs on a worker thread; a `JobsError` becomes a 404, 409, 400 or 503 (the
+database busy: Retry-After). Query parameters accept what /openapi.json says they accept: an
+enum where only some values make sense (a job ``status``, a file ``purpose`` at upload), and
+any string where one is a filter (a value that matches nothing gives an empty list).
 """
 
 from __future__ import annotations
 
-import asyncio
 import math
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -23,10 +25,11 @@ from typing import Any, Literal
 from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from fastapi.responses import FileResponse
 
-from souverain.finetune.store import STATUSES, JobRecord, JobsError, JobStore
+from souverain import audit
+from souverain.finetune.store import JobRecord, JobsError, JobStore
 from souverain.server import state
 from souverain.server.access import authorize, check_model
-from souverain.server.errors import APIError, call_in_thread
+from souverain.server.errors import APIError, call_in_thread, in_thread
 from souverain.server.finetuning import (
     JobCreate,
     check_job,
@@ -43,7 +46,10 @@ router = APIRouter()
 _ERRORS: dict[int | str, dict[str, Any]] = {c: {"description": d} for c, d in (
     (400, "Bad request"), (401, "No or bad API key"), (404, "No such file, job or model"),
     (409, "Not allowed in the job's current status"), (413, "Upload too large"),
-    (429, "Rate limited"))}
+    (429, "Rate limited"), (503, "The jobs database is busy; retry after Retry-After"))}
+JobStatus = Literal["QUEUED", "STARTED", "VALIDATING", "VALIDATED", "RUNNING",
+                    "FAILED_VALIDATION", "FAILED", "SUCCESS", "CANCELLED",
+                    "CANCELLATION_REQUESTED"]
 _FILES: list[str | Enum] = ["files"]
 _JOBS: list[str | Enum] = ["fine-tuning"]
 
@@ -54,17 +60,17 @@ _call = partial(call_in_thread, errors=JobsError, translate=jobs_api_error)
 @router.post("/v1/files", tags=_FILES, summary="Upload a file (JSONL) for fine-tuning "
              "or batch", responses=_ERRORS)
 async def upload_file(request: Request, file: UploadFile = File(...),
-                      purpose: str = Form("fine-tune"),
-                      expiry: int | None = Form(None),
+                      purpose: Literal["fine-tune", "batch"] = Form("fine-tune"),
+                      # a form field has no null: the schema says integer, absent = none
+                      expiry: int = Form(None),
                       visibility: str | None = Form(None),
                       key: KeyInfo | None = Depends(authorize)) -> dict[str, Any]:
     name = upload_name(file, "NAME.jsonl")
-    if purpose not in ("fine-tune", "batch"):
-        raise APIError(400, f"purpose {purpose!r} is not supported here; use fine-tune "
-                            "or batch.", param="purpose")
-    data = await read_upload(file, name, state.config(request).max_file_bytes, what="file",
+    config = state.config(request)
+    data = await read_upload(file, name, config.max_file_bytes, what="file",
                              flag="--max-file-mib")
-    sample_type, lines = await asyncio.to_thread(check_upload, data, name, purpose)
+    sample_type, lines = await in_thread(
+        check_upload, data, name, purpose, max_line_bytes=config.max_jsonl_line_bytes)
     mime = (file.content_type or "").split(";")[0].strip() or None
     store = state.jobs(request)
     rec = await _call(lambda: store.add_file(data, name, purpose, sample_type=sample_type,
@@ -81,7 +87,8 @@ async def list_files(request: Request, page: int = Query(0, ge=0, le=1_000_000),
                      sample_type: list[Literal["instruct", "pretrain", "preference",
                                                "batch_request"]] | None = Query(None),
                      key: KeyInfo | None = Depends(authorize)) -> dict[str, Any]:
-    _no_nul(purpose=purpose, search=search, sample_type=",".join(sample_type or []))
+    if _has_nul(purpose, search):  # no file has a NUL in these (and PostgreSQL refuses it)
+        return {"data": [], "object": "list", "total": 0 if include_total else None}
     store = state.jobs(request)
     files, total = await _call(lambda: store.list_files(
         purpose=purpose, search=search, sample_types=sample_type,
@@ -101,7 +108,9 @@ async def retrieve_file(file_id: str, request: Request,
                responses=_ERRORS)
 async def delete_file(file_id: str, request: Request,
                       key: KeyInfo | None = Depends(authorize)) -> dict[str, Any]:
-    await _call(state.jobs(request).delete_file, file_id)
+    """Erasure: the row and the stored bytes go, and the audit record says what went."""
+    rec = await _call(state.jobs(request).delete_file, file_id)
+    audit.note(request)["erased"] = {"file_id": rec.id, "bytes": rec.bytes}
     return {"id": file_id, "object": "file", "deleted": True}
 
 
@@ -139,23 +148,29 @@ async def create_job(body: JobCreate, request: Request,
         validation_files=body.validation_files,
         hyperparameters=body.hyperparameters.model_dump(exclude_none=True),
         suffix=body.suffix, auto_start=body.auto_start))
-    return await asyncio.to_thread(job_json, job, store)
+    return await _call(lambda: job_json(job, store))
 
 
 @router.get("/v1/fine_tuning/jobs", tags=_JOBS, summary="List fine-tuning jobs",
             responses=_ERRORS)
 async def list_jobs(request: Request, page: int = Query(0, ge=0, le=1_000_000),
                     page_size: int = Query(100, ge=1, le=1000),
-                    model: str | None = None, status: str | None = None,
-                    created_after: str | None = None, suffix: str | None = None,
+                    model: str | None = None, status: JobStatus | None = None,
+                    created_after: datetime | None = Query(None, description=(
+                        "An ISO 8601 date-time (or date), or a UNIX time in seconds."),
+                        json_schema_extra={"anyOf": [  # what pydantic reads, as /openapi.json
+                            {"type": "string", "format": "date-time"},
+                            {"type": "string", "format": "date"},
+                            {"type": "string", "pattern": r"^-?[0-9]{1,10}(\.[0-9]{1,6})?$"},
+                            {"type": "null"}]}),
+                    suffix: str | None = None,
                     created_by_me: bool | None = None, wandb_project: str | None = None,
                     wandb_name: str | None = None,
                     key: KeyInfo | None = Depends(authorize)) -> dict[str, Any]:
-    _no_nul(model=model, suffix=suffix)
-    if status is not None and status not in STATUSES:
-        raise APIError(400, f"status {status!r} is not a job status; use one of "
-                            f"{', '.join(STATUSES)}.", param="status")
-    after = _timestamp(created_after) if created_after else None
+    if _has_nul(model, suffix):  # no job has a NUL in these (and PostgreSQL refuses it)
+        return {"data": [], "object": "list", "total": 0, "has_more": False,
+                "total_pages": 0}
+    after = _timestamp(created_after) if created_after is not None else None
     store = state.jobs(request)
     jobs, total = await _call(lambda: store.list_jobs(
         model=model, status=status, suffix=suffix, created_after=after,
@@ -186,24 +201,17 @@ async def start_job(job_id: str, request: Request,
     return await _job(request, JobStore.start, job_id)
 
 
-def _no_nul(**params: str | None) -> None:
-    """A NUL character matches nothing and PostgreSQL refuses it in text: a 400 instead."""
-    for name, value in params.items():
-        if value and "\x00" in value:
-            raise APIError(400, f"{name} contains a NUL character; remove it.", param=name)
+def _has_nul(*values: str | None) -> bool:
+    return any(v and "\x00" in v for v in values)
 
 
-def _timestamp(value: str) -> float:
-    """``created_after``: a UNIX time or an ISO 8601 date-time."""
+def _timestamp(value: datetime) -> float:
+    """``created_after`` (an ISO 8601 date-time, or a UNIX time: pydantic reads both) as a
+    UNIX time; without a time zone, UTC. Past the ends of `datetime` (year 1 or 9999 shifted
+    by its offset), before or after every job."""
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=timezone.utc)
     try:
-        return float(value)
-    except ValueError:
-        pass
-    try:
-        d = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        raise APIError(400, f"created_after {value!r} is neither a UNIX time nor an ISO 8601 "
-                            "date-time.", param="created_after") from None
-    if d.tzinfo is None:
-        d = d.replace(tzinfo=timezone.utc)
-    return d.timestamp()
+        return value.timestamp()
+    except (OverflowError, ValueError, OSError):
+        return -1e18 if value.year < 1970 else 1e18
