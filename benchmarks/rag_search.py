@@ -78,13 +78,13 @@ def write_chunks(
         words = rng.choice(vocab, size=(m, 150), p=p)
         texts = [" ".join(row) for row in words]
         vecs = clustered(m, rng)
-        doc_ids = [f"doc-{(b0 + i) // 20}" for i in range(m)]
+        doc_ids = [f"{library_id}:doc-{(b0 + i) // 20}" for i in range(m)]
         batch = pa.RecordBatch.from_pydict(
             {
                 "chunk_id": [f"c{b0 + i}" for i in range(m)],
                 "library_id": [library_id] * m,
                 "document_id": doc_ids,
-                "document_name": [d + ".pdf" for d in doc_ids],
+                "document_name": [d.split(":")[1] + ".pdf" for d in doc_ids],
                 "text": texts,
                 "embed_text": texts,
                 "page": [(b0 + i) % 20 + 1 for i in range(m)],
@@ -98,6 +98,18 @@ def write_chunks(
             schema=schema,
         )
         table.add(pa.Table.from_batches([batch]))
+        done_rows(store, library_id, sorted({d.split(":")[1] for d in doc_ids}), now.isoformat())
+
+
+def done_rows(store: LibraryStore, library_id: str, doc_ids: list[str], now: str) -> None:
+    """The synthetic documents' metadata rows, 'done': search returns only chunks whose
+    document exists and is done in the metadata."""
+    with store._meta.tx() as con:
+        con.executemany(
+            "INSERT OR IGNORE INTO documents (id, library_id, name, size, hash, created_at, "
+            "updated_at, status) VALUES (?, ?, ?, 0, '', ?, ?, 'done')",
+            [(f"{library_id}:{d}", library_id, d + ".pdf", now, now) for d in doc_ids],
+        )
 
 
 def timed(fn, repeat: int) -> tuple[float, float]:

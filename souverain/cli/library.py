@@ -1,11 +1,14 @@
 """`souverain library ...`: document libraries on this machine (create, list, add, search,
-docs, remove, delete), all through one `LibraryStore` under the data folder. The store, the
-parsers and the embedder are imported inside the commands.
+docs, remove, delete, verify), all through one `LibraryStore` under the data folder. The store,
+the parsers and the embedder are imported inside the commands. `remove` and `delete` append
+what they erased to the audit log under the data folder (as the server's DELETE routes do).
 """
 
 from __future__ import annotations
 
 import os
+import time
+import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,7 +19,7 @@ from rich.table import Table
 from souverain.cli.common import DataDirOpt, LibraryArg, err, human_bytes, out, user_errors
 
 if TYPE_CHECKING:
-    from souverain.rag.store import LibraryStore
+    from souverain.rag.store import Erasure, LibraryStore
 
 
 def library_store(data_dir: str | None) -> LibraryStore:
@@ -25,6 +28,21 @@ def library_store(data_dir: str | None) -> LibraryStore:
     from souverain.rag.store import LibraryStore
 
     return LibraryStore(libraries_dir(Path(data_dir).expanduser() if data_dir else None))
+
+
+def audit_erasure(data_dir: str | None, command: str, erasure: Erasure) -> None:
+    """One audit record for an erasure made from the command line, in the audit log a server
+    on the same data folder writes (DATA_DIR/audit/audit-YYYY-MM-DD.jsonl)."""
+    from souverain.audit import AuditLog
+    from souverain.paths import audit_dir
+
+    log = AuditLog(audit_dir(Path(data_dir).expanduser() if data_dir else None))
+    try:
+        log.submit({"start": time.time(), "request_id": f"cli-{uuid.uuid4().hex}",
+                    "method": "CLI", "route": command, "status": 0, "latency_s": 0.0,
+                    "client_ip": None, "note": {"key_name": "cli", "erased": erasure.audit()}})
+    finally:
+        log.close()
 
 
 library_app = typer.Typer(
@@ -211,12 +229,16 @@ def library_remove(
                                              "docs`)."),
     data_dir: str | None = DataDirOpt,
 ) -> None:
-    """Remove one document (its passages and stored copy) from a library."""
+    """Remove one document (its passages, stored copy and extracted text) from a library;
+    recorded in the audit log."""
     with user_errors():
         store = library_store(data_dir)
         doc = store.get_document(library, document)
-        store.delete_document(doc.library_id, doc.id)
-        err.print(f"removed {doc.name} ({doc.id})")
+        erasure = store.delete_document(doc.library_id, doc.id)
+        store.purge()
+        audit_erasure(data_dir, "souverain library remove", erasure)
+        err.print(f"removed {doc.name} ({doc.id}): {erasure.chunks} passages, "
+                  f"{human_bytes(erasure.bytes)} of stored files")
 
 
 @library_app.command("delete")
@@ -225,12 +247,68 @@ def library_delete(
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
     data_dir: str | None = DataDirOpt,
 ) -> None:
-    """Delete a library with all its documents and passages (asks first unless --yes)."""
+    """Delete a library with all its documents and passages (asks first unless --yes);
+    recorded in the audit log."""
     with user_errors():
         store = library_store(data_dir)
         lib = store.get_library(library)
         if not yes and not typer.confirm(f"Delete library {lib.name} and its "
                                          f"{lib.nb_documents} documents?"):
             raise typer.Exit(1)
-        store.delete_library(lib.id)
-        err.print(f"deleted library {lib.name}")
+        erasure = store.delete_library(lib.id)
+        store.purge()
+        audit_erasure(data_dir, "souverain library delete", erasure)
+        err.print(f"deleted library {lib.name}: {len(erasure.document_ids)} documents, "
+                  f"{erasure.chunks} passages, {human_bytes(erasure.bytes)} of stored files")
+
+
+@library_app.command("verify")
+def library_verify(
+    fix: bool = typer.Option(False, "--fix",
+                             help="Delete orphan passages and files, finish interrupted "
+                                  "deletions, and process again the documents whose passages "
+                                  "or text do not match."),
+    data_dir: str | None = DataDirOpt,
+) -> None:
+    """Check that the passages (vector and full-text index) and the stored files agree with
+    the documents' records: nothing of a deleted document left, nothing missing.
+
+    Exit code: 0 when everything agrees (with --fix: once fixed), 1 when something does not
+    (the table says what, and what to do), 2 on an error.
+
+    Example:
+      souverain library verify --fix
+    """
+    with user_errors():
+        store = library_store(data_dir)
+        report = store.verify(fix=fix)
+        if fix:
+            from souverain.errors import RAGError
+
+            for i, (lib_id, doc_id) in enumerate(report.reprocess):
+                err.print(f"processing again {i + 1}/{len(report.reprocess)}: {doc_id}")
+                try:
+                    doc = store.process_document(lib_id, doc_id)
+                except RAGError as exc:  # deleted meanwhile
+                    err.print(f"[yellow]skipped[/] {exc}")
+                    continue
+                if doc.status == "error":
+                    err.print(f"[yellow]failed[/] {doc.error}")
+            store.purge()
+            after = store.verify()
+        else:
+            after = report
+        table = Table("check", "found", "what to do", title_justify="left",
+                      title=f"{report.documents} documents, {report.chunks} passages")
+        for check, n, hint in report.problems():
+            table.add_row(check, str(n), hint)
+        if report.problems():
+            out.print(table)
+        if after.consistent:
+            err.print("consistent: the passages and the stored files match the documents"
+                      + (" (after the fixes above)" if report.problems() else ""))
+            return
+        err.print("[yellow]not consistent[/]: "
+                  + ("some problems remain (see above)" if fix
+                     else "run `souverain library verify --fix` to repair what can be"))
+        raise typer.Exit(1)

@@ -2,7 +2,8 @@
 
 A document's chunks are written in ONE commit: chunked, embedded in batches of
 `EMBED_BATCH` and streamed through a RecordBatchReader (bounded memory; a crash or Ctrl-C
-leaves no partial document). The full-text index (BM25 over ``embed_text``) is created on first
+leaves no partial document). A ``check`` callback runs before each batch and before the commit:
+it raises to stop the ingestion of a document deleted meanwhile (nothing is committed). The full-text index (BM25 over ``embed_text``) is created on first
 use and new rows are merged into it incrementally; an IVF-PQ vector index is built only for
 large tables. The table itself (created lazily) and the lock around index maintenance are
 `LibraryStore`'s.
@@ -23,7 +24,9 @@ if TYPE_CHECKING:
     from souverain.rag.library_db import DocumentInfo
     from souverain.rag.parse import ParsedDocument
 
-EMBED_BATCH = 64
+# Small enough that an ingestion notices its document's deletion within about a second (one
+# batch on two cores); MiniLM on CPU embeds as fast per chunk in batches of 16 as of 64.
+EMBED_BATCH = 16
 # New chunks are searched by brute force until merged into the full-text index; merge (an
 # incremental `optimize`, not a rebuild) once this many are waiting (see benchmarks/rag_search.py).
 FTS_MERGE_ROWS = 1_000
@@ -54,10 +57,16 @@ def sql_ts(value: datetime) -> str:
 
 
 def write_chunks(
-    table: Any, doc: DocumentInfo, parsed: ParsedDocument, embedder: Embedder
+    table: Any,
+    doc: DocumentInfo,
+    parsed: ParsedDocument,
+    embedder: Embedder,
+    check: Callable[[str], None] | None = None,
 ) -> tuple[int, int]:
     """Chunk, embed and add every chunk of ``doc`` in one commit; returns (chunks, embedder
-    tokens). On any failure nothing is committed and the original exception is raised."""
+    tokens). ``check("embed")`` runs before each batch and ``check("commit")`` after the
+    last one, before the commit: what it raises stops the write. On any failure nothing is
+    committed and the original exception is raised."""
     from souverain.rag.chunk import chunk_document
 
     schema = table.schema
@@ -68,11 +77,15 @@ def write_chunks(
         try:
             chunks = chunk_document(parsed, embedder.tokenizer, embedder.max_tokens)
             for batch in _batched(chunks, EMBED_BATCH):
+                if check is not None:
+                    check("embed")
                 result = embedder.embed([c.embed_text for c in batch], what="chunk")
                 first = totals[0]
                 totals[0] += len(batch)
                 totals[1] += result.total_tokens
                 yield _record_batch(schema, doc, first, batch, result.vectors, embedder.dim)
+            if check is not None:
+                check("commit")
         except BaseException as exc:  # LanceDB wraps it: keep the original
             failure.append(exc)
             raise

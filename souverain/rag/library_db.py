@@ -4,6 +4,11 @@
 statement about libraries and documents; it returns `LibraryInfo` / `DocumentInfo` records, or
 None where a row does not exist. Checking names, error messages, the document files and the
 chunk table are `LibraryStore`'s (store.py).
+
+Erasure is write-ahead: deleting a document (or a library) removes its rows and records an
+``erasures`` row in the same transaction; the store then deletes the chunks and files and only
+then drops the ``erasures`` row, so an erasure a crash interrupted is finished at the next
+start (`pending_erasures`). The rows are the source of truth: what has no row is not shown.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -33,6 +38,9 @@ CREATE TABLE IF NOT EXISTS documents (
     tokens_processing_total INTEGER NOT NULL DEFAULT 0, nb_chunks INTEGER NOT NULL DEFAULT 0,
     tags TEXT NOT NULL DEFAULT '[]', source_path TEXT);
 CREATE INDEX IF NOT EXISTS documents_by_name ON documents(library_id, name);
+CREATE TABLE IF NOT EXISTS erasures (
+    id TEXT PRIMARY KEY, kind TEXT NOT NULL CHECK (kind IN ('document', 'library')),
+    library_id TEXT NOT NULL, requested_at TEXT NOT NULL);
 """
 
 
@@ -114,6 +122,8 @@ class LibraryDB:
             con.execute("PRAGMA journal_mode=WAL")
             con.execute("PRAGMA foreign_keys=ON")
             con.execute("PRAGMA synchronous=NORMAL")
+            # deleted rows are overwritten, not left in free pages (names are personal data)
+            con.execute("PRAGMA secure_delete=ON")
             self._local.con = con
             with self._lock:
                 self._conns.append(con)
@@ -200,11 +210,21 @@ class LibraryDB:
         rows = self.con().execute("SELECT id FROM documents WHERE library_id = ?", (library_id,))
         return [r[0] for r in rows]
 
-    def delete_library(self, library_id: str) -> None:
-        """The library's row and its documents' rows."""
+    def delete_library(self, library_id: str) -> list[str]:
+        """Delete the library's row and its documents' rows, and record their erasure (one
+        transaction); returns the ids of the documents deleted."""
+        now = now_iso()
         with self.tx() as con:
+            ids = [r[0] for r in con.execute(
+                "SELECT id FROM documents WHERE library_id = ?", (library_id,))]
+            con.executemany(
+                "INSERT OR REPLACE INTO erasures VALUES (?, 'document', ?, ?)",
+                [(i, library_id, now) for i in ids])
+            con.execute("INSERT OR REPLACE INTO erasures VALUES (?, 'library', ?, ?)",
+                        (library_id, library_id, now))
             con.execute("DELETE FROM documents WHERE library_id = ?", (library_id,))
             con.execute("DELETE FROM libraries WHERE id = ?", (library_id,))
+        return ids
 
     # -- documents ------------------------------------------------------------------------------
 
@@ -247,14 +267,49 @@ class LibraryDB:
                 (values["updated_at"], values["library_id"]),
             )
 
-    def update_document(self, doc_id: str, **fields: Any) -> None:
-        """Set ``fields`` (column -> value) and ``updated_at``."""
+    def update_document(self, doc_id: str, **fields: Any) -> bool:
+        """Set ``fields`` (column -> value) and ``updated_at``; False when the row is gone
+        (the document was deleted)."""
         cols = {**fields, "updated_at": now_iso()}
         with self.tx() as con:
-            con.execute(
+            cur = con.execute(
                 f"UPDATE documents SET {', '.join(f'{k} = ?' for k in cols)} WHERE id = ?",
                 (*cols.values(), doc_id),
             )
+            return cur.rowcount > 0
+
+    def status(self, doc_id: str) -> Status | None:
+        """The document's status, or None when it does not exist (any more)."""
+        row = self.con().execute("SELECT status FROM documents WHERE id = ?", (doc_id,))
+        found = row.fetchone()
+        return None if found is None else found[0]
+
+    def done_ids(self, doc_ids: Iterable[str]) -> set[str]:
+        """Those of ``doc_ids`` whose document exists and is 'done' (searchable)."""
+        ids, out = list(dict.fromkeys(doc_ids)), set[str]()
+        con = self.con()
+        for i in range(0, len(ids), 500):  # SQLite caps the number of parameters
+            part = ids[i : i + 500]
+            rows = con.execute(
+                f"SELECT id FROM documents WHERE status = 'done' AND id IN "
+                f"({', '.join('?' for _ in part)})", part)
+            out.update(r[0] for r in rows)
+        return out
+
+    def unfinished(self) -> list[tuple[str, str]]:
+        """(library id, document id) of every document 'todo' or 'in_progress', oldest first."""
+        rows = self.con().execute(
+            "SELECT library_id, id FROM documents WHERE status IN ('todo', 'in_progress') "
+            "ORDER BY created_at, id")
+        return [(r[0], r[1]) for r in rows.fetchall()]
+
+    def all_documents(self) -> list[DocumentInfo]:
+        """Every document of every library (for `LibraryStore.verify`)."""
+        rows = self.con().execute("SELECT * FROM documents ORDER BY library_id, created_at")
+        return [_document_info(r) for r in rows.fetchall()]
+
+    def library_ids(self) -> set[str]:
+        return {r[0] for r in self.con().execute("SELECT id FROM libraries")}
 
     def older_versions(self, doc: DocumentInfo) -> list[str]:
         """Ids of the other documents of ``doc``'s name in its library, created before it."""
@@ -284,6 +339,29 @@ class LibraryDB:
         )
         return [_document_info(r) for r in rows.fetchall()], int(total)
 
-    def delete_document(self, doc_id: str) -> None:
+    def delete_document(self, doc_id: str) -> bool:
+        """Delete the document's row and record its erasure (one transaction); False when
+        there was no such row (the erasure is recorded all the same: it is idempotent)."""
         with self.tx() as con:
-            con.execute("DELETE FROM documents WHERE id = ?", (doc_id,))
+            row = con.execute("SELECT library_id FROM documents WHERE id = ?",
+                              (doc_id,)).fetchone()
+            con.execute("INSERT OR REPLACE INTO erasures VALUES (?, 'document', ?, ?)",
+                        (doc_id, row[0] if row else "", now_iso()))
+            cur = con.execute("DELETE FROM documents WHERE id = ?", (doc_id,))
+            return cur.rowcount > 0
+
+    # -- erasures -------------------------------------------------------------------------------
+
+    def pending_erasures(self) -> list[tuple[str, str, str]]:
+        """(kind, id, library id) of every erasure not finished yet, oldest first."""
+        rows = self.con().execute(
+            "SELECT kind, id, library_id FROM erasures ORDER BY requested_at, id")
+        return [(r[0], r[1], r[2]) for r in rows.fetchall()]
+
+    def erasure_done(self, ids: Iterable[str]) -> None:
+        """The chunks and files of these erasures are gone: forget them, and move the WAL
+        (which still holds the deleted rows' old pages) into the database and truncate it;
+        best effort: a reader still on an old snapshot keeps it until the next erasure."""
+        with self.tx() as con:
+            con.executemany("DELETE FROM erasures WHERE id = ?", [(i,) for i in ids])
+        self.con().execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()

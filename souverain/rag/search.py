@@ -2,14 +2,16 @@
 
 `LibraryStore.search` runs the steps in order: `where_clause` (every filter pushed down to
 LanceDB and applied before the top-k, so filters never starve the result) ->
-`vector_candidates` and/or `text_candidates` (gathered in `Candidates`) -> `rank` (vector: by
-cosine; text: by BM25; hybrid: RRF pool, then a cosine + BM25 blend) -> `Candidates.hits`.
+`vector_candidates` and/or `text_candidates` (gathered in `Candidates`) -> the candidates of
+documents that are not 'done' in the metadata (deleted, or mid-ingest) dropped and excluded ->
+`rank` (vector: by cosine; text: by BM25; hybrid: RRF pool, then a cosine + BM25 blend) ->
+`Candidates.hits`.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
@@ -72,11 +74,15 @@ def where_clause(
     tags: Sequence[str] | None,
     since: datetime | None,
     until: datetime | None,
+    exclude: Iterable[str] = (),
 ) -> str:
-    """The LanceDB filter of a search: the libraries, and the optional filters ANDed."""
+    """The LanceDB filter of a search: the libraries, and the optional filters ANDed;
+    ``exclude``: documents whose chunks must not come back (deleted, or not done)."""
     parts = [f"library_id IN ({', '.join(sql_str(i) for i in library_ids)})"]
     if document_ids:
         parts.append(f"document_id IN ({', '.join(sql_str(i) for i in document_ids)})")
+    if exclude:
+        parts.append(f"document_id NOT IN ({', '.join(sql_str(i) for i in sorted(exclude))})")
     if tags:
         parts.append(f"array_has_any(tags, make_array({', '.join(sql_str(t) for t in tags)}))")
     if since is not None:
@@ -133,6 +139,17 @@ class Candidates:
             self.rows.setdefault(r["chunk_id"], r)
             self.txt_rank[r["chunk_id"]] = i
             self.bm25[r["chunk_id"]] = float(r["_score"])
+
+    def document_ids(self) -> set[str]:
+        return {r["document_id"] for r in self.rows.values()}
+
+    def drop(self, document_ids: set[str]) -> None:
+        """Forget the candidates of these documents."""
+        for i in [i for i, r in self.rows.items() if r["document_id"] in document_ids]:
+            del self.rows[i]
+            self.vec_rank.pop(i, None)
+            self.txt_rank.pop(i, None)
+            self.bm25.pop(i, None)
 
     def cosines(self, qvec: np.ndarray) -> dict[str, float]:
         """The exact cosine of every candidate (vectors are normalised)."""

@@ -16,6 +16,16 @@ update.
 
 Search (see `LibraryStore.search` and search.py) pushes every filter down to LanceDB as a
 `where` clause applied before the top-k (prefilter), so filters never starve the result.
+
+Erasure: the metadata is the source of truth. Deleting a document (or a library) first deletes
+its rows and records the erasure (one SQLite transaction), then its chunks and files, then the
+record; an erasure a crash interrupted is finished by `finish_erasures` (the server runs it at
+start). An ingestion checks its document's row between every step (parse, each embedding
+batch, before and after its one commit, after writing the text) and again when it marks the
+document done (an UPDATE that must find the row): whichever of the two sides runs last sees the
+other's writes and removes them, so a deleted document never survives a race. Search keeps
+only hits whose document row exists and is 'done'. `purge` rewrites the table's files without
+the deleted rows and drops old table versions, so erased text leaves the disk too.
 """
 
 from __future__ import annotations
@@ -26,10 +36,11 @@ import logging
 import sqlite3
 import threading
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import pyarrow as pa
 
@@ -50,10 +61,18 @@ from souverain.rag.search import (
 if TYPE_CHECKING:
     from souverain.rag.embed import Embedder
     from souverain.rag.parse import ParsedDocument
+    from souverain.rag.verify import VerifyReport
 
 log = logging.getLogger(__name__)
 
 TABLE = "chunks"
+# Table versions younger than this are kept by `purge`: a search or an ingestion still reading
+# one must not lose its files under it. Erased text leaves the disk at the first purge that
+# runs more than this long after the erasure (the server schedules one).
+PURGE_KEEP = timedelta(seconds=30)
+# The stages of `process_document` at which it checks that its document still exists (and
+# calls `LibraryStore.on_stage`, if set, right after the check passes).
+STAGES = ("parse", "embed", "commit", "committed", "text")
 
 
 class LibraryNotFound(RAGError):
@@ -62,6 +81,37 @@ class LibraryNotFound(RAGError):
 
 class DocumentNotFound(RAGError):
     """No document with that id (or name) in the library."""
+
+
+class LibraryExists(RAGError):
+    """Another library has that name (names are unique): a conflict, not a bad request."""
+
+
+class _Stop(Exception):
+    """An ingestion stops: its document was deleted, or the store is shutting down."""
+
+    def __init__(self, deleted: bool):
+        super().__init__("deleted" if deleted else "interrupted")
+        self.deleted = deleted
+
+
+@dataclass(frozen=True)
+class Erasure:
+    """What a deletion removed: for the audit log (`audit`) and the CLI's message."""
+
+    library_id: str
+    document_ids: list[str]
+    chunks: int  # rows deleted from the chunk table
+    bytes: int  # bytes of stored files (uploads and extracted texts) removed
+
+    def audit(self) -> dict[str, Any]:
+        return {"library_id": self.library_id, "document_ids": list(self.document_ids),
+                "chunks": self.chunks, "bytes": self.bytes}
+
+
+def _deleted_rows(result: Any) -> int:
+    """Rows a LanceDB ``delete`` removed (its `DeleteResult`; 0 where it says nothing)."""
+    return int(getattr(result, "num_deleted_rows", 0) or 0)
 
 
 def chunk_schema(dim: int) -> pa.Schema:
@@ -101,6 +151,10 @@ class LibraryStore:
         self._db: Any = None  # the LanceDB connection
         self._table: Any = None
         self._meta = LibraryDB(self.root / "meta.sqlite")
+        self._stopping = threading.Event()  # `interrupt`: ingestions stop at their next check
+        # called as on_stage(stage, document_id) at each of STAGES once the document is known
+        # to exist (tests pause an ingestion there to delete its document at that point)
+        self.on_stage: Callable[[str, str], None] | None = None
 
     # -- plumbing -------------------------------------------------------------------------------
 
@@ -117,6 +171,11 @@ class LibraryStore:
     def close(self) -> None:
         """Close every SQLite connection (the store is unusable afterwards)."""
         self._meta.close()
+
+    def interrupt(self) -> None:
+        """Make every running ingestion stop at its next check, leaving its document 'todo'
+        (processed again at the next start): a server stopping does not wait for them."""
+        self._stopping.set()
 
     def _chunks(self, create: bool = True) -> Any:
         """The LanceDB chunk table (created on the first write), or None if absent."""
@@ -150,7 +209,7 @@ class LibraryStore:
         try:
             self._meta.insert_library(str(uuid.uuid4()), name, description)
         except sqlite3.IntegrityError:
-            raise RAGError(
+            raise LibraryExists(
                 f"A library named {name!r} already exists; pick another name or add "
                 "documents to it."
             ) from None
@@ -180,20 +239,19 @@ class LibraryStore:
                 lib.id, new_name, lib.description if description is None else description
             )
         except sqlite3.IntegrityError:
-            raise RAGError(
+            raise LibraryExists(
                 f"A library named {new_name!r} already exists; pick another name."
             ) from None
         return self.get_library(lib.id)
 
-    def delete_library(self, id: str) -> None:
+    def delete_library(self, id: str) -> Erasure:
+        """Delete a library, its documents, their chunks and files; a running or queued
+        ingestion of one of them stops at its next check and leaves nothing behind."""
         lib = self.get_library(id)
-        doc_ids = self._meta.document_ids(lib.id)
-        table = self._chunks(create=False)
-        if table is not None:
-            table.delete(f"library_id = {sql_str(lib.id)}")
-        self._meta.delete_library(lib.id)
-        for doc_id in doc_ids:
-            self._remove_files(doc_id)
+        doc_ids = self._meta.delete_library(lib.id)  # from here on, invisible
+        items = [("document", d, lib.id) for d in doc_ids] + [("library", lib.id, lib.id)]
+        chunks, nbytes = self._erase(items)
+        return Erasure(lib.id, doc_ids, chunks, nbytes)
 
     # -- documents ------------------------------------------------------------------------------
 
@@ -283,17 +341,25 @@ class LibraryStore:
         from souverain.rag.parse import parse_document
 
         doc = self.get_document(library, doc_id)
-        self._meta.update_document(doc.id, status="in_progress", error=None)
+        if not self._meta.update_document(doc.id, status="in_progress", error=None):
+            raise self._deleted_meanwhile(doc)
         table = self._chunks()
+        check = self._checkpoint(doc.id)
         try:
             table.delete(f"document_id = {sql_str(doc.id)}")  # leftovers of an interrupted run
+            check("parse")
             if parsed is None:
                 parsed = parse_document(
                     (self.files / doc.id).read_bytes(), doc.name, doc.mime_type
                 )
-            n_chunks, n_tokens = chunk_table.write_chunks(table, doc, parsed, self.embedder)
+            n_chunks, n_tokens = chunk_table.write_chunks(
+                table, doc, parsed, self.embedder, check
+            )
+            check("committed")
             (self.files / f"{doc.id}.txt").write_text(parsed.text, encoding="utf-8")
-            self._meta.update_document(
+            check("text")
+            # the last check: an UPDATE that finds the row, after every write of this run
+            if not self._meta.update_document(
                 doc.id,
                 status="done",
                 error=None,
@@ -302,15 +368,56 @@ class LibraryStore:
                 extension=parsed.extension,
                 nb_chunks=n_chunks,
                 tokens_processing_total=n_tokens,
-            )
+            ):
+                raise _Stop(deleted=True)
+        except _Stop as stop:
+            self._stopped(doc, table, stop.deleted)
         except Exception as exc:
+            if self._meta.status(doc.id) is None:  # e.g. its bytes went with the deletion
+                self._stopped(doc, table, deleted=True)
             self._processing_failed(doc, table, exc)
             return self.get_document(doc.library_id, doc.id)
         for old_id in self._meta.older_versions(doc):
-            self._delete_document_rows(old_id)
+            self._meta.delete_document(old_id)
+            self._erase([("document", old_id, doc.library_id)])
         with self._lock:
             chunk_table.maintain_fts(table)
         return self.get_document(doc.library_id, doc.id)
+
+    def _checkpoint(self, doc_id: str) -> Callable[[str], None]:
+        """``check(stage)``: raises `_Stop` when the document is gone (or the store is
+        stopping), then calls `on_stage`."""
+
+        def check(stage: str) -> None:
+            if self._stopping.is_set():
+                raise _Stop(deleted=False)
+            if self._meta.status(doc_id) is None:
+                raise _Stop(deleted=True)
+            if self.on_stage is not None:
+                self.on_stage(stage, doc_id)
+
+        return check
+
+    def _stopped(self, doc: DocumentInfo, table: Any, deleted: bool) -> NoReturn:
+        """An ingestion stopped early. Deleted: remove whatever this run wrote (chunks, text,
+        and the bytes the deletion may have raced with) and raise `DocumentNotFound`.
+        Interrupted: drop this run's chunks and leave the document 'todo' for the next start."""
+        table.delete(f"document_id = {sql_str(doc.id)}")
+        if not deleted:
+            self._meta.update_document(doc.id, status="todo", error=None)
+            raise DocumentNotFound(
+                f"Processing of {doc.name!r} was interrupted; it is queued again at the next "
+                "start."
+            )
+        self._remove_files(doc.id)
+        raise self._deleted_meanwhile(doc)
+
+    @staticmethod
+    def _deleted_meanwhile(doc: DocumentInfo) -> DocumentNotFound:
+        return DocumentNotFound(
+            f"Document {doc.name!r} ({doc.id}) was deleted while it was being processed; "
+            "nothing of it is kept."
+        )
 
     def _processing_failed(self, doc: DocumentInfo, table: Any, exc: Exception) -> None:
         """Drop whatever chunks the failed run left and mark the document 'error', with a
@@ -347,6 +454,11 @@ class LibraryStore:
         order = f"{sort_by} {'DESC' if descending else 'ASC'}"
         lib = self.get_library(library)
         return self._meta.documents(lib.id, search, offset, limit, order)
+
+    def unfinished(self) -> list[tuple[str, str]]:
+        """(library id, document id) of every document 'todo' or 'in_progress' (left so by
+        a stopped server, or queued), oldest first."""
+        return self._meta.unfinished()
 
     def get_document(self, library: str, doc_id: str) -> DocumentInfo:
         """A document by id (or, failing that, by name) in a library."""
@@ -400,25 +512,84 @@ class LibraryStore:
 
     def reset_document(self, library: str, doc_id: str) -> DocumentInfo:
         """Mark a document 'todo' again, for `process_document` to redo (its bytes are kept;
-        its current chunks stay searchable until the new ones are written)."""
+        search leaves it out until it is 'done' again)."""
         doc = self.get_document(library, doc_id)
         self._meta.update_document(doc.id, status="todo", error=None)
         return self.get_document(doc.library_id, doc.id)
 
-    def delete_document(self, library: str, doc_id: str) -> None:
+    def delete_document(self, library: str, doc_id: str) -> Erasure:
+        """Delete a document, its chunks, its stored bytes and extracted text; a running or
+        queued ingestion of it stops at its next check and leaves nothing behind."""
         doc = self.get_document(library, doc_id)
-        self._delete_document_rows(doc.id)
+        self._meta.delete_document(doc.id)  # from here on, invisible (search, lists, API)
+        chunks, nbytes = self._erase([("document", doc.id, doc.library_id)])
+        return Erasure(doc.library_id, [doc.id], chunks, nbytes)
 
-    def _delete_document_rows(self, doc_id: str) -> None:
+    def _erase(self, items: list[tuple[str, str, str]]) -> tuple[int, int]:
+        """Delete the chunks and files of erasures whose rows are already gone (kind, id,
+        library id), then forget them; returns (chunk rows deleted, file bytes removed).
+        Idempotent: `finish_erasures` runs it again after a crash."""
         table = self._chunks(create=False)
+        libraries = {i for kind, i, _ in items if kind == "library"}
+        documents = [i for kind, i, lib in items if kind == "document" and lib not in libraries]
+        chunks = nbytes = 0
         if table is not None:
-            table.delete(f"document_id = {sql_str(doc_id)}")
-        self._meta.delete_document(doc_id)
-        self._remove_files(doc_id)
+            for lib_id in libraries:
+                chunks += _deleted_rows(table.delete(f"library_id = {sql_str(lib_id)}"))
+            for n in range(0, len(documents), 500):
+                ids = ", ".join(sql_str(i) for i in documents[n : n + 500])
+                chunks += _deleted_rows(table.delete(f"document_id IN ({ids})"))
+        for kind, i, _ in items:
+            if kind == "document":
+                nbytes += self._remove_files(i)
+        self._meta.erasure_done(i for _, i, _ in items)
+        return chunks, nbytes
 
-    def _remove_files(self, doc_id: str) -> None:
-        for p in (self.files / doc_id, self.files / f"{doc_id}.txt"):
-            p.unlink(missing_ok=True)
+    def finish_erasures(self) -> Erasure | None:
+        """Finish the erasures a crash interrupted (their rows are gone, their chunks or files
+        may not be); None when there were none."""
+        items = self._meta.pending_erasures()
+        if not items:
+            return None
+        chunks, nbytes = self._erase(items)
+        docs = [i for kind, i, _ in items if kind == "document"]
+        log.info("finished %d interrupted erasures (%d chunks, %d bytes)", len(items), chunks,
+                 nbytes)
+        return Erasure(items[0][2], docs, chunks, nbytes)
+
+    def _remove_files(self, doc_id: str) -> int:
+        """Remove a document's stored bytes and extracted text; returns the bytes removed."""
+        removed = 0
+        for p in (self.files / doc_id, self.files / f"{doc_id}.txt",
+                  self.files / f".{doc_id}.part"):
+            try:
+                size = p.stat().st_size
+                p.unlink()
+            except FileNotFoundError:
+                continue
+            removed += size
+        return removed
+
+    def purge(self, keep: timedelta = PURGE_KEEP) -> None:
+        """Rewrite the chunk table's files without deleted rows and drop the table versions
+        (and the files only they use) older than ``keep``: until then, deleted chunks are
+        invisible but their text is still on disk in older versions."""
+        table = self._chunks(create=False)
+        if table is None:
+            return
+        import warnings
+
+        with self._lock, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # LanceDB warns about keep=0 and concurrent readers
+            table.optimize(cleanup_older_than=keep)
+
+    def verify(self, fix: bool = False) -> VerifyReport:
+        """Check that the chunk table and the stored files agree with the metadata; with
+        ``fix``, remove orphans, finish interrupted erasures and reset documents whose chunks
+        do not match to 'todo' (see verify.py)."""
+        from souverain.rag.verify import verify
+
+        return verify(self, fix)
 
     # -- indexes and search ---------------------------------------------------------------------
 
@@ -459,14 +630,23 @@ class LibraryStore:
         table = self._chunks(create=False)
         if table is None:
             return []
-        where = where_clause(library_ids, document_ids, tags, since, until)
         n_cand = max(4 * k, 20)
         qvec = self.embedder.embed_query(query)
-        found = Candidates()
-        if mode in ("hybrid", "vector"):
-            found.add_vector(vector_candidates(table, qvec, where, n_cand))
-        if mode in ("hybrid", "text") and chunk_table.ensure_fts(table, self._lock):
-            found.add_text(text_candidates(table, query, where, n_cand))
+        # the metadata decides what exists: chunks of a document deleted, or not (yet) done,
+        # are dropped and excluded from the next round, so they never show nor starve the hits
+        excluded: set[str] = set()
+        for _ in range(3):
+            where = where_clause(library_ids, document_ids, tags, since, until, excluded)
+            found = Candidates()
+            if mode in ("hybrid", "vector"):
+                found.add_vector(vector_candidates(table, qvec, where, n_cand))
+            if mode in ("hybrid", "text") and chunk_table.ensure_fts(table, self._lock):
+                found.add_text(text_candidates(table, query, where, n_cand))
+            stale = found.document_ids() - self._meta.done_ids(found.document_ids())
+            if not stale:
+                break
+            excluded |= stale
+        found.drop(stale)
         if not found.rows:
             return []
         cosine = found.cosines(qvec)

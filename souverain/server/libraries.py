@@ -5,15 +5,20 @@ API (``client.beta.libraries`` in the official SDK); its routes are
 
 An upload is stored at once and answered with ``process_status: "todo"``; one background
 worker thread parses, chunks and embeds it (``in_progress`` -> ``done`` or ``error`` with the
-reason). Documents left unprocessed by a stopped server are queued again at start. Signed URLs
-do not apply to a server on your own machine and are not offered.
+reason). At start (`LibraryService.start`, on a thread: the server does not wait for it), the
+erasures a crash interrupted are finished and the documents left unprocessed are queued again.
+Deleting a document drops its queued ingestion, and a running one stops at its next check (see
+`souverain.rag.store`); a purge some time after an erasure removes the deleted text from the
+chunk table's files. Signed URLs do not apply to a server on your own machine and are not
+offered.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from concurrent.futures import ThreadPoolExecutor
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -24,7 +29,7 @@ from souverain.errors import RAGError
 from souverain.server.errors import APIError
 
 if TYPE_CHECKING:
-    from souverain.rag.store import LibraryStore
+    from souverain.rag.store import Erasure, LibraryStore
 
 log = logging.getLogger("souverain.server.libraries")
 
@@ -87,10 +92,12 @@ def document_json(doc: Any) -> dict[str, Any]:
 
 
 def rag_api_error(exc: RAGError) -> APIError:
-    from souverain.rag.store import DocumentNotFound, LibraryNotFound
+    from souverain.rag.store import DocumentNotFound, LibraryExists, LibraryNotFound
 
     if isinstance(exc, (LibraryNotFound, DocumentNotFound)):
         return APIError(404, str(exc), code="not_found")
+    if isinstance(exc, LibraryExists):  # names are unique: a conflict (409), as La Plateforme
+        return APIError(409, str(exc), param="name", code="library_exists")
     return APIError(400, str(exc), code="invalid_document")
 
 
@@ -105,6 +112,11 @@ class LibraryService:
         self._store: LibraryStore | None = None
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="souverain-ingest")
+        self._queued: dict[str, Future[None]] = {}  # document id -> its queued ingestion
+        self._queued_lock = threading.Lock()
+        self._purge_timer: threading.Timer | None = None
+        self._last_erasure = 0.0
+        self._closed = False
 
     @property
     def store(self) -> LibraryStore:
@@ -113,22 +125,38 @@ class LibraryService:
                 from souverain.rag.store import LibraryStore
 
                 # the embedder loads on the first upload or search, not to list libraries
-                self._store = LibraryStore(self.root, self.embed_model)
-                self._requeue(self._store)
+                store = LibraryStore(self.root, self.embed_model)
+                try:
+                    store.finish_erasures()
+                except Exception:  # still recorded (and invisible): the next start retries
+                    log.exception("could not finish the interrupted erasures")
+                self._requeue(store)
+                self._store = store
             return self._store
+
+    def start(self) -> threading.Thread:
+        """Open the store on a thread: finish interrupted erasures, queue the documents a
+        stopped server left unprocessed, schedule a purge. The server does not wait for it
+        (nor for the embedder, which loads when the first of those documents is processed)."""
+
+        def run() -> None:
+            try:
+                self.store  # noqa: B018 (opening it is the point)
+                self._purge_later()
+            except Exception:  # the first request that needs them tries again, and says why
+                log.exception("could not open the document libraries at start")
+
+        thread = threading.Thread(target=run, name="souverain-libraries-start", daemon=True)
+        thread.start()
+        return thread
 
     def _requeue(self, store: LibraryStore) -> None:
         """Documents a stopped server left 'todo' or 'in_progress' are processed again."""
-        for lib in store.list_libraries():
-            offset = 0
-            while True:
-                docs, total = store.list_documents(lib.id, offset=offset, limit=500)
-                for d in docs:
-                    if d.status in ("todo", "in_progress"):
-                        self.schedule(lib.id, d.id, store)
-                offset += len(docs)
-                if not docs or offset >= total:
-                    break
+        unfinished = store.unfinished()
+        for library_id, document_id in unfinished:
+            self.schedule(library_id, document_id, store)
+        if unfinished:
+            log.info("queued %d documents left unprocessed", len(unfinished))
 
     def add_upload(self, library_id: str, data: bytes, name: str, mime: str | None) -> Any:
         """Store an uploaded document and queue its processing (blocking: call it on a worker
@@ -156,9 +184,75 @@ class LibraryService:
             except Exception:
                 log.exception("processing document %s failed", document_id)
 
-        self._pool.submit(work)
+        def forget(future: Future[None]) -> None:
+            with self._queued_lock:
+                if self._queued.get(document_id) is future:
+                    del self._queued[document_id]
+
+        with self._queued_lock:
+            future = self._pool.submit(work)
+            self._queued[document_id] = future
+        future.add_done_callback(forget)
+
+    def delete_document(self, library_id: str, document_id: str) -> Erasure:
+        """Delete a document (blocking: call it on a worker thread): its queued ingestion is
+        dropped, a running one stops at its next check; see `LibraryStore.delete_document`."""
+        erasure = self.store.delete_document(library_id, document_id)
+        self._erased(erasure)
+        return erasure
+
+    def delete_library(self, library_id: str) -> Erasure:
+        """Delete a library and its documents, as `delete_document` does each of them."""
+        erasure = self.store.delete_library(library_id)
+        self._erased(erasure)
+        return erasure
+
+    def _erased(self, erasure: Erasure) -> None:
+        with self._queued_lock:
+            futures = [self._queued.pop(d, None) for d in erasure.document_ids]
+        for future in futures:  # outside the lock: cancel() runs the done callbacks
+            if future is not None:
+                future.cancel()  # still queued: never runs (running: stops by itself)
+        self._last_erasure = time.monotonic()
+        self._purge_later()
+
+    def _purge_later(self) -> None:
+        """Purge the chunk table's files (`LibraryStore.purge`) once the versions holding
+        the latest erasure are old enough to go; one timer at a time."""
+        from souverain.rag.store import PURGE_KEEP
+
+        delay = 2 * PURGE_KEEP.total_seconds()
+        with self._queued_lock:
+            if self._closed or self._purge_timer is not None:
+                return
+            self._purge_timer = threading.Timer(delay, self._purge)
+            self._purge_timer.daemon = True
+            self._purge_timer.start()
+
+    def _purge(self) -> None:
+        from souverain.rag.store import PURGE_KEEP
+
+        fired = time.monotonic()
+        with self._queued_lock:
+            self._purge_timer = None
+        try:
+            if self._store is not None:
+                self._store.purge()
+        except Exception:
+            log.exception("purging the chunk table failed; it is tried again after the next "
+                          "deletion or start")
+        if self._last_erasure > fired - PURGE_KEEP.total_seconds():
+            self._purge_later()  # an erasure too recent for this purge: another one later
 
     def shutdown(self) -> None:
+        """Stop: queued ingestions are dropped, a running one stops at its next check (its
+        document stays 'todo' and is processed again at the next start)."""
+        with self._queued_lock:
+            self._closed = True
+            if self._purge_timer is not None:
+                self._purge_timer.cancel()
+        if self._store is not None:
+            self._store.interrupt()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 

@@ -8,7 +8,8 @@ SDK models. Mounted only when libraries are on.
 ``GET …/text_content``, ``GET …/status``, ``POST …/reprocess``.
 
 Every store call runs on a worker thread (SQLite, LanceDB and parsing block); a `RAGError` it
-raises becomes a 404 (no such library or document) or a 400.
+raises becomes a 404 (no such library or document) or a 400. A DELETE puts what it erased
+(library, document ids, chunk rows, stored bytes) in the request's audit record (``erased``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any, Literal, TypeVar
 from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
 from fastapi.responses import Response
 
+from souverain import audit
 from souverain.errors import RAGError
 from souverain.server import state
 from souverain.server.access import authorize
@@ -46,10 +48,14 @@ _TAGS: list[str | Enum] = ["libraries"]
 _ERRORS: dict[int | str, dict[str, Any]] = {
     c: {"description": d} for c, d in ((400, "Bad request"), (401, "No or bad API key"),
                                        (404, "No such library or document"),
+                                       (409, "Another library has that name"),
                                        (413, "Upload too large"), (429, "Rate limited"))}
 
 _call = partial(call_in_thread, errors=RAGError, translate=rag_api_error)
 T = TypeVar("T")
+# Far beyond any library (x page_size 1000 = 10^12 documents), and page * page_size stays
+# within SQLite's 64-bit integers: a larger page is a 422 naming `page`, not an overflow.
+MAX_PAGE = 1_000_000_000
 
 
 async def _on_document(service: LibraryService, library_id: str, document_id: str,
@@ -115,11 +121,8 @@ async def put_library(library_id: str, body: LibraryUpdate, request: Request,
 async def delete_library(library_id: str, request: Request,
                          key: KeyInfo | None = Depends(authorize)) -> Response:
     service = state.libraries(request)
-
-    def work() -> None:
-        store = service.store
-        store.delete_library(store.get_library(library_id).id)
-    await _call(work)
+    erasure = await _call(service.delete_library, library_id)
+    audit.note(request)["erased"] = erasure.audit()
     return Response(status_code=204)
 
 
@@ -128,7 +131,7 @@ async def delete_library(library_id: str, request: Request,
             responses=_ERRORS)
 async def list_documents(library_id: str, request: Request, search: str | None = None,
                          page_size: int = Query(100, ge=1, le=1000),
-                         page: int = Query(0, ge=0),
+                         page: int = Query(0, ge=0, le=MAX_PAGE),
                          sort_by: Literal["created_at", "name", "size"] = "created_at",
                          sort_order: Literal["asc", "desc"] = "desc",
                          filters_attributes: str | None = None,
@@ -207,8 +210,9 @@ async def put_document(library_id: str, document_id: str, body: DocumentUpdate,
 async def delete_document(library_id: str, document_id: str, request: Request,
                           key: KeyInfo | None = Depends(authorize)) -> Response:
     service = state.libraries(request)
-    await _on_document(service, library_id, document_id,
-                       lambda lib, doc: service.store.delete_document(lib.id, doc.id))
+    erasure = await _on_document(service, library_id, document_id,
+                                 lambda lib, doc: service.delete_document(lib.id, doc.id))
+    audit.note(request)["erased"] = erasure.audit()
     return Response(status_code=204)
 
 
