@@ -1,9 +1,19 @@
-"""Personal data out of text: e-mails, phone numbers, IBANs, payment cards, IP addresses.
+"""Personal data and secrets out of text: e-mails, phone numbers, IBANs, payment cards, IP
+addresses, and credentials.
 
 ``redact(text)`` replaces each with a tag: ``[EMAIL]``, ``[PHONE]``, ``[IBAN]``, ``[CARD]``,
-``[IP]``. Numbers are checked, not just shaped: an IBAN must pass its mod-97 check at its
-country's length, a card number (13-19 digits) the Luhn check, an IP must parse; so order
+``[IP]``, ``[SECRET]``. Numbers are checked, not just shaped: an IBAN must pass its mod-97 check
+at its country's length, a card number (13-19 digits) the Luhn check, an IP must parse; so order
 numbers, dates and version strings are left alone.
+
+Secrets (`redact_secrets`, run first) are recognised by their issuers' fixed shapes, so that
+ordinary words and numbers never match: souverain keys (``sk-sov-`` + 43 URL-safe characters),
+OpenAI/Mistral-style ``sk-...`` keys, ``Bearer`` tokens, AWS access key ids (``AKIA``/``ASIA``
++ 16), GitHub (``ghp_``/``gho_``/``ghu_``/``ghs_``/``ghr_``, ``github_pat_``), Slack (``xox?-``),
+Google (``AIza`` + 35) and Stripe (``sk_live_``) keys, JWTs (three base64url parts, the first
+two JSON objects), PEM private-key blocks, and the value of an assignment whose name says it
+is a credential (``api_key=...``, ``"password": "..."``, ``MISTRAL_API_KEY=...``): Mistral's
+own keys are 32 bare characters, recognisable only by such a name.
 
 Phones are whole runs of digits and separators (``+33 6 12 34 56 78``, ``06.12.34.56.78``,
 ``(415) 555-2671``): international (``+`` and 8-15 digits), French national (``0`` + 9
@@ -21,6 +31,65 @@ PHONE = "[PHONE]"
 IBAN = "[IBAN]"
 CARD = "[CARD]"
 IP = "[IP]"
+SECRET = "[SECRET]"
+
+# -- secrets ---------------------------------------------------------------------------------
+_B64URL = r"[A-Za-z0-9_-]"
+_PEM = r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----"
+_SECRET_SHAPES = [
+    _PEM + r".*?-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----",
+    _PEM + r".*",  # a block cut before its END line: the rest of the text goes too
+    r"(?<![\w-])sk-sov-[A-Za-z0-9_-]{20,}",  # souverain (server/auth.py generate_key)
+    r"(?<![\w-])sk-(?:proj|svcacct|admin|ant-api\d\d)-[A-Za-z0-9_-]{20,}",
+    r"(?<![\w-])sk-(?=[A-Za-z]*\d)(?=\d*[A-Za-z])[A-Za-z0-9]{20,}(?![\w-])",
+    r"(?<![\w-])(?:sk|rk)_(?:live|test)_[A-Za-z0-9]{16,}",
+    r"(?<![A-Za-z0-9])(?:AKIA|ASIA)[A-Z0-9]{16}(?![A-Za-z0-9])",
+    r"(?<![A-Za-z0-9_])gh[pousr]_[A-Za-z0-9]{36,}",
+    r"(?<![A-Za-z0-9_])github_pat_[A-Za-z0-9_]{22,}",
+    r"(?<![A-Za-z0-9-])xox[abposr]-(?=[A-Za-z-]*\d)[A-Za-z0-9-]{10,}",
+    r"(?<![A-Za-z0-9_-])AIza[0-9A-Za-z_-]{35}(?![A-Za-z0-9_-])",
+    # JWT: base64url('{"') = 'eyJ' starts the header and the claims; then the signature
+    r"(?<![A-Za-z0-9_-])eyJ" + _B64URL + r"{8,}\.eyJ" + _B64URL + r"{8,}\.(?:" + _B64URL
+    + r"+)?(?![A-Za-z0-9_-])",
+]
+_SECRET_RE = re.compile("|".join(f"(?:{p})" for p in _SECRET_SHAPES), re.DOTALL)
+# the credentials of an Authorization header pasted in a message
+_AUTH_SCHEME_RE = re.compile(r"(?i)(?<![A-Za-z0-9])(bearer|basic)(\s+)([A-Za-z0-9._~+/=-]{8,})")
+# names that say their value is a credential (query parameters, JSON keys, assignments)
+SECRET_NAME = re.compile(
+    r"(?i)(?:^|[^a-z])(?:api[_-]?key|apikey|access[_-]?key(?:[_-]?id)?|secret(?:[_-]?key)?"
+    r"|client[_-]?secret|(?:access|auth|refresh|id|bearer|session|api)?[_-]?token"
+    r"|passw(?:or)?d|passphrase|authorization|credentials?)$")
+_PASSWORD_NAME = re.compile(r"(?i)(?:passw(?:or)?d|passphrase)$")
+# an assignment in text: NAME = VALUE, NAME: VALUE, "NAME": "VALUE"
+_ASSIGNMENT_RE = re.compile(r"""([A-Za-z0-9_.-]+)(["']?\s*(?:=|:|=>)\s*["']?)([^\s"',;&}]{4,})""")
+
+
+def looks_random(value: str) -> bool:
+    """A value shaped like a generated credential rather than a word: a digit, or upper
+    case after the first letter, or 20 characters and more."""
+    return (any(c.isdigit() for c in value) or len(value) >= 20
+            or (any(c.isupper() for c in value[1:]) and any(c.islower() for c in value)))
+
+
+def is_secret_value(name: str, value: str) -> bool:
+    """Whether ``value`` assigned to ``name`` is a credential to hide: the name says so and
+    the value is not a placeholder word (a password is hidden whatever it looks like)."""
+    if not SECRET_NAME.search(name) or value == SECRET or not value:
+        return False
+    return bool(_PASSWORD_NAME.search(name)) or looks_random(value)
+
+
+def redact_secrets(text: str) -> str:
+    """``text`` with credentials replaced by ``[SECRET]`` (the shapes in the module's
+    docstring); everything else is left as written."""
+    if not text:
+        return text
+    text = _SECRET_RE.sub(SECRET, text)
+    text = _AUTH_SCHEME_RE.sub(
+        lambda m: m[1] + m[2] + SECRET if looks_random(m[3]) and m[3] != SECRET else m[0], text)
+    return _ASSIGNMENT_RE.sub(
+        lambda m: m[1] + m[2] + SECRET if is_secret_value(m[1], m[3]) else m[0], text)
 
 _EMAIL_RE = re.compile(r"(?<![\w.+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*"
                        r"\.[A-Za-z]{2,}\b")
@@ -121,9 +190,11 @@ def _replace_spans(text: str, spans: list[tuple[int, int, str]]) -> str:
 
 
 def redact(text: str) -> str:
-    """``text`` with e-mails, phones, IBANs, card numbers and IP addresses replaced by tags."""
+    """``text`` with secrets, e-mails, phones, IBANs, card numbers and IP addresses replaced
+    by tags (secrets first: a key's digits must not become a phone half-way through it)."""
     if not text:
         return text
+    text = redact_secrets(text)
     text = _EMAIL_RE.sub(EMAIL, text)
     text = _replace_spans(text, [(a, b, IBAN) for a, b in _ibans(text)])
     spans = []
@@ -147,11 +218,13 @@ def redact(text: str) -> str:
 
 
 def redact_json(value: Any) -> Any:
-    """Every string inside a JSON value redacted (keys too); structure kept."""
+    """Every string inside a JSON value redacted (keys too); structure kept. The string value
+    of a key that names a credential (``"api_key"``, ``"password"``) is a secret too."""
     if isinstance(value, str):
         return redact(value)
     if isinstance(value, list):
         return [redact_json(v) for v in value]
     if isinstance(value, dict):
-        return {redact(str(k)): redact_json(v) for k, v in value.items()}
+        return {redact(str(k)): SECRET if isinstance(v, str) and is_secret_value(str(k), v)
+                else redact_json(v) for k, v in value.items()}
     return value

@@ -172,3 +172,19 @@ def test_cli_text_needs_tokenizer_exit_2(tiny_models):
 def test_cli_bad_flag_value_exit_2():
     r = _cli("generate", "smollm2-135m-instruct", "hi", "--temperature", "-3")
     assert r.returncode == 2 and "Traceback" not in r.stderr
+
+
+def test_in_thread_turns_stopiteration_into_an_error_not_a_hang() -> None:
+    """asyncio cannot set a StopIteration on a future: with plain ``asyncio.to_thread`` a bare
+    ``next()`` on an empty iterator in a blocking call left the request hanging forever (issue
+    15's upload of b"\\x1d"). Every blocking call of the server goes through ``in_thread``."""
+    import asyncio
+
+    from souverain.server.errors import in_thread
+
+    async def call() -> None:
+        await asyncio.wait_for(in_thread(lambda: next(iter(()))), timeout=30)
+
+    with pytest.raises(RuntimeError, match="StopIteration"):
+        asyncio.run(call())
+    assert asyncio.run(in_thread(lambda a, b=0: a + b, 2, b=3)) == 5

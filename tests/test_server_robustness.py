@@ -1,7 +1,9 @@
 """Robustness of `souverain serve` over real HTTP: real server processes, no mocks.
 
-* schemathesis fuzzing of ``/openapi.json`` (no 5xx, La Plateforme error shapes, responses that
-  conform to the documented schema);
+* schemathesis (``st run``) over the whole of ``/openapi.json``, every check and phase on (no
+  5xx, no timeout, La Plateforme error shapes, responses that conform to the document);
+* no 500 for a client's input: non-finite numbers, integers out of range, bodies that are not
+  UTF-8, too deep or not JSON, methods a path does not take (the exact requests of issue 15);
 * 32 concurrent streaming clients, a third of them disconnecting mid-stream, then KV blocks,
   gauges and ``/metrics`` counters checked exactly; a non-streaming client that times out;
 * API keys over HTTP (401/403, live revocation, no key in the log), per-key rate limit;
@@ -20,22 +22,21 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import random
+import os
 import re
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import schemathesis
-from hypothesis import HealthCheck, settings
-from schemathesis import checks as st_checks
 from server_utils import ServerProcess
 
 from souverain.server.auth import add_key, revoke_key
-from souverain.server.protocol import ChatCompletionChunk
 
 CHAT = "/v1/chat/completions"
 TINY = "tiny"
@@ -162,76 +163,121 @@ def server_a(tiny_mistral: dict, stopper: list) -> ServerProcess:
     return s
 
 
-@pytest.fixture
-def openapi_schema(server_a: ServerProcess) -> Any:
-    return schemathesis.openapi.from_url(server_a.url + "/openapi.json")
+FUZZ_EXAMPLES = 100  # per operation and phase; the whole run takes a few minutes
+FUZZ_CONFIG = """\
+max-stream-events = 100000
+
+[checks]
+enabled = true  # every check (`--checks all` on the command line would override the below)
+
+[checks.positive_data_acceptance]
+expected-statuses = ["2xx", "3xx", "401", "403", "404", "409", "429"]
+
+# Schema-valid bodies that the schema cannot fully judge: a prompt + max_tokens over the
+# context, a file that is not JSONL training data, a document that is not one. These answer
+# 400 naming the problem, as their responses document.
+[[operations]]
+include-method = "POST"
+include-path-regex = "^/v1/(chat/completions|fim/completions|embeddings|fine_tuning/jobs)$"
+checks.positive_data_acceptance.expected-statuses = ["2xx", "3xx", "400", "401", "403", "404", "409", "429"]
+
+# The uploads (multipart) too; and there every part is bytes on the wire, so a "type"
+# mutation of the file part (an object or a number instead of binary) is still a valid file,
+# rightly stored: the negative check cannot apply to them.
+[[operations]]
+include-method = "POST"
+include-path-regex = "^/v1/(files|libraries/[{]library_id[}]/documents)$"
+checks.positive_data_acceptance.expected-statuses = ["2xx", "3xx", "400", "401", "403", "404", "409", "429"]
+checks.negative_data_rejection.enabled = false
+"""
 
 
-schema = schemathesis.pytest.from_fixture("openapi_schema")
-
-FUZZ_CHECKS = [
-    st_checks.not_a_server_error,
-    st_checks.status_code_conformance,
-    st_checks.content_type_conformance,
-    st_checks.response_schema_conformance,
-    st_checks.response_headers_conformance,
-    st_checks.negative_data_rejection,
-]
+FUZZ_CHECKS = {  # schemathesis 4.32's checks, all of them, and ours (schemathesis_hooks.py)
+    "not_a_server_error", "status_code_conformance", "content_type_conformance",
+    "response_headers_conformance", "response_schema_conformance", "negative_data_rejection",
+    "positive_data_acceptance", "missing_required_header", "unsupported_method",
+    "allow_header_conformance", "use_after_free", "ensure_resource_availability",
+    "ignored_auth", "object_level_authorization", "max_response_time",
+    "la_plateforme_errors", "sse_chunks"}
 
 
-@pytest.fixture
-def _schemathesis_pytest9_shim(request: pytest.FixtureRequest) -> None:
-    # schemathesis 4.32's pytest integration renames the test node through the private
-    # ``Node._nodeid``, which pytest 9 no longer has; give it one to rename.
-    if not hasattr(request.node, "_nodeid"):
-        request.node._nodeid = request.node.nodeid
+@pytest.fixture(scope="class")
+def fuzz_server(tiny_mistral: dict, tmp_path_factory: pytest.TempPathFactory,
+                stopper: list) -> dict[str, Any]:
+    """Every API family on (models, chat, FIM, embeddings, libraries, files, fine-tuning
+    jobs and their worker), an API key (so that schemathesis checks that auth is enforced),
+    its own data folder."""
+    data = tmp_path_factory.mktemp("fuzz-data")
+    keys = data / "keys.txt"
+    _, key = add_key(keys, "fuzz")
+    s = tiny_server(tiny_mistral, "--max-model-len", str(MAX_LEN_A), "--max-request-mib",
+                    str(MAX_REQUEST_BYTES_A / (1 << 20)), "--data-dir", str(data),
+                    "--api-keys-file", str(keys), "--libraries", "--finetune")
+    stopper.append(s)
+    return {"server": s, "key": key, "data": data}
+
+
+class TestFuzz:
+    def test_schemathesis_whole_api(self, fuzz_server: dict[str, Any], tmp_path: Path) -> None:
+        """``st run`` over the whole of /openapi.json, every check on, every phase (examples,
+        coverage, fuzzing, stateful through the create operations' links): no server error,
+        no timeout, and the responses, statuses and headers the document promises. Our own
+        checks (error shape, SSE chunks) and the served model in a third of the bodies come
+        from tests/schemathesis_hooks.py."""
+        server = fuzz_server["server"]
+        schema = httpx.get(server.url + "/openapi.json", timeout=30).json()
+        operations = {(m.upper(), p) for p, ops in schema["paths"].items() for m in ops}
+        assert {("POST", "/v1/libraries"), ("POST", "/v1/files"),
+                ("GET", "/v1/fine_tuning/jobs"), ("POST", CHAT)} <= operations
+        config = tmp_path / "schemathesis.toml"
+        config.write_text(FUZZ_CONFIG)
+        reports = tmp_path / "reports"
+        cmd = [sys.executable, "-m", "schemathesis.cli", "--config-file", str(config), "run",
+               server.url + "/openapi.json", "--phases", "examples,coverage,fuzzing,stateful",
+               "--max-examples", str(FUZZ_EXAMPLES), "--seed", "15", "--workers", "1",
+               # "nothing hangs": a generous bound, not a benchmark (a loaded CI machine
+               # parses, embeds and trains while it answers)
+               "--request-timeout", "60", "--max-response-time", "60",
+               "--report", "json,ndjson", "--report-dir",
+               str(reports), "--header", f"Authorization: Bearer {fuzz_server['key']}"]
+        env = {**os.environ, "SCHEMATHESIS_HOOKS": "schemathesis_hooks",
+               "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent),
+                                              os.environ.get("PYTHONPATH", "")]),
+               "SOUVERAIN_FUZZ_MODEL": TINY, "SOUVERAIN_FUZZ_MAX_LEN": str(MAX_LEN_A),
+               "NO_COLOR": "1"}
+        t0 = time.monotonic()
+        run = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env,
+                             cwd=tmp_path)
+        took = time.monotonic() - t0
+        (report_path,) = reports.glob("json-*.json")
+        report = json.loads(report_path.read_text())
+        requests, checks = 0, set()
+        (events,) = reports.glob("ndjson-*.ndjson")
+        with events.open() as f:
+            for line in f:
+                finished = json.loads(line).get("ScenarioFinished")
+                if finished:
+                    requests += len(finished["recorder"].get("interactions") or ())
+                    for results in (finished["recorder"].get("checks") or {}).values():
+                        checks.update(c["name"] for c in results)
+        cases = report["test_cases"]
+        print(f"schemathesis: {requests} requests, {cases['generated']} test cases over "
+              f"{len(operations)} operations in {took:.0f} s; phases "
+              f"{ {k: v['status'] for k, v in report['phases'].items()} }")
+        failed = run.returncode != 0 or report["failures"] or report["errors"]
+        if failed:
+            print(run.stdout[-20000:], run.stderr[-5000:], server.log()[-5000:], sep="\n")
+        assert not report["failures"] and not report["errors"], (
+            report["failures"], report["errors"])
+        assert run.returncode == 0 and report["complete"], run.stdout[-3000:]
+        statuses = {k: v["status"] for k, v in report["phases"].items()}
+        assert all(statuses[p] == "success" for p in ("coverage", "fuzzing", "stateful")), \
+            statuses
+        assert requests >= 20 * len(operations), requests
+        assert checks >= FUZZ_CHECKS, FUZZ_CHECKS - checks
 
 
 class TestFuzzAndLimits:
-    @pytest.mark.usefixtures("_schemathesis_pytest9_shim")
-    @schema.parametrize()
-    @settings(max_examples=40, deadline=None, derandomize=True,
-              suppress_health_check=list(HealthCheck))
-    def test_openapi_fuzz(self, case: Any, server_a: ServerProcess) -> None:
-        # Make about a third of the generated bodies name the served model, so that fuzzing
-        # reaches the generation code and not only the 404 of an unknown model, and keep
-        # those generations short (the model id itself has no constraint, so this never turns
-        # an invalid case into a valid one or back).
-        checks = list(FUZZ_CHECKS)
-        body = case.body
-        if isinstance(body, dict) and isinstance(body.get("model"), str):
-            rng = random.Random(repr(sorted(body.items(), key=str)))
-            if rng.random() < 0.35:
-                body["model"] = TINY
-                mt = body.get("max_tokens")
-                if mt is None or (isinstance(mt, int) and not isinstance(mt, bool)
-                                  and 4 < mt <= MAX_LEN_A):
-                    # also when absent: an unseeded sample may run to the context's end, and
-                    # schemathesis reads at most 20 events of a stream (then no [DONE] is seen)
-                    body["max_tokens"] = 4
-            else:
-                # schema-valid data naming an unknown model must get a 404, never a 422
-                checks.append(st_checks.positive_data_acceptance)
-        if case.path_parameters and rng_pick(case.path_parameters.get("model_id")):
-            case.path_parameters["model_id"] = TINY
-        response = case.call(base_url=server_a.url, timeout=60)
-        try:
-            case.validate_response(response, checks=checks)
-        except BaseException:
-            print(server_a.log()[-4000:])  # the server's traceback, if any, on failure
-            raise
-        if 400 <= response.status_code < 500:
-            assert_error_shape(response)
-        content_type = {k.lower(): v for k, v in response.headers.items()}.get("content-type")
-        if response.status_code == 200 and content_type[0].startswith("text/event-stream"):
-            # on top of the schema check of each event: our own model of a chunk reads every
-            # event, and the last chunk carries the usage
-            events = parse_sse(response.text)
-            assert events[-1] == "[DONE]"
-            for event in events[:-1]:
-                ChatCompletionChunk.model_validate(event)
-            assert "usage" in events[-2], events[-2]
-
     def test_loopback_without_keys(self, server_a: ServerProcess) -> None:
         r = httpx.get(server_a.url + "/v1/models", timeout=30)
         assert r.status_code == 200, r.text
@@ -314,9 +360,155 @@ class TestFuzzAndLimits:
         assert_error_shape(r, 422)
 
 
-def rng_pick(value: Any) -> bool:
-    """Deterministically true for about half of the generated path values."""
-    return isinstance(value, str) and hashlib.sha256(value.encode()).digest()[0] < 128
+# -- 1b. no 500 for a client's input: the exact requests of issue 15 ---------------------------
+def strict_json(resp: httpx.Response) -> Any:
+    """The body, read as strict JSON (NaN / Infinity are refused, as every client does)."""
+    def refuse(literal: str) -> None:
+        raise AssertionError(f"{literal} in a response body: {resp.text[:300]}")
+
+    return json.loads(resp.content, parse_constant=refuse)
+
+
+NON_FINITE = [
+    # (route, body with the bad number, the field the 422 names)
+    (CHAT, '{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], '
+           '"temperature": 1e309}', "temperature"),
+    (CHAT, '{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], '
+           '"top_p": NaN}', "top_p"),
+    (CHAT, '{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], '
+           '"presence_penalty": -Infinity}', "presence_penalty"),
+    (CHAT, '{"model": "tiny", "messages": [{"role": "user", "content": NaN}]}',
+     "messages.0.content"),
+    (CHAT, '{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], '
+           '"logit_bias": {"5": Infinity}}', "logit_bias.5"),
+    (CHAT, '{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], '
+           '"metadata": {"a": [1, -1e400]}}', "metadata.a.1"),
+    ("/v1/fim/completions", '{"model": "tiny", "prompt": "def", "temperature": -Infinity}',
+     "temperature"),
+    ("/v1/embeddings", '{"model": "souverain-embed", "input": [NaN]}', "input.0"),
+    ("/v1/libraries", '{"name": "lib", "chunk_size": Infinity}', "chunk_size"),
+    ("/v1/fine_tuning/jobs", '{"model": "tiny", "training_files": ["f"], '
+                             '"hyperparameters": {"learning_rate": NaN}}',
+     "hyperparameters.learning_rate"),
+]
+
+
+class TestNo500ForClientInput:
+    @pytest.mark.parametrize("route,body,field", NON_FINITE)
+    def test_non_finite_numbers_are_422_naming_the_field(self, server_a: ServerProcess,
+                                                          route: str, body: str,
+                                                          field: str) -> None:
+        r = httpx.post(server_a.url + route, content=body.encode(),
+                       headers={"content-type": "application/json"}, timeout=30)
+        err = assert_error_shape(r, 422)
+        strict_json(r)
+        assert err["param"] == field and err["code"] == "finite_number", err
+        assert f"{field}: " in err["message"] and "finite" in err["message"], err
+
+    @pytest.mark.parametrize("route,body,field", [
+        (CHAT, {"max_tokens": 10**30}, "max_tokens"),
+        (CHAT, {"seed": 2**70}, "seed"),
+        (CHAT, {"random_seed": -1}, "random_seed"),
+        (CHAT, {"top_k": 10**30}, "top_k"),
+        (CHAT, {"min_tokens": 2**31}, "min_tokens"),
+        ("/v1/fim/completions", {"prompt": "x", "max_tokens": 2**63}, "max_tokens"),
+    ])
+    def test_integers_out_of_range_are_422(self, server_a: ServerProcess, route: str,
+                                           body: dict, field: str) -> None:
+        base = chat_body() if route == CHAT else {"model": TINY}
+        r = httpx.post(server_a.url + route, json={**base, **body}, timeout=30)
+        err = assert_error_shape(r, 422)
+        strict_json(r)
+        assert err["param"] == field, err
+
+    def test_page_out_of_range_is_422(self, server_a: ServerProcess) -> None:
+        r = httpx.post(server_a.url + "/v1/libraries", json={"name": "paging"}, timeout=30)
+        assert r.status_code == 201, r.text
+        lib = r.json()["id"]
+        r = httpx.get(f"{server_a.url}/v1/libraries/{lib}/documents",
+                      params={"page": 9223372036854775807}, timeout=30)
+        err = assert_error_shape(r, 422)
+        assert err["param"] == "query.page", err
+
+    def test_body_not_utf8(self, server_a: ServerProcess) -> None:
+        r = httpx.post(server_a.url + CHAT, content=b'{"model": "tin\xffy"}',
+                       headers={"content-type": "application/json"}, timeout=30)
+        err = assert_error_shape(r, 422)
+        assert err["message"] == ("The request body is not valid JSON: it is not UTF-8 "
+                                  "(byte 14 is 0xff); send JSON encoded as UTF-8."), err
+
+    @pytest.mark.parametrize("depth", [101, 10_000])
+    def test_body_too_deep(self, server_a: ServerProcess, depth: int) -> None:
+        body = '{"model": "tiny", "metadata": ' + "[" * depth + "]" * depth + "}"
+        r = httpx.post(server_a.url + CHAT, content=body.encode(),
+                       headers={"content-type": "application/json"}, timeout=30)
+        err = assert_error_shape(r, 422)
+        assert err["code"] == "json_too_deep" and "deeper than 100 levels" in err["message"]
+
+    def test_integer_too_long_to_parse(self, server_a: ServerProcess) -> None:
+        body = '{"model": "tiny", "metadata": {"a": ' + "7" * 5000 + "}}"
+        r = httpx.post(server_a.url + CHAT, content=body.encode(),
+                       headers={"content-type": "application/json"}, timeout=30)
+        err = assert_error_shape(r, 422)
+        assert err["message"] == ("The request body is not valid JSON: a number has more "
+                                  "than 4300 digits."), err
+
+    def test_body_as_deep_as_allowed_is_read(self, server_a: ServerProcess) -> None:
+        nested = "[" * 98 + "]" * 98  # + the body object and metadata's object = 100
+        body = json.dumps(chat_body(max_tokens=2))[:-1] + ', "metadata": {"a": ' + nested + "}}"
+        r = httpx.post(server_a.url + CHAT, content=body.encode(),
+                       headers={"content-type": "application/json"}, timeout=60)
+        assert r.status_code == 200, r.text
+
+    @pytest.mark.parametrize("body,where", [
+        ('{"model": "tiny", "messages": [], "top_p": 1 "n": 1}', "line 1 column 46"),
+        ('{"model": "tiny",\n "messages": [\n  {"role": "user" "content": "hi"}]}',
+         "line 3 column 19"),
+    ])
+    def test_json_decode_error_says_where(self, server_a: ServerProcess, body: str,
+                                          where: str) -> None:
+        r = httpx.post(server_a.url + CHAT, content=body.encode(),
+                       headers={"content-type": "application/json"}, timeout=30)
+        err = assert_error_shape(r, 422)
+        assert err["message"] == \
+            f"The request body is not valid JSON: Expecting ',' delimiter at {where}.", err
+        assert err["param"] is None and err["code"] == "json_invalid", err
+
+    @pytest.mark.parametrize("path,allowed", [
+        ("/v1/files", "GET, POST"), ("/v1/files/file-1", "DELETE, GET"),
+        ("/v1/libraries", "GET, POST"), ("/v1/libraries/x", "DELETE, GET, PATCH, PUT"),
+        ("/v1/libraries/x/documents", "GET, POST"),
+        ("/v1/libraries/x/documents/y", "DELETE, GET, PATCH, PUT"),
+        (CHAT, "POST"), ("/v1/models", "GET"),
+    ])
+    def test_405_lists_every_method_of_the_path(self, server_a: ServerProcess, path: str,
+                                                allowed: str) -> None:
+        for method in ("OPTIONS", "TRACE"):
+            r = httpx.request(method, server_a.url + path, timeout=30)
+            err = assert_error_shape(r, 405)
+            assert r.headers["allow"] == allowed, r.headers
+            assert allowed.replace(", ", " or ") in err["message"], err
+
+    def test_validation_detail_never_echoes_what_json_cannot_carry(self) -> None:
+        from souverain.server.errors import json_safe
+
+        class Thing:
+            def __str__(self) -> str:
+                return "a thing"
+
+        value = {"a": [float("inf"), float("-inf"), float("nan"), 1.5, 2, None, True],
+                 "b": b"\xff\x00", "c": (Thing(), "x"), 3: {"d": Thing()}}
+        safe = json_safe(value)
+        assert safe == {"a": ["inf", "-inf", "nan", 1.5, 2, None, True], "b": "b'\\xff\\x00'",
+                        "c": ["a thing", "x"], "3": {"d": "a thing"}}
+        json.dumps(safe, allow_nan=False)
+
+    def test_key_in_url_is_refused_and_redacted(self, server_a: ServerProcess) -> None:
+        key = "sk-sov-" + "Zq7" * 14 + "x"
+        r = httpx.get(f"{server_a.url}/v1/models?api_key={key}", timeout=30)
+        err = assert_error_shape(r, 401)
+        assert err["code"] == "api_key_in_url" and "Authorization: Bearer" in err["message"]
+        assert key not in server_a.log() and "/v1/models?api_key=[SECRET]" in server_a.log()
 
 
 # -- 2./3. concurrency, disconnects, KV accounting --------------------------------------------

@@ -594,3 +594,52 @@ def test_metrics_instances_do_not_collide():
     assert not any(k.startswith("souverain_requests_total") for k in sb)
     assert 'souverain_queue_depth{model="m"}' in sa
     assert not any(k.startswith("souverain_queue_depth") for k in sb)
+
+
+# -- keys in URLs ------------------------------------------------------------------------------
+@pytest.mark.parametrize("query,names", [
+    ("api_key=sk-abc", ["api_key"]), ("key=x&page=2", ["key"]), ("token=abc", ["token"]),
+    ("access_token=a&x=1", ["access_token"]), ("apiKey=a", ["apiKey"]),
+    ("client_secret=s3cr3t", ["client_secret"]), ("password=pw", ["password"]),
+    ("q=sk-sov-" + "Ab1" * 14 + "x", ["q"]),  # a key-shaped value, whatever the name
+    ("page=2&page_size=10", []), ("search=token+budget", []), ("api_key=", []),
+    ("monkey=1&keyboard=2", []), ("", []),
+])
+def test_secret_query_params(query, names):
+    from souverain.server.access import secret_query_params
+
+    assert secret_query_params(query) == names
+
+
+def test_access_log_filter_redacts_the_query():
+    import logging
+
+    from souverain.server.access import AccessLogRedaction
+
+    key = "sk-sov-" + "Zz9" * 14 + "q"
+    record = logging.LogRecord("uvicorn.access", logging.INFO, __file__, 1,
+                               '%s - "%s %s HTTP/%s" %d',
+                               ("127.0.0.1:5000", "GET", f"/v1/models?api_key={key}&page=2",
+                                "1.1", 401), None)
+    assert AccessLogRedaction().filter(record) is True
+    assert record.getMessage() == \
+        '127.0.0.1:5000 - "GET /v1/models?api_key=[SECRET]&page=2 HTTP/1.1" 401'
+    plain = logging.LogRecord("uvicorn.access", logging.INFO, __file__, 1,
+                              '%s - "%s %s HTTP/%s" %d',
+                              ("127.0.0.1:5000", "GET", "/v1/models?page=2", "1.1", 200), None)
+    AccessLogRedaction().filter(plain)
+    assert plain.getMessage() == '127.0.0.1:5000 - "GET /v1/models?page=2 HTTP/1.1" 200'
+
+
+def test_uvicorn_log_config_installs_the_filter():
+    import logging.config
+
+    from souverain.cli.serve import uvicorn_log_config
+
+    config = uvicorn_log_config()
+    logging.config.dictConfig(config)
+    try:
+        filters = logging.getLogger("uvicorn.access").filters
+        assert any(type(f).__name__ == "AccessLogRedaction" for f in filters)
+    finally:
+        logging.getLogger("uvicorn.access").filters.clear()

@@ -3,6 +3,7 @@
   run.py       chat, generate, inspect, ask (a model loaded in this process)
   serve.py     serve (La Plateforme's HTTP API)
   keys.py      keys add|list|revoke (the API keys file)
+  audit.py     audit erase|prune (the audit log: a subject's content, retention)
   library.py   library create|list|add|search|docs|remove|delete
   finetune.py  finetune validate|run|merge
   doctor.py    doctor (egress, data folders, versions)
@@ -19,6 +20,7 @@ from __future__ import annotations
 import typer
 
 from souverain.bench.command import bench_app
+from souverain.cli.audit import audit_app
 from souverain.cli.doctor import doctor
 from souverain.cli.finetune import finetune_app
 from souverain.cli.keys import keys_app
@@ -51,6 +53,7 @@ app.add_typer(bench_app, name="bench", short_help=(
     "(`souverain bench --help` lists the options; llama.cpp needs `pip install "
     "llama-cpp-python`)."))
 app.add_typer(keys_app, name="keys")
+app.add_typer(audit_app, name="audit")
 app.add_typer(library_app, name="library")
 app.add_typer(finetune_app, name="finetune")
 

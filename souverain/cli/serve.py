@@ -78,6 +78,9 @@ JobsDbOpt = typer.Option(
                             "postgresql+psycopg://USER:PASS@HOST/DB.")
 MaxFileOpt = typer.Option(
     512.0, "--max-file-mib", min=0.001, help="Largest POST /v1/files upload (413 above).")
+MaxJsonlLineOpt = typer.Option(
+    1024.0, "--max-jsonl-line-kib", min=1.0,
+    help="Longest line of a POST /v1/files JSONL upload (400 naming the line above).")
 FinetuneThreadsOpt = typer.Option(
     1, "--finetune-threads", min=0,
     help="CPU threads the training worker uses (0 = all cores; 1 leaves the rest to "
@@ -95,7 +98,18 @@ AuditLogOpt = typer.Option(
 AuditContentOpt = typer.Option(
     False, "--audit-content",
     help="Also log request bodies and generated text, with e-mails, phones, IBANs, card "
-         "numbers and IP addresses redacted.")
+         "numbers, IP addresses and key-shaped secrets redacted.")
+AuditRetentionOpt = typer.Option(
+    0, "--audit-retention-days", min=0,
+    help="Delete audit records older than this many days, at start and daily (default 0: "
+         "kept until `souverain audit prune`: who called what and when is the audit trail, "
+         "and deleting it is your decision; the CNIL recommends 6 to 12 months for access "
+         "logs).")
+AuditContentRetentionOpt = typer.Option(
+    30, "--audit-content-retention-days", min=0,
+    help="With --audit-content: the logged request and response texts (personal data, kept "
+         "only as long as needed) are replaced by \"[EXPIRED <date>]\" after this many days; "
+         "the record's metadata stays (0 keeps the texts).")
 RateLimitRpmOpt = typer.Option(
     None, "--rate-limit-rpm", min=0.001, help="Requests per minute per API key (429).")
 RateLimitTpmOpt = typer.Option(
@@ -132,17 +146,21 @@ def served_models(model: str, name: str | None, more_models: list[str],
 
 
 def _audit_log(on: bool, path: str | None, content: bool,
-               data_dir: str | None) -> AuditLog | None:
+               data_dir: str | None, retention_days: int = 0,
+               content_retention_days: int = 30) -> AuditLog | None:
     from souverain.audit import AuditLog
     from souverain.paths import audit_dir
 
     if not on:
         return None
     try:
+        texts_days = content_retention_days if content else 0
         if path:
-            return AuditLog(path=path, content=content)
+            return AuditLog(path=path, content=content, retention_days=retention_days,
+                            content_retention_days=texts_days)
         return AuditLog(audit_dir(Path(data_dir).expanduser() if data_dir else None),
-                        content=content)
+                        content=content, retention_days=retention_days,
+                        content_retention_days=texts_days)
     except OSError as exc:
         raise SouverainError(f"Cannot open the audit log ({exc.strerror}: {exc.filename}); "
                              "give a writable --audit-log PATH or --data-dir, or --no-audit."
@@ -155,7 +173,9 @@ def server_config(*, api_keys_file: str | None, insecure_no_auth: bool, max_pend
                   data_dir: str | None, libraries: bool, max_upload_mib: float,
                   embed_model: str, audit: bool, audit_log: str | None, audit_content: bool,
                   finetune: bool, jobs_db: str | None, max_file_mib: float,
-                  finetune_threads: int) -> ServerConfig:
+                  finetune_threads: int, max_jsonl_line_kib: float = 1024.0,
+                  audit_retention_days: int = 0,
+                  audit_content_retention_days: int = 30) -> ServerConfig:
     """The flags as `ServerConfig`: MiB -> bytes, the data folder expanded, the keys file
     read, the audit log opened, ``none`` and 0 -> None."""
     from souverain.server.app import ServerConfig
@@ -169,9 +189,11 @@ def server_config(*, api_keys_file: str | None, insecure_no_auth: bool, max_pend
                         data_dir=Path(data_dir).expanduser() if data_dir else None,
                         libraries=libraries, max_upload_bytes=int(max_upload_mib * MiB),
                         embed_model=None if embed_model.lower() == "none" else embed_model,
-                        audit=_audit_log(audit, audit_log, audit_content, data_dir),
+                        audit=_audit_log(audit, audit_log, audit_content, data_dir,
+                                         audit_retention_days, audit_content_retention_days),
                         finetune=finetune, jobs_db=jobs_db,
                         max_file_bytes=int(max_file_mib * MiB),
+                        max_jsonl_line_bytes=int(max_jsonl_line_kib * 1024),
                         finetune_threads=finetune_threads or None)
 
 
@@ -199,6 +221,20 @@ def announce(served: list[ServedModel], host: str, port: int, config: ServerConf
                   "clients get 403 until you pass --api-keys-file.")
 
 
+def uvicorn_log_config() -> dict[str, Any]:
+    """uvicorn's logging config, its access log passed through `AccessLogRedaction`: a key
+    sent in a URL (refused with a 401) is not written to the log either."""
+    import copy
+
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config.setdefault("filters", {})["redact_keys"] = {
+        "()": "souverain.server.access.AccessLogRedaction"}
+    config["loggers"]["uvicorn.access"].setdefault("filters", []).append("redact_keys")
+    return config
+
+
 def run_uvicorn(app: Any, host: str, port: int, log_level: str) -> None:
     import uvicorn
 
@@ -206,7 +242,7 @@ def run_uvicorn(app: Any, host: str, port: int, log_level: str) -> None:
     # not a death by signal (-15).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     uvicorn.run(app, host=host, port=port, log_level=log_level.lower(),
-                timeout_graceful_shutdown=30)
+                timeout_graceful_shutdown=30, log_config=uvicorn_log_config())
 
 
 def serve(
@@ -227,11 +263,14 @@ def serve(
     finetune: bool = FinetuneOpt,
     jobs_db: str | None = JobsDbOpt,
     max_file_mib: float = MaxFileOpt,
+    max_jsonl_line_kib: float = MaxJsonlLineOpt,
     finetune_threads: int = FinetuneThreadsOpt,
     embed_model: str = EmbedModelOpt,
     audit: bool = AuditOpt,
     audit_log: str | None = AuditLogOpt,
     audit_content: bool = AuditContentOpt,
+    audit_retention_days: int = AuditRetentionOpt,
+    audit_content_retention_days: int = AuditContentRetentionOpt,
     rate_limit_rpm: float | None = RateLimitRpmOpt,
     rate_limit_tpm: float | None = RateLimitTpmOpt,
     default_temperature: float = DefaultTemperatureOpt,
@@ -275,7 +314,9 @@ def serve(
             default_temperature=default_temperature, data_dir=data_dir, libraries=libraries,
             max_upload_mib=max_upload_mib, embed_model=embed_model, audit=audit,
             audit_log=audit_log, audit_content=audit_content, finetune=finetune,
-            jobs_db=jobs_db, max_file_mib=max_file_mib, finetune_threads=finetune_threads)
+            jobs_db=jobs_db, max_file_mib=max_file_mib, finetune_threads=finetune_threads,
+            max_jsonl_line_kib=max_jsonl_line_kib, audit_retention_days=audit_retention_days,
+            audit_content_retention_days=audit_content_retention_days)
         logging.basicConfig(level=log_level.upper(),
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         if not lazy:

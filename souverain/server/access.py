@@ -1,14 +1,19 @@
 """Who may call: the authorization dependency of every route (API key, or the loopback rule
 without keys; then the key's rate limit), a key's permission for a model, and the token charge
-of a finished request against its key's rate limit."""
+of a finished request against its key's rate limit. Also what keeps keys out of logs: the
+query parameters that carry one (refused by `middleware.KeyInURL`), and the filter that
+redacts them in uvicorn's access log."""
 
 from __future__ import annotations
 
+import logging
 import math
+from urllib.parse import parse_qsl, quote, urlsplit
 
 from fastapi import Request
 
 from souverain.audit import note
+from souverain.redact import SECRET, SECRET_NAME, redact_secrets
 from souverain.server import state
 from souverain.server.auth import APIKeys, AuthError, is_loopback
 from souverain.server.errors import APIError
@@ -69,3 +74,42 @@ def charge_tokens(limiter: RateLimiter | None, key: KeyInfo | None, n: int) -> N
     """Charge a finished request's prompt + completion tokens to its key's token budget."""
     if limiter is not None:
         limiter.charge_tokens(bucket(key), n)
+
+
+# -- keys out of URLs and logs ---------------------------------------------------------------
+def secret_query_params(query: str) -> list[str]:
+    """The names of the query parameters that carry a credential: named like one (``api_key``,
+    ``key``, ``token``, ``access_token``, ``password``...) or with a key-shaped value."""
+    names = []
+    for name, value in parse_qsl(query, keep_blank_values=True):
+        if value and (name.lower() == "key" or SECRET_NAME.search(name)
+                      or redact_secrets(value) != value):
+            names.append(name)
+    return names
+
+
+def redact_query(target: str) -> str:
+    """A request target (path + query) with the credentials of its query replaced by
+    ``[SECRET]``; a target without any is returned as it is."""
+    path, sep, query = target.partition("?")
+    if not sep or not secret_query_params(query):
+        return target
+    parts = []
+    for name, value in parse_qsl(query, keep_blank_values=True):
+        secret = value and (name.lower() == "key" or SECRET_NAME.search(name)
+                            or redact_secrets(value) != value)
+        parts.append(f"{quote(name)}={SECRET if secret else quote(value)}")
+    return f"{path}?{'&'.join(parts)}"
+
+
+class AccessLogRedaction(logging.Filter):
+    """On uvicorn's access logger: the request target of each line with its query's
+    credentials redacted (uvicorn logs ``'%s - "%s %s HTTP/%s" %d'``, the target third)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str):
+            target = args[2]
+            if "?" in target and urlsplit(target).query:
+                record.args = (*args[:2], redact_query(target), *args[3:])
+        return True

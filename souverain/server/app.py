@@ -6,7 +6,8 @@ per API family (`souverain.server.routers`), mounted in this order: embeddings, 
 health + metrics, libraries, files + fine-tuning, chat + FIM. A chat request goes to
 `routers.chat`, whose handler hands it to `ChatService` (`souverain.server.chat_service`).
 
-Order of checks for a generation request: size limit (413) -> JSON schema (422) -> API key
+Order of checks for a generation request: a key in the URL (401) -> size limit (413) -> JSON
+body (422: UTF-8, depth, finite numbers) -> JSON schema (422) -> API key
 (401/403) -> rate limit (429 + Retry-After) -> model (404) -> admission queue (429) -> prompt
 and parameters (400) -> generation. A client that disconnects aborts its request, which frees
 its KV blocks at once.
@@ -31,10 +32,10 @@ from souverain.paths import libraries_dir
 from souverain.server.auth import APIKeys
 from souverain.server.chat_service import ChatService
 from souverain.server.embeddings import EmbeddingService
-from souverain.server.errors import install_error_handlers
+from souverain.server.errors import in_thread, install_error_handlers
 from souverain.server.libraries import LibraryService
 from souverain.server.metrics import ServerMetrics
-from souverain.server.middleware import BodyLimit, RequestMetrics
+from souverain.server.middleware import BodyLimit, JSONBodyCheck, KeyInURL, RequestMetrics
 from souverain.server.openapi import install_openapi
 from souverain.server.ratelimit import AdmissionQueue, RateLimiter
 from souverain.server.registry import ModelRegistry, ServedModel
@@ -63,6 +64,7 @@ class ServerConfig:
     finetune_worker: bool = True  # with finetune: run the training worker process alongside
     jobs_db: str | None = None  # jobs database URL; None = sqlite under data_dir/finetune
     max_file_bytes: int = 512 * MiB  # one POST /v1/files upload at most
+    max_jsonl_line_bytes: int = MiB  # one line of a POST /v1/files upload at most (400 above)
     finetune_threads: int | None = 1  # torch threads of the worker (None = all cores)
 
 
@@ -80,8 +82,12 @@ def create_app(registry: ModelRegistry, config: ServerConfig | None = None) -> F
     _init_state(app, registry, config)
     install_error_handlers(app)
     install_openapi(app)
+    # the last added is the outermost: audit -> metrics -> key in URL (401) -> body limit
+    # (413) -> JSON body check (422) -> FastAPI
+    app.add_middleware(JSONBodyCheck)
     app.add_middleware(BodyLimit, limit=config.max_request_bytes,
                        upload_limit=config.max_upload_bytes, file_limit=config.max_file_bytes)
+    app.add_middleware(KeyInURL)
     app.add_middleware(RequestMetrics, metrics=app.state.metrics)
     if config.audit is not None:
         app.add_middleware(AuditMiddleware, audit=config.audit)
@@ -142,12 +148,14 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     if worker is not None:
         worker.start()
         supervisor = asyncio.create_task(worker.supervise())
+    if state.libraries is not None:  # requeue interrupted documents now, on a thread
+        state.libraries.start()
     yield
     if worker is not None and supervisor is not None:
         supervisor.cancel()
-        await asyncio.to_thread(worker.stop)
+        await in_thread(worker.stop)
     if state.libraries is not None:
         state.libraries.shutdown()
-    await asyncio.to_thread(state.registry.shutdown)
+    await in_thread(state.registry.shutdown)
     if state.config.audit is not None:
-        await asyncio.to_thread(state.config.audit.close)
+        await in_thread(state.config.audit.close)

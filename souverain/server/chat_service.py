@@ -35,7 +35,7 @@ from souverain.rag.answer import Grounding
 from souverain.server import chat as chatmod
 from souverain.server import grounding
 from souverain.server.access import charge_tokens, check_model
-from souverain.server.errors import APIError, error_body
+from souverain.server.errors import APIError, error_body, in_thread
 from souverain.server.keyfile import KeyInfo
 from souverain.server.libraries import LibraryService
 from souverain.server.metrics import ServerMetrics
@@ -121,7 +121,7 @@ class ChatService:
         """The response to one chat or FIM request: JSON, or an SSE stream."""
         note(request)["model"] = body.model
         check_model(request, key, body.model)
-        served, ft = await asyncio.to_thread(self.registry.resolve, body.model)
+        served, ft = await in_thread(self.registry.resolve, body.model)
         engine, release = await self._admit(served)
         try:
             return await self._generate(request, body, key, engine, ft, release)
@@ -153,7 +153,7 @@ class ChatService:
         """Adapter, grounding, plan, then the engine's outputs as one body or a stream."""
         eng = engine.engine
         if ft is not None:  # a fine-tuned model: its adapter on the base model's engine
-            await asyncio.to_thread(self.registry.ensure_adapter, engine, ft)
+            await in_thread(self.registry.ensure_adapter, engine, ft)
         tok = chatmod.require_tokenizer(body, eng.tokenizer)
         rag = None
         if isinstance(body, ChatCompletionRequest) and body.tools:

@@ -28,7 +28,7 @@ from pydantic import BaseModel, Field
 
 from souverain.errors import SouverainError
 from souverain.rag.embed import DEFAULT_EMBED_MODEL, Embedder, get_embedder, resolve_embed_model
-from souverain.server.errors import APIError
+from souverain.server.errors import APIError, in_thread
 from souverain.server.protocol import ModelCapabilities, ModelCard, _Request
 
 MAX_INPUTS = 512
@@ -120,7 +120,7 @@ class EmbeddingService:
             async with self._loading:
                 if self._embedder is None:
                     try:
-                        self._embedder = await asyncio.to_thread(get_embedder, self.model)
+                        self._embedder = await in_thread(get_embedder, self.model)
                     except SouverainError as exc:
                         raise APIError(503, f"The embedding model could not be loaded: {exc}",
                                        code="model_load_failed") from None
@@ -131,8 +131,8 @@ class EmbeddingService:
         """(response body, prompt tokens) of one request; the forwards on a worker thread."""
         embedder = await self.embedder()
         check_options(body, embedder.dim)
-        result = await asyncio.to_thread(embedder.embed, texts)
-        payload = await asyncio.to_thread(response_body, body, request_id, result.vectors,
+        result = await in_thread(embedder.embed, texts)
+        payload = await in_thread(response_body, body, request_id, result.vectors,
                                           result.total_tokens)
         return payload, result.total_tokens
 

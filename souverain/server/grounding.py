@@ -10,7 +10,6 @@ cites each). When no passage is relevant the server says so instead of letting t
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -20,7 +19,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from souverain.errors import RAGError
 from souverain.rag.answer import Grounding, ground, last_user_text
 from souverain.server import chat as chatmod
-from souverain.server.errors import APIError
+from souverain.server.errors import APIError, in_thread
 from souverain.server.libraries import LibraryService, rag_api_error
 from souverain.server.protocol import ChatCompletionRequest, DocumentLibraryTool, Message
 from souverain.tokenizer.base import Tokenizer
@@ -61,7 +60,7 @@ async def ground_chat(body: ChatCompletionRequest, service: LibraryService | Non
         return ground(service.store, library_ids, query).fit(budget,
                                                              lambda s: len(tok.encode(s)))
     try:
-        grounding = await asyncio.to_thread(run)
+        grounding = await in_thread(run)
     except RAGError as exc:
         err = rag_api_error(exc)
         err.param = "tools"

@@ -1,8 +1,12 @@
 """What /openapi.json says beyond FastAPI's defaults: the error responses of each route, the
-``text/event-stream`` media type of streamed completions, and integer bounds kept integers."""
+``text/event-stream`` media type of streamed completions, integer bounds kept integers, and
+the links from each create operation to the operations on what it made (so that clients and
+fuzzers such as schemathesis can follow a library, document, file or job from its id)."""
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterator
 from typing import Any
 
 from fastapi import FastAPI
@@ -71,12 +75,79 @@ def _int_bounds(node: Any) -> None:
             _int_bounds(v)
 
 
+_PARAM = re.compile(r"\{(\w+)\}")
+
+
+def _links(doc: dict[str, Any]) -> None:
+    """OpenAPI links from ``POST /collection`` (whose answer has the new item's ``id``) to
+    each operation on ``/collection/{param}[/...]`` that needs no other new parameter: the
+    new parameter from ``$response.body#/id``, the others from the request's path."""
+    paths: dict[str, Any] = doc.get("paths", {})
+    for collection, item in paths.items():
+        create = item.get("post")
+        if create is None:
+            continue
+        known = set(_PARAM.findall(collection))
+        links: dict[str, Any] = {}
+        for path, ops in paths.items():
+            m = re.fullmatch(re.escape(collection) + r"/\{(\w+)\}(/[^{}]*)?", path)
+            if m is None:
+                continue
+            params = {name: f"$request.path.{name}" for name in known}
+            params[m[1]] = "$response.body#/id"
+            for op in ops.values():
+                if isinstance(op, dict) and op.get("operationId"):
+                    links[op["operationId"]] = {"operationId": op["operationId"],
+                                                "parameters": dict(params)}
+        success = next((code for code in create.get("responses", {})
+                        if str(code).startswith("2")), None)
+        if links and success is not None:
+            create["responses"][success]["links"] = links
+
+
+def _security(doc: dict[str, Any], app: FastAPI) -> None:
+    """With API keys: the bearer scheme, required by every operation that `authorize`s (all
+    but /health). Without keys, loopback clients need none, and the document says none."""
+    from fastapi.routing import APIRoute
+
+    from souverain.server.access import authorize
+
+    if getattr(app.state.config, "api_keys", None) is None:
+        return
+    doc.setdefault("components", {}).setdefault("securitySchemes", {})["APIKey"] = {
+        "type": "http", "scheme": "bearer",
+        "description": "An API key made by `souverain keys add`: 'Authorization: Bearer <key>'."}
+
+    def calls(dependant: Any) -> Iterator[Any]:
+        for sub in dependant.dependencies:
+            yield sub.call
+            yield from calls(sub)
+
+    try:
+        from fastapi.routing import iter_route_contexts
+        routes: Any = iter_route_contexts(app.routes)
+    except ImportError:  # FastAPI < 0.137
+        routes = [r for r in app.routes if isinstance(r, APIRoute)]
+    for route in routes:
+        dependant = getattr(route, "dependant", None)
+        if dependant is None or authorize not in calls(dependant):
+            continue
+        for method in route.methods or ():
+            op = doc.get("paths", {}).get(route.path, {}).get(method.lower())
+            if op is not None:
+                op["security"] = [{"APIKey": []}]
+
+
 def install_openapi(app: FastAPI) -> None:
-    """Serve FastAPI's document for ``app``, built once, with integer bounds as integers."""
+    """Serve FastAPI's document for ``app``, built once, with integer bounds as integers, the
+    create operations' links, and the API key scheme when the server has keys."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            _int_bounds(FastAPI.openapi(app))
+            doc = FastAPI.openapi(app)
+            _int_bounds(doc)
+            _links(doc)
+            _security(doc, app)
         return app.openapi_schema  # type: ignore[return-value]
 
     app.openapi = openapi  # type: ignore[method-assign]

@@ -25,12 +25,17 @@ MAX_STOP_STRINGS = 16
 # The largest seed: /openapi.json writes numeric bounds as floats (FastAPI), and 2**63 - 1 would
 # read back as 2**63; 2**63 - 1024 is the largest int64 a float64 holds exactly.
 MAX_SEED = 2**63 - 1024
+# Token counts and indexes: beyond any context, and within the int32 that torch and SQLite
+# take, so that a huge integer is a 422 naming its field, never an overflow further down.
+MAX_INT = 2**31 - 1
 
 
 class _Request(BaseModel):
     # strict: JSON types as the schema says ("5" is not an integer, true is not a number), as
     # /openapi.json documents and La Plateforme enforces
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # allow_inf_nan=False: JSON has no NaN/Infinity (the body check refuses them first;
+    # this keeps the models right for bodies built in Python)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     @field_validator("*", mode="before")
     @classmethod
@@ -74,7 +79,7 @@ class ToolCall(_Request):
     id: str | None = Field(default=None, description="9 characters [a-zA-Z0-9] for Mistral models.")
     type: Literal["function"] | None = "function"
     function: FunctionCall
-    index: int | None = None
+    index: int | None = Field(default=None, ge=0, le=MAX_INT)
 
 
 class Message(_Request):
@@ -132,7 +137,8 @@ class JsonSchema(_Request):
     description: str | None = None
     strict: bool | None = None
 
-    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True,
+                              allow_inf_nan=False)
 
 
 class ResponseFormat(_Request):
@@ -154,18 +160,24 @@ class Guardrail(_Open):
 
 
 class ChatCompletionRequest(_Request):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "model": "mistral-small-latest",
+        "messages": [{"role": "system", "content": "Answer in one sentence."},
+                     {"role": "user", "content": "What is the capital of France?"}],
+        "temperature": 0.3, "max_tokens": 64}]})
+
     model: str = Field(description="A model id from GET /v1/models.")
     messages: list[Message] = Field(min_length=1)
     temperature: float | None = Field(default=None, ge=0, le=2, description=(
         "Default: the model's default_model_temperature (GET /v1/models/{id})."))
     top_p: float | None = Field(default=None, gt=0, le=1)
-    top_k: int | None = Field(default=None, ge=-1)
-    max_tokens: int | None = Field(default=None, ge=1, description=(
+    top_k: int | None = Field(default=None, ge=-1, le=MAX_INT)
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_INT, description=(
         "Default: until the end of the answer or of the context. Prompt + max_tokens over "
         "the context is a 400, never a truncation."))
-    max_completion_tokens: int | None = Field(default=None, ge=1,
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_INT,
                                               description="OpenAI name of max_tokens.")
-    min_tokens: int | None = Field(default=None, ge=0)
+    min_tokens: int | None = Field(default=None, ge=0, le=MAX_INT)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
@@ -193,7 +205,8 @@ class ChatCompletionRequest(_Request):
     metadata: dict[str, Any] | None = Field(default=None, description="Accepted; not stored.")
     user: str | None = Field(default=None, description="OpenAI; accepted, not stored.")
     prompt_logprobs: bool | None = Field(default=None, description="Only false/null here.")
-    top_prompt_logprobs: int | None = Field(default=None, description="Only 0/null here.")
+    top_prompt_logprobs: int | None = Field(default=None, ge=0, le=MAX_INT,
+                                            description="Only 0/null here.")
     reasoning_effort: str | None = Field(default=None, description=(
         "Only null/'none' here: the served models have no reasoning mode."))
     prompt_mode: str | None = Field(default=None, description="Only null here.")
@@ -202,13 +215,17 @@ class ChatCompletionRequest(_Request):
 
 
 class FIMCompletionRequest(_Request):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "model": "codestral-latest", "prompt": "def fibonacci(n: int) -> int:\n",
+        "suffix": "\n\nprint(fibonacci(10))", "max_tokens": 64}]})
+
     model: str
     prompt: str
     suffix: str | None = ""
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    min_tokens: int | None = Field(default=None, ge=0)
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_INT)
+    min_tokens: int | None = Field(default=None, ge=0, le=MAX_INT)
     stream: bool = False
     stop: str | list[str] | None = None
     random_seed: int | None = Field(default=None, ge=0, le=MAX_SEED)

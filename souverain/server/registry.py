@@ -26,7 +26,7 @@ from souverain.engine import AsyncLLMEngine
 from souverain.engine.config import EngineConfig
 from souverain.errors import SouverainError
 from souverain.models.quantize import quantized_bytes
-from souverain.server.errors import APIError
+from souverain.server.errors import APIError, in_thread
 from souverain.weights import Checkpoint, load
 
 log = logging.getLogger("souverain.server")
@@ -174,7 +174,7 @@ class ModelRegistry:
                 async with m._lock:
                     if m.engine is None:
                         try:
-                            await asyncio.to_thread(self.load_now, m)
+                            await in_thread(self.load_now, m)
                         except SouverainError as exc:
                             raise APIError(503, f"Model {m.name!r} could not be loaded: {exc}",
                                            code="model_load_failed") from None

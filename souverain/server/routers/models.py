@@ -3,13 +3,12 @@ the fine-tuned models on them, and of the embedding model (context length, capab
 
 from __future__ import annotations
 
-import asyncio
-
 from fastapi import APIRouter, Depends, Request
 
 from souverain.server import chat as chatmod
 from souverain.server import state
 from souverain.server.access import authorize
+from souverain.server.errors import in_thread
 from souverain.server.keyfile import KeyInfo
 from souverain.server.openapi import error_responses
 from souverain.server.protocol import ModelCapabilities, ModelCard, ModelList
@@ -60,7 +59,7 @@ async def list_models(request: Request,
                       key: KeyInfo | None = Depends(authorize)) -> ModelList:
     registry = state.registry(request)
     fine_tuned = [model_card(request, registry.find(ft.base), ft.name, ft)
-                  for ft in await asyncio.to_thread(registry.fine_tuned)]
+                  for ft in await in_thread(registry.fine_tuned)]
     embed = state.embeddings(request)
     return ModelList(data=[model_card(request, m) for m in registry.models] + fine_tuned
                      + ([embed.card()] if embed is not None else []))
@@ -74,5 +73,5 @@ async def get_model(model_id: str, request: Request,
     embed = state.embeddings(request)
     if embed is not None and embed.serves(model_id):
         return embed.card(model_id)
-    m, ft = await asyncio.to_thread(state.registry(request).resolve, model_id)
+    m, ft = await in_thread(state.registry(request).resolve, model_id)
     return model_card(request, m, model_id, ft)
