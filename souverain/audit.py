@@ -404,6 +404,52 @@ def _cutoff(older_than_days: int, now: float | None) -> str:
     return (today.date() - dt.timedelta(days=older_than_days)).isoformat()
 
 
+def _rewrite_files(target: Path, action: str, transform_for: Callable[[Path], Callable[
+        [str], str] | None], *, dry_run: bool) -> Rewrite:
+    """Every audit file of ``target`` through ``transform_for(path)`` (None: the file is left
+    unread), each rewritten atomically under the exclusive lock; what changed, counted."""
+    result = Rewrite(action)
+    if not target.exists():
+        return result
+    lock = AuditLock(target, directory=target.is_dir())
+    try:
+        for path in audit_files(target):
+            transform = transform_for(path)
+            if transform is None:
+                continue
+            result.searched += 1
+            with lock.exclusive():
+                changed = _rewrite(path, transform, dry_run=dry_run)
+                if changed:
+                    result.records += changed
+                    result.files += 1
+    finally:
+        lock.close()
+    return result
+
+
+def _record_or_none(line: str) -> dict[str, Any] | None:
+    try:
+        rec = json.loads(line)
+    except ValueError:
+        return None
+    return rec if isinstance(rec, dict) else None
+
+
+def _content_replaced(rec: dict[str, Any], marker: str) -> str:
+    """The record's line with its logged ``request``/``response`` replaced by ``marker``
+    (content already erased or expired keeps its first marker)."""
+    for k in ("request", "response"):
+        if rec.get(k) is not None and not _erased_marker(rec.get(k)):
+            rec[k] = marker
+    return json.dumps(rec, ensure_ascii=False, separators=(",", ":")) + "\n"
+
+
+def _has_content(rec: dict[str, Any]) -> bool:
+    return any(rec.get(k) is not None and not _erased_marker(rec.get(k))
+               for k in ("request", "response"))
+
+
 def expire_content(target: Path | str, *, older_than_days: int, now: float | None = None,
                    dry_run: bool = False) -> Rewrite:
     """Replace the ``request`` and ``response`` content of the records of days older than
@@ -414,45 +460,25 @@ def expire_content(target: Path | str, *, older_than_days: int, now: float | Non
     cutoff = _cutoff(older_than_days, now)
     marker = f"[EXPIRED {_day(time.time() if now is None else now)}]"
     target = Path(target)
-    result = Rewrite("expired")
-    if not target.exists():
-        return result
 
-    def expired(line: str) -> str:
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            rec = None
-        if not isinstance(rec, dict):  # a torn line: replaced when its file's day is past
-            return json.dumps({"unreadable": marker}) + "\n" if day_file_past else line
-        day = rec.get("ts")
-        if not isinstance(day, str) or day[:10] >= cutoff:
-            return line
-        if all(rec.get(k) is None or _erased_marker(rec.get(k))
-               for k in ("request", "response")):
-            return line
-        for k in ("request", "response"):
-            if rec.get(k) is not None and not _erased_marker(rec.get(k)):
-                rec[k] = marker
-        return json.dumps(rec, ensure_ascii=False, separators=(",", ":")) + "\n"
+    def transform_for(path: Path) -> Callable[[str], str] | None:
+        m = _DAY_FILE.match(path.name)
+        day_file = bool(m and target.is_dir())
+        if day_file and m and m[1] >= cutoff:
+            return None  # a day within the retention: nothing in it has expired
 
-    day_file_past = False
-    lock = AuditLock(target, directory=target.is_dir())
-    try:
-        for path in audit_files(target):
-            m = _DAY_FILE.match(path.name)
-            if m and target.is_dir() and m[1] >= cutoff:
-                continue  # a day within the retention: nothing in it has expired
-            day_file_past = bool(m and target.is_dir())
-            result.searched += 1
-            with lock.exclusive():
-                changed = _rewrite(path, expired, dry_run=dry_run)
-                if changed:
-                    result.records += changed
-                    result.files += 1
-    finally:
-        lock.close()
-    return result
+        def expired(line: str) -> str:
+            rec = _record_or_none(line)
+            if rec is None:  # a torn line: replaced when its file's day is past
+                return json.dumps({"unreadable": marker}) + "\n" if day_file else line
+            day = rec.get("ts")
+            if not isinstance(day, str) or day[:10] >= cutoff or not _has_content(rec):
+                return line
+            return _content_replaced(rec, marker)
+
+        return expired
+
+    return _rewrite_files(target, "expired", transform_for, dry_run=dry_run)
 
 
 def _strings(value: Any) -> Iterator[str]:
@@ -480,11 +506,6 @@ def erase(target: Path | str, *, match: str | None = None, key_id: str | None = 
         raise ValueError("give a text to match, a key id, or both")
     needle = match.casefold() if match else None
     marker = f"[ERASED {_day(time.time() if now is None else now)}]"
-    target = Path(target)
-    result = Rewrite("erased")
-    if not target.exists():
-        return result
-    lock = AuditLock(target, directory=target.is_dir())
 
     def hit(rec: dict[str, Any]) -> bool:
         content = [rec.get(k) for k in ("request", "response")
@@ -494,32 +515,14 @@ def erase(target: Path | str, *, match: str | None = None, key_id: str | None = 
         return needle is None or any(needle in s.casefold() for s in _strings(content))
 
     def erased(line: str) -> str:
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            rec = None
-        if not isinstance(rec, dict):  # a torn line: erased whole if it names the subject
+        rec = _record_or_none(line)
+        if rec is None:  # a torn line: erased whole if it names the subject
             if needle is not None and needle in line.casefold():
                 return json.dumps({"unreadable": marker}) + "\n"
             return line
-        if not hit(rec):
-            return line
-        for k in ("request", "response"):
-            if rec.get(k) is not None:
-                rec[k] = marker
-        return json.dumps(rec, ensure_ascii=False, separators=(",", ":")) + "\n"
+        return _content_replaced(rec, marker) if hit(rec) else line
 
-    try:
-        for path in audit_files(target):
-            result.searched += 1
-            with lock.exclusive():
-                changed = _rewrite(path, erased, dry_run=dry_run)
-                if changed:
-                    result.records += changed
-                    result.files += 1
-    finally:
-        lock.close()
-    return result
+    return _rewrite_files(Path(target), "erased", lambda path: erased, dry_run=dry_run)
 
 
 def _finite(literal: str) -> float:
