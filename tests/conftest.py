@@ -28,6 +28,9 @@ from souverain import offline
 os.environ["SOUVERAIN_TEST_NO_EGRESS"] = "1"
 # what the tests write (libraries, audit logs) goes to a throw-away home, never the user's
 os.environ["SOUVERAIN_HOME"] = tempfile.mkdtemp(prefix="souverain-test-home-")
+# ... and every `ServerProcess` started without a data folder of its own gets a fresh one
+# (server_utils.py): one server per data folder is the rule `souverain serve` enforces
+os.environ["SOUVERAIN_TEST_SHARED_HOME"] = os.environ["SOUVERAIN_HOME"]
 offline.force_offline()
 offline.install_socket_guard()
 

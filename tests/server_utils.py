@@ -33,8 +33,13 @@ class ServerProcess:
         self._log = open(self.log_path, "wb")
         cmd = [sys.executable, "-m", "souverain.cli", "serve", *args, "--port", str(self.port),
                "--host", "127.0.0.1"]
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, **(env or {})})
+        env = {**os.environ, **(env or {})}
+        if "--data-dir" not in args and env.get("SOUVERAIN_HOME") == env.get(
+                "SOUVERAIN_TEST_SHARED_HOME"):
+            # the test suite's shared home: each server gets its own data folder (a second
+            # server on one folder is refused), as a user running two servers must do
+            env["SOUVERAIN_HOME"] = tempfile.mkdtemp(prefix="souverain-serve-home-")
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + startup_timeout
         while True:
             if self.proc.poll() is not None:

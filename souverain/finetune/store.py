@@ -351,14 +351,16 @@ class JobStore:
             return _job(c, job_id)
 
     # -- the worker's side ------------------------------------------------------------------
-    def claim_next(self, pid: int, host: str | None = None,
-                   token: str | None = None) -> JobRecord | None:
+    def claim_next(self, pid: int, host: str | None = None, token: str | None = None,
+                   models: Iterable[str] | None = None) -> JobRecord | None:
         """Atomically take the oldest QUEUED job (-> STARTED, owned by ``host:pid``, and by
-        the worker whose `WorkerLock` is ``token``)."""
+        the worker whose `WorkerLock` is ``token``); with ``models``, only a job for one of
+        these base models (the ones its server serves: the others wait for their server)."""
         host = host or this_host()
+        where = _for_models(jobs_t.c.status == QUEUED, models)
         while True:
             with self._write() as c:
-                job_id = c.execute(sa.select(jobs_t.c.id).where(jobs_t.c.status == QUEUED)
+                job_id = c.execute(sa.select(jobs_t.c.id).where(where)
                                    .order_by(jobs_t.c.created_at, jobs_t.c.id).limit(1)
                                    ).scalar()
                 if job_id is None:
@@ -406,16 +408,19 @@ class JobStore:
             _event(c, job_id, "checkpoint", {"step": step, **metrics})
 
     def orphans(self, *, stale_after: float, host: str | None = None,
-                pid_alive: Callable[[int], bool] | None = None) -> list[JobRecord]:
+                pid_alive: Callable[[int], bool] | None = None,
+                models: Iterable[str] | None = None) -> list[JobRecord]:
         """Jobs a worker holds whose worker is gone: it released the job (stopped while
         training); its `WorkerLock` under this data folder is free (the process ended: a
         crash, kill -9, a reboot, a new container; pid reuse cannot fool it); without a lock
-        file, its pid is dead on this host; or its heartbeat is older than ``stale_after``."""
+        file, its pid is dead on this host; or its heartbeat is older than ``stale_after``.
+        With ``models``, only jobs for these base models."""
         host = host or this_host()
         alive = pid_alive or _pid_alive
         now = time.time()
         with self._read() as c:
-            rows = c.execute(jobs_t.select().where(jobs_t.c.status.in_(HELD))
+            rows = c.execute(jobs_t.select().where(_for_models(jobs_t.c.status.in_(HELD),
+                                                               models))
                              .order_by(jobs_t.c.created_at)).mappings().all()
         out = []
         for r in rows:
@@ -504,6 +509,11 @@ def _busy_as_error() -> Iterator[None]:
             raise
         raise Busy("The jobs database is busy (another process holds its write lock); "
                    "try again in a few seconds.") from None
+
+
+def _for_models(cond: Any, models: Iterable[str] | None) -> Any:
+    """``cond``, and the job's base model among ``models`` when given (None: any model)."""
+    return cond if models is None else sa.and_(cond, jobs_t.c.model.in_(list(models)))
 
 
 def _job(c: Connection, job_id: str) -> JobRecord:

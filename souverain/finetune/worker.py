@@ -6,7 +6,9 @@
 never competes with the event loop that serves requests, and uses few threads (1 by default)
 when it shares the machine with serving.
 
-One job at a time: claim the oldest QUEUED job (atomic), VALIDATING (``validate_file`` on every
+One job at a time: claim the oldest QUEUED job (atomic) for a model its server serves
+(``--model NAME``, repeatable; a job for another model waits QUEUED for a server that serves
+it, when several servers share one ``--jobs-db``), VALIDATING (``validate_file`` on every
 file; errors -> FAILED_VALIDATION naming file and line), VALIDATED (stop here when the job was
 created with ``auto_start=false``), RUNNING (``run_training``: events, checkpoint rows and a
 heartbeat go to the store; a cancel request stops it at the next step), then SUCCESS (with
@@ -35,7 +37,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -78,6 +80,9 @@ class WorkerConfig:
     max_resumes: int = 3  # unclean stops (crash, kill) of one job before it is FAILED
     parent_pid: int | None = None  # stop when this process is gone (the server)
     step_event_every_s: float = 2.0  # training-step events stored at most this often
+    # the base models (served names) whose jobs this worker takes; None: any job. A server's
+    # worker takes only jobs for the models that server serves
+    models: tuple[str, ...] | None = None
 
 
 class Worker:
@@ -109,8 +114,10 @@ class Worker:
         if self.config.parent_pid is not None:
             threading.Thread(target=self._watch_parent, name="souverain-ft-parent",
                              daemon=True).start()
-        log.info("fine-tuning worker %s:%d ready (threads=%s, database %s)", self.host,
-                 self.pid, self.config.threads, safe_url(self.store.url))
+        models = self.config.models
+        log.info("fine-tuning worker %s:%d ready (threads=%s, database %s, jobs for %s)",
+                 self.host, self.pid, self.config.threads, safe_url(self.store.url),
+                 ", ".join(models) if models is not None else "any model")
         while not self.stopping.is_set():
             try:
                 if not self.run_once():
@@ -126,7 +133,7 @@ class Worker:
         did = self.recover()
         if self.stopping.is_set():
             return did
-        job = self.store.claim_next(self.pid, self.host, self.token)
+        job = self.store.claim_next(self.pid, self.host, self.token, self.config.models)
         if job is None:
             return did
         self.process(job)
@@ -143,7 +150,8 @@ class Worker:
     def recover(self) -> bool:
         """Adopt every job whose worker is gone: requeue, cancel, resume or fail it."""
         did = False
-        for job in self.store.orphans(stale_after=self.config.stale_after_s, host=self.host):
+        for job in self.store.orphans(stale_after=self.config.stale_after_s, host=self.host,
+                                      models=self.config.models):
             if self.stopping.is_set():
                 break
             if self._mine(job):
@@ -430,6 +438,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-resumes", type=int, default=3)
     p.add_argument("--parent-pid", type=int, default=None,
                    help="Stop when this process (the server) is gone.")
+    p.add_argument("--model", action="append", dest="models", default=None, metavar="NAME",
+                   help="Take only jobs for this base model (a served model name; "
+                        "repeatable). Default: any job.")
     p.add_argument("--log-level", default="info")
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
@@ -438,7 +449,8 @@ def main(argv: list[str] | None = None) -> int:
     worker = Worker(store, WorkerConfig(threads=args.threads or None, poll_s=args.poll,
                                         stale_after_s=args.stale_after,
                                         max_resumes=args.max_resumes,
-                                        parent_pid=args.parent_pid))
+                                        parent_pid=args.parent_pid,
+                                        models=tuple(args.models) if args.models else None))
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: worker.stop())
     worker.run()
@@ -450,8 +462,9 @@ class WorkerProcess:
     """The worker as a child process of the server: started and stopped with it."""
 
     def __init__(self, db_url: str, data_dir: Path | None, threads: int | None = 1,
-                 log_level: str = "info"):
+                 log_level: str = "info", models: Iterable[str] | None = None):
         self.db_url, self.data_dir, self.threads = db_url, data_dir, threads
+        self.models = list(models) if models is not None else None
         self.log_level = log_level
         self.proc: Any = None
 
@@ -463,6 +476,8 @@ class WorkerProcess:
                "--log-level", self.log_level]
         if self.data_dir is not None:
             cmd += ["--data-dir", str(self.data_dir)]
+        for name in self.models or ():
+            cmd += ["--model", name]
         # its own session: a Ctrl-C on the terminal reaches the server, which stops the worker
         # in order (training stops at a step boundary) instead of killing it mid-write
         self.proc = subprocess.Popen(cmd, start_new_session=True)
