@@ -65,6 +65,8 @@ class _Request:
             finished=self.finished,
             metrics=self.metrics,
             num_cached_tokens=self.seqs[0].num_cached,
+            prompt_logprobs=(None if self.seqs[0].prompt_logprobs is None
+                             else list(self.seqs[0].prompt_logprobs)),
         )
 
 
@@ -252,6 +254,7 @@ class LLMEngine:
         outputs."""
         t = now()
         self._commit_computed(scheduled)
+        self.runner.record_prompt_logprobs(batch)
         if not batch.sampling:
             return []
         tokens, logprobs = self.runner.sample(batch, logits)

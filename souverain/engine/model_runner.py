@@ -11,7 +11,7 @@ slots each sequence may use) and the outputs.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -46,6 +46,11 @@ class StepBatch:
     logits_indices: torch.Tensor  # (S,) flat row of each sampling sequence's last token
     sampling: list[Sequence]  # the S sequences that sample this step, in logits order
     lora_rows: dict[int, list[int]]  # adapter slot -> its flat rows (the other rows: base)
+    # prompt logprobs: the flat rows whose logits score the next prompt token, and for each
+    # row the sequence and the position of the token it scores
+    prompt_rows: torch.Tensor | None = None
+    prompt_targets: list[tuple[Sequence, int]] = field(default_factory=list)
+    prompt_logits: torch.Tensor | None = None  # (len(prompt_targets), vocab), set by `run`
 
 
 class ModelRunner:
@@ -94,11 +99,19 @@ class ModelRunner:
         sampling: list[Sequence] = []
         rows: list[int] = []
         lora_rows: dict[int, list[int]] = {}
+        prompt_rows: list[int] = []
+        targets: list[tuple[Sequence, int]] = []
         for item in scheduled:
             seq, n, c = item.seq, item.num_new, item.seq.num_computed
             if seq.lora is not None:
                 lora_rows.setdefault(seq.lora.slot, []).extend(range(len(tokens),
                                                                      len(tokens) + n))
+            if seq.needs_prompt_logprobs:  # row p scores prompt token p + 1
+                assert seq.prompt_logprobs is not None
+                first = max(c, len(seq.prompt_logprobs) - 1)
+                for p in range(first, min(c + n, seq.num_prompt_tokens - 1)):
+                    prompt_rows.append(len(tokens) + p - c)
+                    targets.append((seq, p + 1))
             tokens.extend(seq.token_ids[c:c + n])
             positions.extend(range(c, c + n))
             slices.append(SeqSlice(c, n, seq.block_table, seq.num_prompt_tokens))
@@ -112,16 +125,25 @@ class ModelRunner:
                 positions=torch.tensor(positions, dtype=torch.long, device=device),
                 attn=PagedAttention(self.cache, slices, device),
                 logits_indices=torch.tensor(rows, dtype=torch.long, device=device),
-                sampling=sampling, lora_rows=lora_rows)
+                sampling=sampling, lora_rows=lora_rows,
+                prompt_rows=(torch.tensor(prompt_rows, dtype=torch.long, device=device)
+                             if prompt_rows else None),
+                prompt_targets=targets)
 
     def run(self, batch: StepBatch) -> torch.Tensor:
         """One forward over the whole batch: every new token's K/V written to its slot;
-        returns the float32 logits of the sampling rows, ``(S, vocab)``."""
+        returns the float32 logits of the sampling rows, ``(S, vocab)``. Prompt-logprob rows
+        go through the head in a call of their own (`batch.prompt_logits`), so the sampling
+        rows' logits are computed exactly as without them."""
         with self.lora_lock, torch.inference_mode():
             self.loras.begin_step(batch.lora_rows, len(batch.token_ids))
             try:
-                return self.model(batch.token_ids, batch.positions, batch.attn,
-                                  logits_indices=batch.logits_indices)
+                if batch.prompt_rows is None:
+                    return self.model(batch.token_ids, batch.positions, batch.attn,
+                                      logits_indices=batch.logits_indices)
+                h = self.model.hidden(batch.token_ids, batch.positions, batch.attn)
+                batch.prompt_logits = self.model.head(h.index_select(0, batch.prompt_rows))
+                return self.model.head(h.index_select(0, batch.logits_indices))
             finally:
                 self.loras.end_step()
 
@@ -138,6 +160,25 @@ class ModelRunner:
             SamplingRow(seq.params, seq.generator, seq.prompt_token_ids, seq.output_token_ids)
             for seq in batch.sampling
         ])
+
+    @staticmethod
+    def record_prompt_logprobs(batch: StepBatch) -> None:
+        """Each scored prompt token's logprob (log_softmax of the float32 logits, as
+        `sample_batch` reports generated tokens') and its sequence's top-k."""
+        if batch.prompt_logits is None:
+            return
+        with torch.inference_mode():
+            lps = torch.log_softmax(batch.prompt_logits.float(), dim=-1).cpu()
+            ks = [seq.params.prompt_logprobs or 0 for seq, _ in batch.prompt_targets]
+            k_max = max(ks)
+            top_v, top_i = (lps.topk(k_max, dim=-1) if k_max else (None, None))
+            ids = torch.tensor([seq.token_ids[p] for seq, p in batch.prompt_targets])
+            chosen = lps.gather(1, ids.unsqueeze(1)).squeeze(1).tolist()
+        for r, ((seq, p), k) in enumerate(zip(batch.prompt_targets, ks)):
+            assert seq.prompt_logprobs is not None and len(seq.prompt_logprobs) == p
+            top = ([] if top_v is None or top_i is None else
+                   list(zip(top_i[r, :k].tolist(), top_v[r, :k].tolist())))
+            seq.prompt_logprobs.append(TokenLogprob(seq.token_ids[p], chosen[r], top))
 
     # -- outside the steps -------------------------------------------------------------------
     def prompt_logits(self, token_ids: list[int], lora: str | None = None) -> torch.Tensor:

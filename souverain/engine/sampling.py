@@ -59,6 +59,9 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     logits_processors: list[LogitsProcessor] = field(default_factory=list)
+    # k: each prompt token after the first gets its logprob and the k most likely tokens
+    # (`RequestOutput.prompt_logprobs`); such a request bypasses the prefix cache
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if self.stop is None:
@@ -120,6 +123,10 @@ class SamplingParams:
             fail(f"logprobs={self.logprobs!r} must be true or false")
         if not (_is_int(self.top_logprobs) and 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS):
             fail(f"top_logprobs={self.top_logprobs!r} must be an integer in "
+                 f"[0, {MAX_TOP_LOGPROBS}]")
+        if self.prompt_logprobs is not None and not (
+                _is_int(self.prompt_logprobs) and 0 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS):
+            fail(f"prompt_logprobs={self.prompt_logprobs!r} must be None or an integer in "
                  f"[0, {MAX_TOP_LOGPROBS}]")
         if not all(callable(f) for f in self.logits_processors):
             fail("logits_processors must be callables (ids, logits row) -> logits row")

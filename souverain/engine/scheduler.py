@@ -67,7 +67,8 @@ class Scheduler:
         # 2. waiting sequences, first come first served
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            if not seq.block_table:
+            # a cached prefix has no logits: a request for prompt logprobs computes its prompt
+            if not seq.block_table and not seq.needs_prompt_logprobs:
                 seq.num_cached = self.blocks.match_prefix(seq)
                 seq.num_computed = seq.num_cached
             n = min(seq.num_tokens - seq.num_computed, budget)

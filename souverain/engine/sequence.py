@@ -66,6 +66,9 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    # with `SamplingParams.prompt_logprobs`: one per prompt token (the first is None), once
+    # the whole prompt is computed; else None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     @property
     def text(self) -> str:
@@ -107,6 +110,10 @@ class Sequence:
         self.num_cached = 0  # prompt tokens found in the prefix cache at admission
         self.block_table: list[int] = []  # -1 marks a block freed because it left the window
         self.output = CompletionOutput(index=index, logprobs=[] if params.logprobs else None)
+        # the prompt's logprobs so far (sample 0 of a request that asks for them); the first
+        # prompt token has none
+        self.prompt_logprobs: list[TokenLogprob | None] | None = (
+            [None] if params.prompt_logprobs is not None and index == 0 else None)
         self.held_text = ""  # text withheld because it may be the start of a stop string
         self.arrival_time = arrival_time
         self.lora = lora  # the adapter it generates with (None: base); kept over preemption
@@ -120,6 +127,12 @@ class Sequence:
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """It asked for prompt logprobs and some are not computed yet."""
+        return (self.prompt_logprobs is not None
+                and len(self.prompt_logprobs) < len(self.prompt_token_ids))
 
     @property
     def output_token_ids(self) -> list[int]:

@@ -189,14 +189,24 @@ class Transformer(nn.Module):
         attn: AttentionBackend | None = None,  # None: one whole prompt starting at 0
         logits_indices: torch.Tensor | None = None,  # rows of T to compute logits for
     ) -> torch.Tensor:  # (len(logits_indices) or T, vocab) float32
+        h = self.hidden(tokens, positions, attn)
+        if logits_indices is not None:
+            h = h.index_select(0, logits_indices)
+        return self.head(h)
+
+    def hidden(self, tokens: torch.Tensor, positions: torch.Tensor,
+               attn: AttentionBackend | None = None) -> torch.Tensor:
+        """The last layer's output of every token, ``(T, dim)`` (before the final norm)."""
         if attn is None:
             attn = PrefillAttention([tokens.shape[0]])
         h = self.tok_embeddings(tokens)  # (T, dim)
         rope = self.rotary.factors(positions)
         for layer in self.layers:
             h = layer(h, rope, attn)
-        if logits_indices is not None:
-            h = h.index_select(0, logits_indices)
+        return h
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm + output head over rows of `hidden`: float32 ``(rows, vocab)``."""
         h = self.norm(h)
         if self.output is None:  # tied: the embedding matrix is the head
             return F.linear(h, self.tok_embeddings.weight).float()

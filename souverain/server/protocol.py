@@ -365,3 +365,62 @@ class ErrorBody(BaseModel):
 class Health(BaseModel):
     status: Literal["ok", "draining"]
     models: dict[str, str] = Field(description="model id -> loaded | not loaded")
+
+
+# -- legacy completions (OpenAI) ------------------------------------------------------------
+
+class CompletionRequest(_Request):
+    """OpenAI's legacy ``POST /v1/completions`` (what lm-evaluation-harness's
+    ``local-completions`` sends): raw prompts, no chat template."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "model": "mistral-small-latest", "prompt": "The capital of France is",
+        "max_tokens": 1, "echo": True, "logprobs": 1, "temperature": 0}]})
+
+    model: str = Field(description="A model id from GET /v1/models.")
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(description=(
+        "A string, a list of strings, token ids, or a list of token-id lists: one completion "
+        "(or n) per prompt. Strings are encoded as the model's tokenizer does, with BOS; token "
+        "ids are taken as given."))
+    suffix: str | None = Field(default=None, description="Only null/empty here.")
+    max_tokens: int | None = Field(default=16, ge=0, le=MAX_INT, description=(
+        "Default 16; 0 only with echo (score the prompt). Prompt + max_tokens over the "
+        "context is a 400, never a truncation."))
+    echo: bool = Field(default=False, description="Return the prompt before the completion "
+                                                  "(with its tokens' logprobs if asked).")
+    logprobs: int | None = Field(default=None, ge=0, le=20, description=(
+        "Logprobs of each returned token and of its `logprobs` most likely alternatives."))
+    temperature: float | None = Field(default=None, ge=0, le=2, description=(
+        "Default: the model's default_model_temperature (GET /v1/models/{id})."))
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    stop: str | list[str] | None = None
+    n: int | None = Field(default=None, ge=1, le=MAX_N)
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    user: str | None = Field(default=None, description="Accepted, not stored.")
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo | None = None
