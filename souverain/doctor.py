@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from souverain import offline
-from souverain.paths import audit_dir, data_home, kernels_dir, libraries_dir
+from souverain.paths import audit_dir, data_home, kernels_dir, libraries_dir, server_holding
 
 PROXIES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "FTP_PROXY")
 PACKAGES = ("souverain", "torch", "transformers", "tokenizers", "sentence-transformers",
@@ -126,7 +126,27 @@ def egress_findings(env: dict[str, str] | None = None, *,
     out.append(Finding("`souverain serve` bind address",
                        "127.0.0.1 by default (--host to change it)", False))
     out.append(Finding("`souverain serve` API keys", _keys_state(api_keys_file), False))
+    out.append(_docs_finding())
     return out
+
+
+def _docs_finding() -> Finding:
+    """Where the browser page /docs loads Swagger UI from: this server (never a CDN)."""
+    name = "`souverain serve` /docs (Swagger UI in the browser)"
+    from souverain.server.docs import ASSETS, swagger_ui_dir
+
+    try:
+        folder = swagger_ui_dir()
+    except ImportError:
+        return Finding(name, "Swagger UI's files are missing: /docs cannot load", False,
+                       "Reinstall souverain (pip install swagger-ui-bundle).")
+    missing = [n for n in ASSETS if not (folder / n).is_file()]
+    if missing:
+        return Finding(name, f"{', '.join(missing)} missing from {folder}: /docs cannot load",
+                       False, "Reinstall souverain (pip install --force-reinstall "
+                              "swagger-ui-bundle).")
+    return Finding(name, f"local: its JavaScript, CSS and icons are served from {folder}; "
+                         "no CDN, no validator badge; /redoc off", False)
 
 
 def _keys_state(path: str | None) -> str:
@@ -174,7 +194,9 @@ def data_dirs() -> list[dict[str, Any]]:
 
     from souverain.rag.embed import bundled_model_path
 
-    rows = [("data home ($SOUVERAIN_HOME)", data_home(), "writes"),
+    server = server_holding()  # a running `souverain serve` holds the data home's lock
+    rows = [("data home ($SOUVERAIN_HOME)", data_home(),
+             f"writes · in use by a server ({server})" if server else "writes"),
             ("document libraries", libraries_dir(), "writes"),
             ("audit logs", audit_dir(), "writes"),
             ("compiled CPU kernels ($SOUVERAIN_CACHE)", kernels_dir(), "writes"),

@@ -6,6 +6,8 @@ never importing torch, the engine, FastAPI or the RAG stack."""
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import re
 import subprocess
 import sys
@@ -175,3 +177,60 @@ def test_keys_revoke_unknown_name(tmp_path: Path) -> None:
 def test_keys_revoke_missing_file(tmp_path: Path) -> None:
     line = one_sentence_error(invoke("keys", "revoke", str(tmp_path / "nope.txt"), "alice"))
     assert "does not exist" in line
+
+
+# -- output to a pipe -----------------------------------------------------------------------------
+def _long_dir(tmp_path: Path) -> Path:
+    path = tmp_path / ("a-folder-name-long-enough-to-overflow-eighty-columns-" * 3) / "data"
+    path.mkdir(parents=True)
+    return path
+
+
+def _piped(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`souverain ARGS...` with stdout and stderr to pipes, no terminal, no COLUMNS."""
+    clean = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    return subprocess.run([sys.executable, "-m", "souverain.cli", *args], capture_output=True,
+                          text=True, timeout=300, check=False, stdin=subprocess.DEVNULL,
+                          env={**clean, **(env or {})})
+
+
+def test_piped_tables_keep_whole_paths(tmp_path: Path) -> None:
+    home = _long_dir(tmp_path)
+    assert len(str(home)) > 200
+    r = _piped("doctor", env={"SOUVERAIN_HOME": str(home)})
+    assert r.returncode in (0, 1), r.stderr
+    rows = [line for line in r.stdout.splitlines() if "document libraries" in line
+            and "writes" in line]  # the data table's row
+    assert len(rows) == 1 and str(home / "libraries") in rows[0], r.stdout
+    # COLUMNS still sets a width (rich then wraps the cell over lines)
+    narrow = _piped("doctor", env={"SOUVERAIN_HOME": str(home), "COLUMNS": "80"})
+    assert str(home / "libraries") not in narrow.stdout
+    assert max(map(len, narrow.stdout.splitlines())) <= 80
+
+
+def test_piped_finetune_validate_table_keeps_the_path(tmp_path: Path) -> None:
+    data = _long_dir(tmp_path) / "train.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "Hi"},
+                                             {"role": "assistant", "content": "Hello!"}]})
+                    + "\n")
+    r = _piped("finetune", "validate", str(data), "--no-estimate")
+    assert r.returncode == 0, r.stderr
+    row = [line for line in r.stdout.splitlines() if "train.jsonl" in line]
+    assert len(row) == 1 and str(data) in row[0], r.stdout
+
+
+def test_library_commands_show_no_third_party_progress_bar(tmp_path: Path) -> None:
+    """transformers' tqdm ``Loading weights`` bar (drawn whenever the embedder loads) never
+    reaches souverain's output."""
+    doc = tmp_path / "paris.txt"
+    doc.write_text("The capital of France is Paris. It lies on the Seine.\n")
+    home = {"SOUVERAIN_HOME": str(tmp_path / "home")}
+    runs = [("library", "create", "geo"), ("library", "add", "geo", str(doc)),
+            ("library", "search", "geo", "capital of France")]
+    for args in runs:
+        r = _piped(*args, env=home)
+        assert r.returncode == 0, (args, r.stderr)
+        both = r.stdout + r.stderr
+        assert "Loading weights" not in both and "it/s]" not in both, (args, both)
+        assert not re.search(r"\d+%\|", both), (args, both)
+    assert "paris.txt" in r.stdout and "capital of France is Paris" in r.stdout

@@ -12,14 +12,36 @@ import contextlib
 from collections.abc import Iterator
 
 import typer
-from rich.console import Console
+from rich.console import Console, ConsoleDimensions
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from souverain.errors import SouverainError
 from souverain.weights.registry import DEFAULT_MODEL
 
-err = Console(stderr=True, highlight=False, soft_wrap=True)  # an error stays one line
-out = Console(highlight=False)
+PIPED_WIDTH = 100_000
+"""The width of a console whose output is not a terminal (and COLUMNS unset): wide enough
+that no table cell or line is ever wrapped or cut, so that piped output keeps whole paths."""
+
+
+class _Console(Console):
+    """rich's console, except that output to a pipe or a file is not wrapped at 80 columns
+    (rich's default when it finds no terminal, or the width of the terminal that stdin is).
+    Tables are as wide as their content; COLUMNS still sets a width."""
+
+    @property
+    def size(self) -> ConsoleDimensions:
+        dims = super().size
+        if self._width is None and not self.is_terminal and "COLUMNS" not in self._environ:
+            return ConsoleDimensions(PIPED_WIDTH, dims.height)
+        return dims
+
+    @size.setter
+    def size(self, new_size: tuple[int, int]) -> None:
+        self._width, self._height = new_size
+
+
+err = _Console(stderr=True, highlight=False, soft_wrap=True)  # an error stays one line
+out = _Console(highlight=False)
 
 ModelArg = typer.Argument(DEFAULT_MODEL, help="Alias, .gguf file or model folder.",
                           show_default=True)

@@ -30,6 +30,7 @@ from souverain.errors import SouverainError
 if TYPE_CHECKING:
     from souverain.audit import AuditLog
     from souverain.engine.config import EngineConfig
+    from souverain.paths import DataDirLock
     from souverain.server.app import ServerConfig
     from souverain.server.registry import ModelRegistry, ServedModel
 
@@ -63,8 +64,9 @@ MaxUploadOpt = typer.Option(
     100.0, "--max-upload-mib", min=0.001,
     help="Largest document upload to a library (413 above).")
 DataDirOpt = typer.Option(
-    None, "--data-dir", help="Where document libraries (and the audit log) are kept "
-                             "(default: $SOUVERAIN_HOME or ~/.local/share/souverain).")
+    None, "--data-dir", help="Where document libraries, fine-tuning files and runs (and the "
+                             "audit log) are kept; one server per folder (default: "
+                             "$SOUVERAIN_HOME or ~/.local/share/souverain).")
 LibrariesOpt = typer.Option(
     True, "--libraries/--no-libraries",
     help="Serve the Libraries API and the document_library chat tool.")
@@ -75,7 +77,9 @@ FinetuneOpt = typer.Option(
 JobsDbOpt = typer.Option(
     None, "--jobs-db", help="Fine-tuning jobs database: sqlite:///PATH (default: "
                             "DATA_DIR/finetune/jobs.sqlite) or "
-                            "postgresql+psycopg://USER:PASS@HOST/DB.")
+                            "postgresql+psycopg://USER:PASS@HOST/DB. Servers sharing one "
+                            "(each with its own --data-dir) each run the jobs of the models "
+                            "they serve.")
 MaxFileOpt = typer.Option(
     512.0, "--max-file-mib", min=0.001, help="Largest POST /v1/files upload (413 above).")
 MaxJsonlLineOpt = typer.Option(
@@ -165,6 +169,24 @@ def _audit_log(on: bool, path: str | None, content: bool,
         raise SouverainError(f"Cannot open the audit log ({exc.strerror}: {exc.filename}); "
                              "give a writable --audit-log PATH or --data-dir, or --no-audit."
                              ) from None
+
+
+def hold_data_dir(data_dir: str | None, host: str, port: int, *, libraries: bool,
+                  finetune: bool, audit: bool) -> DataDirLock | None:
+    """The data folder's `DataDirLock` when this server writes there (libraries, fine-tuning
+    files and runs, the audit log); a second server on it fails here with one sentence."""
+    from souverain.paths import DataDirInUse, DataDirLock
+
+    if not (libraries or finetune or audit):
+        return None
+    root = Path(data_dir).expanduser() if data_dir else None
+    try:
+        return DataDirLock(root, url=f"http://{host}:{port}")
+    except DataDirInUse as exc:
+        raise SouverainError(str(exc)) from None
+    except OSError as exc:
+        raise SouverainError(f"Cannot write to the data folder ({exc.strerror}: "
+                             f"{exc.filename}); give a writable --data-dir.") from None
 
 
 def server_config(*, api_keys_file: str | None, insecure_no_auth: bool, max_pending: int,
@@ -296,6 +318,10 @@ def serve(
       souverain serve --model codestral=/models/codestral.gguf --lazy --memory-budget-gib 12
     """
     with user_errors():
+        # one server per data folder, checked before anything is imported or loaded (held
+        # until exit)
+        lock = hold_data_dir(data_dir, host, port, libraries=libraries, finetune=finetune,
+                             audit=audit and not audit_log)
         from souverain.engine.config import EngineConfig
         from souverain.server.app import create_app
         from souverain.server.registry import ModelRegistry
@@ -325,3 +351,5 @@ def serve(
         app = create_app(registry, config)
         announce(served, host, port, config, api_keys_file)
         run_uvicorn(app, host, port, log_level)
+        if lock is not None:
+            lock.release()

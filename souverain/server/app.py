@@ -31,6 +31,7 @@ from souverain.finetune.worker import WorkerProcess
 from souverain.paths import libraries_dir
 from souverain.server.auth import APIKeys
 from souverain.server.chat_service import ChatService
+from souverain.server.docs import install_docs
 from souverain.server.embeddings import EmbeddingService
 from souverain.server.errors import in_thread, install_error_handlers
 from souverain.server.libraries import LibraryService
@@ -39,7 +40,15 @@ from souverain.server.middleware import BodyLimit, JSONBodyCheck, KeyInURL, Requ
 from souverain.server.openapi import install_openapi
 from souverain.server.ratelimit import AdmissionQueue, RateLimiter
 from souverain.server.registry import ModelRegistry, ServedModel
-from souverain.server.routers import chat, embeddings, files, health, libraries, models
+from souverain.server.routers import (
+    chat,
+    completions,
+    embeddings,
+    files,
+    health,
+    libraries,
+    models,
+)
 
 MiB = 1 << 20
 
@@ -78,10 +87,12 @@ def create_app(registry: ModelRegistry, config: ServerConfig | None = None) -> F
                      "by souverain from open-weight models on this machine. Works unchanged "
                      "with the official `mistralai` and `openai` SDKs."),
         lifespan=_lifespan,
+        docs_url=None, redoc_url=None,  # /docs from local files (server/docs.py)
     )
     _init_state(app, registry, config)
     install_error_handlers(app)
     install_openapi(app)
+    install_docs(app)
     # the last added is the outermost: audit -> metrics -> key in URL (401) -> body limit
     # (413) -> JSON body check (422) -> FastAPI
     app.add_middleware(JSONBodyCheck)
@@ -100,6 +111,7 @@ def create_app(registry: ModelRegistry, config: ServerConfig | None = None) -> F
     if config.finetune:
         app.include_router(files.router)
     app.include_router(chat.router)
+    app.include_router(completions.router)
     return app
 
 
@@ -120,7 +132,10 @@ def _init_state(app: FastAPI, registry: ModelRegistry, config: ServerConfig) -> 
     state.registry, state.config, state.metrics = registry, config, metrics
     state.admission, state.limiter = admission, limiter
     state.libraries, state.jobs = library_service, jobs
-    state.worker = (WorkerProcess(jobs.url, config.data_dir, config.finetune_threads)
+    # the worker takes only the jobs of the models served here (a shared --jobs-db holds
+    # other servers' jobs too)
+    state.worker = (WorkerProcess(jobs.url, config.data_dir, config.finetune_threads,
+                                  models=[m.name for m in registry.models])
                     if jobs is not None and config.finetune_worker else None)
     # a bad --embed-model fails here, at start-up
     state.embeddings = (EmbeddingService(config.embed_model)

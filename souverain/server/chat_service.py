@@ -239,23 +239,7 @@ class ChatService:
     # -- SSE --------------------------------------------------------------------------------
     def _stream_response(self, gen: _Generation, outputs: AsyncIterator[RequestOutput],
                          release: _Release) -> StreamingResponse:
-        stream = self._stream(gen, outputs)
-
-        async def guarded() -> AsyncIterator[bytes]:
-            try:
-                async for chunk in stream:
-                    yield chunk
-            finally:
-                await stream.aclose()
-                release()
-
-        # released when the stream ends, or by the background task if it never starts
-        response = StreamingResponse(guarded(), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache",
-                                              "X-Accel-Buffering": "no"},
-                                     background=BackgroundTask(release))
-        release.handed_over = True
-        return response
+        return sse_response(self._stream(gen, outputs), release)
 
     async def _stream(self, gen: _Generation,
                       outputs: AsyncIterator[RequestOutput]) -> AsyncGenerator[bytes, None]:
@@ -308,6 +292,26 @@ class ChatService:
         completion = sum(len(x.token_ids) for x in out.outputs)
         self._account(gen, prompt, completion)
         return chatmod.usage(prompt, completion)
+
+
+def sse_response(stream: AsyncGenerator[bytes, None], release: _Release) -> StreamingResponse:
+    """``stream`` as an SSE response; ``release`` runs once, when the stream ends, or by the
+    background task if it never starts (the handler no longer releases: handed over)."""
+
+    async def guarded() -> AsyncIterator[bytes]:
+        try:
+            async for chunk in stream:
+                yield chunk
+        finally:
+            await stream.aclose()
+            release()
+
+    response = StreamingResponse(guarded(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache",
+                                          "X-Accel-Buffering": "no"},
+                                 background=BackgroundTask(release))
+    release.handed_over = True
+    return response
 
 
 def _choice(gen: _Generation, o: CompletionOutput) -> dict[str, Any]:
