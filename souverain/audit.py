@@ -56,6 +56,7 @@ try:
 except ImportError:  # pragma: no cover - Windows: no lock, see the module docstring
     fcntl = None  # type: ignore[assignment]
 
+from souverain import strictjson
 from souverain.redact import redact, redact_json
 
 log = logging.getLogger("souverain.audit")
@@ -363,11 +364,8 @@ def prune(target: Path | str, *, older_than_days: int, now: float | None = None,
     """Delete the audit records of days older than ``older_than_days`` (UTC days before
     today - N): whole ``audit-YYYY-MM-DD.jsonl`` files in a directory; the old lines of a
     single-file log (rewritten atomically)."""
-    if older_than_days < 0:
-        raise ValueError("older_than_days must be >= 0")
+    cutoff = _cutoff(older_than_days, now)
     target = Path(target)
-    today = dt.datetime.fromtimestamp(time.time() if now is None else now, dt.timezone.utc)
-    cutoff = (today.date() - dt.timedelta(days=older_than_days)).isoformat()
     result = Rewrite("deleted")
     if not target.exists():
         return result
@@ -525,22 +523,11 @@ def erase(target: Path | str, *, match: str | None = None, key_id: str | None = 
     return _rewrite_files(Path(target), "erased", lambda path: erased, dry_run=dry_run)
 
 
-def _finite(literal: str) -> float:
-    value = float(literal)
-    if value in (float("inf"), float("-inf")) or value != value:
-        raise ValueError(f"{literal} is not a JSON number")
-    return value
-
-
-def _no_constant(literal: str) -> Any:
-    raise ValueError(f"{literal} is not JSON")
-
-
 def _redacted_body(body: bytes) -> Any:
     """The body as JSON, redacted; as redacted text when it is not strict JSON (a refused
     body: not UTF-8, NaN, too deep to parse), so that the log line stays strict JSON."""
     try:
-        return redact_json(json.loads(body, parse_float=_finite, parse_constant=_no_constant))
+        return redact_json(strictjson.loads(body))
     except (ValueError, RecursionError):
         return redact(body.decode("utf-8", errors="replace"))
 

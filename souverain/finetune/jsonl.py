@@ -20,10 +20,11 @@ sentence without it; nothing else escapes (no `RecursionError`, no `StopIteratio
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections.abc import Iterator
 from typing import IO, Any
+
+from souverain import strictjson
 
 MAX_DEPTH = 100  # arrays/objects inside each other; tool schemas nest a few levels
 DEFAULT_MAX_LINE_BYTES = 1 << 20  # the server's default per-line limit at upload (1 MiB)
@@ -74,7 +75,7 @@ def parse(line: bytes, n: int) -> Any:
         raise JSONLError(n, f"is not UTF-8 text ({exc.reason} at byte {exc.start + 1} of the "
                             "line); save the file as UTF-8") from None
     try:
-        obj = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
+        obj = strictjson.loads(text)
     except json.JSONDecodeError as exc:
         raise JSONLError(n, f"is not valid JSON ({exc.msg} at column {exc.colno}); a JSONL "
                             "file holds one complete JSON value per line") from None
@@ -91,17 +92,6 @@ def parse(line: bytes, n: int) -> Any:
     if problem:
         raise JSONLError(n, problem)
     return obj
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON number")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"{_short(text)} is out of the range of a 64-bit float")
-    return value
 
 
 def _walk(obj: Any, surrogates: bool) -> str | None:
@@ -132,10 +122,6 @@ def _is_text(s: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
-
-
-def _short(text: str, limit: int = 80) -> str:
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _size(n: int) -> str:
