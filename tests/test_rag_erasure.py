@@ -182,6 +182,33 @@ def test_delete_at_any_point_of_an_ingestion(service: LibraryService, stage: str
         assert store._meta.status(blocker.id) == "done"
 
 
+def test_erasure_counts_the_upload_when_the_ingestion_notices_first(
+        service: LibraryService) -> None:
+    """The race CI met: the deletion drops the row, the ingestion's next check sees it gone
+    and cleans up before the deletion removes the files. The upload is the erasure's to
+    remove, so the audit's byte count is never 0."""
+    store = service.store
+    lib = store.create_library(f"erase-race-{next(_libraries)}")
+    doc = store.register_document(lib.id, document_text("raceword", 6), "race.txt")
+    pause = Pause(doc.id, "embed", 1)
+    store.on_stage = pause
+    service.schedule(lib.id, doc.id, store)
+    try:
+        assert pause.paused.wait(WAIT), "the ingestion never reached embed"
+        store._meta.delete_document(doc.id)  # the first half of delete_document
+    finally:
+        pause.release.set()
+    nxt = store.register_document(lib.id, b"Dinner is at seven.", "dinner.txt")
+    service.schedule(lib.id, nxt.id, store)
+    wait_for("the next document done", lambda: store._meta.status(nxt.id) == "done")
+    store.on_stage = None
+    assert (store.files / doc.id).exists()  # the stopped ingestion left the upload alone
+    chunks, nbytes = store._erase([("document", doc.id, lib.id)])  # the second half
+    assert nbytes >= doc.size
+    assert leftovers(store, doc.id, "raceword") == {}
+    assert store.verify().consistent
+
+
 def test_interrupted_erasure_is_finished_at_start(tmp_path: Path) -> None:
     """A crash between the rows' deletion and the chunks' (simulated: the rows and the
     erasure record go, the chunks and files stay): the next start finishes it."""

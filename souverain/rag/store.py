@@ -399,8 +399,8 @@ class LibraryStore:
         return check
 
     def _stopped(self, doc: DocumentInfo, table: Any, deleted: bool) -> NoReturn:
-        """An ingestion stopped early. Deleted: remove whatever this run wrote (chunks, text,
-        and the bytes the deletion may have raced with) and raise `DocumentNotFound`.
+        """An ingestion stopped early. Deleted: remove whatever this run wrote (chunks, text;
+        the upload itself is the erasure's to remove and count) and raise `DocumentNotFound`.
         Interrupted: drop this run's chunks and leave the document 'todo' for the next start."""
         table.delete(f"document_id = {sql_str(doc.id)}")
         if not deleted:
@@ -409,7 +409,7 @@ class LibraryStore:
                 f"Processing of {doc.name!r} was interrupted; it is queued again at the next "
                 "start."
             )
-        self._remove_files(doc.id)
+        self._remove_files(doc.id, upload=False)
         raise self._deleted_meanwhile(doc)
 
     @staticmethod
@@ -557,11 +557,14 @@ class LibraryStore:
                  nbytes)
         return Erasure(items[0][2], docs, chunks, nbytes)
 
-    def _remove_files(self, doc_id: str) -> int:
-        """Remove a document's stored bytes and extracted text; returns the bytes removed."""
+    def _remove_files(self, doc_id: str, upload: bool = True) -> int:
+        """Remove a document's stored bytes (unless not ``upload``) and extracted text;
+        returns the bytes removed."""
         removed = 0
-        for p in (self.files / doc_id, self.files / f"{doc_id}.txt",
-                  self.files / f".{doc_id}.part"):
+        paths = [self.files / f"{doc_id}.txt"]
+        if upload:
+            paths += [self.files / doc_id, self.files / f".{doc_id}.part"]
+        for p in paths:
             try:
                 size = p.stat().st_size
                 p.unlink()
