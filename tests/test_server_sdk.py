@@ -330,3 +330,79 @@ def test_openai_logprobs_bytes_spell_the_answer(oai) -> None:
     for t in items:
         assert len(t.top_logprobs) == 2 and t.top_logprobs[0].logprob >= t.top_logprobs[1].logprob
         assert t.logprob <= 0 and abs(t.logprob - t.top_logprobs[0].logprob) < 1e-5  # greedy
+
+
+# -- structured output that always closes (issue 16, item 1) -------------------------------
+
+CITY_SCHEMA = {  # the issue's runaway: no maxLength, an unbounded integer
+    "type": "object",
+    "properties": {"name": {"type": "string"}, "country": {"type": "string"},
+                   "population": {"type": "integer"}},
+    "required": ["name", "country", "population"],
+    "additionalProperties": False,
+}
+
+
+def _city_format() -> dict:
+    return {"type": "json_schema",
+            "json_schema": {"name": "city", "schema": CITY_SCHEMA, "strict": True}}
+
+
+def _minimum_max_tokens(oai, model: str, **kwargs) -> int:
+    """The 400 for a max_tokens below the shortest valid answer names the minimum."""
+    openai = pytest.importorskip("openai")
+    with pytest.raises(openai.BadRequestError) as err:
+        oai.chat.completions.create(model=model, messages=ask("A city as JSON."), max_tokens=3,
+                                    **kwargs)
+    body = err.value.response.json()
+    assert body["param"] == "max_tokens", body
+    assert "at least" in body["message"], body
+    return int(body["message"].rsplit("at least ", 1)[1].rstrip("."))
+
+
+@pytest.mark.parametrize("model", [SMOL, TINY])
+def test_json_schema_closes_within_max_tokens(oai, model: str) -> None:
+    """From the minimum up, every answer parses and validates, never passes max_tokens, and
+    says `length` when the budget (not the model) ended it, streamed or not."""
+    minimum = _minimum_max_tokens(oai, model, response_format=_city_format())
+    assert 8 <= minimum <= 40
+    for extra, seed in ((0, 1), (3, 2), (25, 3)):
+        budget = minimum + extra
+        r = oai.chat.completions.create(
+            model=model, messages=ask("Describe Paris as JSON."), temperature=1.0, seed=seed,
+            max_tokens=budget, response_format=_city_format())
+        choice = r.choices[0]
+        jsonschema.validate(json.loads(choice.message.content), CITY_SCHEMA)
+        assert r.usage.completion_tokens <= budget
+        if r.usage.completion_tokens == budget:
+            assert choice.finish_reason == "length"
+        stream = oai.chat.completions.create(
+            model=model, messages=ask("Describe Paris as JSON."), temperature=1.0, seed=seed,
+            max_tokens=budget, response_format=_city_format(), stream=True)
+        chunks = [ch for ch in stream if ch.choices]
+        text = "".join(ch.choices[0].delta.content or "" for ch in chunks)
+        assert text == choice.message.content  # same seed, same answer
+        assert chunks[-1].choices[0].finish_reason == choice.finish_reason
+
+
+@pytest.mark.parametrize("model", [SMOL, TINY])
+def test_forced_tool_call_closes_within_max_tokens(oai, model: str) -> None:
+    """A forced call at its minimum budget: a whole call, `length` when the budget ended it,
+    and no tool-call markup in the content."""
+    tools = [{"type": "function", "function": {"name": "locate", "parameters": CITY_SCHEMA}}]
+    minimum = _minimum_max_tokens(oai, model, tools=tools, tool_choice="required")
+    for extra, seed in ((0, 4), (6, 5)):
+        budget = minimum + extra
+        r = oai.chat.completions.create(model=model, messages=ask("Where is Lyon?"),
+                                        tools=tools, tool_choice="required", temperature=1.0,
+                                        seed=seed, max_tokens=budget)
+        choice = r.choices[0]
+        assert choice.message.tool_calls, choice
+        for call in choice.message.tool_calls:
+            assert call.function.name == "locate"
+            jsonschema.validate(json.loads(call.function.arguments), CITY_SCHEMA)
+        assert "<tool_call>" not in (choice.message.content or "")
+        assert "[TOOL_CALLS]" not in (choice.message.content or "")
+        assert r.usage.completion_tokens <= budget
+        expected = "length" if r.usage.completion_tokens == budget else "tool_calls"
+        assert choice.finish_reason == expected

@@ -57,7 +57,8 @@ def json_processor(tokenizer: Tokenizer, schema: dict[str, Any] | None, *,
     body = _json_block(schema if schema is not None else {"type": "object"}, "response_format")
     lead = '" "? ' if tokenizer.dummy_prefix else ""
     grammar = f"%llguidance {{}}\nstart: {lead}value\nvalue: {body}\n"
-    return GrammarProcessor(tokenizer, grammar, vocab_size=vocab_size, what=what)
+    return GrammarProcessor(tokenizer, grammar, vocab_size=vocab_size, what=what,
+                            bound_numbers=True)
 
 
 def _check_schema(schema: Any, where: str) -> dict[str, Any]:
@@ -137,7 +138,9 @@ def tool_call_processor(tokenizer: Tokenizer, tools: list[dict[str, Any]], *, ch
         grammar = _mistral_v11_grammar(chosen, many, auto, ids)
     else:
         grammar = _mistral_list_grammar(chosen, many, auto, ids)
-    return GrammarProcessor(tokenizer, grammar, vocab_size=vocab_size, what=what)
+    # numbers are bounded where the whole answer is calls (free text may hold any number)
+    return GrammarProcessor(tokenizer, grammar, vocab_size=vocab_size, what=what,
+                            bound_numbers=not auto)
 
 
 def _functions(tools: Any) -> list[tuple[str, dict[str, Any]]]:

@@ -47,7 +47,7 @@ def ll_tokenizer(tokenizer: Tokenizer) -> llguidance.LLTokenizer:
 
 
 def _build(tokenizer: Tokenizer) -> llguidance.LLTokenizer:
-    tokens, special = _table_cached(tokenizer)
+    tokens, special = cached_token_table(tokenizer)
     special = set(special)
     eos = [i for i in dict.fromkeys(int(e) for e in tokenizer.eos_ids) if 0 <= i < len(tokens)]
     special |= set(eos)
@@ -250,7 +250,7 @@ def _tokenizers_table(backend: Any) -> tuple[list[bytes], set[int]]:
 
 def token_bytes(tokenizer: Tokenizer, ids: Sequence[int]) -> bytes:
     """The bytes ``ids`` spell, special tokens omitted (what llguidance matches)."""
-    tokens, special = _table_cached(tokenizer)
+    tokens, special = cached_token_table(tokenizer)
     return b"".join(tokens[i] for i in ids if i not in special)
 
 
@@ -258,7 +258,8 @@ _tables: weakref.WeakKeyDictionary[Tokenizer, tuple[list[bytes], set[int]]] = \
     weakref.WeakKeyDictionary()
 
 
-def _table_cached(tokenizer: Tokenizer) -> tuple[list[bytes], set[int]]:
+def cached_token_table(tokenizer: Tokenizer) -> tuple[list[bytes], set[int]]:
+    """`token_table`, built once per tokenizer (do not modify what it returns)."""
     with _cache_lock:
         found = _tables.get(tokenizer)
         if found is None:

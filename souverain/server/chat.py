@@ -236,8 +236,33 @@ def plan_chat(body: ChatCompletionRequest, tok: Tokenizer, *, vocab_size: int,
                        max_model_len=max_model_len, processors=processors, n=body.n or 1,
                        logprobs=bool(body.logprobs), top_logprobs=body.top_logprobs or 0,
                        extra=_penalties(body))
+    _budget_grammars(params, asked=body.max_tokens is not None
+                     or body.max_completion_tokens is not None)
     return ChatPlan(ids, params, tools_active=tools_active, forced_tools=forced,
                     native_tools=native_id is not None, tool_calls_id=native_id, prefix=prefix)
+
+
+def _budget_grammars(params: SamplingParams, asked: bool) -> None:
+    """Give each grammar its token budget, so that it closes the answer in time (valid JSON,
+    whole tool calls, even when max_tokens ends it); a budget below the shortest answer the
+    grammar can guarantee is a 400 that names the minimum."""
+    from souverain.grammar import GrammarProcessor
+
+    budget = params.max_tokens
+    for proc in params.logits_processors:
+        if not isinstance(proc, GrammarProcessor) or budget is None:
+            continue
+        shortest = proc.shortest
+        if shortest is not None and shortest > budget:
+            if asked:
+                raise APIError(400, f"max_tokens={budget} is below the shortest answer the "
+                                    f"{proc.what} allows ({shortest} tokens); raise max_tokens "
+                                    f"to at least {shortest}.", param="max_tokens")
+            raise APIError(400, f"Only {budget} tokens of the model's context are left for the "
+                                f"answer, below the shortest answer the {proc.what} allows "
+                                f"({shortest} tokens); shorten the conversation.",
+                           param="messages", code="context_length_exceeded")
+        proc.budget = budget
 
 
 def _refuse_unsupported(body: ChatCompletionRequest) -> None:
@@ -409,21 +434,30 @@ def streamable_text(plan: ChatPlan, out: CompletionOutput) -> str:
 
 def final_message(plan: ChatPlan, out: CompletionOutput,
                   tok: Tokenizer) -> tuple[str, list[dict], str]:
-    """(content, tool_calls, finish_reason) of a finished choice."""
+    """(content, tool_calls, finish_reason) of a finished choice.
+
+    The finish reason is the engine's whenever the budget ended the answer (``length``), even
+    with calls; ``tool_calls`` only when the model ended it after whole calls. Tool-call
+    markup never reaches the content: a call that does not parse (cut where no grammar
+    steered it) is dropped with everything after its tag."""
     calls: list[dict] = []
     content = out.text
     if plan.tools_active:
         ids = list(out.token_ids)
         text, calls = tok.parse_tool_calls(ids)
-        if calls:
-            if plan.native_tools:
+        if plan.native_tools:
+            if plan.tool_calls_id in ids:
+                content = text if calls else tok.decode(ids[:ids.index(plan.tool_calls_id)])
+        else:
+            i = out.text.find(TAG_OPEN)
+            if i >= 0:
+                content = out.text[:i]
+            elif calls:
                 content = text
-            else:
-                i = out.text.find(TAG_OPEN)
-                content = out.text[:i] if i >= 0 else text
         for j, c in enumerate(calls):
             c["index"] = j
-    reason = "tool_calls" if calls else FINISH.get(out.finish_reason or "stop", "stop")
+    engine = FINISH.get(out.finish_reason or "stop", "stop")
+    reason = "tool_calls" if calls and engine == "stop" else engine
     return plan.prefix + content.rstrip() if calls else plan.prefix + content, calls, reason
 
 
@@ -467,8 +501,8 @@ def _byte_table(tok: Tokenizer | None) -> list[bytes] | None:
     if tok is None:
         return None
     try:
-        from souverain.grammar.vocab import _table_cached
+        from souverain.grammar.vocab import cached_token_table
 
-        return _table_cached(tok)[0]
+        return cached_token_table(tok)[0]
     except Exception:
         return None
