@@ -6,6 +6,8 @@
   audit.py     audit erase|prune (the audit log: a subject's content, retention)
   library.py   library create|list|add|search|docs|remove|delete
   finetune.py  finetune validate|run|merge
+  batch.py     batch run (a file of batch requests, offline, at full batch)
+  eval.py      eval moderation (evaluation suites over a server's API)
   doctor.py    doctor (egress, data folders, versions)
   bench        `souverain.bench.command.bench_app`, registered here
   common.py    consoles, shared options, `user_errors` (user error -> one sentence, exit 2)
@@ -21,7 +23,9 @@ import typer
 
 from souverain.bench.command import bench_app
 from souverain.cli.audit import audit_app
+from souverain.cli.batch import batch_app
 from souverain.cli.doctor import doctor
+from souverain.cli.eval import eval_app
 from souverain.cli.finetune import finetune_app
 from souverain.cli.keys import keys_app
 from souverain.cli.library import library_app
@@ -56,6 +60,8 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(audit_app, name="audit")
 app.add_typer(library_app, name="library")
 app.add_typer(finetune_app, name="finetune")
+app.add_typer(batch_app, name="batch")
+app.add_typer(eval_app, name="eval")
 
 
 def main() -> None:

@@ -89,6 +89,14 @@ FinetuneThreadsOpt = typer.Option(
     1, "--finetune-threads", min=0,
     help="CPU threads the training worker uses (0 = all cores; 1 leaves the rest to "
          "serving).")
+BatchOpt = typer.Option(
+    True, "--batch/--no-batch",
+    help="Serve /v1/batch/jobs (with --finetune, which serves the files API) and run the "
+         "batch jobs of the models served here, behind interactive requests.")
+BatchConcurrencyOpt = typer.Option(
+    4, "--batch-concurrency", min=1,
+    help="Requests of a batch job in flight at once (more: faster batches, interactive "
+         "requests share the engine with more batch lines).")
 EmbedModelOpt = typer.Option(
     "souverain-embed", "--embed-model",
     help="Model of POST /v1/embeddings (served as souverain-embed, alias mistral-embed): "
@@ -197,7 +205,8 @@ def server_config(*, api_keys_file: str | None, insecure_no_auth: bool, max_pend
                   finetune: bool, jobs_db: str | None, max_file_mib: float,
                   finetune_threads: int, max_jsonl_line_kib: float = 1024.0,
                   audit_retention_days: int = 0,
-                  audit_content_retention_days: int = 30) -> ServerConfig:
+                  audit_content_retention_days: int = 30, batch: bool = True,
+                  batch_concurrency: int = 4) -> ServerConfig:
     """The flags as `ServerConfig`: MiB -> bytes, the data folder expanded, the keys file
     read, the audit log opened, ``none`` and 0 -> None."""
     from souverain.server.app import ServerConfig
@@ -216,7 +225,8 @@ def server_config(*, api_keys_file: str | None, insecure_no_auth: bool, max_pend
                         finetune=finetune, jobs_db=jobs_db,
                         max_file_bytes=int(max_file_mib * MiB),
                         max_jsonl_line_bytes=int(max_jsonl_line_kib * 1024),
-                        finetune_threads=finetune_threads or None)
+                        finetune_threads=finetune_threads or None,
+                        batch=batch, batch_concurrency=batch_concurrency)
 
 
 def load_now(registry: ModelRegistry, m: ServedModel) -> None:
@@ -287,6 +297,8 @@ def serve(
     max_file_mib: float = MaxFileOpt,
     max_jsonl_line_kib: float = MaxJsonlLineOpt,
     finetune_threads: int = FinetuneThreadsOpt,
+    batch: bool = BatchOpt,
+    batch_concurrency: int = BatchConcurrencyOpt,
     embed_model: str = EmbedModelOpt,
     audit: bool = AuditOpt,
     audit_log: str | None = AuditLogOpt,
@@ -342,7 +354,8 @@ def serve(
             audit_log=audit_log, audit_content=audit_content, finetune=finetune,
             jobs_db=jobs_db, max_file_mib=max_file_mib, finetune_threads=finetune_threads,
             max_jsonl_line_kib=max_jsonl_line_kib, audit_retention_days=audit_retention_days,
-            audit_content_retention_days=audit_content_retention_days)
+            audit_content_retention_days=audit_content_retention_days, batch=batch,
+            batch_concurrency=batch_concurrency)
         logging.basicConfig(level=log_level.upper(),
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         if not lazy:

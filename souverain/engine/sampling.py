@@ -4,10 +4,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
@@ -19,6 +21,23 @@ LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]
 MAX_TOP_LOGPROBS = 20
 GREEDY_BELOW = 1e-5  # temperatures under this are greedy (vLLM's _SAMPLING_EPS)
 _SEED_MIN, _SEED_MAX = -(1 << 63), (1 << 64) - 1  # what torch.Generator.manual_seed accepts
+
+INTERACTIVE, BATCH = 0, 1  # request priorities: lower is admitted first
+_DEFAULT_PRIORITY: ContextVar[int] = ContextVar("souverain_default_priority",
+                                                default=INTERACTIVE)
+
+
+@contextlib.contextmanager
+def default_priority(priority: int) -> Iterator[None]:
+    """`SamplingParams` made inside this block (in this task, and in the tasks and threads it
+    starts from here) get ``priority`` unless they name one. The batch runner wraps each line
+    in ``default_priority(BATCH)`` around the same service code interactive requests go
+    through, so its sequences queue behind interactive ones in the scheduler."""
+    token = _DEFAULT_PRIORITY.set(priority)
+    try:
+        yield
+    finally:
+        _DEFAULT_PRIORITY.reset(token)
 
 
 def _is_int(v: object) -> bool:
@@ -62,6 +81,10 @@ class SamplingParams:
     # k: each prompt token after the first gets its logprob and the k most likely tokens
     # (`RequestOutput.prompt_logprobs`); such a request bypasses the prefix cache
     prompt_logprobs: int | None = None
+    # the scheduler admits waiting sequences in priority order, lower first (FIFO within one
+    # priority), and preempts the highest first: INTERACTIVE (0) before BATCH (1). Default:
+    # the surrounding `default_priority` block's, else INTERACTIVE.
+    priority: int = field(default_factory=_DEFAULT_PRIORITY.get)
 
     def __post_init__(self) -> None:
         if self.stop is None:
@@ -128,6 +151,8 @@ class SamplingParams:
                 _is_int(self.prompt_logprobs) and 0 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS):
             fail(f"prompt_logprobs={self.prompt_logprobs!r} must be None or an integer in "
                  f"[0, {MAX_TOP_LOGPROBS}]")
+        if not _is_int(self.priority):
+            fail(f"priority={self.priority!r} must be an integer (lower runs first)")
         if not all(callable(f) for f in self.logits_processors):
             fail("logits_processors must be callables (ids, logits row) -> logits row")
 

@@ -4,11 +4,16 @@ Continuous batching with a per-step token budget (``max_num_batched_tokens``):
 1. Running sequences first, oldest first: a decoding sequence needs one token, a sequence
    still prefilling takes the next chunk of its prompt that fits the budget (chunked prefill,
    so a long prompt never starves the decodes running beside it).
-2. Then waiting sequences, first come first served, while budget, ``max_num_seqs`` and KV
-   blocks allow; each starts from its longest cached prefix.
-When a running sequence needs a block and none is free, the most recently admitted running
-sequence is preempted: its blocks are freed and it goes back to the front of the queue, to be
-recomputed later (its generated tokens are kept, so its output is unchanged).
+2. Then waiting sequences, by priority (``SamplingParams.priority``, lower first: interactive
+   requests before batch lines) and first come first served within a priority, while budget,
+   ``max_num_seqs`` and KV blocks allow; each starts from its longest cached prefix.
+``running`` is kept in (priority, admission) order, so step 1 serves interactive sequences
+before batch ones. When a running sequence needs a block and none is free, the last running
+sequence is preempted: the most recently admitted one of the lowest priority (a batch line
+before any interactive request); its blocks are freed and it goes back to the front of its
+priority's place in the queue, to be recomputed later (its generated tokens are kept, so its
+output is unchanged). With one priority (every request interactive) this is plain FIFO and
+newest-first preemption.
 """
 
 from __future__ import annotations
@@ -33,14 +38,20 @@ class Scheduler:
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []  # in admission order
+        self.running: list[Sequence] = []  # in (priority, admission) order
         self.num_preemptions = 0
         # prefix cache effectiveness, in tokens, counted at each admission (re-admissions too)
         self.prefix_queried_tokens = 0
         self.prefix_hit_tokens = 0
 
     def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+        """Queue ``seq`` after every waiting sequence of its priority or a more urgent one."""
+        p = seq.params.priority
+        if not self.waiting or self.waiting[-1].params.priority <= p:
+            self.waiting.append(seq)  # the common case: one priority, plain FIFO
+            return
+        i = next(i for i, w in enumerate(self.waiting) if w.params.priority > p)
+        self.waiting.insert(i, seq)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -48,7 +59,7 @@ class Scheduler:
     def schedule(self) -> list[ScheduledSeq]:
         budget = self.max_num_batched_tokens
         scheduled: list[ScheduledSeq] = []
-        # 1. running sequences, oldest first
+        # 1. running sequences, most urgent then oldest first
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
@@ -64,7 +75,7 @@ class Scheduler:
             scheduled.append(ScheduledSeq(seq, n))
             budget -= n
             i += 1
-        # 2. waiting sequences, first come first served
+        # 2. waiting sequences, by priority then first come first served
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             # a cached prefix has no logits: a request for prompt logprobs computes its prompt
@@ -83,10 +94,19 @@ class Scheduler:
             self.prefix_queried_tokens += seq.num_tokens
             self.prefix_hit_tokens += seq.num_cached
             seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
+            self._add_running(seq)
             scheduled.append(ScheduledSeq(seq, n))
             budget -= n
         return scheduled
+
+    def _add_running(self, seq: Sequence) -> None:
+        """Append ``seq`` after every running sequence of its priority or a more urgent one."""
+        p = seq.params.priority
+        if not self.running or self.running[-1].params.priority <= p:
+            self.running.append(seq)
+            return
+        i = next(i for i, r in enumerate(self.running) if r.params.priority > p)
+        self.running.insert(i, seq)
 
     def _largest_fit(self, seq: Sequence, n: int) -> int:
         free_tokens = (len(seq.block_table) + self.blocks.num_free_blocks) * self.blocks.block_size
@@ -99,7 +119,11 @@ class Scheduler:
         seq.num_computed = 0
         seq.num_cached = 0
         seq.status = SequenceStatus.WAITING
-        self.waiting.appendleft(seq)
+        # first among the waiting sequences of its priority (after any more urgent one)
+        p = seq.params.priority
+        i = next((i for i, w in enumerate(self.waiting) if w.params.priority >= p),
+                 len(self.waiting))
+        self.waiting.insert(i, seq)
         self.num_preemptions += 1
 
     def finish(self, seq: Sequence) -> None:

@@ -3,7 +3,7 @@
 The parts: the shared state on ``app.state`` (`souverain.server.state`), the error handlers
 (`souverain.server.errors`), the ASGI middleware (body limit, metrics, audit), and one router
 per API family (`souverain.server.routers`), mounted in this order: embeddings, models,
-health + metrics, libraries, files + fine-tuning, chat + FIM. A chat request goes to
+health + metrics, libraries, files + fine-tuning, batch jobs, chat + FIM. A chat request goes to
 `routers.chat`, whose handler hands it to `ChatService` (`souverain.server.chat_service`).
 
 Order of checks for a generation request: a key in the URL (401) -> size limit (413) -> JSON
@@ -30,6 +30,7 @@ from souverain.finetune.store import JobStore
 from souverain.finetune.worker import WorkerProcess
 from souverain.paths import libraries_dir
 from souverain.server.auth import APIKeys
+from souverain.server.batch import BatchService
 from souverain.server.chat_service import ChatService
 from souverain.server.docs import install_docs
 from souverain.server.embeddings import EmbeddingService
@@ -41,6 +42,7 @@ from souverain.server.openapi import install_openapi
 from souverain.server.ratelimit import AdmissionQueue, RateLimiter
 from souverain.server.registry import ModelRegistry, ServedModel
 from souverain.server.routers import (
+    batch,
     chat,
     completions,
     embeddings,
@@ -75,6 +77,8 @@ class ServerConfig:
     max_file_bytes: int = 512 * MiB  # one POST /v1/files upload at most
     max_jsonl_line_bytes: int = MiB  # one line of a POST /v1/files upload at most (400 above)
     finetune_threads: int | None = 1  # torch threads of the worker (None = all cores)
+    batch: bool = True  # with finetune (the files API): /v1/batch/jobs and their runner
+    batch_concurrency: int = 4  # lines of a batch job in flight at once
 
 
 def create_app(registry: ModelRegistry, config: ServerConfig | None = None) -> FastAPI:
@@ -110,6 +114,8 @@ def create_app(registry: ModelRegistry, config: ServerConfig | None = None) -> F
         app.include_router(libraries.router)
     if config.finetune:
         app.include_router(files.router)
+    if app.state.batch is not None:
+        app.include_router(batch.router)
     app.include_router(chat.router)
     app.include_router(completions.router)
     return app
@@ -142,6 +148,9 @@ def _init_state(app: FastAPI, registry: ModelRegistry, config: ServerConfig) -> 
                         if config.embed_model is not None else None)
     state.chat = ChatService(registry, admission, metrics, limiter, library_service,
                              config.default_temperature)
+    # batch jobs: their rows in the jobs database, their results in the files API
+    state.batch = (BatchService(app, jobs, config.batch_concurrency)
+                   if jobs is not None and config.batch else None)
 
 
 def _engine_stats(m: ServedModel) -> Callable[[], dict[str, Any] | None]:
@@ -155,8 +164,9 @@ def _engine_stats(m: ServedModel) -> Callable[[], dict[str, Any] | None]:
 
 @contextlib.asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Start the fine-tuning worker (and its supervisor); at shutdown stop it, then the ingest
-    thread, the engines and the audit log, in that order."""
+    """Start the fine-tuning worker (and its supervisor) and the batch runner; at shutdown
+    stop the batch runner, the worker, then the ingest thread, the engines and the audit log,
+    in that order."""
     state = app.state
     worker: WorkerProcess | None = state.worker
     supervisor = None
@@ -165,7 +175,12 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         supervisor = asyncio.create_task(worker.supervise())
     if state.libraries is not None:  # requeue interrupted documents now, on a thread
         state.libraries.start()
+    batch_runner = asyncio.create_task(state.batch.run()) if state.batch is not None else None
     yield
+    if batch_runner is not None:  # in-flight lines aborted; the job resumes at the next start
+        batch_runner.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await batch_runner
     if worker is not None and supervisor is not None:
         supervisor.cancel()
         await in_thread(worker.stop)

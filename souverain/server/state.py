@@ -4,8 +4,9 @@
 ``metrics`` (`ServerMetrics`), ``admission`` (`AdmissionQueue`), ``limiter`` (`RateLimiter`, or
 None without rate limits), ``chat`` (`ChatService`), ``embeddings`` (`EmbeddingService`, or None
 with ``--embed-model none``), ``libraries`` (`LibraryService`, or None with
-``--no-libraries``), ``jobs`` (`JobStore`, or None without fine-tuning) and ``worker`` (the
-fine-tuning `WorkerProcess`, or None). Nothing else writes them; a route reads them with a
+``--no-libraries``), ``jobs`` (`JobStore`, or None without fine-tuning), ``worker`` (the
+fine-tuning `WorkerProcess`, or None) and ``batch`` (`BatchService`, or None without the files
+API or with ``--no-batch``). Nothing else writes them; a route reads them with a
 getter below, so one request's state is always one app's.
 """
 
@@ -18,6 +19,7 @@ from fastapi import Request
 if TYPE_CHECKING:
     from souverain.finetune.store import JobStore
     from souverain.server.app import ServerConfig
+    from souverain.server.batch import BatchService
     from souverain.server.chat_service import ChatService
     from souverain.server.embeddings import EmbeddingService
     from souverain.server.libraries import LibraryService
@@ -62,3 +64,8 @@ def libraries(request: Request) -> LibraryService:
 def jobs(request: Request) -> JobStore:
     """The fine-tuning store (its routes are mounted only with fine-tuning on)."""
     return request.app.state.jobs
+
+
+def batch(request: Request) -> BatchService:
+    """The batch jobs (their routes are mounted only when they are on)."""
+    return request.app.state.batch
