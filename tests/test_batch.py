@@ -43,12 +43,13 @@ def jsonl(objs: list[Any]) -> bytes:
     return b"".join(json.dumps(o).encode() + b"\n" for o in objs)
 
 
-def serve_args(model_dir: str, home: Path, *extra: str) -> tuple[list[str], dict[str, str]]:
+def serve_args(model_dir: str, home: Path, *extra: str, audit: bool = False
+               ) -> tuple[list[str], dict[str, str]]:
     # one torch thread: on a busy 2-core machine, threads spinning for a core stall the
     # tiny model's steps for seconds
     return ([model_dir, "--name", TINY, "--no-libraries", "--embed-model", "none",
-             "--no-audit", "--dtype", "float32", "--threads", "1", "--data-dir", str(home),
-             *extra], {"SOUVERAIN_HOME": str(home)})
+             *([] if audit else ["--no-audit"]), "--dtype", "float32", "--threads", "1",
+             "--data-dir", str(home), *extra], {"SOUVERAIN_HOME": str(home)})
 
 
 @pytest.fixture(scope="module")
@@ -287,7 +288,7 @@ def test_a_server_leaves_other_models_jobs_alone(server: ServerProcess, client: 
 
 def test_kill_9_mid_job_then_restart_every_line_once(tmp_path: Path, model_dir: str) -> None:
     home = tmp_path / "home"
-    args, env = serve_args(model_dir, home, "--batch-concurrency", "2")
+    args, env = serve_args(model_dir, home, "--batch-concurrency", "2", audit=True)
     srv = ServerProcess(*args, env=env)
     n = 200
     try:
@@ -313,6 +314,14 @@ def test_kill_9_mid_job_then_restart_every_line_once(tmp_path: Path, model_dir: 
         assert "resuming" in srv.log()
     finally:
         srv.stop()
+    # every line is in the audit log, by job and line, with its model and tokens
+    records = [json.loads(x) for f in sorted((home / "audit").glob("audit-*.jsonl"))
+               for x in f.read_text().splitlines()]
+    lines_audited = [r for r in records if r["request_id"].startswith(f"batch-{job.id}-")]
+    ok = {r["request_id"] for r in lines_audited if r["status"] == 200}
+    assert len(ok) >= n, len(ok)
+    assert all(r["route"] == CHAT and r["model"] == TINY and r["completion_tokens"]
+               for r in lines_audited if r["status"] == 200)
 
 
 # -- offline: souverain batch run -----------------------------------------------------------------

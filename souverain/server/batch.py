@@ -20,6 +20,7 @@ import contextlib
 import functools
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal, get_args
 
@@ -28,6 +29,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.responses import Response
 
+from souverain.audit import note
 from souverain.batch.lines import ENDPOINTS as ENDPOINT_NAMES
 from souverain.batch.lines import InputLine
 from souverain.batch.runner import run_job
@@ -223,7 +225,7 @@ class BatchService:
                 log.info("batch %s: running %d requests on %s", job.id, job.total_requests,
                          job.model)
                 execute = functools.partial(self.executor.execute, job.endpoint, job.model,
-                                            job.key)
+                                            job.key, job_id=job.id)
                 try:
                     await run_job(self.store, job, execute, concurrency=self.concurrency)
                 except Exception:  # (the database gone at the end, a bug): retried later
@@ -251,20 +253,44 @@ class LineExecutor:
         self.app = app
 
     async def execute(self, endpoint: str, model: str, key: dict[str, Any] | None,
-                      line: InputLine) -> tuple[int, dict[str, Any]]:
+                      line: InputLine, job_id: str | None = None) -> tuple[int, dict[str, Any]]:
         """``(status, JSON body)`` of one line, as its interactive route answers it; ``key``:
-        the creating key's `key_json` (None: no key)."""
-        delay, unavailable = 0.5, 0
+        the creating key's `key_json` (None: no key). Each attempt is in the server's audit
+        log like an HTTP call, with request id ``batch-<job>-<line>``."""
+        delay, unavailable, attempt = 0.5, 0, 0
         while True:
-            status, body = await self._once(endpoint, model, key, line)
+            start_wall, start = time.time(), time.perf_counter()
+            request = _line_request(self.app, endpoint)
+            status, body = await self._once(endpoint, model, key, line, request)
+            attempt += 1
+            self._audit(request, endpoint, key, line, job_id, status, body, start_wall,
+                        time.perf_counter() - start, attempt)
             unavailable += status == 503
             if status != 429 and (status != 503 or unavailable > MAX_503_RETRIES):
                 return status, body
             await asyncio.sleep(delay)  # (a cancel of the job interrupts this wait)
             delay = min(delay * 2, 10.0)
 
+    def _audit(self, request: Request, endpoint: str, key: dict[str, Any] | None,
+               line: InputLine, job_id: str | None, status: int, body: dict[str, Any],
+               start: float, latency_s: float, attempt: int) -> None:
+        log_ = getattr(self.app.state.config, "audit", None)
+        if log_ is None:
+            return
+        notes = dict(note(request))
+        if key is not None:
+            notes.setdefault("key_id", key.get("key_id"))
+            notes.setdefault("key_name", key.get("name"))
+        notes["request_id"] = f"batch-{job_id or 'offline'}-{line.index}" + (
+            f"-{attempt}" if attempt > 1 else "")
+        log_.submit({
+            "start": start, "latency_s": latency_s, "request_id": notes["request_id"],
+            "note": notes, "client_ip": None, "method": "POST", "route": endpoint,
+            "status": status, "body": json.dumps(line.body).encode() if line.body else b"",
+            "response": json.dumps(body).encode(), "content_type": "application/json"})
+
     async def _once(self, endpoint: str, model: str, key_info: dict[str, Any] | None,
-                    line: InputLine) -> tuple[int, dict[str, Any]]:
+                    line: InputLine, request: Request) -> tuple[int, dict[str, Any]]:
         schema, handler = ENDPOINTS[endpoint]
         body = dict(line.body or {})
         if body.setdefault("model", model) != model:
@@ -275,7 +301,6 @@ class LineExecutor:
             return 400, error_body(400, "stream is not supported in a batch (results go to "
                                         "the output file); remove it or set it to false.",
                                    param="stream")
-        request = _line_request(self.app, endpoint)
         try:
             key = self._key(key_info)
             parsed = schema.model_validate(body)
