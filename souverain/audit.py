@@ -73,7 +73,8 @@ RETENTION_CHECK_S = 3600.0  # how often an idle writer looks for days past the r
 
 def note(request: Any) -> dict[str, Any]:
     """The audit notes of a request (a Starlette `Request`): handlers set ``key_id``,
-    ``key_name``, ``model``, ``request_id``, ``prompt_tokens``, ``completion_tokens``."""
+    ``key_name``, ``model``, ``request_id``, ``prompt_tokens``, ``completion_tokens``,
+    ``moderation`` (flagged categories, never the text)."""
     state = request.scope.setdefault("state", {})
     return state.setdefault(NOTE_KEY, {})
 
@@ -241,6 +242,10 @@ class AuditLog:
         }
         if n.get("erased") is not None:  # what the call erased (documents, files ...)
             rec["erased"] = n["erased"]
+        if n.get("moderation") is not None:  # flagged categories (moderation, guardrails)
+            rec["moderation"] = n["moderation"]
+        if n.get("classifications") is not None:  # per input, each target's top label
+            rec["classifications"] = n["classifications"]
         if self.content:
             rec["request"] = _redacted_body(body) if body else None
             rec["response"] = _response_text(event.get("response", b""),

@@ -152,7 +152,7 @@ def test_embed_model_none() -> None:
                         "--embed-model", "none")
     try:
         ids = [c["id"] for c in httpx.get(srv.url + "/v1/models", timeout=30).json()["data"]]
-        assert ids == ["smollm2-135m-instruct"]
+        assert ids == ["smollm2-135m-instruct", "mistral-moderation-latest"]
         r = httpx.post(srv.url + EMBED, json={"model": "mistral-embed", "input": "x"}, timeout=30)
         assert "--embed-model none" in error(r, 404)
     finally:

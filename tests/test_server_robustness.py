@@ -174,11 +174,12 @@ enabled = true  # every check (`--checks all` on the command line would override
 expected-statuses = ["2xx", "3xx", "401", "403", "404", "409", "429"]
 
 # Schema-valid bodies that the schema cannot fully judge: a prompt + max_tokens over the
-# context, a file that is not JSONL training data, a document that is not one. These answer
+# context, a file that is not JSONL training data, a document that is not one, a text to
+# classify with a model that is no classifier. These answer
 # 400 naming the problem, as their responses document.
 [[operations]]
 include-method = "POST"
-include-path-regex = "^/v1/(chat/completions|fim/completions|embeddings|fine_tuning/jobs)$"
+include-path-regex = "^/v1/(chat/completions|fim/completions|embeddings|fine_tuning/jobs|classifications|chat/classifications)$"
 checks.positive_data_acceptance.expected-statuses = ["2xx", "3xx", "400", "401", "403", "404", "409", "429"]
 
 # The uploads (multipart) too; and there every part is bytes on the wire, so a "type"

@@ -251,7 +251,8 @@ def test_fim(client: Mistral) -> None:
 
 def test_models(client: Mistral) -> None:
     models = {m.id: m for m in client.models.list().data}
-    assert set(models) == {SMOL, TINY, "souverain-embed"}  # + the embedding model
+    # + the embedding model and the moderation model's card
+    assert set(models) == {SMOL, TINY, "souverain-embed", "mistral-moderation-latest"}
     smol = client.models.retrieve(model_id=SMOL)
     assert smol.max_context_length == 8192
     assert smol.capabilities.completion_chat and not smol.capabilities.completion_fim

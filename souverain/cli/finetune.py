@@ -1,4 +1,4 @@
-"""`souverain finetune validate|run|merge`: LoRA fine-tuning on this machine, in the
+"""`souverain finetune validate|run|merge|classifier`: LoRA fine-tuning on this machine, in the
 foreground (the server's jobs API runs the same training in its worker process). Training,
 data checks and merging are imported inside the commands (they load torch).
 """
@@ -29,7 +29,9 @@ finetune_app = typer.Typer(
          "  souverain finetune validate train.jsonl --model smollm2-135m-instruct\n\n"
          "  souverain finetune run run.yaml            (Ctrl-C checkpoints; --resume goes on)\n\n"
          "  souverain finetune merge runs/zorblax/checkpoints/final --model "
-         "smollm2-135m-instruct --out merged/",
+         "smollm2-135m-instruct --out merged/\n\n"
+         "  souverain finetune classifier labelled.jsonl --eval held_out.jsonl -o runs/topics"
+         "   (classification heads + LoRA on the embedding model)",
     no_args_is_help=True)
 
 
@@ -213,3 +215,80 @@ def finetune_merge(
 
         path = merge_adapter(model, adapter, out_dir, format=fmt)  # type: ignore[arg-type]
         out.print(f"merged model written to {path}; serve it with `souverain serve {path}`")
+
+
+@finetune_app.command("classifier")
+def finetune_classifier(
+    train_files: list[str] = typer.Argument(..., help="Classifier JSONL file(s): "
+                                            "{\"text\" or \"messages\", \"labels\": {...}}."),
+    run_dir: str = typer.Option(..., "--run-dir", "-o",
+                                help="Run folder; the model lands in run_dir/checkpoints/final."),
+    eval_files: list[str] = typer.Option([], "--eval", help="Held-out JSONL file(s)."),
+    base: str = typer.Option("souverain-embed", "--base",
+                             help="souverain-embed (bundled, fast), a sentence-transformers "
+                                  "folder, or a chat model souverain loads (mean hidden state)."),
+    epochs: float = typer.Option(3.0, "--epochs", min=0.01),
+    steps: int | None = typer.Option(None, "--steps", min=1, help="Train this many steps "
+                                                                  "instead of --epochs."),
+    learning_rate: float = typer.Option(1e-3, "--lr", min=1e-8),
+    lora_rank: int = typer.Option(16, "--lora-rank", min=0, help="0: train the heads only."),
+    resume: bool = typer.Option(False, "--resume",
+                                help="Go on from the last checkpoint in --run-dir."),
+) -> None:
+    """Train a text classifier (heads + LoRA) on the embedding model or a chat model.
+
+    One head per target (single-label: softmax; multi-label: a sigmoid per label), as a
+    `job_type: "classifier"` job of the server trains it. Targets and labels come from the
+    files; every bad line is listed with its number. The model lands in
+    run_dir/checkpoints/final (ClassifierModel.load reads it).
+    """
+    with user_errors():
+        from souverain.errors import FinetuneError
+        from souverain.finetune import classifier_data as cd
+        from souverain.finetune.classifier import base_tokenizer
+        from souverain.finetune.classifier_train import (
+            ClassifierTrainConfig,
+            run_classifier_training,
+        )
+
+        targets = cd.infer_targets(train_files)
+        problem = cd.check_targets(targets)
+        count, window = base_tokenizer(base)
+        problems = [f"{p} line {e.line}: {e.message}" if e.line else f"{p}: {e.message}"
+                    for p in [*train_files, *eval_files]
+                    for e in cd.validate_classifier_file(p, targets, count_tokens=count,
+                                                         max_tokens=window).errors]
+        if problem or problems:
+            for line in problems[:50]:
+                err.print(line)
+            raise FinetuneError(problem or f"{len(problems)} problem(s) in the data; fix the "
+                                           "lines above")
+        for t in targets:
+            out.print(f"target {t.name} ({t.loss_function}): {', '.join(t.labels)}")
+        cfg = ClassifierTrainConfig(model=base, train_files=list(train_files), run_dir=run_dir,
+                                    targets=[t.to_dict() for t in targets],
+                                    eval_files=list(eval_files), max_steps=steps,
+                                    epochs=epochs, learning_rate=learning_rate,
+                                    lora_rank=lora_rank)
+        columns = (TextColumn("[bold]step[/] {task.completed}/{task.total}"), BarColumn(),
+                   TextColumn("{task.fields[info]}"))
+
+        def show(e: dict[str, Any]) -> None:
+            if e["type"] == "step":
+                bar.update(task, completed=e["step"], total=e["total_steps"],
+                           info=f"loss {e['loss']:.4f} · lr {e['lr']:.2e}")
+            elif e["type"] == "eval":
+                bar.console.print(f"step {e['step']}: eval loss {e['eval_loss']:.4f}, "
+                                  f"accuracy {e['eval_accuracy']:.3f}")
+
+        with _stop_on_first_sigint() as stop, \
+                Progress(*columns, console=err, transient=False) as bar:
+            task = bar.add_task("train", total=None, info="loading the model")
+            result = run_classifier_training(cfg, resume=resume, on_event=show,
+                                             should_stop=lambda: stop["asked"])
+        if result.status == "cancelled":
+            err.print(f"stopped at step {result.steps}; go on with --resume.")
+            raise typer.Exit(130)
+        acc = result.metrics.get("eval_accuracy")
+        out.print(f"classifier: {result.final_dir} ({result.steps} steps"
+                  + (f", held-out accuracy {acc:.3f}" if acc is not None else "") + ")")

@@ -101,6 +101,13 @@ EmbedModelOpt = typer.Option(
     "souverain-embed", "--embed-model",
     help="Model of POST /v1/embeddings (served as souverain-embed, alias mistral-embed): "
          "the bundled all-MiniLM-L6-v2, a sentence-transformers folder, or none.")
+ModerationModelOpt = typer.Option(
+    None, "--moderation-model",
+    help="The model behind /v1/moderations, /v1/chat/moderations and chat guardrails "
+         "(mistral-moderation-latest): a served model's NAME, or a PATH/alias served too "
+         "(Llama Guard 3 is read in its own format), or ft:... a classifier trained here "
+         "whose targets or labels are named after the categories. Default: the first "
+         "served model.")
 AuditOpt = typer.Option(
     True, "--audit/--no-audit",
     help="Append one JSON line per API call (time, key id, route, model, status, tokens, "
@@ -155,6 +162,24 @@ def served_models(model: str, name: str | None, more_models: list[str],
             raise typer.BadParameter(f"--model {spec!r} must be NAME=PATH")
         served.append(ServedModel(n, path, engine_config()))
     return served
+
+
+def moderation_model_name(served: list[ServedModel], moderation_model: str | None,
+                          engine_config: Callable[[], EngineConfig]) -> str | None:
+    """--moderation-model as a served model's name: a NAME is taken as is; a PATH or alias is
+    appended to ``served`` (under its default name) first."""
+    from souverain.server.registry import ServedModel
+
+    if moderation_model is None or any(m.name == moderation_model for m in served) \
+            or moderation_model.startswith("ft:"):  # ft: a classifier trained here
+        return moderation_model
+    name = _default_name(moderation_model)
+    if any(m.name == name for m in served):
+        raise typer.BadParameter(f"--moderation-model {moderation_model!r} would be served as "
+                                 f"{name!r}, a name already taken; serve it with --model "
+                                 "NAME=PATH and pass that NAME.")
+    served.append(ServedModel(name, moderation_model, engine_config()))
+    return name
 
 
 def _audit_log(on: bool, path: str | None, content: bool,
@@ -300,6 +325,7 @@ def serve(
     batch: bool = BatchOpt,
     batch_concurrency: int = BatchConcurrencyOpt,
     embed_model: str = EmbedModelOpt,
+    moderation_model: str | None = ModerationModelOpt,
     audit: bool = AuditOpt,
     audit_log: str | None = AuditLogOpt,
     audit_content: bool = AuditContentOpt,
@@ -344,6 +370,7 @@ def serve(
                                 max_num_seqs=max_num_seqs)
 
         served = served_models(model, name, more_models, engine_config)
+        moderation_name = moderation_model_name(served, moderation_model, engine_config)
         registry = ModelRegistry(served, memory_budget_gib)
         config = server_config(
             api_keys_file=api_keys_file, insecure_no_auth=insecure_no_auth,
@@ -356,6 +383,7 @@ def serve(
             max_jsonl_line_kib=max_jsonl_line_kib, audit_retention_days=audit_retention_days,
             audit_content_retention_days=audit_content_retention_days, batch=batch,
             batch_concurrency=batch_concurrency)
+        config.moderation_model = moderation_name
         logging.basicConfig(level=log_level.upper(),
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         if not lazy:

@@ -18,7 +18,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from souverain.finetune.config import LoRAConfig, TrainConfig
 from souverain.finetune.store import (
@@ -28,6 +28,9 @@ from souverain.finetune.store import (
     JobStore,
     NotFound,
 )
+
+if TYPE_CHECKING:
+    from souverain.finetune.classifier_train import ClassifierTrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +103,26 @@ def train_config(
         kw["seq_len"] = hp["seq_len"]
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     return TrainConfig(**{k: v for k, v in kw.items() if k in known})
+
+
+def classifier_train_config(store: JobStore, job: JobRecord,
+                            run_dir: Path) -> ClassifierTrainConfig:
+    """A classifier job's settings: its targets (filled at validation), files and
+    hyperparameters (the trainer checkpoints, and evaluates, every fifth of the run, at most
+    every 50 steps)."""
+    from souverain.finetune.classifier_train import ClassifierTrainConfig
+
+    hp = job.hyperparameters
+    evals = [store.get_file(f).path for f in job.validation_files]
+    return ClassifierTrainConfig(
+        model=job.model_path, base_name=job.model, run_dir=str(run_dir),
+        train_files=[store.get_file(f).path for f in job.training_file_ids],
+        eval_files=evals, targets=list(job.classifier_targets or []),
+        max_steps=hp.get("training_steps"), epochs=hp.get("epochs"),
+        learning_rate=hp.get("learning_rate", 1e-4),
+        weight_decay=hp.get("weight_decay", 0.1),
+        warmup_fraction=hp.get("warmup_fraction", 0.05),
+        lora_rank=hp.get("lora_rank") or 16, max_tokens=hp.get("seq_len"))
 
 
 def last_step(run_dir: Path) -> int:

@@ -57,6 +57,10 @@ jobs_t = sa.Table(
     # the holding worker process's own id: its lock file under finetune/workers/ says
     # whether it is alive, whatever pid reuse or a restarted container does to pids
     sa.Column("worker_token", sa.String(64)),
+    # La Plateforme's job_type: NULL (older rows) or "completion", or "classifier" with its
+    # targets ([{"name", "labels", "loss_function", "weight"}], filled at validation)
+    sa.Column("job_type", sa.String(32)),
+    sa.Column("classifier_targets", sa.JSON),
 )
 events_t = sa.Table(
     "ft_events", metadata,

@@ -124,6 +124,12 @@ class JobRecord:
     heartbeat_at: float | None
     resumes: int = 0
     worker_token: str | None = None
+    job_type: str | None = None  # None (= "completion") or "classifier"
+    classifier_targets: list[dict[str, Any]] | None = None
+
+    @property
+    def is_classifier(self) -> bool:
+        return self.job_type == "classifier"
 
     @property
     def training_file_ids(self) -> list[str]:
@@ -259,7 +265,8 @@ class JobStore:
     def create_job(self, *, model: str, model_path: str, training_files: list[dict[str, Any]],
                    validation_files: list[str] | None = None,
                    hyperparameters: dict[str, Any] | None = None, suffix: str | None = None,
-                   auto_start: bool = True) -> JobRecord:
+                   auto_start: bool = True, job_type: str | None = None,
+                   classifier_targets: list[dict[str, Any]] | None = None) -> JobRecord:
         """A new QUEUED job; every file must exist (NotFound otherwise) and be for fine-tune."""
         validation_files = list(validation_files or [])
         for fid in [f["file_id"] for f in training_files] + validation_files:
@@ -276,7 +283,8 @@ class JobStore:
             "suffix": suffix, "fine_tuned_model": None, "created_at": now, "modified_at": now,
             "trained_tokens": None, "run_dir": str(self.runs_dir / job_id),
             "adapter_dir": None, "error": None, "worker_pid": None, "worker_host": None,
-            "heartbeat_at": None, "resumes": 0, "worker_token": None}
+            "heartbeat_at": None, "resumes": 0, "worker_token": None,
+            "job_type": job_type, "classifier_targets": classifier_targets}
         with self._write() as c:
             c.execute(jobs_t.insert().values(**values))
             _event(c, job_id, "status-updated", {"status": QUEUED})
@@ -454,8 +462,18 @@ class JobStore:
             rows = c.execute(sa.select(jobs_t.c.fine_tuned_model, jobs_t.c.model,
                                        jobs_t.c.adapter_dir, jobs_t.c.id)
                              .where(jobs_t.c.status == SUCCESS)
+                             .where(_not_classifier())
                              .order_by(jobs_t.c.created_at)).all()
         return [(r[0], r[1], r[2], r[3]) for r in rows if r[0] and r[2]]
+
+    def succeeded_classifiers(self) -> dict[str, JobRecord]:
+        """The classifier models of every SUCCESS classifier job, by ``fine_tuned_model``."""
+        with self._read() as c:
+            rows = c.execute(jobs_t.select().where(jobs_t.c.status == SUCCESS)
+                             .where(jobs_t.c.job_type == "classifier")
+                             .order_by(jobs_t.c.created_at)).mappings().all()
+        jobs = [JobRecord(**r) for r in rows]
+        return {j.fine_tuned_model: j for j in jobs if j.fine_tuned_model and j.adapter_dir}
 
 
 class WorkerLock:
@@ -509,6 +527,11 @@ def _busy_as_error() -> Iterator[None]:
             raise
         raise Busy("The jobs database is busy (another process holds its write lock); "
                    "try again in a few seconds.") from None
+
+
+def _not_classifier() -> Any:
+    """Jobs that made LoRA adapters of a served LLM (completion jobs, old rows included)."""
+    return sa.or_(jobs_t.c.job_type.is_(None), jobs_t.c.job_type != "classifier")
 
 
 def _for_models(cond: Any, models: Iterable[str] | None) -> Any:

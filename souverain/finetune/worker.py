@@ -42,7 +42,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from souverain.finetune.job_training import Hold, Progress, last_step, method_of, train_config
+from souverain.finetune.job_training import (
+    Hold,
+    Progress,
+    classifier_train_config,
+    last_step,
+    method_of,
+    train_config,
+)
 from souverain.finetune.jobs_db import safe_url
 from souverain.finetune.store import (
     CANCELLATION_REQUESTED,
@@ -210,14 +217,24 @@ class Worker:
         ``hold.should_stop`` is polled before every line: a cancel stops it within seconds."""
         if not self.store.set_status(job.id, VALIDATING, expect=(STARTED,), event={}):
             return self._settle_cancel(job.id)
+        should_stop = hold.should_stop if hold is not None else self.stopping.is_set
+        from souverain.finetune.data import Stopped
+
+        tokenizer: Tokenizer | None = None
+        validator: Callable[..., Any] | None = None
         try:
-            tokenizer = self._load_tokenizer(job.model_path)
+            if job.is_classifier:
+                validator = self._classifier_validator(job, should_stop)
+            else:
+                tokenizer = self._load_tokenizer(job.model_path)
+        except Stopped:
+            validator = None
         except Exception as exc:
             self._finish(job, FAILED, error=f"Cannot load the tokenizer of base model "
                                             f"{job.model} ({job.model_path}): {exc}")
             return False
-        should_stop = hold.should_stop if hold is not None else self.stopping.is_set
-        checked = self._check_files(job, tokenizer, should_stop)
+        checked = None if job.is_classifier and validator is None else \
+            self._check_files(job, tokenizer, should_stop, validator)
         if checked is None:  # cancelled, or stopping: the next worker validates it again
             if (hold is not None and hold.cancel.is_set()) or \
                     self.store.get_job(job.id).status == CANCELLATION_REQUESTED:
@@ -236,14 +253,52 @@ class Worker:
                                      event={"files": summary, "data_tokens": data_tokens}) \
             or self._settle_cancel(job.id)
 
-    def _check_files(self, job: JobRecord, tokenizer: Tokenizer,
-                     should_stop: Callable[[], bool]
+    def _classifier_validator(self, job: JobRecord, should_stop: Callable[[], bool]
+                              ) -> Callable[..., Any]:
+        """The check of a classifier job's files, against its targets: the declared ones
+        (a missing loss_function taken from the data) or those its training files use,
+        written to the job. A target problem is reported as the validation's first error."""
+        from souverain.finetune import classifier_data as cd
+        from souverain.finetune.classifier import base_tokenizer
+        from souverain.finetune.data import DataReport, LineError
+
+        paths = []
+        for f in job.training_file_ids:
+            try:
+                paths.append(self.store.get_file(f).path)
+            except NotFound:
+                pass
+        found = {t.name: t for t in cd.infer_targets(paths, should_stop)}
+        if job.classifier_targets:
+            targets = [cd.Target.from_dict(t) for t in job.classifier_targets]
+            for t, d in zip(targets, job.classifier_targets, strict=True):
+                if not d.get("loss_function") and t.name in found:
+                    t.loss_function = found[t.name].loss_function
+        else:
+            targets = list(found.values())
+        problem = cd.check_targets(targets)
+        self.store.update(job.id, classifier_targets=[t.to_dict() for t in targets])
+        count_tokens, max_tokens = base_tokenizer(job.model_path)
+
+        def validate(path: str, _tokenizer: Any, **kw: Any) -> DataReport:
+            report = cd.validate_classifier_file(path, targets, count_tokens=count_tokens,
+                                                 max_tokens=max_tokens,
+                                                 should_stop=kw.get("should_stop"))
+            if problem:
+                report.errors.insert(0, LineError(0, f"classifier targets: {problem}"))
+            return report
+
+        return validate
+
+    def _check_files(self, job: JobRecord, tokenizer: Tokenizer | None,
+                     should_stop: Callable[[], bool],
+                     validator: Callable[..., Any] | None = None
                      ) -> tuple[list[str], list[dict[str, Any]]] | None:
         """Every problem of the job's files (one sentence each) and a summary per file; None
         when ``should_stop()`` (cancel, or the worker asked to stop) meanwhile."""
         from souverain.finetune.data import Stopped
 
-        validator = self._validator or _default_validator()
+        validator = validator or self._validator or _default_validator()
         hp = job.hyperparameters
         kw = {"seq_len": hp["seq_len"]} if hp.get("seq_len") else {}
         problems: list[str] = []
@@ -267,7 +322,8 @@ class Worker:
                 problems.append(f"{rec.filename} ({role} file {file_id}): {exc}")
                 continue
             for e in report.errors:
-                problems.append(f"{rec.filename} line {e.line}: {e.message}")
+                problems.append(f"{rec.filename} line {e.line}: {e.message}" if e.line
+                                else f"{rec.filename}: {e.message}")
             summary.append({"file_id": file_id, "filename": rec.filename, "role": role,
                             "samples": report.n_samples, "tokens": report.n_tokens,
                             "errors": len(report.errors)})
@@ -298,11 +354,13 @@ class Worker:
             self._settle_cancel(job.id)
             return
         try:
-            cfg = train_config(self.store, job, run_dir, self.config.threads)
+            cfg: Any = (classifier_train_config(self.store, job, run_dir) if job.is_classifier
+                        else train_config(self.store, job, run_dir, self.config.threads))
         except Exception as exc:
             self._finish(job, FAILED, error=f"Invalid training settings: {exc}")
             return
-        trainer = self._trainer or _default_trainer()
+        trainer = self._trainer or (_classifier_trainer() if job.is_classifier
+                                    else _default_trainer())
         every = self.config.step_event_every_s
         progress = Progress.resumed(self.store, job.id, every, run_dir) if resume \
             else Progress(self.store, job.id, every)
@@ -419,6 +477,12 @@ def _default_trainer() -> Callable[..., Any]:
     from souverain.finetune.train import run_training
 
     return run_training
+
+
+def _classifier_trainer() -> Callable[..., Any]:
+    from souverain.finetune.classifier_train import run_classifier_training
+
+    return run_classifier_training
 
 
 def main(argv: list[str] | None = None) -> int:

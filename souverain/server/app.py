@@ -32,24 +32,28 @@ from souverain.paths import libraries_dir
 from souverain.server.auth import APIKeys
 from souverain.server.batch import BatchService
 from souverain.server.chat_service import ChatService
+from souverain.server.classifications import ClassifierService
 from souverain.server.docs import install_docs
 from souverain.server.embeddings import EmbeddingService
 from souverain.server.errors import in_thread, install_error_handlers
 from souverain.server.libraries import LibraryService
 from souverain.server.metrics import ServerMetrics
 from souverain.server.middleware import BodyLimit, JSONBodyCheck, KeyInURL, RequestMetrics
+from souverain.server.moderation import ModerationService
 from souverain.server.openapi import install_openapi
 from souverain.server.ratelimit import AdmissionQueue, RateLimiter
 from souverain.server.registry import ModelRegistry, ServedModel
 from souverain.server.routers import (
     batch,
     chat,
+    classifications,
     completions,
     embeddings,
     files,
     health,
     libraries,
     models,
+    moderation,
 )
 
 MiB = 1 << 20
@@ -79,6 +83,7 @@ class ServerConfig:
     finetune_threads: int | None = 1  # torch threads of the worker (None = all cores)
     batch: bool = True  # with finetune (the files API): /v1/batch/jobs and their runner
     batch_concurrency: int = 4  # lines of a batch job in flight at once
+    moderation_model: str | None = None  # the served model that moderates (None: the first)
 
 
 def create_app(registry: ModelRegistry, config: ServerConfig | None = None) -> FastAPI:
@@ -118,6 +123,8 @@ def create_app(registry: ModelRegistry, config: ServerConfig | None = None) -> F
         app.include_router(batch.router)
     app.include_router(chat.router)
     app.include_router(completions.router)
+    app.include_router(moderation.router)
+    app.include_router(classifications.router)
     return app
 
 
@@ -146,8 +153,18 @@ def _init_state(app: FastAPI, registry: ModelRegistry, config: ServerConfig) -> 
     # a bad --embed-model fails here, at start-up
     state.embeddings = (EmbeddingService(config.embed_model)
                         if config.embed_model is not None else None)
+    # classifier jobs train on the embedding model: the worker takes them too
+    if state.worker is not None and state.worker.models is not None \
+            and state.embeddings is not None:
+        state.worker.models.append(state.embeddings.name)
+    state.classifiers = ClassifierService(jobs) if jobs is not None else None
+    # the moderation routes and the chat guardrails (a bad --moderation-model fails here)
+    state.moderation = ModerationService(registry, config.moderation_model
+                                         or registry.models[0].name, metrics.registry,
+                                         classifiers=state.classifiers)
     state.chat = ChatService(registry, admission, metrics, limiter, library_service,
                              config.default_temperature)
+    state.chat.moderation = state.moderation
     # batch jobs: their rows in the jobs database, their results in the files API
     state.batch = (BatchService(app, jobs, config.batch_concurrency)
                    if jobs is not None and config.batch else None)

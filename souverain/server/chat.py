@@ -273,9 +273,6 @@ def _refuse_unsupported(body: ChatCompletionRequest) -> None:
     if body.reasoning_effort not in (None, "none"):
         raise APIError(400, "reasoning_effort is not supported: the models served here have no "
                             "reasoning mode; leave it unset.", param="reasoning_effort")
-    if body.guardrails:
-        raise APIError(400, "guardrails are not available on this server; use safe_prompt=true "
-                            "for Mistral's guardrail system prompt.", param="guardrails")
     if body.prompt_mode is not None:
         raise APIError(400, "prompt_mode is not supported here (no reasoning models); leave "
                             "it unset.", param="prompt_mode")

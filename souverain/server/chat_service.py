@@ -34,11 +34,13 @@ from souverain.engine.sequence import CompletionOutput, RequestOutput
 from souverain.rag.answer import Grounding
 from souverain.server import chat as chatmod
 from souverain.server import grounding
+from souverain.server import guardrails as guardmod
 from souverain.server.access import charge_tokens, check_model
 from souverain.server.errors import APIError, error_body, in_thread
 from souverain.server.keyfile import KeyInfo
 from souverain.server.libraries import LibraryService
 from souverain.server.metrics import ServerMetrics
+from souverain.server.moderation import ModerationService
 from souverain.server.protocol import ChatCompletionRequest, FIMCompletionRequest
 from souverain.server.ratelimit import AdmissionQueue, RateLimiter
 from souverain.server.registry import FineTuned, ModelRegistry, ServedModel
@@ -76,6 +78,7 @@ class _Generation:
     key: KeyInfo | None
     rag: Grounding | None  # the passages of a document_library request
     audit: dict[str, Any]  # the request's audit notes (token counts)
+    guard: guardmod.Guard | None = None  # the request's guardrails (souverain.server.guardrails)
 
 
 class _Timer:
@@ -115,6 +118,7 @@ class ChatService:
     limiter: RateLimiter | None
     libraries: LibraryService | None
     default_temperature: float
+    moderation: ModerationService | None = None  # the chat guardrails' moderation model
 
     async def create(self, request: Request, body: CompletionRequest,
                      key: KeyInfo | None) -> Response:
@@ -122,12 +126,31 @@ class ChatService:
         note(request)["model"] = body.model
         check_model(request, key, body.model)
         served, ft = await in_thread(self.registry.resolve, body.model)
+        # guardrails, 1 of 3: the conversation is moderated before anything is admitted
+        guard = await self._guard_input(request, body)
+        if isinstance(guard, Response):
+            return guard
         engine, release = await self._admit(served)
         try:
-            return await self._generate(request, body, key, engine, ft, release)
+            return await self._generate(request, body, key, engine, ft, release, guard)
         finally:
             if not release.handed_over:
                 release()
+
+    async def _guard_input(self, request: Request, body: CompletionRequest
+                           ) -> guardmod.Guard | Response | None:
+        """The request's guardrails after checking its conversation, or their 403."""
+        if not isinstance(body, ChatCompletionRequest) or not body.guardrails:
+            return None
+        try:
+            guard = await guardmod.check_input(self.moderation, body.guardrails, body.messages)
+        except guardmod.GuardrailBlocked as blocked:
+            note(request)["moderation"] = {"source": "guardrails", "blocked": blocked.stage,
+                                           "results": _violations(blocked.results)}
+            return blocked.response()
+        if guard is not None:
+            note(request)["moderation"] = guard.audit()
+        return guard
 
     async def _admit(self, served: ServedModel) -> tuple[AsyncLLMEngine, _Release]:
         """An admission slot and the model's engine (loaded if needed), with their release."""
@@ -149,7 +172,7 @@ class ChatService:
 
     async def _generate(self, request: Request, body: CompletionRequest, key: KeyInfo | None,
                         engine: AsyncLLMEngine, ft: FineTuned | None,
-                        release: _Release) -> Response:
+                        release: _Release, guard: guardmod.Guard | None = None) -> Response:
         """Adapter, grounding, plan, then the engine's outputs as one body or a stream."""
         eng = engine.engine
         if ft is not None:  # a fine-tuned model: its adapter on the base model's engine
@@ -167,7 +190,7 @@ class ChatService:
         outputs = engine.generate(plan.prompt_ids, plan.params, request_id,
                                   lora=ft.name if ft is not None else None)
         gen = _Generation(request_id=request_id, model=body.model, created=int(time.time()),
-                          plan=plan, tok=tok, key=key, rag=rag, audit=notes)
+                          plan=plan, tok=tok, key=key, rag=rag, audit=notes, guard=guard)
         if not body.stream:
             return await self._complete(request, gen, outputs)
         return self._stream_response(gen, outputs, release)
@@ -197,9 +220,18 @@ class ChatService:
         prompt = len(final.prompt_token_ids)
         completion = sum(len(o.token_ids) for o in final.outputs)
         self._account(gen, prompt, completion)
-        return JSONResponse({"id": gen.request_id, "object": "chat.completion",
-                             "created": gen.created, "model": gen.model, "choices": choices,
-                             "usage": chatmod.usage(prompt, completion)})
+        body: dict[str, Any] = {"id": gen.request_id, "object": "chat.completion",
+                                "created": gen.created, "model": gen.model, "choices": choices,
+                                "usage": chatmod.usage(prompt, completion)}
+        if gen.guard is not None:  # guardrails, 3 of 3: the answers, before they are sent
+            try:
+                await gen.guard.check_answer([c["message"]["content"] or "" for c in choices])
+            except guardmod.GuardrailBlocked as blocked:
+                gen.audit["moderation"] = gen.guard.audit()
+                return blocked.response()
+            gen.audit["moderation"] = gen.guard.audit()
+            body["guardrails"] = gen.guard.body()
+        return JSONResponse(body)
 
     async def _collect(self, request: Request, gen: _Generation,
                        outputs: AsyncIterator[RequestOutput]) -> RequestOutput | None:
@@ -266,14 +298,29 @@ class ChatService:
                         lp_sent[i] = len(o.logprobs)
                     if o.finish_reason is None:
                         text = chatmod.streamable_text(plan, o)
+                        # guardrails, 2 of 3: the answer as it grows (a window every N chars)
+                        if gen.guard is not None and (cut := await gen.guard.check_stream(
+                                i, text)) is not None:
+                            done[i] = True
+                            yield self._guard_cut(gen, i, cut, out, all(done))
+                            if all(done):  # nothing left to send: stop the generation now
+                                with contextlib.suppress(Exception):
+                                    await outputs.aclose()  # type: ignore[attr-defined]
+                                break
+                            continue
                         if len(text) > sent[i] or lp is not None:
                             yield _chunk(gen, i, {"content": text[sent[i]:]}, logprobs=lp)
                             sent[i] = max(sent[i], len(text))
                         continue
                     delta, reason = _final_delta(gen, o, sent[i])
                     done[i] = True
+                    if gen.guard is not None and (cut := await gen.guard.check_final(
+                            i, chatmod.final_message(plan, o, gen.tok)[0] or "")) is not None:
+                        yield self._guard_cut(gen, i, cut, out, all(done))
+                        continue
                     usage = self._usage(gen, out) if all(done) else None
-                    yield _chunk(gen, i, delta, reason, logprobs=lp, usage=usage)
+                    yield _chunk(gen, i, delta, reason, logprobs=lp, usage=usage,
+                                 extra=_guard_extra(gen) if all(done) else None)
             finished_ok = True
             yield DONE
         except Exception as exc:  # a bug after the 200 went out: say so in the stream, then end
@@ -285,6 +332,15 @@ class ChatService:
         finally:
             if not finished_ok:
                 self.metrics.observe_abort(gen.model)
+
+    def _guard_cut(self, gen: _Generation, index: int, results: dict[str, Any],
+                   out: RequestOutput, last: bool) -> bytes:
+        """The chunk that ends a choice a guardrail blocked mid-stream."""
+        gen.audit["moderation"] = gen.guard.audit() if gen.guard is not None else None
+        return _chunk(gen, index, {"content": ""}, "content_filter",
+                      usage=self._usage(gen, out) if last else None,
+                      extra={"guardrails": {"stage": "output", "blocked": True,
+                                            "message": guardmod.BLOCKED, "results": results}})
 
     def _usage(self, gen: _Generation, out: RequestOutput) -> dict[str, int]:
         """The usage of the last chunk, once every choice has finished (and accounted)."""
@@ -346,8 +402,10 @@ def _final_delta(gen: _Generation, o: CompletionOutput, sent: int) -> tuple[dict
 
 
 def _chunk(gen: _Generation, index: int, delta: dict[str, Any], finish: str | None = None,
-           logprobs: dict[str, Any] | None = None, usage: dict[str, int] | None = None) -> bytes:
-    """One ``chat.completion.chunk`` event of choice ``index``."""
+           logprobs: dict[str, Any] | None = None, usage: dict[str, int] | None = None,
+           extra: dict[str, Any] | None = None) -> bytes:
+    """One ``chat.completion.chunk`` event of choice ``index`` (``extra``: more top-level
+    fields, e.g. the guardrails' results)."""
     c: dict[str, Any] = {"index": index, "delta": delta, "finish_reason": finish}
     if logprobs is not None:
         c["logprobs"] = logprobs
@@ -355,4 +413,18 @@ def _chunk(gen: _Generation, index: int, delta: dict[str, Any], finish: str | No
                             "created": gen.created, "model": gen.model, "choices": [c]}
     if usage is not None:
         body["usage"] = usage
+    if extra:
+        body.update(extra)
     return chatmod.sse(body)
+
+
+def _guard_extra(gen: _Generation) -> dict[str, Any] | None:
+    """The guardrails' results for a stream's last chunk (and its audit notes)."""
+    if gen.guard is None:
+        return None
+    gen.audit["moderation"] = gen.guard.audit()
+    return {"guardrails": gen.guard.body()}
+
+
+def _violations(results: dict[str, Any]) -> dict[str, list[str]]:
+    return {k: [c for c, v in r.get("violations", {}).items() if v] for k, r in results.items()}

@@ -21,7 +21,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from souverain.finetune import jsonl
+from souverain.finetune import classifier_data, jsonl
 from souverain.finetune.jsonl import DEFAULT_MAX_LINE_BYTES
 from souverain.finetune.store import (
     Busy,
@@ -61,6 +61,15 @@ class Hyperparameters(_Body):
         "LoRA rank (souverain extension; default 16)."))
 
 
+class ClassifierTargetIn(_Body):
+    """One target of a classifier job (La Plateforme's ClassifierTargetIn)."""
+
+    name: str = Field(min_length=1, max_length=200)
+    labels: list[Annotated[str, Field(min_length=1)]] = Field(min_length=1, max_length=1000)
+    weight: float = Field(default=1.0, gt=0, le=1000)
+    loss_function: Literal["single_class", "multi_class"] | None = None
+
+
 class JobCreate(_Body):
     model: str = Field(min_length=1)
     training_files: list[TrainingFile | Annotated[str, Field(min_length=1)]] = Field(
@@ -71,9 +80,9 @@ class JobCreate(_Body):
     auto_start: bool = True
     integrations: list[dict[str, Any]] | None = None
     repositories: list[dict[str, Any]] | None = None
-    job_type: Literal["completion"] | None = None
+    job_type: Literal["completion", "classifier"] | None = None
     invalid_sample_skip_percentage: float | None = Field(default=0, ge=0, le=0.5)
-    classifier_targets: list[dict[str, Any]] | None = None
+    classifier_targets: list[ClassifierTargetIn] | None = None
 
 
 def file_json(f: FileRecord, *, deleted: bool | None = None) -> dict[str, Any]:
@@ -92,7 +101,8 @@ def job_json(j: JobRecord, store: JobStore | None = None) -> dict[str, Any]:
     checkpoints). ``error`` is an extension: why a job FAILED / FAILED_VALIDATION."""
     hp = j.hyperparameters
     body: dict[str, Any] = {
-        "id": j.id, "object": "job", "job_type": "completion", "auto_start": j.auto_start,
+        "id": j.id, "object": "job", "job_type": j.job_type or "completion",
+        "auto_start": j.auto_start,
         "model": j.model, "status": j.status, "created_at": int(j.created_at),
         "modified_at": int(j.modified_at),
         "training_files": j.training_file_ids, "validation_files": list(j.validation_files),
@@ -110,6 +120,12 @@ def job_json(j: JobRecord, store: JobStore | None = None) -> dict[str, Any]:
                      "data_tokens": None, "estimated_start_time": None},
         "error": j.error,
     }
+    if j.is_classifier:  # ClassifierJobOut: its targets, no FIM
+        del body["hyperparameters"]["fim_ratio"]
+        body["classifier_targets"] = [
+            {"name": t["name"], "labels": t["labels"], "weight": t.get("weight", 1.0),
+             "loss_function": t.get("loss_function") or "single_class"}
+            for t in j.classifier_targets or []]
     if store is not None:
         events = store.events(j.id)
         for e in events:
@@ -150,9 +166,16 @@ def check_upload(data: bytes, name: str, purpose: str, *,
             if kind is None:
                 raise APIError(400, f"{name} line {i} is no training sample (keys "
                                     f"{_keys(obj)}); write {{\"messages\": [...]}} "
-                                    "(instruct), {\"text\": ...} (pretrain) or {\"prompt\", "
-                                    "\"chosen\", \"rejected\"} (preference).", param="file",
-                               code="invalid_sample")
+                                    "(instruct), {\"text\": ...} (pretrain), {\"prompt\", "
+                                    "\"chosen\", \"rejected\"} (preference) or {\"text\" or "
+                                    "\"messages\", \"labels\": {...}} (classifier).",
+                               param="file", code="invalid_sample")
+            if kind == "classifier":
+                try:
+                    classifier_data.parse_example(obj, i)
+                except ValueError as exc:
+                    raise APIError(400, f"{name} line {i} {exc}.", param="file",
+                                   code="invalid_sample") from None
             for other, line in kinds.items():
                 if other != kind:
                     raise APIError(400, f"{name} line {i} is a {kind} sample but line {line} "
@@ -185,6 +208,8 @@ def _keys(obj: dict[str, Any]) -> str:
 
 
 def _kind(obj: dict[str, Any]) -> str | None:
+    if classifier_data.is_classifier_sample(obj):
+        return "classifier"
     if "chosen" in obj or "rejected" in obj:
         return "preference"
     if "messages" in obj:
@@ -208,7 +233,18 @@ def jobs_api_error(exc: JobsError) -> APIError:
 
 def check_job(body: JobCreate) -> list[TrainingFile]:
     """A 400 for what a job may not ask here; its training files with their weights."""
-    for field in ("integrations", "repositories", "classifier_targets"):
+    if body.classifier_targets is not None and body.job_type != "classifier":
+        raise APIError(400, "classifier_targets is for classifier jobs; add "
+                            "job_type: \"classifier\" or remove the field.",
+                       param="classifier_targets")
+    if body.classifier_targets:
+        targets = [classifier_data.Target(t.name, list(dict.fromkeys(t.labels)),
+                                          t.loss_function or "single_class", t.weight)
+                   for t in body.classifier_targets]
+        problem = classifier_data.check_targets(targets)
+        if problem:
+            raise APIError(400, f"classifier_targets: {problem}.", param="classifier_targets")
+    for field in ("integrations", "repositories"):
         if getattr(body, field):
             raise APIError(400, f"{field} are not supported here: training runs on this "
                                 "machine and nothing is sent elsewhere; remove the field.",
@@ -217,6 +253,9 @@ def check_job(body: JobCreate) -> list[TrainingFile]:
     if hp.training_steps is not None and hp.epochs is not None:
         raise APIError(400, "hyperparameters sets both training_steps and epochs; give "
                             "one of them.", param="hyperparameters")
+    if hp.fim_ratio and body.job_type == "classifier":
+        raise APIError(400, "hyperparameters.fim_ratio is for completion jobs; a classifier "
+                            "job has none.", param="hyperparameters.fim_ratio")
     if hp.fim_ratio:
         raise APIError(400, "hyperparameters.fim_ratio: FIM training is not supported "
                             "here; leave it out or set 0.", param="hyperparameters.fim_ratio")
@@ -234,3 +273,30 @@ def check_job(body: JobCreate) -> list[TrainingFile]:
                             "here yet; give every file the same weight (or repeat a file "
                             "to weigh it more).", param="training_files")
     return files
+
+
+def check_job_files(store: JobStore, body: JobCreate, file_ids: list[str]) -> None:
+    """A 400 when a file's samples do not fit the job type (classifier samples for a
+    classifier job, and only for one); a 404 for a missing file (as the store says)."""
+    classifier = body.job_type == "classifier"
+    for fid in file_ids:
+        try:
+            f = store.get_file(fid)
+        except NotFound:
+            continue  # the store names it (404)
+        if classifier and f.sample_type != "classifier" and f.purpose == "fine-tune":
+            raise APIError(400, f"File {fid} ({f.filename}) holds {f.sample_type} samples; a "
+                                "classifier job trains on lines {\"text\" (or \"messages\"), "
+                                "\"labels\": {...}}.", param="training_files")
+        if not classifier and f.sample_type == "classifier":
+            raise APIError(400, f"File {fid} ({f.filename}) holds classifier samples; create "
+                                "the job with job_type: \"classifier\".", param="job_type")
+
+
+def classifier_targets(body: JobCreate) -> list[dict[str, Any]] | None:
+    """The targets a classifier job declares (None: taken from its files at validation)."""
+    if not body.classifier_targets:
+        return None
+    return [{"name": t.name, "labels": list(dict.fromkeys(t.labels)),
+             "weight": t.weight, "loss_function": t.loss_function}  # None: from the data
+            for t in body.classifier_targets]

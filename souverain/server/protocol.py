@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from souverain.moderation.guardrails import GuardrailConfig
+
 SAFE_PROMPT = (
     "Always assist with care, respect, and truth. Respond with utmost utility yet securely. "
     "Avoid harmful, unethical, prejudiced, or negative content. Ensure replies promote fairness "
@@ -155,8 +157,7 @@ class StreamOptions(_Request):
     include_usage: bool | None = None
 
 
-class Guardrail(_Open):
-    pass
+Guardrail = GuardrailConfig  # checked strictly: souverain.moderation.guardrails
 
 
 class ChatCompletionRequest(_Request):
@@ -211,7 +212,8 @@ class ChatCompletionRequest(_Request):
         "Only null/'none' here: the served models have no reasoning mode."))
     prompt_mode: str | None = Field(default=None, description="Only null here.")
     guardrails: list[Guardrail] | None = Field(default=None, description=(
-        "Only null/empty here: use safe_prompt."))
+        "Moderation of the conversation before generation and of the answer after it (and "
+        "as it streams) by the server's moderation model; a blocked request is a 403."))
 
 
 class FIMCompletionRequest(_Request):
@@ -268,7 +270,8 @@ class ChoiceLogprobs(BaseModel):
     content: list[TokenLogprobs]
 
 
-FinishReason = Literal["stop", "length", "model_length", "error", "tool_calls"]
+# content_filter (souverain, OpenAI's name): a guardrail ended the answer mid-stream
+FinishReason = Literal["stop", "length", "model_length", "error", "tool_calls", "content_filter"]
 
 
 class AssistantMessage(BaseModel):
@@ -292,6 +295,8 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatCompletionChoice]
     usage: UsageInfo
+    guardrails: dict[str, Any] | None = Field(default=None, description=(
+        "With guardrails: each stage's (input, output) results per config."))
 
 
 class DeltaMessage(BaseModel):
@@ -316,6 +321,8 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[StreamChoice]
     usage: UsageInfo | None = None
+    guardrails: dict[str, Any] | None = Field(default=None, description=(
+        "With guardrails, on the last chunk: the results (and the block, if any)."))
 
 
 class ModelCapabilities(BaseModel):
@@ -325,6 +332,7 @@ class ModelCapabilities(BaseModel):
     fine_tuning: bool = False
     vision: bool = False
     classification: bool = False
+    moderation: bool = False
     embeddings: bool = Field(default=False,
                              description="souverain: the model serves POST /v1/embeddings.")
 

@@ -6,7 +6,8 @@ None without rate limits), ``chat`` (`ChatService`), ``embeddings`` (`EmbeddingS
 with ``--embed-model none``), ``libraries`` (`LibraryService`, or None with
 ``--no-libraries``), ``jobs`` (`JobStore`, or None without fine-tuning), ``worker`` (the
 fine-tuning `WorkerProcess`, or None) and ``batch`` (`BatchService`, or None without the files
-API or with ``--no-batch``). Nothing else writes them; a route reads them with a
+API or with ``--no-batch``), ``classifiers`` (`ClassifierService`, or None without
+fine-tuning), ``moderation`` (`ModerationService`). Nothing else writes them; a route reads them with a
 getter below, so one request's state is always one app's.
 """
 
@@ -21,9 +22,11 @@ if TYPE_CHECKING:
     from souverain.server.app import ServerConfig
     from souverain.server.batch import BatchService
     from souverain.server.chat_service import ChatService
+    from souverain.server.classifications import ClassifierService
     from souverain.server.embeddings import EmbeddingService
     from souverain.server.libraries import LibraryService
     from souverain.server.metrics import ServerMetrics
+    from souverain.server.moderation import ModerationService
     from souverain.server.ratelimit import AdmissionQueue, RateLimiter
     from souverain.server.registry import ModelRegistry
 
@@ -69,3 +72,13 @@ def jobs(request: Request) -> JobStore:
 def batch(request: Request) -> BatchService:
     """The batch jobs (their routes are mounted only when they are on)."""
     return request.app.state.batch
+
+
+def classifiers(request: Request) -> ClassifierService | None:
+    """The classifier models of finished classifier jobs (None without fine-tuning)."""
+    return request.app.state.classifiers
+
+
+def moderation(request: Request) -> ModerationService:
+    """The moderation model's service (moderation routes and chat guardrails)."""
+    return request.app.state.moderation

@@ -33,7 +33,9 @@ from souverain.server.errors import APIError, call_in_thread, in_thread
 from souverain.server.finetuning import (
     JobCreate,
     check_job,
+    check_job_files,
     check_upload,
+    classifier_targets,
     file_json,
     job_json,
     jobs_api_error,
@@ -139,15 +141,21 @@ async def _job(request: Request, step: Callable[[JobStore, str], JobRecord],
 async def create_job(body: JobCreate, request: Request,
                      key: KeyInfo | None = Depends(authorize)) -> dict[str, Any]:
     check_model(request, key, body.model)  # an unknown or forbidden model first: 404 / 403
-    model_path = state.registry(request).find(body.model).model
+    if body.job_type == "classifier":
+        model, model_path = classifier_base(request, body.model)
+    else:
+        model, model_path = body.model, state.registry(request).find(body.model).model
     files = check_job(body)
     store = state.jobs(request)
+    await _call(lambda: check_job_files(
+        store, body, [f.file_id for f in files] + list(body.validation_files or [])))
     job = await _call(lambda: store.create_job(
-        model=body.model, model_path=model_path,
+        model=model, model_path=model_path,
         training_files=[f.model_dump() for f in files],
         validation_files=body.validation_files,
         hyperparameters=body.hyperparameters.model_dump(exclude_none=True),
-        suffix=body.suffix, auto_start=body.auto_start))
+        suffix=body.suffix, auto_start=body.auto_start, job_type=body.job_type,
+        classifier_targets=classifier_targets(body)))
     return await _call(lambda: job_json(job, store))
 
 
@@ -199,6 +207,16 @@ async def cancel_job(job_id: str, request: Request,
 async def start_job(job_id: str, request: Request,
                     key: KeyInfo | None = Depends(authorize)) -> dict[str, Any]:
     return await _job(request, JobStore.start, job_id)
+
+
+def classifier_base(request: Request, model: str) -> tuple[str, str]:
+    """``(name, what the worker loads)`` of a classifier job's base: the embedding model served
+    here (its name, whichever alias the client sent; fast), or a served chat model (its mean
+    hidden state). A 404 for any other model."""
+    embed = state.embeddings(request)
+    if embed is not None and embed.serves(model):
+        return embed.name, str(embed.path)
+    return model, state.registry(request).find(model).model
 
 
 def _has_nul(*values: str | None) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
 
+from souverain.moderation.categories import MODEL_IDS as MODERATION_IDS
 from souverain.server import chat as chatmod
 from souverain.server import state
 from souverain.server.access import authorize
@@ -61,8 +62,11 @@ async def list_models(request: Request,
     fine_tuned = [model_card(request, registry.find(ft.base), ft.name, ft)
                   for ft in await in_thread(registry.fine_tuned)]
     embed = state.embeddings(request)
+    classifiers = state.classifiers(request)
+    classifier_cards = await in_thread(classifiers.cards) if classifiers is not None else []
     return ModelList(data=[model_card(request, m) for m in registry.models] + fine_tuned
-                     + ([embed.card()] if embed is not None else []))
+                     + ([embed.card()] if embed is not None else []) + classifier_cards
+                     + [state.moderation(request).card()])
 
 
 @router.get("/v1/models/{model_id}", response_model=ModelCard,
@@ -73,5 +77,12 @@ async def get_model(model_id: str, request: Request,
     embed = state.embeddings(request)
     if embed is not None and embed.serves(model_id):
         return embed.card(model_id)
+    if model_id in MODERATION_IDS:
+        return state.moderation(request).card(model_id)
+    classifiers = state.classifiers(request)
+    if classifiers is not None and model_id.startswith("ft:"):
+        found = (await in_thread(classifiers.models)).get(model_id)
+        if found is not None:
+            return classifiers.card(model_id, found)
     m, ft = await in_thread(state.registry(request).resolve, model_id)
     return model_card(request, m, model_id, ft)
