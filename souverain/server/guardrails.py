@@ -108,17 +108,17 @@ class Guard:
         far) crossed a threshold at this check, else None (no check due, or passed)."""
         if len(text) - self._checked.get(index, 0) < STREAM_INTERVAL:
             return None
-        self._checked[index] = len(text)
-        try:
-            await self.check(text[-STREAM_WINDOW:], "output")
-        except GuardrailBlocked as b:
-            return b.results
-        return None
+        return await self._check_window(index, text)
 
     async def check_final(self, index: int, text: str) -> dict[str, Any] | None:
         """At the end of a streamed choice: its last window, unless just checked."""
         if self._checked.get(index) == len(text) or not text.strip():
             return None
+        return await self._check_window(index, text)
+
+    async def _check_window(self, index: int, text: str) -> dict[str, Any] | None:
+        """The last `STREAM_WINDOW` characters of choice ``index``: the block's results, or
+        None when they pass."""
         self._checked[index] = len(text)
         try:
             await self.check(text[-STREAM_WINDOW:], "output")
