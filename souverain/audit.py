@@ -244,6 +244,8 @@ class AuditLog:
             rec["erased"] = n["erased"]
         if n.get("moderation") is not None:  # flagged categories (moderation, guardrails)
             rec["moderation"] = n["moderation"]
+        if n.get("lifecycle") is not None:  # a lifecycle change (old -> new), a replacement
+            rec["lifecycle"] = n["lifecycle"]
         if n.get("classifications") is not None:  # per input, each target's top label
             rec["classifications"] = n["classifications"]
         if self.content:
@@ -251,6 +253,30 @@ class AuditLog:
             rec["response"] = _response_text(event.get("response", b""),
                                              event.get("content_type", ""))
         return rec
+
+
+def append_record(directory: Path | str, record: dict[str, Any]) -> Path:
+    """Append one record made outside the server (``souverain models``' lifecycle changes)
+    to ``directory``'s file of the day, under the lock the server's writer and `prune`/`erase`
+    honour; returns the file."""
+    directory = Path(directory).expanduser()
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    now = time.time()
+    rec = {"ts": dt.datetime.fromtimestamp(now, dt.timezone.utc)
+           .isoformat(timespec="milliseconds").replace("+00:00", "Z"), **record}
+    path = directory / f"audit-{_day(now)}.jsonl"
+    line = json.dumps(rec, ensure_ascii=False, separators=(",", ":"), default=str) + "\n"
+    lock = AuditLock(directory, directory=True)
+    try:
+        with lock.shared():
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                os.write(fd, line.encode())
+            finally:
+                os.close(fd)
+    finally:
+        lock.close()
+    return path
 
 
 # -- retention and erasure (`souverain audit prune|erase`, `--audit-retention-days`) --------

@@ -4,6 +4,7 @@
   serve.py     serve (La Plateforme's HTTP API)
   keys.py      keys add|list|revoke (the API keys file)
   audit.py     audit erase|prune (the audit log: a subject's content, retention)
+  models.py    models deprecate|withdraw|restore|show (a model's lifecycle)
   library.py   library create|list|add|search|docs|remove|delete
   finetune.py  finetune validate|run|merge
   batch.py     batch run (a file of batch requests, offline, at full batch)
@@ -29,6 +30,7 @@ from souverain.cli.eval import eval_app
 from souverain.cli.finetune import finetune_app
 from souverain.cli.keys import keys_app
 from souverain.cli.library import library_app
+from souverain.cli.models import models_app
 from souverain.cli.run import ask, chat, generate, inspect
 from souverain.cli.serve import serve
 
@@ -58,6 +60,7 @@ app.add_typer(bench_app, name="bench", short_help=(
     "llama-cpp-python`)."))
 app.add_typer(keys_app, name="keys")
 app.add_typer(audit_app, name="audit")
+app.add_typer(models_app, name="models")
 app.add_typer(library_app, name="library")
 app.add_typer(finetune_app, name="finetune")
 app.add_typer(batch_app, name="batch")

@@ -20,6 +20,9 @@ def keys_add(
     key_name: str = typer.Argument(..., help="Who or what the key is for, e.g. alice."),
     models: str | None = typer.Option(None, "--models",
                                       help="Comma-separated model ids it may use (all if unset)."),
+    admin: bool = typer.Option(False, "--admin",
+                               help="Let it administer the server: deprecate, withdraw, "
+                                    "restore, delete models (scopes=admin)."),
 ) -> None:
     """Make a new API key: prints it once; the file keeps only its SHA-256 hash.
 
@@ -28,7 +31,8 @@ def keys_add(
     with user_errors():
         from souverain.server.auth import add_key
 
-        key_id, key = add_key(file, key_name, models.split(",") if models else None)
+        key_id, key = add_key(file, key_name, models.split(",") if models else None,
+                              admin=admin)
         err.print(f"key id {key_id} for {key_name} added to {file}; the key (shown only now):")
         out.print(key)
 
@@ -56,4 +60,5 @@ def keys_list(file: str = typer.Argument(..., help="Keys file.")) -> None:
 
         for k in APIKeys.from_file(file).keys:
             models = ",".join(sorted(k.models)) if k.models else "all models"
-            out.print(f"{k.key_id}  {k.name}  {models}")
+            admin = "  admin" if "admin" in k.scopes else ""
+            out.print(f"{k.key_id}  {k.name}  {models}{admin}")

@@ -108,6 +108,11 @@ ModerationModelOpt = typer.Option(
          "(Llama Guard 3 is read in its own format), or ft:... a classifier trained here "
          "whose targets or labels are named after the categories. Default: the first "
          "served model.")
+WithdrawnFallbackOpt = typer.Option(
+    False, "--withdrawn-fallback",
+    help="Serve a withdrawn model's requests with its replacement (response header "
+         "x-souverain-model-replaced: OLD -> NEW) instead of a 410 naming it; `souverain "
+         "models withdraw ID --replacement NEW [--fallback/--no-fallback]` sets it per model.")
 AuditOpt = typer.Option(
     True, "--audit/--no-audit",
     help="Append one JSON line per API call (time, key id, route, model, status, tokens, "
@@ -326,6 +331,7 @@ def serve(
     batch_concurrency: int = BatchConcurrencyOpt,
     embed_model: str = EmbedModelOpt,
     moderation_model: str | None = ModerationModelOpt,
+    withdrawn_fallback: bool = WithdrawnFallbackOpt,
     audit: bool = AuditOpt,
     audit_log: str | None = AuditLogOpt,
     audit_content: bool = AuditContentOpt,
@@ -384,6 +390,7 @@ def serve(
             audit_content_retention_days=audit_content_retention_days, batch=batch,
             batch_concurrency=batch_concurrency)
         config.moderation_model = moderation_name
+        config.withdrawn_fallback = withdrawn_fallback
         logging.basicConfig(level=log_level.upper(),
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         if not lazy:

@@ -1,4 +1,6 @@
-"""The SQL side of the fine-tuning jobs: the four tables and the engine that reaches them.
+"""The SQL side of the fine-tuning jobs: the four tables and the engine that reaches them,
+and ``model_lifecycle`` (one row per model id: deprecation, withdrawal, archive, deletion,
+shared by every server on the database; `souverain.finetune.lifecycle`).
 
 SQLAlchemy Core over ``sqlite:///path`` or ``postgresql+psycopg://...``. `JobStore` (store.py)
 owns the transitions and the records built from these rows.
@@ -78,6 +80,22 @@ checkpoints_t = sa.Table(
     sa.Column("path", sa.Text, nullable=False),
     sa.Column("metrics", sa.JSON),
     sa.Column("created_at", sa.Float, nullable=False),
+)
+
+lifecycle_t = sa.Table(
+    "model_lifecycle", metadata,
+    sa.Column("model_id", sa.String(256), primary_key=True),
+    sa.Column("deprecation", sa.Text),  # ISO date (YYYY-MM-DD) the model is retired on
+    sa.Column("deprecated_at", sa.Float),  # when it was marked deprecated (Deprecation header)
+    sa.Column("replacement", sa.Text),  # deprecation_replacement_model
+    sa.Column("withdrawn_at", sa.Float),  # not NULL: requests get 410 (or the replacement)
+    sa.Column("fallback", sa.Boolean),  # this model's withdrawn fallback (NULL: the server's)
+    sa.Column("archived", sa.Boolean, nullable=False, default=False),
+    sa.Column("name", sa.Text),  # a fine-tuned model's name / description (PATCH)
+    sa.Column("description", sa.Text),
+    sa.Column("deleted_at", sa.Float),  # a deleted fine-tuned model: never served again
+    sa.Column("modified_at", sa.Float, nullable=False),
+    sa.Column("modified_by", sa.Text),
 )
 
 

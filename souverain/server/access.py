@@ -55,8 +55,19 @@ def _authenticate(request: Request, keys: APIKeys | None,
         raise APIError(exc.status, exc.message, code=exc.code, headers=headers) from None
 
 
-def check_model(request: Request, key: KeyInfo | None, model: str) -> None:
-    """A 403 unless the caller's key may use ``model`` (keys without a model list may)."""
+def check_model(request: Request, key: KeyInfo | None, model: str) -> str:
+    """The model that serves a request for ``model``: a 403 unless the caller's key may use
+    it (keys without a model list may), then its lifecycle (`LifecycleService.route`: 410 when
+    withdrawn, or the replacement with fallback, which the key must be allowed too)."""
+    _check_key(request, key, model)
+    used = state.lifecycle(request).route(request, model)
+    if used != model:
+        _check_key(request, key, used)
+        note(request)["lifecycle"] = {"replaced": f"{model} -> {used}"}
+    return used
+
+
+def _check_key(request: Request, key: KeyInfo | None, model: str) -> None:
     keys = state.config(request).api_keys
     if key is not None and keys is not None:
         try:

@@ -26,6 +26,7 @@ from fastapi import FastAPI
 
 from souverain import __version__
 from souverain.audit import AuditLog, AuditMiddleware
+from souverain.finetune.lifecycle import LifecycleStore
 from souverain.finetune.store import JobStore
 from souverain.finetune.worker import WorkerProcess
 from souverain.paths import libraries_dir
@@ -37,6 +38,7 @@ from souverain.server.docs import install_docs
 from souverain.server.embeddings import EmbeddingService
 from souverain.server.errors import in_thread, install_error_handlers
 from souverain.server.libraries import LibraryService
+from souverain.server.lifecycle import LifecycleHeaders, LifecycleService
 from souverain.server.metrics import ServerMetrics
 from souverain.server.middleware import BodyLimit, JSONBodyCheck, KeyInURL, RequestMetrics
 from souverain.server.moderation import ModerationService
@@ -52,6 +54,7 @@ from souverain.server.routers import (
     files,
     health,
     libraries,
+    lifecycle,
     models,
     moderation,
 )
@@ -84,6 +87,7 @@ class ServerConfig:
     batch: bool = True  # with finetune (the files API): /v1/batch/jobs and their runner
     batch_concurrency: int = 4  # lines of a batch job in flight at once
     moderation_model: str | None = None  # the served model that moderates (None: the first)
+    withdrawn_fallback: bool = False  # a withdrawn model's requests go to its replacement
 
 
 def create_app(registry: ModelRegistry, config: ServerConfig | None = None) -> FastAPI:
@@ -104,6 +108,7 @@ def create_app(registry: ModelRegistry, config: ServerConfig | None = None) -> F
     install_docs(app)
     # the last added is the outermost: audit -> metrics -> key in URL (401) -> body limit
     # (413) -> JSON body check (422) -> FastAPI
+    app.add_middleware(LifecycleHeaders)  # Deprecation / Sunset / model-replaced headers
     app.add_middleware(JSONBodyCheck)
     app.add_middleware(BodyLimit, limit=config.max_request_bytes,
                        upload_limit=config.max_upload_bytes, file_limit=config.max_file_bytes)
@@ -114,6 +119,7 @@ def create_app(registry: ModelRegistry, config: ServerConfig | None = None) -> F
     # the order of the routes is the order of /openapi.json's paths
     app.include_router(embeddings.router)
     app.include_router(models.router)
+    app.include_router(lifecycle.router)
     app.include_router(health.router)
     if config.libraries:
         app.include_router(libraries.router)
@@ -139,10 +145,18 @@ def _init_state(app: FastAPI, registry: ModelRegistry, config: ServerConfig) -> 
     library_service = (LibraryService(libraries_dir(config.data_dir), config.embed_model)
                        if config.libraries else None)
     jobs = JobStore(config.jobs_db, config.data_dir) if config.finetune else None
+    # the lifecycle rows live in the jobs database (shared by the servers on it), else in a
+    # SQLite file of this data folder
+    lifecycle_service = LifecycleService(
+        LifecycleStore(engine=jobs.engine, url=jobs.url) if jobs is not None
+        else LifecycleStore(root=config.data_dir), config.withdrawn_fallback)
     if jobs is not None:
-        registry.fine_tuned_source = jobs.succeeded_models
+        succeeded = jobs.succeeded_models
+        registry.fine_tuned_source = lambda: [row for row in succeeded()
+                                              if not lifecycle_service.deleted(row[0])]
     state = app.state
     state.registry, state.config, state.metrics = registry, config, metrics
+    state.lifecycle = lifecycle_service
     state.admission, state.limiter = admission, limiter
     state.libraries, state.jobs = library_service, jobs
     # the worker takes only the jobs of the models served here (a shared --jobs-db holds
@@ -181,7 +195,8 @@ def _engine_stats(m: ServedModel) -> Callable[[], dict[str, Any] | None]:
 
 @contextlib.asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Start the fine-tuning worker (and its supervisor) and the batch runner; at shutdown
+    """Start the fine-tuning worker (and its supervisor) and the batch runner, and finish
+    the fine-tuned model deletions a crash interrupted; at shutdown
     stop the batch runner, the worker, then the ingest thread, the engines and the audit log,
     in that order."""
     state = app.state
@@ -192,6 +207,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         supervisor = asyncio.create_task(worker.supervise())
     if state.libraries is not None:  # requeue interrupted documents now, on a thread
         state.libraries.start()
+    if state.jobs is not None:  # deletions of fine-tuned models a crash interrupted
+        await in_thread(state.lifecycle.finish_deletions, state.jobs.succeeded_models)
     batch_runner = asyncio.create_task(state.batch.run()) if state.batch is not None else None
     yield
     if batch_runner is not None:  # in-flight lines aborted; the job resumes at the next start

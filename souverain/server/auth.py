@@ -249,7 +249,8 @@ def _check_label(value: str, what: str) -> None:
         )
 
 
-def add_key(path: str | os.PathLike, name: str, models: list[str] | None = None) -> tuple[str, str]:
+def add_key(path: str | os.PathLike, name: str, models: list[str] | None = None, *,
+            admin: bool = False) -> tuple[str, str]:
     """Create a key, append its HASH to the key file, return ``(key_id, plaintext key)``.
 
     The file (and its folder) are created if needed, the file with mode 0600. The plaintext
@@ -277,13 +278,16 @@ def add_key(path: str | os.PathLike, name: str, models: list[str] | None = None)
     line = f"{key_id} {name} {APIKeys.hash_key(key)}"
     if models is not None:
         line += " models=" + ",".join(dict.fromkeys(models))
+    if admin:
+        line += " scopes=admin"
     p.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     fd = os.open(p, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
     try:
         st = os.fstat(fd)
         if st.st_size == 0:
             os.fchmod(fd, 0o600)
-            prefix = "# souverain API keys: <key_id> <name> sha256:<hex> [models=a,b]\n"
+            prefix = ("# souverain API keys: <key_id> <name> sha256:<hex> [models=a,b] "
+                      "[scopes=admin]\n")
         else:
             os.lseek(fd, -1, os.SEEK_END)
             prefix = "" if os.read(fd, 1) == b"\n" else "\n"

@@ -124,7 +124,7 @@ class ChatService:
                      key: KeyInfo | None) -> Response:
         """The response to one chat or FIM request: JSON, or an SSE stream."""
         note(request)["model"] = body.model
-        check_model(request, key, body.model)
+        body.model = check_model(request, key, body.model)  # a withdrawn model's replacement
         served, ft = await in_thread(self.registry.resolve, body.model)
         # guardrails, 1 of 3: the conversation is moderated before anything is admitted
         guard = await self._guard_input(request, body)

@@ -61,7 +61,7 @@ class CompletionService:
     async def create(self, request: Request, body: CompletionRequest,
                      key: KeyInfo | None) -> Response:
         note(request)["model"] = body.model
-        check_model(request, key, body.model)
+        body.model = check_model(request, key, body.model)  # a withdrawn model's replacement
         _refuse_unsupported(body)
         served, ft = await in_thread(self.chat.registry.resolve, body.model)
         engine, release = await self.chat._admit(served)

@@ -4,9 +4,10 @@ Format
 ------
 One key per line; blank lines and lines starting with ``#`` are ignored::
 
-    # <key_id> <name> sha256:<64 hex> [models=a,b]
+    # <key_id> <name> sha256:<64 hex> [models=a,b] [scopes=admin]
     3f9a1c2e alice sha256:3f9a1c2e...(64 hex in all)
     77b0d41a ci-bot sha256:77b0d41a... models=mistral-7b,codestral
+    0c1d2e3f ops sha256:0c1d2e3f... scopes=admin
 
 * ``key_id`` is a public identifier (letters, digits, ``._-``): it is what logs, metrics and
   rate limits name, never the key itself.
@@ -15,6 +16,9 @@ One key per line; blank lines and lines starting with ``#`` are ignored::
   stored: `souverain.server.auth.add_key` shows it once and writes only the hash.
 * ``models=a,b`` (optional) restricts the key to those model ids; without it the key may use
   every model the server serves (a request for another model gets 403).
+* ``scopes=admin`` (optional) lets the key administer the server: a model's lifecycle
+  (deprecate, withdraw, restore; delete, archive, rename a fine-tuned model). Other keys get
+  403 there. Without keys, the clients on this machine are the administrators.
 
 For convenience a line may also hold just a bare plaintext key (for example a key copied from
 an environment variable). It is hashed at load time and the plaintext is not kept; its
@@ -43,7 +47,8 @@ logger = logging.getLogger("souverain.server.auth")
 HASH_PREFIX = "sha256:"
 _HEX64 = re.compile(r"[0-9a-fA-F]{64}")
 _KEY_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
-_LINE_FORMAT = "'<key_id> <name> sha256:<64 hex> [models=a,b]' or a bare key"
+_LINE_FORMAT = "'<key_id> <name> sha256:<64 hex> [models=a,b] [scopes=admin]' or a bare key"
+SCOPES = frozenset({"admin"})
 
 
 class ConfigError(SouverainError):
@@ -57,6 +62,7 @@ class KeyInfo:
     key_id: str
     name: str
     models: frozenset[str] | None = None  # None = every model
+    scopes: frozenset[str] = frozenset()  # "admin": lifecycle changes
 
     def allows(self, model: str) -> bool:
         return self.models is None or model in self.models
@@ -106,7 +112,7 @@ def parse_line(line: str, lineno: int, source: str, *, warn: bool = True) -> Key
                 )
         key_id = digest.hex()[:8]
         return KeyEntry(info=KeyInfo(key_id=key_id, name=key_id), digest=digest, line=lineno)
-    if len(tokens) not in (3, 4):
+    if len(tokens) not in (3, 4, 5):
         raise _err(source, lineno, f"{len(tokens)} fields")
     key_id, name, hashed = tokens[:3]
     if not _KEY_ID.fullmatch(key_id):
@@ -117,16 +123,22 @@ def parse_line(line: str, lineno: int, source: str, *, warn: bool = True) -> Key
         raise _err(source, lineno, "the third field must be 'sha256:' followed by 64 hex digits")
     digest = bytes.fromhex(hashed[len(HASH_PREFIX) :])
     models: frozenset[str] | None = None
-    if len(tokens) == 4:
-        opt = tokens[3]
-        if not opt.startswith("models="):
-            raise _err(source, lineno, "the only option after the hash is 'models=a,b'")
-        names = [m for m in opt[len("models=") :].split(",") if m]
-        if not names:
-            raise _err(source, lineno, "'models=' lists no model")
-        models = frozenset(names)
-    return KeyEntry(info=KeyInfo(key_id=key_id, name=name, models=models), digest=digest,
-                    line=lineno)
+    scopes: frozenset[str] = frozenset()
+    for opt in tokens[3:]:
+        if opt.startswith("models=") and models is None:
+            names = [m for m in opt[len("models=") :].split(",") if m]
+            if not names:
+                raise _err(source, lineno, "'models=' lists no model")
+            models = frozenset(names)
+        elif opt.startswith("scopes=") and not scopes:
+            scopes = frozenset(s for s in opt[len("scopes=") :].split(",") if s)
+            if not scopes or not scopes <= SCOPES:
+                raise _err(source, lineno, "the only scope is 'scopes=admin'")
+        else:
+            raise _err(source, lineno, "the only options after the hash are 'models=a,b' "
+                                       "and 'scopes=admin'")
+    return KeyEntry(info=KeyInfo(key_id=key_id, name=name, models=models, scopes=scopes),
+                    digest=digest, line=lineno)
 
 
 def parse_keys(text: str, source: str) -> list[KeyEntry]:

@@ -15,7 +15,9 @@ from pydantic import BaseModel
 from souverain.server.protocol import ChatCompletionChunk, ErrorBody
 
 _ERROR_TEXT = {400: "Invalid request", 401: "Missing or invalid API key",
-               403: "Not allowed", 404: "Unknown model", 413: "Request body too large",
+               403: "Not allowed", 404: "Unknown model", 409: "Conflicts with the current state",
+               410: "Model withdrawn (the message names its replacement)",
+               413: "Request body too large",
                422: "Request does not match the schema", 429: "Rate limit or queue full",
                503: "Model cannot be loaded now"}
 
@@ -25,7 +27,7 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {c: {"model": ErrorBody, "description": _ERROR_TEXT[c]} for c in codes}
 
 
-GENERATION_ERRORS = error_responses(400, 401, 403, 404, 413, 422, 429, 503)
+GENERATION_ERRORS = error_responses(400, 401, 403, 404, 410, 413, 422, 429, 503)
 
 
 def _inline_schema(model: type[BaseModel]) -> dict[str, Any]:

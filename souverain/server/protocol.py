@@ -352,6 +352,11 @@ class ModelCard(BaseModel):
     root: str | None = Field(default=None, description="A fine-tuned model's base model.")
     job: str | None = Field(default=None, description="The job that made a fine-tuned model.")
     loaded: bool = Field(description="souverain: whether the weights are in memory now.")
+    deprecation: str | None = Field(default=None, description=(
+        "When the model is retired (ISO 8601); set by `souverain models deprecate|withdraw`."))
+    deprecation_replacement_model: str | None = Field(
+        default=None, description="The model to use instead once this one is retired.")
+    archived: bool | None = Field(default=None, description="A fine-tuned model's archived flag.")
 
 
 class ModelList(BaseModel):

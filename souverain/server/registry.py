@@ -121,6 +121,10 @@ class ModelRegistry:
         self._ft_cache = (time.monotonic(), fresh)
         return fresh
 
+    def forget_fine_tuned(self) -> None:
+        """Drop the cached list (a fine-tuned model was deleted here)."""
+        self._ft_cache = (0.0, [])
+
     def resolve(self, name: str) -> tuple[ServedModel, FineTuned | None]:
         """A base model, or a fine-tuned one with the base model it runs on (404 if neither)."""
         m = self._by_name.get(name)

@@ -7,7 +7,7 @@ with ``--embed-model none``), ``libraries`` (`LibraryService`, or None with
 ``--no-libraries``), ``jobs`` (`JobStore`, or None without fine-tuning), ``worker`` (the
 fine-tuning `WorkerProcess`, or None) and ``batch`` (`BatchService`, or None without the files
 API or with ``--no-batch``), ``classifiers`` (`ClassifierService`, or None without
-fine-tuning), ``moderation`` (`ModerationService`). Nothing else writes them; a route reads them with a
+fine-tuning), ``moderation`` (`ModerationService`), ``lifecycle`` (`LifecycleService`). Nothing else writes them; a route reads them with a
 getter below, so one request's state is always one app's.
 """
 
@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from souverain.server.classifications import ClassifierService
     from souverain.server.embeddings import EmbeddingService
     from souverain.server.libraries import LibraryService
+    from souverain.server.lifecycle import LifecycleService
     from souverain.server.metrics import ServerMetrics
     from souverain.server.moderation import ModerationService
     from souverain.server.ratelimit import AdmissionQueue, RateLimiter
@@ -82,3 +83,8 @@ def classifiers(request: Request) -> ClassifierService | None:
 def moderation(request: Request) -> ModerationService:
     """The moderation model's service (moderation routes and chat guardrails)."""
     return request.app.state.moderation
+
+
+def lifecycle(request: Request) -> LifecycleService:
+    """The models' deprecations, withdrawals and fine-tuned models' archive/delete rows."""
+    return request.app.state.lifecycle

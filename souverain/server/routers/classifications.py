@@ -35,22 +35,24 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
              summary="Classify texts with a classifier trained here")
 async def classify(body: ClassificationRequest, request: Request,
                    key: KeyInfo | None = Depends(authorize)) -> JSONResponse:
-    service = _service(request, key, body.model)
-    return await _run(request, service, body.model, request_texts(body))
+    service, model = _service(request, key, body.model)
+    return await _run(request, service, model, request_texts(body))
 
 
 @router.post("/v1/chat/classifications", responses=_ERRORS, tags=["classifiers"],
              summary="Classify conversations with a classifier trained here")
 async def classify_chat(body: ChatClassificationRequest, request: Request,
                         key: KeyInfo | None = Depends(authorize)) -> JSONResponse:
-    service = _service(request, key, body.model)
-    return await _run(request, service, body.model, chat_texts(body))
+    service, model = _service(request, key, body.model)
+    return await _run(request, service, model, chat_texts(body))
 
 
-def _service(request: Request, key: KeyInfo | None, model: str) -> ClassifierService:
-    """The service, once ``model`` is known to be a classifier the key may use."""
+def _service(request: Request, key: KeyInfo | None,
+             model: str) -> tuple[ClassifierService, str]:
+    """The service and the model that serves the request (a withdrawn model's replacement),
+    once it is known to be a classifier the key may use."""
     note(request)["model"] = model
-    check_model(request, key, model)
+    model = check_model(request, key, model)
     service = state.classifiers(request)
     if service is None:
         raise APIError(404, "No classifier is served here: classifiers are fine-tuning jobs "
@@ -68,7 +70,7 @@ def _service(request: Request, key: KeyInfo | None, model: str) -> ClassifierSer
         raise APIError(404, f"No classifier model {model!r} here; GET /v1/models lists those "
                             "with the classification capability.", param="model",
                        code="model_not_found")
-    return service
+    return service, model
 
 
 async def _run(request: Request, service: ClassifierService, model: str,

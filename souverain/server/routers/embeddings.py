@@ -27,7 +27,7 @@ async def embeddings(body: EmbeddingRequest, request: Request,
                      key: KeyInfo | None = Depends(authorize)) -> JSONResponse:
     notes = note(request)
     notes["model"] = body.model
-    check_model(request, key, body.model)
+    body.model = check_model(request, key, body.model)  # a withdrawn model's replacement
     service = served(state.embeddings(request), body.model)
     texts = request_texts(body)
     admission = state.admission(request)

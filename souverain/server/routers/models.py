@@ -1,5 +1,7 @@
 """``GET /v1/models`` and ``GET /v1/models/{model_id}``: the cards of the served models, of
-the fine-tuned models on them, and of the embedding model (context length, capabilities)."""
+the fine-tuned models on them, and of the embedding model (context length, capabilities,
+and the lifecycle fields: deprecation, replacement, archived). Deleted fine-tuned models are
+not listed."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ from souverain.moderation.categories import MODEL_IDS as MODERATION_IDS
 from souverain.server import chat as chatmod
 from souverain.server import state
 from souverain.server.access import authorize
-from souverain.server.errors import in_thread
+from souverain.server.errors import APIError, in_thread
 from souverain.server.keyfile import KeyInfo
 from souverain.server.openapi import error_responses
 from souverain.server.protocol import ModelCapabilities, ModelCard, ModelList
@@ -64,9 +66,19 @@ async def list_models(request: Request,
     embed = state.embeddings(request)
     classifiers = state.classifiers(request)
     classifier_cards = await in_thread(classifiers.cards) if classifiers is not None else []
-    return ModelList(data=[model_card(request, m) for m in registry.models] + fine_tuned
-                     + ([embed.card()] if embed is not None else []) + classifier_cards
-                     + [state.moderation(request).card()])
+    cards = ([model_card(request, m) for m in registry.models] + fine_tuned
+             + ([embed.card()] if embed is not None else []) + classifier_cards
+             + [state.moderation(request).card()])
+    lifecycle = state.lifecycle(request)
+    await in_thread(lifecycle.rows)  # read the rows once, off the event loop
+    return ModelList(data=[with_lifecycle(request, c) for c in cards
+                           if not lifecycle.deleted(c.id)])
+
+
+def with_lifecycle(request: Request, card: ModelCard) -> ModelCard:
+    """``card`` with its model's deprecation, replacement (and archived, fine-tuned)."""
+    fields = state.lifecycle(request).card_fields(card.id, card.type == "fine-tuned")
+    return card.model_copy(update=fields)
 
 
 @router.get("/v1/models/{model_id}", response_model=ModelCard,
@@ -74,6 +86,14 @@ async def list_models(request: Request,
             summary="One model: context length and capabilities")
 async def get_model(model_id: str, request: Request,
                     key: KeyInfo | None = Depends(authorize)) -> ModelCard:
+    lifecycle = state.lifecycle(request)
+    if await in_thread(lifecycle.deleted, model_id):
+        raise APIError(404, f"Model {model_id!r} was deleted; GET /v1/models lists the "
+                            "models served here.", param="model_id", code="model_not_found")
+    return with_lifecycle(request, await _card(request, model_id))
+
+
+async def _card(request: Request, model_id: str) -> ModelCard:
     embed = state.embeddings(request)
     if embed is not None and embed.serves(model_id):
         return embed.card(model_id)

@@ -40,7 +40,7 @@ async def _moderate(request: Request, key: KeyInfo | None, model: str, texts: li
                     source: str) -> JSONResponse:
     notes = note(request)
     notes["model"] = model
-    check_model(request, key, model)
+    model = check_model(request, key, model)  # a withdrawn model's replacement
     service = state.moderation(request)
     service.version(model)  # 404 before any work
     admission = state.admission(request)
