@@ -282,7 +282,8 @@ class TestFuzzAndLimits:
     def test_loopback_without_keys(self, server_a: ServerProcess) -> None:
         r = httpx.get(server_a.url + "/v1/models", timeout=30)
         assert r.status_code == 200, r.text
-        assert [m["id"] for m in r.json()["data"]] == [TINY, "souverain-embed"]
+        assert [m["id"] for m in r.json()["data"]] == [TINY, "souverain-embed",
+                                                       "mistral-moderation-latest"]
         r = httpx.post(server_a.url + CHAT, json=chat_body(max_tokens=3), timeout=60)
         assert r.status_code == 200, r.text
         assert r.json()["usage"]["completion_tokens"] <= 3
@@ -855,7 +856,8 @@ class TestSeveralModels:
 
         r = httpx.get(s.url + "/v1/models", timeout=30)
         assert r.status_code == 200, r.text
-        cards = {c["id"]: c for c in r.json()["data"] if c["id"] != "souverain-embed"}
+        cards = {c["id"]: c for c in r.json()["data"]
+                 if c["id"] not in ("souverain-embed", "mistral-moderation-latest")}
         assert list(cards) == [TINY, "other"]
         assert not cards[TINY]["loaded"] and not cards["other"]["loaded"]
         assert all(c["capabilities"]["completion_chat"] for c in cards.values())
