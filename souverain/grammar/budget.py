@@ -27,6 +27,7 @@ CLOSING_CAP = 512
 PROBE = 8  # allowed tokens tried for "completes the answer" at each end of the length order  # a closing longer than this (or none found) = no guarantee for this grammar
 INT_DIGITS, FRAC_DIGITS, EXP_DIGITS = 16, 16, 3
 _CLOSERS = frozenset(b'"}]')
+_CAPS = {"int": INT_DIGITS, "frac": FRAC_DIGITS, "exp": EXP_DIGITS}
 TAG = b"<tool_call>"
 _MINIMAL = (b"0", b"null", b"false", b"true", b'""', b"[]", b"{}")
 
@@ -196,5 +197,5 @@ class JsonScan:
 
     def full(self) -> bool:
         """True when one more digit would pass the cap of the number's current part."""
-        cap = {"int": INT_DIGITS, "frac": FRAC_DIGITS, "exp": EXP_DIGITS}.get(self.part or "")
+        cap = _CAPS.get(self.part or "")
         return cap is not None and self.digits >= cap

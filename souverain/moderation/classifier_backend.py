@@ -18,8 +18,7 @@ names no category at all.
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from souverain.moderation.categories import SCORED
@@ -74,14 +73,17 @@ def check_targets(targets: Sequence[dict[str, Any]], name: str) -> None:
             f"with targets or labels named after categories ({', '.join(SCORED)}).")
 
 
-class ClassifierBackend:
-    """`ModerationBackend` over a `ClassifierModel` (`souverain.finetune.classifier`)."""
+Predict = Callable[[list[str]], Awaitable[list[dict[str, dict[str, float]]]]]
 
-    def __init__(self, model: Any, name: str):
-        self.model = model  # has predict(texts) -> [target -> label -> probability]
+
+class ClassifierBackend:
+    """`ModerationBackend` over a classifier's predictions (per text: target -> label ->
+    probability), e.g. the server's `ClassifierService.classify` for one model."""
+
+    def __init__(self, predict: Predict, name: str):
+        self.predict = predict
         self.name = name
 
     async def score(self, texts: list[str], categories: Sequence[str] = SCORED
                     ) -> list[dict[str, float]]:
-        predictions = await asyncio.to_thread(self.model.predict, list(texts))
-        return [category_scores(p) for p in predictions]
+        return [category_scores(p) for p in await self.predict(list(texts))]

@@ -11,6 +11,7 @@ or, for an ``ft:`` name, a classifier trained here (`souverain.moderation.classi
 
 from __future__ import annotations
 
+import functools
 import time
 import uuid
 from collections.abc import Sequence
@@ -135,24 +136,15 @@ class ModerationService:
 
     async def _classifier_moderate(self, texts: list[str], categories: Sequence[str]
                                    ) -> list[Verdict]:
-        """The trained classifier's scores (`ClassifierBackend`) with the PII detectors."""
-        from souverain.finetune.classifier import ClassifierInputError
+        """The trained classifier's scores (`ClassifierBackend` over the classification
+        route's own `ClassifierService.classify`) with the PII detectors."""
         from souverain.moderation.classifier_backend import ClassifierBackend
 
         classifiers = self.classifiers
         assert classifiers is not None
-        job = classifiers.models().get(self.model_name)
-        if job is None:
-            raise APIError(503, f"The moderation classifier {self.model_name} is gone from "
-                                "the jobs database; restart with another --moderation-model.",
-                           code="moderation_unavailable")
-        model = await classifiers.model(self.model_name, job)
-        try:
-            return await Moderator(ClassifierBackend(model, self.model_name)).moderate(
-                texts, categories)
-        except ClassifierInputError as exc:
-            raise APIError(400, str(exc).replace("inputs[", "input["), param="input",
-                           code="input_too_long") from None
+        predict = functools.partial(classifiers.classify, self.model_name)
+        return await Moderator(ClassifierBackend(predict, self.model_name)).moderate(
+            texts, categories)
 
     def version(self, model: str) -> Version:
         """The category set a model id answers with (404 for an id that is not moderation)."""
