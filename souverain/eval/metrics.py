@@ -14,6 +14,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from souverain.eval.suite import Metric
+
 
 @dataclass(frozen=True)
 class Confusion:
@@ -91,3 +93,67 @@ def percentile(values: Sequence[float], q: float) -> float:
     position = (len(ordered) - 1) * q / 100
     low, high = math.floor(position), math.ceil(position)
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+# -- confidence intervals ------------------------------------------------------------------
+Z95 = 1.959963984540054
+
+
+def wilson(successes: float, n: int, z: float = Z95) -> tuple[float, float]:
+    """The Wilson score interval of a proportion (95% by default): unlike the normal
+    approximation it stays inside [0, 1] and is sensible at 0/n and n/n."""
+    if n <= 0:
+        raise ValueError("an interval of no observations")
+    p = successes / n
+    denominator = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denominator
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def bootstrap_mean(values: Sequence[float], *, iters: int = 2000, seed: int = 0,
+                   level: float = 0.95) -> tuple[float, float, float]:
+    """(mean, low, high): the percentile bootstrap interval of a mean (resampling the values
+    with replacement ``iters`` times, seeded: the same inputs give the same interval)."""
+    import random
+
+    if not values:
+        raise ValueError("a mean of no values")
+    n = len(values)
+    mean = sum(values) / n
+    if n == 1:
+        return mean, mean, mean
+    rng = random.Random(seed)
+    means = sorted(sum(values[rng.randrange(n)] for _ in range(n)) / n for _ in range(iters))
+    tail = (1 - level) / 2 * 100
+    return mean, percentile(means, tail), percentile(means, 100 - tail)
+
+
+def paired_delta(candidate: dict[str, float], base: dict[str, float], *, iters: int = 2000,
+                 seed: int = 0) -> tuple[float, float, float, int]:
+    """(mean of candidate - base over the example ids both have, low, high, n pairs): the
+    paired bootstrap interval of a difference, the honest comparison of two models scored on
+    the same examples. Raises when they share no example."""
+    ids = sorted(candidate.keys() & base.keys())
+    if not ids:
+        raise ValueError("the two runs share no example id; run both on the same set")
+    diffs = [candidate[i] - base[i] for i in ids]
+    mean, low, high = bootstrap_mean(diffs, iters=iters, seed=seed)
+    return mean, low, high, len(ids)
+
+
+def metric_of(name: str, samples: dict[str, float], *, higher_is_better: bool = True,
+              description: str = "", seed: int = 0) -> Metric:
+    """A `Metric` that is the mean of per-example values: Wilson's interval when every value
+    is 0 or 1 (a rate), else the bootstrap's. No samples -> NaN with n = 0 (the report shows
+    "no data")."""
+    values = list(samples.values())
+    if not values:
+        return Metric(name, math.nan, None, None, 0, higher_is_better, description, {})
+    if all(v in (0.0, 1.0) for v in values):
+        mean = sum(values) / len(values)
+        low, high = wilson(sum(values), len(values))
+    else:
+        mean, low, high = bootstrap_mean(values, seed=seed)
+    return Metric(name, mean, low, high, len(values), higher_is_better, description,
+                  dict(samples))
