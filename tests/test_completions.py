@@ -130,7 +130,8 @@ def test_sdk_echo_logprobs_score_the_prompt(client, llm):
         assert abs(max(lp.top_logprobs[p].values()) - best) < 1e-4
         assert 2 <= len(lp.top_logprobs[p]) <= 3  # top 2, and the prompt token itself
     assert c.text == llm.tokenizer.decode(ids)
-    assert lp.text_offset == sorted(lp.text_offset)
+    # offsets index into the echoed text: token i starts where the first i tokens' text ends
+    assert lp.text_offset == [len(llm.tokenizer.decode(ids[:i])) for i in range(len(ids))]
     assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == 0
 
 

@@ -338,7 +338,42 @@ def _legacy_prompt_logprobs(out: RequestOutput, tok: Tokenizer | None,
     body = _legacy_logprobs([first] + [x for x in lps[1:] if x is not None], tok, 0)
     body["token_logprobs"][0] = None
     body["top_logprobs"][0] = None
+    offsets = prompt_text_offsets(p.ids, tok, p.text)
+    if offsets is not None:
+        body["text_offset"] = offsets
     return body
+
+
+def prompt_text_offsets(ids: list[int], tok: Tokenizer | None, text: str) -> list[int] | None:
+    """Where each prompt token's text starts in the echoed ``text`` (OpenAI's ``text_offset``,
+    in characters): control tokens (BOS, ``[INST]``...) take no characters, SentencePiece's
+    dummy-prefix space is not in the text, and a token holding part of a character starts at
+    that character. None when the token bytes do not spell ``text`` (the caller keeps its
+    piece-length offsets)."""
+    if tok is None:
+        return None
+    import codecs
+
+    from souverain.grammar.vocab import cached_token_table
+
+    try:
+        table, special = cached_token_table(tok)
+    except Exception:  # a tokenizer kind without exact byte tables
+        return None
+    pieces = [b"" if t in special or not 0 <= t < len(table) else table[t] for t in ids]
+    spelled = b"".join(pieces).decode("utf-8", errors="replace")
+    if spelled == text:
+        skip = 0
+    elif spelled.startswith(" ") and spelled[1:] == text:
+        skip = 1  # the dummy prefix
+    else:
+        return None
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    offsets, chars = [], 0
+    for piece in pieces:
+        offsets.append(max(0, chars - skip))
+        chars += len(decoder.decode(piece))
+    return offsets
 
 
 def _merge_logprobs(a: dict[str, Any], b: dict[str, Any] | None) -> dict[str, Any]:
