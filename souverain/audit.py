@@ -248,6 +248,10 @@ class AuditLog:
             rec["lifecycle"] = n["lifecycle"]
         if n.get("classifications") is not None:  # per input, each target's top label
             rec["classifications"] = n["classifications"]
+        if n.get("release") is not None:  # a release gate overridden: job, model, reason
+            rec["release"] = n["release"]
+        if n.get("evaluation_run") is not None:  # an evaluation run recorded: id, verdict
+            rec["evaluation_run"] = n["evaluation_run"]
         if self.content:
             rec["request"] = _redacted_body(body) if body else None
             rec["response"] = _response_text(event.get("response", b""),

@@ -1,4 +1,5 @@
-"""`souverain models deprecate|withdraw|restore|show`: a model's lifecycle, written straight
+"""`souverain models deprecate|withdraw|restore|show|release`: a model's lifecycle (and
+`release`: a fine-tuned model its release gate holds, served anyway), written straight
 into the database the servers read (the jobs database, or DATA/lifecycle.db for a server run
 with --no-finetune); running servers apply a change within a second. Each change is appended
 to DATA/audit/ like the server's own records (``key_id`` null, ``source`` cli). Cheap to
@@ -141,3 +142,49 @@ def show(
                 typer.echo(json.dumps({"model": row.model_id, **row.summary()}))  # unwrapped
         finally:
             store.close()
+
+
+@models_app.command("release")
+def release(
+    model_id: str = typer.Argument(..., help="The held ft: model (or its fine-tuning job id)."),
+    reason: str = typer.Option(..., "--reason", help="Why it is served although its release "
+                                                     "gate holds it (kept in the job's events "
+                                                     "and the audit log)."),
+    data_dir: str | None = DataDirOpt,
+    jobs_db: str | None = JobsDbOpt,
+) -> None:
+    """Serve a fine-tuned model its release gate holds (an evaluation that failed, errored
+    or has not finished): an override, recorded in the job's events and the audit log.
+
+    Example: souverain models release ft:small:support:1a2b3c4d --reason "reviewed by legal"
+    """
+    with user_errors():
+        from souverain.audit import append_record
+        from souverain.finetune.release_gate import GateRows
+        from souverain.finetune.store import JobsError, JobStore
+        from souverain.paths import audit_dir
+
+        if len(reason.strip()) < 3:
+            raise SouverainError("--reason must say why the model is released (3 characters "
+                                 "at least).")
+        root = Path(data_dir).expanduser() if data_dir else None
+        by = f"cli:{getpass.getuser()}"
+        store = JobStore(jobs_db, root)
+        try:
+            gates = GateRows(store)
+            job_id = gates.job_of(model_id)
+            before, after = gates.release(job_id, reason.strip(), by)
+        except JobsError as exc:
+            raise SouverainError(str(exc)) from None
+        finally:
+            store.close()
+        append_record(audit_dir(root), {
+            "request_id": None, "key_id": None, "key_name": by, "method": "CLI",
+            "route": "souverain models release", "model": after.fine_tuned_model,
+            "status": 200, "source": "cli",
+            "release": {"job_id": job_id, "model": after.fine_tuned_model,
+                        "reason": reason.strip(), "by": by,
+                        "previous_status": before.evaluation_status,
+                        "previous_reasons": before.evaluation_reasons or []}})
+        out.print(f"{after.fine_tuned_model or job_id}: released (evaluation "
+                  f"{before.evaluation_status} -> {after.evaluation_status})")

@@ -42,6 +42,11 @@ NameOpt = typer.Option(
                          "name), e.g. mistral-small-latest.")
 MoreModelsOpt = typer.Option(
     [], "--model", "-m", help="Serve another model too: NAME=PATH (repeatable).")
+LoraModulesOpt = typer.Option(
+    [], "--lora-modules",
+    help="Serve a LoRA adapter on a served model: NAME=ADAPTER_DIR[@BASE] (repeatable; BASE "
+         "defaults to the first model). ADAPTER_DIR is a fine-tuning run's checkpoint "
+         "folder (lora.safetensors) or a PEFT adapter; NAME is listed in /v1/models.")
 HostOpt = typer.Option("127.0.0.1", "--host", help="Address to listen on.")
 PortOpt = typer.Option(8000, "--port", "-p", min=1, max=65535, help="Port.")
 ApiKeysFileOpt = typer.Option(
@@ -259,6 +264,19 @@ def server_config(*, api_keys_file: str | None, insecure_no_auth: bool, max_pend
                         batch=batch, batch_concurrency=batch_concurrency)
 
 
+def release_gate(host: str, port: int, config: ServerConfig,
+                 served: list[ServedModel]) -> Any:
+    """The release gate's keeper (`souverain.eval.gate`), a client of this very server: it
+    evaluates the ``ft:`` models of finished jobs with an evaluation policy, on this server's
+    models, through its own address (loopback when it listens on every address)."""
+    from souverain.eval.gate import GateKeeper
+
+    local = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    address = f"[{local}]" if ":" in local else local
+    return GateKeeper(f"http://{address}:{port}", db_url=config.jobs_db,
+                      data_dir=config.data_dir, models=[m.name for m in served])
+
+
 def load_now(registry: ModelRegistry, m: ServedModel) -> None:
     """Load one served model now, with its progress bar (--eager loads each at start-up)."""
     with loading_bar() as bar:
@@ -311,6 +329,7 @@ def serve(
     model: str = ModelArg,
     name: str | None = NameOpt,
     more_models: list[str] = MoreModelsOpt,
+    lora_modules: list[str] = LoraModulesOpt,
     host: str = HostOpt,
     port: int = PortOpt,
     api_keys_file: str | None = ApiKeysFileOpt,
@@ -360,6 +379,7 @@ def serve(
       souverain serve /models/Mistral-7B-Instruct-v0.3 --name mistral-small-latest \\
           --api-keys-file keys.txt --host 0.0.0.0 --quantization int8
       souverain serve --model codestral=/models/codestral.gguf --lazy --memory-budget-gib 12
+      souverain serve /models/mistral-7b --lora-modules support=runs/support/checkpoints/final
     """
     with user_errors():
         # one server per data folder, checked before anything is imported or loaded (held
@@ -368,7 +388,7 @@ def serve(
                              audit=audit and not audit_log)
         from souverain.engine.config import EngineConfig
         from souverain.server.app import create_app
-        from souverain.server.registry import ModelRegistry
+        from souverain.server.registry import ModelRegistry, lora_module
 
         def engine_config() -> EngineConfig:
             return EngineConfig(dtype=dtype, quantization=quantization, threads=threads,
@@ -377,7 +397,8 @@ def serve(
 
         served = served_models(model, name, more_models, engine_config)
         moderation_name = moderation_model_name(served, moderation_model, engine_config)
-        registry = ModelRegistry(served, memory_budget_gib)
+        adapters = [lora_module(spec, served) for spec in lora_modules]
+        registry = ModelRegistry(served, memory_budget_gib, adapters)
         config = server_config(
             api_keys_file=api_keys_file, insecure_no_auth=insecure_no_auth,
             max_pending=max_pending, max_request_mib=max_request_mib,
@@ -391,6 +412,8 @@ def serve(
             batch_concurrency=batch_concurrency)
         config.moderation_model = moderation_name
         config.withdrawn_fallback = withdrawn_fallback
+        if finetune:  # the release gate of the jobs that carry an evaluation policy
+            config.gate_keeper = release_gate(host, port, config, served)
         logging.basicConfig(level=log_level.upper(),
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         if not lazy:

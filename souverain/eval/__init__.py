@@ -5,6 +5,9 @@
                   precision / recall / F1 / AUROC, false positives on hard negatives, latency
   metrics.py      the maths shared by suites (confusion counts, F1, AUROC, percentiles)
   http_scorer.py  a scorer over HTTP `POST /v1/moderations` (souverain or La Plateforme)
+  target.py       `ApiTarget` (a served model as a `Target`), `local_server` (a `souverain
+                  serve` subprocess for a local model)
+  harness.py      lm-evaluation-harness over a `Target` (imports lm_eval: import it lazily)
 
 Cheap to import: no torch, no model. `souverain eval ...` (cli/eval.py) drives the suites.
 """

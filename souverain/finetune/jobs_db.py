@@ -1,6 +1,8 @@
 """The SQL side of the fine-tuning jobs: the four tables and the engine that reaches them,
-and ``model_lifecycle`` (one row per model id: deprecation, withdrawal, archive, deletion,
-shared by every server on the database; `souverain.finetune.lifecycle`).
+``model_lifecycle`` (one row per model id: deprecation, withdrawal, archive, deletion,
+shared by every server on the database; `souverain.finetune.lifecycle`) and ``eval_runs``
+(evaluation runs; `souverain.finetune.eval_runs`). A job's release gate lives in its own row
+(the ``evaluation*`` columns; `souverain.finetune.release_gate`).
 
 SQLAlchemy Core over ``sqlite:///path`` or ``postgresql+psycopg://...``. `JobStore` (store.py)
 owns the transitions and the records built from these rows.
@@ -63,6 +65,14 @@ jobs_t = sa.Table(
     # targets ([{"name", "labels", "loss_function", "weight"}], filled at validation)
     sa.Column("job_type", sa.String(32)),
     sa.Column("classifier_targets", sa.JSON),
+    # the release gate (souverain extension): the job's evaluation policy (NULL: released
+    # when it succeeds), the gate's status (pending, running, passed, failed, overridden,
+    # error), its reasons, the evaluation run that decided it, and who claimed it
+    sa.Column("evaluation", sa.JSON),
+    sa.Column("evaluation_status", sa.String(16)),
+    sa.Column("evaluation_reasons", sa.JSON),
+    sa.Column("evaluation_run_id", sa.String(64)),
+    sa.Column("evaluation_owner", sa.String(64)),
 )
 events_t = sa.Table(
     "ft_events", metadata,
@@ -96,6 +106,25 @@ lifecycle_t = sa.Table(
     sa.Column("deleted_at", sa.Float),  # a deleted fine-tuned model: never served again
     sa.Column("modified_at", sa.Float, nullable=False),
     sa.Column("modified_by", sa.Text),
+)
+
+
+# evaluation runs (`souverain.finetune.eval_runs`): one row per run of `souverain eval`,
+# recorded by the release gate or uploaded (`souverain eval run --upload`)
+eval_runs_t = sa.Table(
+    "eval_runs", metadata,
+    sa.Column("id", sa.String(64), primary_key=True),  # the EvalRun's id (evr_ + 24 hex)
+    sa.Column("model", sa.Text, nullable=False, index=True),  # the candidate model id
+    sa.Column("base_model", sa.Text),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("recorded_at", sa.Float, nullable=False),
+    sa.Column("passed", sa.Boolean),  # the policy's verdict; NULL without a policy
+    sa.Column("suites", sa.JSON, nullable=False),  # [suite name]
+    sa.Column("source", sa.String(16), nullable=False),  # "gate" | "upload"
+    sa.Column("job_id", sa.String(36)),  # the fine-tuning job a gate run decided
+    sa.Column("created_by", sa.Text),  # the key id that uploaded it (NULL: no keys / gate)
+    sa.Column("run", sa.JSON, nullable=False),  # EvalRun.to_json()
+    sa.Column("html_path", sa.Text),  # the rendered report (under DATA/evaluations/)
 )
 
 

@@ -126,6 +126,12 @@ class JobRecord:
     worker_token: str | None = None
     job_type: str | None = None  # None (= "completion") or "classifier"
     classifier_targets: list[dict[str, Any]] | None = None
+    # the release gate (`souverain.finetune.release_gate`): policy, status, reasons, run
+    evaluation: dict[str, Any] | None = None
+    evaluation_status: str | None = None
+    evaluation_reasons: list[str] | None = None
+    evaluation_run_id: str | None = None
+    evaluation_owner: str | None = None
 
     @property
     def is_classifier(self) -> bool:
@@ -266,8 +272,11 @@ class JobStore:
                    validation_files: list[str] | None = None,
                    hyperparameters: dict[str, Any] | None = None, suffix: str | None = None,
                    auto_start: bool = True, job_type: str | None = None,
-                   classifier_targets: list[dict[str, Any]] | None = None) -> JobRecord:
-        """A new QUEUED job; every file must exist (NotFound otherwise) and be for fine-tune."""
+                   classifier_targets: list[dict[str, Any]] | None = None,
+                   evaluation: dict[str, Any] | None = None) -> JobRecord:
+        """A new QUEUED job; every file must exist (NotFound otherwise) and be for fine-tune.
+        With an ``evaluation`` policy its model is held after training until the release
+        gate passes (its gate ``pending`` from now)."""
         validation_files = list(validation_files or [])
         for fid in [f["file_id"] for f in training_files] + validation_files:
             f = self.get_file(fid)
@@ -284,7 +293,9 @@ class JobStore:
             "trained_tokens": None, "run_dir": str(self.runs_dir / job_id),
             "adapter_dir": None, "error": None, "worker_pid": None, "worker_host": None,
             "heartbeat_at": None, "resumes": 0, "worker_token": None,
-            "job_type": job_type, "classifier_targets": classifier_targets}
+            "job_type": job_type, "classifier_targets": classifier_targets,
+            "evaluation": evaluation, "evaluation_status": "pending" if evaluation else None,
+            "evaluation_reasons": None, "evaluation_run_id": None, "evaluation_owner": None}
         with self._write() as c:
             c.execute(jobs_t.insert().values(**values))
             _event(c, job_id, "status-updated", {"status": QUEUED})

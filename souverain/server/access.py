@@ -17,6 +17,7 @@ from souverain.redact import SECRET, SECRET_NAME, redact_secrets
 from souverain.server import state
 from souverain.server.auth import APIKeys, AuthError, is_loopback
 from souverain.server.errors import APIError
+from souverain.server.evaluations import gate_key
 from souverain.server.keyfile import KeyInfo
 from souverain.server.ratelimit import RateLimiter
 
@@ -39,6 +40,9 @@ async def authorize(request: Request) -> KeyInfo | None:
 
 def _authenticate(request: Request, keys: APIKeys | None,
                   insecure_no_auth: bool) -> KeyInfo | None:
+    gate = gate_key(state.evaluations(request).keeper, request.headers.get("authorization"))
+    if gate is not None:  # the release gate's own per-process key
+        return gate
     try:
         if keys is not None:
             return keys.authenticate(request.headers.get("authorization"))
@@ -64,6 +68,8 @@ def check_model(request: Request, key: KeyInfo | None, model: str) -> str:
     if used != model:
         _check_key(request, key, used)
         note(request)["lifecycle"] = {"replaced": f"{model} -> {used}"}
+    # a fine-tuned model its release gate holds: 403 unless the caller may evaluate it
+    state.evaluations(request).check_released(request, key, used)
     return used
 
 

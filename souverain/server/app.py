@@ -26,7 +26,9 @@ from fastapi import FastAPI
 
 from souverain import __version__
 from souverain.audit import AuditLog, AuditMiddleware
+from souverain.finetune.eval_runs import EvalRunStore
 from souverain.finetune.lifecycle import LifecycleStore
+from souverain.finetune.release_gate import GateRows
 from souverain.finetune.store import JobStore
 from souverain.finetune.worker import WorkerProcess
 from souverain.paths import libraries_dir
@@ -37,6 +39,7 @@ from souverain.server.classifications import ClassifierService
 from souverain.server.docs import install_docs
 from souverain.server.embeddings import EmbeddingService
 from souverain.server.errors import in_thread, install_error_handlers
+from souverain.server.evaluations import EvaluationService, GateKeeper
 from souverain.server.libraries import LibraryService
 from souverain.server.lifecycle import LifecycleHeaders, LifecycleService
 from souverain.server.metrics import ServerMetrics
@@ -51,6 +54,7 @@ from souverain.server.routers import (
     classifications,
     completions,
     embeddings,
+    evaluations,
     files,
     health,
     libraries,
@@ -88,6 +92,7 @@ class ServerConfig:
     batch_concurrency: int = 4  # lines of a batch job in flight at once
     moderation_model: str | None = None  # the served model that moderates (None: the first)
     withdrawn_fallback: bool = False  # a withdrawn model's requests go to its replacement
+    gate_keeper: GateKeeper | None = None  # the release gate (`serve` builds it: eval layer)
 
 
 def create_app(registry: ModelRegistry, config: ServerConfig | None = None) -> FastAPI:
@@ -131,6 +136,7 @@ def create_app(registry: ModelRegistry, config: ServerConfig | None = None) -> F
     app.include_router(completions.router)
     app.include_router(moderation.router)
     app.include_router(classifications.router)
+    app.include_router(evaluations.router)
     return app
 
 
@@ -157,6 +163,11 @@ def _init_state(app: FastAPI, registry: ModelRegistry, config: ServerConfig) -> 
     state = app.state
     state.registry, state.config, state.metrics = registry, config, metrics
     state.lifecycle = lifecycle_service
+    # evaluation runs beside the lifecycle rows; the release gate's rows are the jobs'
+    runs = (EvalRunStore(jobs.url, engine=jobs.engine, root=config.data_dir)
+            if jobs is not None else EvalRunStore(root=config.data_dir))
+    state.evaluations = EvaluationService(runs, GateRows(jobs) if jobs is not None else None,
+                                          config.gate_keeper)
     state.admission, state.limiter = admission, limiter
     state.libraries, state.jobs = library_service, jobs
     # the worker takes only the jobs of the models served here (a shared --jobs-db holds
@@ -210,7 +221,12 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     if state.jobs is not None:  # deletions of fine-tuned models a crash interrupted
         await in_thread(state.lifecycle.finish_deletions, state.jobs.succeeded_models)
     batch_runner = asyncio.create_task(state.batch.run()) if state.batch is not None else None
+    keeper = state.evaluations.keeper if state.jobs is not None else None
+    if keeper is not None:  # the release gate: evaluates the models of finished jobs
+        await in_thread(keeper.start)
     yield
+    if keeper is not None:  # a running evaluation is abandoned: it runs again next start
+        await in_thread(keeper.stop)
     if batch_runner is not None:  # in-flight lines aborted; the job resumes at the next start
         batch_runner.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -79,6 +79,7 @@ class _Generation:
     rag: Grounding | None  # the passages of a document_library request
     audit: dict[str, Any]  # the request's audit notes (token counts)
     guard: guardmod.Guard | None = None  # the request's guardrails (souverain.server.guardrails)
+    chat: bool = True  # a chat completion (False: FIM), whose answers /metrics counts
 
 
 class _Timer:
@@ -143,7 +144,10 @@ class ChatService:
         if not isinstance(body, ChatCompletionRequest) or not body.guardrails:
             return None
         try:
-            guard = await guardmod.check_input(self.moderation, body.guardrails, body.messages)
+            guard = await guardmod.check_input(
+                self.moderation, body.guardrails, body.messages,
+                on_flag=lambda category: self.metrics.observe_guardrail_flag(body.model,
+                                                                             category))
         except guardmod.GuardrailBlocked as blocked:
             note(request)["moderation"] = {"source": "guardrails", "blocked": blocked.stage,
                                            "results": _violations(blocked.results)}
@@ -190,7 +194,8 @@ class ChatService:
         outputs = engine.generate(plan.prompt_ids, plan.params, request_id,
                                   lora=ft.name if ft is not None else None)
         gen = _Generation(request_id=request_id, model=body.model, created=int(time.time()),
-                          plan=plan, tok=tok, key=key, rag=rag, audit=notes, guard=guard)
+                          plan=plan, tok=tok, key=key, rag=rag, audit=notes, guard=guard,
+                          chat=isinstance(body, ChatCompletionRequest))
         if not body.stream:
             return await self._complete(request, gen, outputs)
         return self._stream_response(gen, outputs, release)
@@ -217,6 +222,9 @@ class ChatService:
         if final is None:  # the client left
             return Response(status_code=499)
         choices = [_choice(gen, o) for o in final.outputs]
+        if gen.chat:  # monitoring: answers and refusals per model
+            for c in choices:
+                self.metrics.observe_answer(gen.model, c["message"]["content"] or "")
         prompt = len(final.prompt_token_ids)
         completion = sum(len(o.token_ids) for o in final.outputs)
         self._account(gen, prompt, completion)
@@ -314,6 +322,9 @@ class ChatService:
                         continue
                     delta, reason = _final_delta(gen, o, sent[i])
                     done[i] = True
+                    if gen.chat:  # monitoring: answers and refusals per model
+                        self.metrics.observe_answer(
+                            gen.model, chatmod.final_message(plan, o, gen.tok)[0] or "")
                     if gen.guard is not None and (cut := await gen.guard.check_final(
                             i, chatmod.final_message(plan, o, gen.tok)[0] or "")) is not None:
                         yield self._guard_cut(gen, i, cut, out, all(done))

@@ -70,6 +70,76 @@ class ClassifierTargetIn(_Body):
     loss_function: Literal["single_class", "multi_class"] | None = None
 
 
+# the built-in `souverain eval` suites (souverain.eval.suites.SUITES: the server layer may not
+# import it, tests/test_release_gate.py checks the two agree)
+EVAL_SUITES = ("quality", "safety", "bias", "multilingual", "structured", "grounding")
+
+
+class EvalThreshold(_Body):
+    """One bound of a release policy: ``min`` / ``max`` on the candidate's value,
+    ``max_regression``: how much worse than the base model (in the metric's bad direction)."""
+
+    suite: str = Field(min_length=1)
+    metric: str = Field(min_length=1, max_length=200)
+    min: float | None = Field(default=None, allow_inf_nan=False)
+    max: float | None = Field(default=None, allow_inf_nan=False)
+    max_regression: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+
+
+class EvalPolicy(_Body):
+    """A fine-tuning job's ``evaluation`` (souverain extension): the suites the release gate
+    runs (``limit`` items each) and the thresholds its ``ft:`` model must meet to be served;
+    the document `souverain.eval.policy.Policy.parse` reads."""
+
+    suites: list[str] = Field(min_length=1, max_length=len(EVAL_SUITES))
+    limit: int | None = Field(default=None, ge=1, le=100_000)
+    thresholds: list[EvalThreshold] = Field(default_factory=list, max_length=200)
+
+
+def check_policy(doc: Any) -> dict[str, Any]:
+    """The checked ``evaluation`` document of a job (as stored), or a 400 naming the field."""
+    from pydantic import ValidationError
+
+    try:
+        policy = EvalPolicy.model_validate(doc)
+    except ValidationError as exc:
+        e = exc.errors()[0]
+        where = ".".join(str(p) for p in ("evaluation", *e["loc"]))
+        raise APIError(400, f"{where}: {e['msg']}; an evaluation policy is {{\"suites\": "
+                            "[\"safety\"], \"limit\": 40, \"thresholds\": [{\"suite\": "
+                            "\"safety\", \"metric\": \"over_refusal_rate\", \"max\": 0.2}]}.",
+                       param=where) from None
+    for i, name in enumerate(policy.suites):
+        if name not in EVAL_SUITES:
+            raise APIError(400, f"evaluation.suites.{i}: unknown suite {name!r}; use "
+                                f"{', '.join(EVAL_SUITES)}.", param=f"evaluation.suites.{i}")
+    if len(set(policy.suites)) != len(policy.suites):
+        raise APIError(400, "evaluation.suites names a suite twice; name each once.",
+                       param="evaluation.suites")
+    for i, t in enumerate(policy.thresholds):
+        where = f"evaluation.thresholds.{i}"
+        if t.suite not in policy.suites:
+            raise APIError(400, f"{where}.suite: {t.suite!r} is not among evaluation.suites "
+                                f"({', '.join(policy.suites)}); add it there or fix the name.",
+                           param=f"{where}.suite")
+        if t.min is None and t.max is None and t.max_regression is None:
+            raise APIError(400, f"{where} bounds nothing; give min, max or max_regression.",
+                           param=where)
+        if t.min is not None and t.max is not None and t.min > t.max:
+            raise APIError(400, f"{where}: min {t.min} is above max {t.max}.", param=where)
+    return policy.model_dump(exclude_none=True)
+
+
+def evaluation_json(j: JobRecord) -> dict[str, Any] | None:
+    """The job's release gate (souverain extension; None without a policy)."""
+    if j.evaluation is None:
+        return None
+    run = j.evaluation_run_id
+    return {"policy": j.evaluation, "status": j.evaluation_status or "pending",
+            "reasons": list(j.evaluation_reasons or []), "run_id": run,
+            "report_url": f"/v1/observability/evaluation-runs_v2/{run}/report" if run else None}
+
+
 class JobCreate(_Body):
     model: str = Field(min_length=1)
     training_files: list[TrainingFile | Annotated[str, Field(min_length=1)]] = Field(
@@ -83,6 +153,9 @@ class JobCreate(_Body):
     job_type: Literal["completion", "classifier"] | None = None
     invalid_sample_skip_percentage: float | None = Field(default=0, ge=0, le=0.5)
     classifier_targets: list[ClassifierTargetIn] | None = None
+    evaluation: dict[str, Any] | None = Field(default=None, description=(
+        "souverain: the release gate's policy {suites, limit, thresholds}: the fine-tuned "
+        "model is served only once an evaluation against its base model meets it."))
 
 
 def file_json(f: FileRecord, *, deleted: bool | None = None) -> dict[str, Any]:
@@ -119,6 +192,7 @@ def job_json(j: JobRecord, store: JobStore | None = None) -> dict[str, Any]:
                      "train_tokens_per_step": None, "train_tokens": j.trained_tokens,
                      "data_tokens": None, "estimated_start_time": None},
         "error": j.error,
+        "evaluation": evaluation_json(j),
     }
     if j.is_classifier:  # ClassifierJobOut: its targets, no FIM
         del body["hyperparameters"]["fim_ratio"]
@@ -244,6 +318,9 @@ def check_job(body: JobCreate) -> list[TrainingFile]:
         problem = classifier_data.check_targets(targets)
         if problem:
             raise APIError(400, f"classifier_targets: {problem}.", param="classifier_targets")
+    if body.evaluation is not None and body.job_type == "classifier":
+        raise APIError(400, "evaluation is for completion jobs (a chat model's adapter); "
+                            "remove it from a classifier job.", param="evaluation")
     for field in ("integrations", "repositories"):
         if getattr(body, field):
             raise APIError(400, f"{field} are not supported here: training runs on this "

@@ -25,6 +25,7 @@ field (the last chunk's, when streaming).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,6 +66,7 @@ class Guard:
     rules: list[Rule]
     report: dict[str, Any] = field(default_factory=dict)  # stage -> results
     _checked: dict[int, int] = field(default_factory=dict)  # choice -> characters checked
+    on_flag: Callable[[str], None] | None = None  # each flagged category (per-model metrics)
 
     def _flags(self) -> dict[str, Any]:
         return {stage: {k: [c for c, v in r.get("violations", {}).items() if v]
@@ -99,6 +101,10 @@ class Guard:
             results[r.key] = res
             blocked = blocked or res["blocked"]
             self.service.count_flags(res["violations"], f"guardrail_{stage}")
+            if self.on_flag is not None:
+                for category, flagged in res["violations"].items():
+                    if flagged:
+                        self.on_flag(category)
         self.report[stage] = results
         if blocked:
             raise GuardrailBlocked(stage, results)
@@ -134,11 +140,13 @@ class Guard:
 
 
 async def check_input(service: ModerationService | None, configs: list[GuardrailConfig] | None,
-                      messages: list[Message]) -> Guard | None:
-    """The request's `Guard` after moderating its conversation (None without guardrails)."""
+                      messages: list[Message],
+                      on_flag: Callable[[str], None] | None = None) -> Guard | None:
+    """The request's `Guard` after moderating its conversation (None without guardrails);
+    ``on_flag`` is called with each category its checks flag."""
     if not configs or service is None:
         return None
-    guard = Guard(service, rules(configs))
+    guard = Guard(service, rules(configs), on_flag=on_flag)
     if guard.rules:
         await guard.check(conversation_text(messages), "input")
     return guard

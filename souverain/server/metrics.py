@@ -15,6 +15,9 @@ Exported (all prefixed ``souverain_``):
 * ``time_to_first_token_seconds{model}`` (0.01-60 s), ``inter_token_latency_seconds{model}``
   (0.001-5 s): histograms with buckets suited to CPU inference;
 * ``requests_aborted_total{model}``: generations cut short by a client disconnect;
+* ``chat_answers_total{model}``, ``chat_refusals_total{model}``: final chat answers, and those
+  `souverain.moderation.refusal.is_refusal` calls refusals (refusal rate = the ratio);
+* ``guardrail_flags_total{model,category}``: categories flagged by a chat request's guardrails;
 * read from each engine at scrape time (see :meth:`ServerMetrics.add_engine_source`):
   ``queue_depth``, ``running_sequences``, ``kv_blocks_used``, ``kv_blocks_free``,
   ``prefix_cache_hit_rate`` (gauges) and ``preemptions_total`` (counter), all ``{model}``;
@@ -37,6 +40,8 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from souverain.moderation.refusal import is_refusal
 
 logger = logging.getLogger(__name__)
 
@@ -195,6 +200,24 @@ class ServerMetrics:
             ["model"],
             registry=r,
         )
+        # monitoring after release: every final chat answer, and those that are refusals
+        # (`souverain.moderation.refusal.is_refusal`), so a drift shows as a rising ratio
+        self.chat_answers = Counter(
+            "souverain_chat_answers", "Final chat answers (choices) by model.", ["model"],
+            registry=r,
+        )
+        self.chat_refusals = Counter(
+            "souverain_chat_refusals",
+            "Final chat answers that refuse the request (rule-based refusal detection).",
+            ["model"],
+            registry=r,
+        )
+        self.guardrail_flags = Counter(
+            "souverain_guardrail_flags",
+            "Categories a chat request's guardrails flagged (input or output), by chat model.",
+            ["model", "category"],
+            registry=r,
+        )
         self._engines = _EngineCollector()
         r.register(self._engines)
         if process_metrics:
@@ -222,6 +245,15 @@ class ServerMetrics:
 
     def observe_abort(self, model: str) -> None:
         self.aborted.labels(model=model).inc()
+
+    def observe_answer(self, model: str, text: str) -> None:
+        """One final chat answer of ``model``: counted, and as a refusal when it is one."""
+        self.chat_answers.labels(model=model).inc()
+        if is_refusal(text):
+            self.chat_refusals.labels(model=model).inc()
+
+    def observe_guardrail_flag(self, model: str, category: str) -> None:
+        self.guardrail_flags.labels(model=model, category=category).inc()
 
     def add_engine_source(self, model: str, stats: EngineStats) -> None:
         """Export ``stats()`` (an engine's stats dict, or None while not loaded) as ``{model}`` gauges.

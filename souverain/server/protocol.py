@@ -357,6 +357,9 @@ class ModelCard(BaseModel):
     deprecation_replacement_model: str | None = Field(
         default=None, description="The model to use instead once this one is retired.")
     archived: bool | None = Field(default=None, description="A fine-tuned model's archived flag.")
+    evaluation: dict[str, Any] | None = Field(default=None, description=(
+        "souverain: the model's latest evaluation run {latest_run_id, report_url, created_at, "
+        "passed} (GET /v1/observability/evaluation-runs_v2/{id})."))
 
 
 class ModelList(BaseModel):

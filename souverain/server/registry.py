@@ -9,6 +9,8 @@ request gets a 503 naming the budget, and nothing already running is disturbed.
 Fine-tuned models (``ft:<base>:<suffix>:<job>``, from finished fine-tuning jobs) run on their
 base model's engine with their LoRA adapter: requests for the base and for any number of
 adapters share one batch; the engine keeps the most recently used adapters resident.
+Adapters given at start-up (`serve --lora-modules NAME=ADAPTER_DIR[@BASE]`, as vLLM's flag)
+are served the same way under their NAME, whatever the jobs database holds.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from souverain.engine import AsyncLLMEngine
@@ -93,8 +96,58 @@ class FineTuned:
     job: str  # the fine-tuning job that made it
 
 
+def lora_module(spec: str, served: list[ServedModel]) -> FineTuned:
+    """``NAME=ADAPTER_DIR[@BASE]`` (BASE: a served model's name, default the first) as a
+    `FineTuned` model, its adapter read and checked against the base's shapes now (a bad
+    path, a file that is no LoRA adapter, an unknown base or a mismatched adapter is a
+    `SouverainError` naming the fix)."""
+    from souverain.weights.adapter import load_adapter
+    from souverain.weights.checkpoint import expected_shapes
+
+    name, sep, rest = spec.partition("=")
+    name, rest = name.strip(), rest.strip()
+    if not sep or not name or not rest:
+        raise SouverainError(f"--lora-modules {spec!r} must be NAME=ADAPTER_DIR or "
+                             "NAME=ADAPTER_DIR@BASE, e.g. "
+                             "support-bot=runs/support/checkpoints/final@mistral-small")
+    folder, at, base = (rest.rpartition("@") if "@" in rest and not Path(rest).exists()
+                        else (rest, "", ""))
+    if at and not base:
+        raise SouverainError(f"--lora-modules {spec!r} ends with '@' but names no base "
+                             "model; add the served model's name or drop the '@'")
+    by_name = {n: m for m in served for n in [m.name, *m.aliases]}
+    base_model = by_name.get(base) if base else served[0]
+    if base_model is None:
+        raise SouverainError(f"--lora-modules {spec!r} names base model {base!r}, which is "
+                             f"not served here; use one of {', '.join(sorted(by_name))}")
+    path = Path(folder).expanduser()
+    if not path.exists():
+        raise SouverainError(f"--lora-modules {name}: no adapter at {path}; give the folder "
+                             "a fine-tuning run wrote (runs/NAME/checkpoints/final) or a "
+                             "PEFT adapter folder")
+    args = base_model.checkpoint().args
+    try:
+        adapter = load_adapter(path, n_heads=args.n_heads, n_kv_heads=args.n_kv_heads)
+    except (SouverainError, OSError, ValueError) as exc:  # safetensors: a corrupt header
+        raise SouverainError(f"--lora-modules {name}: {exc}") from None
+    shapes = expected_shapes(args)
+    for module, (a, b) in adapter.weights.items():
+        want = shapes.get(f"{module}.weight")
+        if want is None or len(want) != 2:
+            raise SouverainError(f"--lora-modules {name}: the adapter at {path} adapts "
+                                 f"{module}, which {base_model.name} does not have; it was "
+                                 "trained for another model")
+        if (b.shape[0], a.shape[1]) != tuple(want):
+            raise SouverainError(f"--lora-modules {name}: the adapter at {path} has "
+                                 f"{module} of shape {(b.shape[0], a.shape[1])}, "
+                                 f"{base_model.name} has {tuple(want)}; it was trained "
+                                 "for another model")
+    return FineTuned(name, base_model.name, str(path.resolve()), "")
+
+
 class ModelRegistry:
-    def __init__(self, models: list[ServedModel], memory_budget_gib: float | None = None):
+    def __init__(self, models: list[ServedModel], memory_budget_gib: float | None = None,
+                 adapters: list[FineTuned] | None = None):
         names: dict[str, ServedModel] = {}
         for m in models:
             for n in [m.name, *m.aliases]:
@@ -102,8 +155,14 @@ class ModelRegistry:
                     raise SouverainError(f"the model name {n!r} is given twice; give each "
                                          "--model a distinct --name.")
                 names[n] = m
+        for ft in adapters or []:
+            if ft.name in names or ft.name in {a.name for a in adapters or [] if a is not ft}:
+                raise SouverainError(f"the model name {ft.name!r} is given twice; give each "
+                                     "--lora-modules adapter a name no model has.")
         self.models = models
         self._by_name = names
+        # --lora-modules: served on their base whatever the jobs database says
+        self.adapters = list(adapters or [])
         self.budget = int(memory_budget_gib * GiB) if memory_budget_gib else None
         # (fine_tuned_model, base name, adapter dir, job id) of finished jobs; set by the server
         self.fine_tuned_source: Callable[[], list[tuple[str, str, str, str]]] | None = None
@@ -113,11 +172,12 @@ class ModelRegistry:
     def fine_tuned(self) -> list[FineTuned]:
         """The fine-tuned models servable here (those whose base is served), cached 1 s."""
         if self.fine_tuned_source is None:
-            return []
+            return list(self.adapters)
         at, cached = self._ft_cache
         if time.monotonic() - at < 1.0:
             return cached
-        fresh = [FineTuned(*row) for row in self.fine_tuned_source() if row[1] in self._by_name]
+        fresh = [*self.adapters, *(FineTuned(*row) for row in self.fine_tuned_source()
+                                   if row[1] in self._by_name)]
         self._ft_cache = (time.monotonic(), fresh)
         return fresh
 

@@ -7,7 +7,8 @@ with ``--embed-model none``), ``libraries`` (`LibraryService`, or None with
 ``--no-libraries``), ``jobs`` (`JobStore`, or None without fine-tuning), ``worker`` (the
 fine-tuning `WorkerProcess`, or None) and ``batch`` (`BatchService`, or None without the files
 API or with ``--no-batch``), ``classifiers`` (`ClassifierService`, or None without
-fine-tuning), ``moderation`` (`ModerationService`), ``lifecycle`` (`LifecycleService`). Nothing else writes them; a route reads them with a
+fine-tuning), ``moderation`` (`ModerationService`), ``lifecycle`` (`LifecycleService`), ``evaluations``
+(`EvaluationService`). Nothing else writes them; a route reads them with a
 getter below, so one request's state is always one app's.
 """
 
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
     from souverain.server.chat_service import ChatService
     from souverain.server.classifications import ClassifierService
     from souverain.server.embeddings import EmbeddingService
+    from souverain.server.evaluations import EvaluationService
     from souverain.server.libraries import LibraryService
     from souverain.server.lifecycle import LifecycleService
     from souverain.server.metrics import ServerMetrics
@@ -88,3 +90,8 @@ def moderation(request: Request) -> ModerationService:
 def lifecycle(request: Request) -> LifecycleService:
     """The models' deprecations, withdrawals and fine-tuned models' archive/delete rows."""
     return request.app.state.lifecycle
+
+
+def evaluations(request: Request) -> EvaluationService:
+    """Evaluation runs, and the models the release gate holds."""
+    return request.app.state.evaluations

@@ -34,6 +34,7 @@ from souverain.server.finetuning import (
     JobCreate,
     check_job,
     check_job_files,
+    check_policy,
     check_upload,
     classifier_targets,
     file_json,
@@ -146,6 +147,7 @@ async def create_job(body: JobCreate, request: Request,
     else:
         model, model_path = body.model, state.registry(request).find(body.model).model
     files = check_job(body)
+    policy = check_policy(body.evaluation) if body.evaluation is not None else None
     store = state.jobs(request)
     await _call(lambda: check_job_files(
         store, body, [f.file_id for f in files] + list(body.validation_files or [])))
@@ -155,7 +157,7 @@ async def create_job(body: JobCreate, request: Request,
         validation_files=body.validation_files,
         hyperparameters=body.hyperparameters.model_dump(exclude_none=True),
         suffix=body.suffix, auto_start=body.auto_start, job_type=body.job_type,
-        classifier_targets=classifier_targets(body)))
+        classifier_targets=classifier_targets(body), evaluation=policy))
     return await _call(lambda: job_json(job, store))
 
 

@@ -52,7 +52,7 @@ def model_card(request: Request, m: ServedModel, name: str | None = None,
         loaded=m.loaded,
         type="fine-tuned" if ft else "base",
         root=m.name if ft else None,
-        job=ft.job if ft else None,
+        job=(ft.job or None) if ft else None,  # None: an adapter from --lora-modules
     )
 
 
@@ -71,8 +71,19 @@ async def list_models(request: Request,
              + [state.moderation(request).card()])
     lifecycle = state.lifecycle(request)
     await in_thread(lifecycle.rows)  # read the rows once, off the event loop
-    return ModelList(data=[with_lifecycle(request, c) for c in cards
-                           if not lifecycle.deleted(c.id)])
+    evaluations = state.evaluations(request)
+    held = await in_thread(evaluations.held)  # models the release gate holds: not listed
+    await in_thread(evaluations.latest)
+    if held and evaluations.privileged(request, key):
+        held = {}
+    return ModelList(data=[with_evaluation(request, with_lifecycle(request, c)) for c in cards
+                           if not lifecycle.deleted(c.id) and c.id not in held])
+
+
+def with_evaluation(request: Request, card: ModelCard) -> ModelCard:
+    """``card`` with a link to its model's latest evaluation run (souverain extension)."""
+    found = state.evaluations(request).card_field(card.id)
+    return card.model_copy(update={"evaluation": found}) if found is not None else card
 
 
 def with_lifecycle(request: Request, card: ModelCard) -> ModelCard:
@@ -90,7 +101,11 @@ async def get_model(model_id: str, request: Request,
     if await in_thread(lifecycle.deleted, model_id):
         raise APIError(404, f"Model {model_id!r} was deleted; GET /v1/models lists the "
                             "models served here.", param="model_id", code="model_not_found")
-    return with_lifecycle(request, await _card(request, model_id))
+    evaluations = state.evaluations(request)
+    await in_thread(evaluations.held)
+    await in_thread(evaluations.latest)
+    evaluations.check_released(request, key, model_id)  # 403 for a held model
+    return with_evaluation(request, with_lifecycle(request, await _card(request, model_id)))
 
 
 async def _card(request: Request, model_id: str) -> ModelCard:
