@@ -263,7 +263,7 @@ def test_timeout_exceeded_keeps_what_finished(server: ServerProcess, client: Mis
     job = store.create(model=TINY, served_model=TINY, endpoint=CHAT, input_files=[],
                        total_requests=1, inline=jsonl([chat_line("late", "hi")]),
                        timeout_hours=1)
-    with store.jobs._write() as c:
+    with store.jobs.write() as c:
         c.execute(batch_jobs_t.update().where(batch_jobs_t.c.id == job.id)
                   .values(created_at=time.time() - 7200))
     done = wait(client, job.id)

@@ -104,7 +104,7 @@ def _job(store: JobStore, **kw: Any):
 def test_store_files(store: JobStore) -> None:
     f = store.add_file(GOOD, "train.jsonl", "fine-tune", sample_type="instruct", num_lines=24)
     assert Path(f.path).read_bytes() == GOOD and f.bytes == len(GOOD)
-    assert not list(Path(f.path).parent.glob(".upload-*"))  # the temp file was renamed
+    assert not list(Path(f.path).parent.glob(".partial-*"))  # the temp file was renamed
     assert store.get_file(f.id).sha256 == f.sha256
     store.add_file(b'{"custom_id": "1"}\n', "b.jsonl", "batch", sample_type="batch_request")
     files, total = store.list_files()

@@ -138,12 +138,12 @@ class BatchStore:
             started_at=None, completed_at=None, total_requests=total_requests,
             completed_requests=0, succeeded_requests=0, failed_requests=0, output_file=None,
             error_file=None, errors=[], key=key)
-        with self.jobs._write() as c:
+        with self.jobs.write() as c:
             c.execute(batch_jobs_t.insert().values(**rec.__dict__))
         return rec
 
     def get(self, job_id: str) -> BatchJobRecord:
-        with self.jobs._read() as c:
+        with self.jobs.read() as c:
             return _job(c, job_id)
 
     def list_jobs(self, *, model: str | None = None, statuses: Iterable[str] | None = None,
@@ -163,7 +163,7 @@ class BatchStore:
         created = batch_jobs_t.c.created_at
         order = (created.desc(), batch_jobs_t.c.id) if newest_first else (created,
                                                                           batch_jobs_t.c.id)
-        with self.jobs._read() as c:
+        with self.jobs.read() as c:
             rows = c.execute(batch_jobs_t.select().where(where).order_by(*order)
                              ).mappings().all()
         jobs = [BatchJobRecord(**r) for r in rows]
@@ -178,7 +178,7 @@ class BatchStore:
         """QUEUED -> CANCELLED at once; RUNNING -> CANCELLATION_REQUESTED (its server stops
         within a line or two). Cancelling a cancelled or finished job changes nothing (La
         Plateforme answers with the job as it is)."""
-        with self.jobs._write() as c:
+        with self.jobs.write() as c:
             _job(c, job_id)
             now = time.time()
             if not _transition(c, job_id, (QUEUED,), CANCELLED, completed_at=now):
@@ -192,7 +192,7 @@ class BatchStore:
         where = sa.and_(batch_jobs_t.c.status == QUEUED,
                         batch_jobs_t.c.served_model.in_(list(models)))
         while True:
-            with self.jobs._write() as c:
+            with self.jobs.write() as c:
                 job_id = c.execute(sa.select(batch_jobs_t.c.id).where(where)
                                    .order_by(batch_jobs_t.c.created_at, batch_jobs_t.c.id)
                                    .limit(1)).scalar()
@@ -209,7 +209,7 @@ class BatchStore:
         free (it ended, however), or, without a lock file here, its heartbeat is stale."""
         where = sa.and_(batch_jobs_t.c.status.in_(HELD),
                         batch_jobs_t.c.served_model.in_(list(models)))
-        with self.jobs._read() as c:
+        with self.jobs.read() as c:
             rows = c.execute(batch_jobs_t.select().where(where)
                              .order_by(batch_jobs_t.c.created_at)).mappings().all()
         now = time.time()
@@ -227,7 +227,7 @@ class BatchStore:
         its owner)."""
         owner = (batch_jobs_t.c.worker_token == job.worker_token if job.worker_token
                  else batch_jobs_t.c.worker_token.is_(None))
-        with self.jobs._write() as c:
+        with self.jobs.write() as c:
             res = c.execute(batch_jobs_t.update()
                             .where(batch_jobs_t.c.id == job.id,
                                    batch_jobs_t.c.status == job.status, owner)
@@ -237,7 +237,7 @@ class BatchStore:
     def progress(self, job_id: str, *, completed: int, succeeded: int, failed: int) -> str:
         """Record the live counters and the heartbeat; returns the job's status now (a cancel
         request shows up here)."""
-        with self.jobs._write() as c:
+        with self.jobs.write() as c:
             c.execute(batch_jobs_t.update().where(batch_jobs_t.c.id == job_id)
                       .values(completed_requests=completed, succeeded_requests=succeeded,
                               failed_requests=failed, heartbeat_at=time.time()))
@@ -246,7 +246,7 @@ class BatchStore:
 
     def set_files(self, job_id: str, *, output_file: str | None,
                   error_file: str | None) -> None:
-        with self.jobs._write() as c:
+        with self.jobs.write() as c:
             c.execute(batch_jobs_t.update().where(batch_jobs_t.c.id == job_id)
                       .values(output_file=output_file, error_file=error_file,
                               modified_at=time.time()))
@@ -259,12 +259,12 @@ class BatchStore:
                                   "worker_token": None}
         if errors is not None:
             values["errors"] = errors
-        with self.jobs._write() as c:
+        with self.jobs.write() as c:
             return _transition(c, job_id, tuple(expect), status, **values)
 
     def release(self, job_id: str) -> None:
         """Leave a held job without an owner (the server stops): the next one resumes it."""
-        with self.jobs._write() as c:
+        with self.jobs.write() as c:
             c.execute(batch_jobs_t.update().where(batch_jobs_t.c.id == job_id)
                       .values(worker_token=None, worker_pid=None, modified_at=time.time()))
 

@@ -11,22 +11,18 @@ Two writers: the release gate (``source`` gate: the run that decided a fine-tuni
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Engine
 
-from souverain.finetune.jobs_db import READ, eval_runs_t, open_engine, safe_url
+from souverain.finetune.jobs_db import eval_runs_t, open_engine, safe_url
 from souverain.finetune.lifecycle import lifecycle_db_url
-from souverain.finetune.store import Conflict, JobsError, NotFound, _busy_as_error
+from souverain.finetune.store import Conflict, JobsError, NotFound, Transactions, write_atomic
 from souverain.paths import data_home
 
 RUN_ID = re.compile(r"^evr_[0-9a-f]{24}$")
@@ -58,7 +54,7 @@ def evaluations_dir(root: Path | None = None) -> Path:
     return (root or data_home()) / "evaluations"
 
 
-class EvalRunStore:
+class EvalRunStore(Transactions):
     """The ``eval_runs`` rows (on the jobs database's engine when given) and the HTML files."""
 
     def __init__(self, url: str | None = None, *, engine: Engine | None = None,
@@ -78,18 +74,6 @@ class EvalRunStore:
         if self._own_engine:
             self.engine.dispose()
 
-    @contextmanager
-    def _write(self) -> Iterator[Connection]:
-        with _busy_as_error(), self.engine.begin() as c:
-            yield c
-
-    @contextmanager
-    def _read(self) -> Iterator[Connection]:
-        with _busy_as_error(), self.engine.connect() as conn:
-            conn.execution_options(**{READ: True})
-            with conn.begin():
-                yield conn
-
     def add(self, run: dict[str, Any], html: str | None, *, source: str,
             job_id: str | None = None, created_by: str | None = None) -> RunRecord:
         """Record ``run`` (an EvalRun's JSON, already checked by the caller) and its HTML."""
@@ -101,7 +85,7 @@ class EvalRunStore:
         html_path = None
         if html is not None:
             path = self.dir / run_id / "report.html"
-            _write_atomic(path, html.encode("utf-8"))
+            write_atomic(path, html.encode("utf-8"), mode=0o600)
             html_path = str(path)
         verdict = run.get("verdict") or None
         rec = RunRecord(
@@ -112,7 +96,7 @@ class EvalRunStore:
             suites=sorted(run.get("suites", {})), source=source, job_id=job_id,
             created_by=created_by, run=run, html_path=html_path)
         try:
-            with self._write() as c:
+            with self.write() as c:
                 if c.execute(sa.select(eval_runs_t.c.id).where(eval_runs_t.c.id == run_id)
                              ).first() is not None:
                     raise _recorded(run_id)
@@ -126,14 +110,14 @@ class EvalRunStore:
         return rec
 
     def _exists(self, run_id: str) -> bool:
-        with self._read() as c:
+        with self.read() as c:
             return c.execute(sa.select(eval_runs_t.c.id).where(eval_runs_t.c.id == run_id)
                              ).first() is not None
 
     def get(self, run_id: str) -> RunRecord:
         row = None
         if RUN_ID.match(run_id):
-            with self._read() as c:
+            with self.read() as c:
                 row = c.execute(eval_runs_t.select().where(eval_runs_t.c.id == run_id)
                                 ).mappings().first()
         if row is None:
@@ -159,7 +143,7 @@ class EvalRunStore:
         if run_ids is not None:
             cond.append(eval_runs_t.c.id.in_([r for r in run_ids if RUN_ID.match(r)]))
         where = sa.and_(sa.true(), *cond)
-        with self._read() as c:
+        with self.read() as c:
             rows = c.execute(eval_runs_t.select().where(where)
                              .order_by(eval_runs_t.c.created_at.desc(), eval_runs_t.c.id)
                              ).mappings().all()
@@ -173,7 +157,7 @@ class EvalRunStore:
     def latest(self) -> dict[str, tuple[str, float, bool | None]]:
         """The newest run of each candidate model (what its card links): model ->
         ``(run id, created_at, passed)``."""
-        with self._read() as c:
+        with self.read() as c:
             rows = c.execute(sa.select(eval_runs_t.c.model, eval_runs_t.c.id,
                                        eval_runs_t.c.created_at, eval_runs_t.c.passed)
                              .order_by(eval_runs_t.c.created_at, eval_runs_t.c.id)).all()
@@ -183,18 +167,3 @@ class EvalRunStore:
 def _recorded(run_id: str) -> Conflict:
     return Conflict(f"Evaluation run {run_id} is already recorded; a run is recorded once (run "
                     "the evaluation again for a new id).")
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".report-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

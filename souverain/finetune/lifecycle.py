@@ -16,17 +16,16 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Engine
 
 from souverain.errors import SouverainError
-from souverain.finetune.jobs_db import READ, lifecycle_t, open_engine, safe_url
+from souverain.finetune.jobs_db import lifecycle_t, open_engine, safe_url
+from souverain.finetune.store import Transactions
 from souverain.paths import data_home
 
 ACTIONS = ("deprecate", "withdraw", "restore")
@@ -87,7 +86,7 @@ def parse_date(text: str) -> str:
                              "YYYY-MM-DD, e.g. 2027-06-30.") from None
 
 
-class LifecycleStore:
+class LifecycleStore(Transactions):
     """The ``model_lifecycle`` rows: read all (the server caches them), change one."""
 
     def __init__(self, url: str | None = None, *, engine: Engine | None = None,
@@ -106,27 +105,20 @@ class LifecycleStore:
         if self._owned:
             self.engine.dispose()
 
-    @contextmanager
-    def _read(self) -> Iterator[Connection]:
-        with self.engine.connect() as conn:
-            conn.execution_options(**{READ: True})
-            with conn.begin():
-                yield conn
-
     def all(self) -> dict[str, Lifecycle]:
-        with self._read() as c:
+        with self.read() as c:
             rows = c.execute(lifecycle_t.select()).mappings().all()
         return {r["model_id"]: Lifecycle(**r) for r in rows}
 
     def get(self, model_id: str) -> Lifecycle:
-        with self._read() as c:
+        with self.read() as c:
             row = c.execute(lifecycle_t.select().where(lifecycle_t.c.model_id == model_id)
                             ).mappings().first()
         return Lifecycle(**row) if row is not None else Lifecycle(model_id)
 
     def change(self, model_id: str, by: str | None, **values: Any) -> tuple[Lifecycle, Lifecycle]:
         """Set ``values`` on ``model_id``'s row (created if missing); (old, new)."""
-        with self.engine.begin() as c:
+        with self.write() as c:
             row = c.execute(lifecycle_t.select().where(lifecycle_t.c.model_id == model_id)
                             ).mappings().first()
             old = Lifecycle(**row) if row is not None else Lifecycle(model_id)

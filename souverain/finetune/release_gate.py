@@ -60,7 +60,7 @@ class GateRows:
 
     def held(self) -> dict[str, Held]:
         """The held ``ft:`` models of SUCCESS jobs, by model id."""
-        with self.store._read() as c:
+        with self.store.read() as c:
             rows = c.execute(sa.select(jobs_t.c.fine_tuned_model, jobs_t.c.id,
                                        jobs_t.c.evaluation_status, jobs_t.c.evaluation_reasons)
                              .where(jobs_t.c.status == SUCCESS,
@@ -70,7 +70,7 @@ class GateRows:
     def job_of(self, model_or_job: str) -> str:
         """The id of the job that made ``model_or_job`` (an ``ft:`` model id, or a job id);
         `NotFound` naming where to look."""
-        with self.store._read() as c:
+        with self.store.read() as c:
             job_id = c.execute(sa.select(jobs_t.c.id).where(sa.or_(
                 jobs_t.c.fine_tuned_model == model_or_job, jobs_t.c.id == model_or_job))
             ).scalar()
@@ -90,7 +90,7 @@ class GateRows:
         if owner is not None:
             cond.append(sa.or_(jobs_t.c.evaluation_owner.is_(None),
                                jobs_t.c.evaluation_owner != owner))
-        with self.store._write() as c:
+        with self.store.write() as c:
             ids = c.execute(sa.select(jobs_t.c.id).where(*cond)).scalars().all()
             done = 0
             for job_id in ids:
@@ -110,7 +110,7 @@ class GateRows:
         if models is not None:
             cond.append(jobs_t.c.model.in_(list(models)))
         while True:
-            with self.store._write() as c:
+            with self.store.write() as c:
                 job_id = c.execute(sa.select(jobs_t.c.id).where(*cond)
                                    .order_by(jobs_t.c.modified_at, jobs_t.c.id).limit(1)
                                    ).scalar()
@@ -132,7 +132,7 @@ class GateRows:
         when the gate is no longer this keeper's (an admin released it meanwhile)."""
         if status not in (PASSED, FAILED, ERROR):
             raise ValueError(f"a gate finishes passed, failed or error, not {status!r}")
-        with self.store._write() as c:
+        with self.store.write() as c:
             res = c.execute(jobs_t.update().where(jobs_t.c.id == job_id,
                                                   jobs_t.c.evaluation_status == RUNNING,
                                                   jobs_t.c.evaluation_owner == owner)
@@ -147,7 +147,7 @@ class GateRows:
     def retry(self, job_id: str, by: str | None) -> JobRecord:
         """A gate that failed or could not run (``error``: the server was busy, a suite
         broke) is evaluated again: -> ``pending``, with its event. `Conflict` otherwise."""
-        with self.store._write() as c:
+        with self.store.write() as c:
             before = _job(c, job_id)
             res = c.execute(jobs_t.update().where(jobs_t.c.id == job_id,
                                                   jobs_t.c.evaluation_status.in_((FAILED, ERROR)))
@@ -166,7 +166,7 @@ class GateRows:
         """An administrator's override: the held model is released whatever the gate said
         (recorded as ``overridden`` with the reason and who). Returns the job before and
         after. `Conflict` for a job without a policy or already released."""
-        with self.store._write() as c:
+        with self.store.write() as c:
             before = _job(c, job_id)
             if before.evaluation is None:
                 raise Conflict(f"Job {job_id} has no evaluation policy: its model is served "

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, Engine
 
 from souverain.errors import SouverainError
 from souverain.finetune.jobs_db import (
@@ -164,7 +164,28 @@ def fine_tuned_name(base: str, suffix: str | None, job_id: str) -> str:
     return ":".join(["ft", base, *([suffix] if suffix else []), job_id[:8]])
 
 
-class JobStore:
+class Transactions:
+    """Short transactions on ``self.engine``, shared by every table of the jobs database (jobs,
+    batch jobs, model lifecycle, evaluation runs, release gates): ``write()`` is one write
+    transaction (SQLite: BEGIN IMMEDIATE), ``read()`` a read-only one (SQLite: a deferred
+    BEGIN, which a writer never blocks). SQLite's lock held past the busy timeout -> `Busy`."""
+
+    engine: Engine
+
+    @contextmanager
+    def write(self) -> Iterator[Connection]:
+        with _busy_as_error(), self.engine.begin() as c:
+            yield c
+
+    @contextmanager
+    def read(self) -> Iterator[Connection]:
+        with _busy_as_error(), self.engine.connect() as conn:
+            conn.execution_options(**{READ: True})
+            with conn.begin():
+                yield conn
+
+
+class JobStore(Transactions):
     """Files, jobs, events and checkpoints in one SQL database (see the module docstring)."""
 
     def __init__(self, url: str | None = None, root: Path | None = None, *,
@@ -184,20 +205,6 @@ class JobStore:
     def close(self) -> None:
         self.engine.dispose()
 
-    @contextmanager
-    def _write(self) -> Iterator[Connection]:
-        """A short write transaction (SQLite: BEGIN IMMEDIATE)."""
-        with _busy_as_error(), self.engine.begin() as c:
-            yield c
-
-    @contextmanager
-    def _read(self) -> Iterator[Connection]:
-        """A read-only transaction (SQLite: a deferred BEGIN, which a writer never blocks)."""
-        with _busy_as_error(), self.engine.connect() as conn:
-            conn.execution_options(**{READ: True})
-            with conn.begin():
-                yield conn
-
     # -- files ------------------------------------------------------------------------------
     def add_file(self, data: bytes, filename: str, purpose: str, *,
                  sample_type: str | None = None, num_lines: int | None = None,
@@ -208,13 +215,13 @@ class JobStore:
                             f"{', '.join(PURPOSES)}.")
         file_id = str(uuid.uuid4())
         path = self.files_dir / f"{file_id}.jsonl"
-        _write_atomic(path, data)
+        write_atomic(path, data)
         rec = FileRecord(id=file_id, filename=filename, bytes=len(data), purpose=purpose,
                          created_at=time.time(), sha256=hashlib.sha256(data).hexdigest(),
                          sample_type=sample_type, num_lines=num_lines, mimetype=mimetype,
                          path=str(path))
         try:
-            with self._write() as c:
+            with self.write() as c:
                 c.execute(files_t.insert().values(**rec.__dict__))
         except BaseException:
             path.unlink(missing_ok=True)
@@ -224,7 +231,7 @@ class JobStore:
     def get_file(self, file_id: str) -> FileRecord:
         row = None
         if "\x00" not in file_id:  # (PostgreSQL refuses NUL in text; no id holds one)
-            with self._read() as c:
+            with self.read() as c:
                 row = c.execute(files_t.select().where(files_t.c.id == file_id)
                                 ).mappings().first()
         if row is None:
@@ -242,7 +249,7 @@ class JobStore:
         if sample_types:
             cond.append(files_t.c.sample_type.in_(list(sample_types)))
         where = sa.and_(sa.true(), *cond)
-        with self._read() as c:
+        with self.read() as c:
             total = c.execute(sa.select(sa.func.count()).select_from(files_t).where(where)
                               ).scalar_one()
             rows = c.execute(files_t.select().where(where)
@@ -254,7 +261,7 @@ class JobStore:
         """Delete a file, its row and its bytes, unless a job that has not finished still needs
         it; returns what was deleted."""
         rec = self.get_file(file_id)
-        with self._write() as c:
+        with self.write() as c:
             for job in c.execute(jobs_t.select().where(jobs_t.c.status.notin_(TERMINAL))
                                  ).mappings():
                 ids = [f["file_id"] for f in job["training_files"]] + list(
@@ -296,13 +303,13 @@ class JobStore:
             "job_type": job_type, "classifier_targets": classifier_targets,
             "evaluation": evaluation, "evaluation_status": "pending" if evaluation else None,
             "evaluation_reasons": None, "evaluation_run_id": None, "evaluation_owner": None}
-        with self._write() as c:
+        with self.write() as c:
             c.execute(jobs_t.insert().values(**values))
             _event(c, job_id, "status-updated", {"status": QUEUED})
         return JobRecord(**values)
 
     def get_job(self, job_id: str) -> JobRecord:
-        with self._read() as c:
+        with self.read() as c:
             return _job(c, job_id)
 
     def list_jobs(self, *, model: str | None = None, status: str | None = None,
@@ -318,7 +325,7 @@ class JobStore:
         if created_after is not None:
             cond.append(jobs_t.c.created_at > created_after)
         where = sa.and_(sa.true(), *cond)
-        with self._read() as c:
+        with self.read() as c:
             total = c.execute(sa.select(sa.func.count()).select_from(jobs_t).where(where)
                               ).scalar_one()
             rows = c.execute(jobs_t.select().where(where)
@@ -327,14 +334,14 @@ class JobStore:
         return [JobRecord(**r) for r in rows], int(total)
 
     def events(self, job_id: str) -> list[EventRecord]:
-        with self._read() as c:
+        with self.read() as c:
             rows = c.execute(events_t.select().where(events_t.c.job_id == job_id)
                              .order_by(events_t.c.id)).mappings().all()
         return [EventRecord(r["job_id"], r["created_at"], r["name"], r["data"] or {})
                 for r in rows]
 
     def checkpoints(self, job_id: str) -> list[CheckpointRecord]:
-        with self._read() as c:
+        with self.read() as c:
             rows = c.execute(checkpoints_t.select().where(checkpoints_t.c.job_id == job_id)
                              .order_by(checkpoints_t.c.step, checkpoints_t.c.id)
                              ).mappings().all()
@@ -344,7 +351,7 @@ class JobStore:
     def cancel(self, job_id: str) -> JobRecord:
         """A job nobody holds is CANCELLED at once; a held one gets CANCELLATION_REQUESTED (its
         worker stops at the next step). Cancelling a cancelled job is a no-op."""
-        with self._write() as c:
+        with self.write() as c:
             job = _job(c, job_id)
             done = _transition(c, job_id, (QUEUED, VALIDATED), CANCELLED, worker_pid=None,
                                worker_host=None) \
@@ -357,7 +364,7 @@ class JobStore:
     def start(self, job_id: str) -> JobRecord:
         """Start a job created with ``auto_start=false``: a VALIDATED one is queued again (the
         worker re-checks its files, then trains); one not validated yet trains right after."""
-        with self._write() as c:
+        with self.write() as c:
             job = _job(c, job_id)
             if not _transition(c, job_id, (VALIDATED,), QUEUED, auto_start=True):
                 if job.status in TERMINAL or job.status == CANCELLATION_REQUESTED:
@@ -378,7 +385,7 @@ class JobStore:
         host = host or this_host()
         where = _for_models(jobs_t.c.status == QUEUED, models)
         while True:
-            with self._write() as c:
+            with self.write() as c:
                 job_id = c.execute(sa.select(jobs_t.c.id).where(where)
                                    .order_by(jobs_t.c.created_at, jobs_t.c.id).limit(1)
                                    ).scalar()
@@ -393,32 +400,32 @@ class JobStore:
     def set_status(self, job_id: str, status: str, *, expect: Iterable[str] = HELD,
                    event: dict[str, Any] | None = None, **values: Any) -> bool:
         """``status`` (+ ``values``) if the job is in one of ``expect``; True if it was."""
-        with self._write() as c:
+        with self.write() as c:
             ok = _transition(c, job_id, tuple(expect), status, **values)
             if ok and event is not None:
                 _event(c, job_id, "status-updated", {"status": status, **event})
             return ok
 
     def update(self, job_id: str, **values: Any) -> None:
-        with self._write() as c:
+        with self.write() as c:
             c.execute(jobs_t.update().where(jobs_t.c.id == job_id)
                       .values(modified_at=time.time(), **values))
 
     def heartbeat(self, job_id: str) -> str:
         """Mark the job alive now; returns its current status (cancellation shows up here)."""
-        with self._write() as c:
+        with self.write() as c:
             c.execute(jobs_t.update().where(jobs_t.c.id == job_id)
                       .values(heartbeat_at=time.time()))
             return str(c.execute(sa.select(jobs_t.c.status).where(jobs_t.c.id == job_id)
                                  ).scalar_one())
 
     def add_event(self, job_id: str, name: str, data: dict[str, Any] | None = None) -> None:
-        with self._write() as c:
+        with self.write() as c:
             _event(c, job_id, name, data or {})
 
     def add_checkpoint(self, job_id: str, step: int, path: str,
                        metrics: dict[str, Any]) -> None:
-        with self._write() as c:
+        with self.write() as c:
             # a resumed run may write a step again: keep one row per step
             c.execute(checkpoints_t.delete().where(checkpoints_t.c.job_id == job_id,
                                                    checkpoints_t.c.step == step))
@@ -437,7 +444,7 @@ class JobStore:
         host = host or this_host()
         alive = pid_alive or _pid_alive
         now = time.time()
-        with self._read() as c:
+        with self.read() as c:
             rows = c.execute(jobs_t.select().where(_for_models(jobs_t.c.status.in_(HELD),
                                                                models))
                              .order_by(jobs_t.c.created_at)).mappings().all()
@@ -458,7 +465,7 @@ class JobStore:
         owner = sa.and_(jobs_t.c.worker_pid == job.worker_pid,
                         jobs_t.c.worker_host == job.worker_host) \
             if job.worker_pid is not None else jobs_t.c.worker_pid.is_(None)
-        with self._write() as c:
+        with self.write() as c:
             res = c.execute(jobs_t.update()
                             .where(jobs_t.c.id == job.id, jobs_t.c.status == job.status, owner)
                             .values(worker_pid=pid, worker_host=host or this_host(),
@@ -469,7 +476,7 @@ class JobStore:
     def succeeded_models(self) -> list[tuple[str, str, str, str]]:
         """``(fine_tuned_model, base_model, adapter_dir, job_id)`` of every SUCCESS job, oldest
         first; ``base_model`` is the served model name the job was created with."""
-        with self._read() as c:
+        with self.read() as c:
             rows = c.execute(sa.select(jobs_t.c.fine_tuned_model, jobs_t.c.model,
                                        jobs_t.c.adapter_dir, jobs_t.c.id)
                              .where(jobs_t.c.status == SUCCESS)
@@ -479,7 +486,7 @@ class JobStore:
 
     def succeeded_classifiers(self) -> dict[str, JobRecord]:
         """The classifier models of every SUCCESS classifier job, by ``fine_tuned_model``."""
-        with self._read() as c:
+        with self.read() as c:
             rows = c.execute(jobs_t.select().where(jobs_t.c.status == SUCCESS)
                              .where(jobs_t.c.job_type == "classifier")
                              .order_by(jobs_t.c.created_at)).mappings().all()
@@ -591,14 +598,17 @@ def _pid_alive(pid: int) -> bool:
         return True
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes, *, mode: int | None = None) -> None:
+    """``data`` at ``path`` whole or not at all (a temporary file, fsync'd, renamed over it)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".upload-")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".partial-")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        if mode is not None:
+            os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
