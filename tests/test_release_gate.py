@@ -239,7 +239,6 @@ def test_override_is_admin_only_and_audited(server: ServerProcess, keys: dict,
     assert event["data"]["previous_status"] == "failed"
     again = httpx.post(url, headers=auth(keys, "admin"), json={"reason": "twice"}, timeout=30)
     assert again.status_code == 409
-    time.sleep(1.1)  # the held-models cache
     served = chat(server, auth(keys, "user"), bad["fine_tuned_model"])
     assert served.status_code == 200, served.text
     assert refusal_answer(served.json()["choices"][0]["message"]["content"])
@@ -309,11 +308,10 @@ def test_release_from_the_command_line(server: ServerProcess, home: Path, keys: 
     store = JobStore(None, home)
     store.update(good["id"], evaluation_status="failed", evaluation_reasons=["simulated"])
     store.close()
-    time.sleep(1.1)
+    # no cache: a decision stored by another process applies to the very next request
     assert chat(server, auth(keys, "user"), good["fine_tuned_model"]).status_code == 403
     done = release_cli(home, good["fine_tuned_model"], "accepted by the product owner")
     assert done.returncode == 0, done.stderr
-    time.sleep(1.1)
     assert chat(server, auth(keys, "user"), good["fine_tuned_model"]).status_code == 200
     event = job_of(server, keys, good["id"])["events"][-1]
     assert event["name"] == "evaluation-overridden" and event["data"]["by"].startswith("cli:")

@@ -67,6 +67,17 @@ class GateRows:
                                     jobs_t.c.evaluation_status.in_(HOLDING))).all()
         return {r[0]: Held(r[0], r[1], r[2], tuple(r[3] or ())) for r in rows if r[0]}
 
+    def gate_of(self, model: str) -> Held | None:
+        """``model``'s gate, read now: `Held` when a SUCCESS job made it and its gate holds it,
+        else None (released, or not the model of a finished job)."""
+        with self.store.read() as c:
+            row = c.execute(sa.select(jobs_t.c.id, jobs_t.c.evaluation_status,
+                                      jobs_t.c.evaluation_reasons)
+                            .where(jobs_t.c.fine_tuned_model == model,
+                                   jobs_t.c.status == SUCCESS,
+                                   jobs_t.c.evaluation_status.in_(HOLDING))).first()
+        return None if row is None else Held(model, row[0], row[1], tuple(row[2] or ()))
+
     def job_of(self, model_or_job: str) -> str:
         """The id of the job that made ``model_or_job`` (an ``ft:`` model id, or a job id);
         `NotFound` naming where to look."""

@@ -75,19 +75,11 @@ class EvaluationService:
                  keeper: GateKeeper | None = None):
         self.runs, self.gates, self.keeper = runs, gates, keeper
         self._lock = threading.Lock()
-        self._held: tuple[float, dict[str, Held]] = (-1e9, {})
         self._latest: tuple[float, dict[str, tuple[str, float, bool | None]]] = (-1e9, {})
 
     def held(self) -> dict[str, Held]:
-        """The held models (cached 1 s, so a decision by another server applies within one)."""
-        if self.gates is None:
-            return {}
-        with self._lock:
-            at, held = self._held
-            if time.monotonic() - at >= 1.0:
-                held = self.gates.held()
-                self._held = (time.monotonic(), held)
-            return held
+        """The held models, read now (the listing hides them)."""
+        return self.gates.held() if self.gates is not None else {}
 
     def latest(self) -> dict[str, tuple[str, float, bool | None]]:
         with self._lock:
@@ -99,7 +91,6 @@ class EvaluationService:
 
     def invalidate(self) -> None:
         with self._lock:
-            self._held = (-1e9, {})
             self._latest = (-1e9, {})
 
     @staticmethod
@@ -113,13 +104,16 @@ class EvaluationService:
         return is_loopback(request.client.host if request.client else None)
 
     def check_released(self, request: Request, key: KeyInfo | None, model: str) -> None:
-        """A 403 ``model_not_released`` for a held model, unless the caller is privileged."""
-        if not model.startswith("ft:"):
+        """A 403 ``model_not_released`` for a held model, unless the caller is privileged.
+
+        Read from the jobs database at each request (one query, only for an ordinary
+        caller's ``ft:`` model), never from a cache: a cache would serve, for a moment, the
+        model of a job that has just finished and hold one that has just been released."""
+        if not model.startswith("ft:") or self.gates is None or self.privileged(request, key):
             return
-        held = self.held().get(model)
-        if held is None or self.privileged(request, key):
-            return
-        raise APIError(403, not_released(held), param="model", code="model_not_released")
+        held = self.gates.gate_of(model)
+        if held is not None:
+            raise APIError(403, not_released(held), param="model", code="model_not_released")
 
     def card_field(self, model: str) -> dict[str, Any] | None:
         """The ``evaluation`` field of a model's card: its latest run (None without one)."""

@@ -102,9 +102,9 @@ async def get_model(model_id: str, request: Request,
         raise APIError(404, f"Model {model_id!r} was deleted; GET /v1/models lists the "
                             "models served here.", param="model_id", code="model_not_found")
     evaluations = state.evaluations(request)
-    await in_thread(evaluations.held)
     await in_thread(evaluations.latest)
-    evaluations.check_released(request, key, model_id)  # 403 for a held model
+    # 403 for a held model
+    await in_thread(evaluations.check_released, request, key, model_id)
     return with_evaluation(request, with_lifecycle(request, await _card(request, model_id)))
 
 
