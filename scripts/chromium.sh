@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Headless Chromium for tests/test_eval_report.py (it opens `souverain eval`'s HTML report and
-# checks that its plots decode). Installs the Debian package `chromium` with apt-get when no
-# Chromium binary is found, as scripts/postgres.sh installs postgresql (sudo when not root);
+# Headless Chromium for the browser tests: tests/test_eval_report.py (it opens `souverain eval`'s
+# HTML report and checks that its plots decode) and tests/test_console*.py (Selenium drives the
+# web console through chromedriver). Installs the Debian packages `chromium` and
+# `chromium-driver` (the driver of the same version) with apt-get when either is missing, as
+# scripts/postgres.sh installs postgresql (sudo when not root);
 # without apt-get, or with SOUVERAIN_CHROMIUM_NO_INSTALL=1, it says so and exits 0: the
 # browser test then fails, naming this script. Prints the binary's path when there is one.
 set -euo pipefail
@@ -14,7 +16,7 @@ find_chromium() {
   return 1
 }
 
-if path=$(find_chromium); then
+if path=$(find_chromium) && command -v chromedriver >/dev/null 2>&1; then
   echo "$path"
   exit 0
 fi
@@ -39,6 +41,6 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 $sudo apt-get update -qq >&2
 # --no-install-recommends: the browser alone (no fonts beyond its dependencies, no GPU drivers)
-DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends chromium >&2
+DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends chromium chromium-driver >&2
 path=$(find_chromium) || { echo "chromium installed but its binary is not on PATH" >&2; exit 3; }
 echo "$path"

@@ -118,6 +118,10 @@ WithdrawnFallbackOpt = typer.Option(
     help="Serve a withdrawn model's requests with its replacement (response header "
          "x-souverain-model-replaced: OLD -> NEW) instead of a 410 naming it; `souverain "
          "models withdraw ID --replacement NEW [--fallback/--no-fallback]` sets it per model.")
+ConsoleOpt = typer.Option(
+    True, "--console/--no-console",
+    help="Serve the web console at / (playground, documents, fine-tuning, batches, models, "
+         "health): a client of this API with the caller's key, no other host contacted.")
 AuditOpt = typer.Option(
     True, "--audit/--no-audit",
     help="Append one JSON line per API call (time, key id, route, model, status, tokens, "
@@ -296,6 +300,8 @@ def announce(served: list[ServedModel], host: str, port: int, config: ServerConf
     err.print(f"[bold]souverain[/] serving {', '.join(m.name for m in served)} on "
               f"http://{host}:{port} · {auth}")
     err.print(f"[dim]audit log: {config.audit.describe() if config.audit else 'off'}[/]")
+    if config.console:
+        err.print(f"console: http://{host}:{port}/ · API reference: http://{host}:{port}/docs")
     if keys is None and not config.insecure_no_auth and not is_loopback(host):
         err.print("[yellow]warning:[/] listening beyond loopback without API keys: remote "
                   "clients get 403 until you pass --api-keys-file.")
@@ -351,6 +357,7 @@ def serve(
     embed_model: str = EmbedModelOpt,
     moderation_model: str | None = ModerationModelOpt,
     withdrawn_fallback: bool = WithdrawnFallbackOpt,
+    console: bool = ConsoleOpt,
     audit: bool = AuditOpt,
     audit_log: str | None = AuditLogOpt,
     audit_content: bool = AuditContentOpt,
@@ -412,6 +419,7 @@ def serve(
             batch_concurrency=batch_concurrency)
         config.moderation_model = moderation_name
         config.withdrawn_fallback = withdrawn_fallback
+        config.console = console
         if finetune:  # the release gate of the jobs that carry an evaluation policy
             config.gate_keeper = release_gate(host, port, config, served)
         logging.basicConfig(level=log_level.upper(),

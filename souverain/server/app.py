@@ -36,6 +36,7 @@ from souverain.server.auth import APIKeys
 from souverain.server.batch import BatchService
 from souverain.server.chat_service import ChatService
 from souverain.server.classifications import ClassifierService
+from souverain.server.console import install_console
 from souverain.server.docs import install_docs
 from souverain.server.embeddings import EmbeddingService
 from souverain.server.errors import in_thread, install_error_handlers
@@ -93,6 +94,7 @@ class ServerConfig:
     moderation_model: str | None = None  # the served model that moderates (None: the first)
     withdrawn_fallback: bool = False  # a withdrawn model's requests go to its replacement
     gate_keeper: GateKeeper | None = None  # the release gate (`serve` builds it: eval layer)
+    console: bool = True  # the web console at / (souverain.server.console)
 
 
 def create_app(registry: ModelRegistry, config: ServerConfig | None = None) -> FastAPI:
@@ -111,6 +113,8 @@ def create_app(registry: ModelRegistry, config: ServerConfig | None = None) -> F
     install_error_handlers(app)
     install_openapi(app)
     install_docs(app)
+    if config.console:
+        install_console(app)
     # the last added is the outermost: audit -> metrics -> key in URL (401) -> body limit
     # (413) -> JSON body check (422) -> FastAPI
     app.add_middleware(LifecycleHeaders)  # Deprecation / Sunset / model-replaced headers
