@@ -127,7 +127,29 @@ def egress_findings(env: dict[str, str] | None = None, *,
                        "127.0.0.1 by default (--host to change it)", False))
     out.append(Finding("`souverain serve` API keys", _keys_state(api_keys_file), False))
     out.append(_docs_finding())
+    out.append(_console_finding())
     return out
+
+
+def _console_finding() -> Finding:
+    """What the web console at / loads: its own files only (`external_references` scans them
+    for another host; the Content-Security-Policy ``default-src 'self'`` blocks any anyway)."""
+    name = "`souverain serve` web console at / (in the browser)"
+    from souverain.server.console import CONSOLE_DIR, CSP, assets, external_references
+
+    files = assets()
+    if "index.html" not in files or "app.js" not in files:
+        return Finding(name, f"its files are missing from {CONSOLE_DIR}: / cannot load", False,
+                       "Reinstall souverain.")
+    foreign = external_references()
+    if foreign:
+        return Finding(name, f"{len(foreign)} reference(s) to another host: "
+                             + "; ".join(foreign[:3]), True,
+                       "Remove them: the console must load nothing from another host.")
+    policy = CSP.split(";")[0]
+    return Finding(name, f"local: {len(files)} files served from {CONSOLE_DIR}, none naming "
+                         f"another host; Content-Security-Policy {policy}; API key kept in the "
+                         "tab's session only; --no-console turns it off", False)
 
 
 def _docs_finding() -> Finding:

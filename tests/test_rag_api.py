@@ -114,6 +114,26 @@ def test_sdk_library_flow(client: Mistral, server: ServerProcess) -> None:
     assert '"references"' in sse and "travel-policy.pdf" in sse and sse.endswith(
         "data: [DONE]\n\n")
 
+    # the passages themselves (souverain's search route, what the console's search uses)
+    search = f"{server.url}/v1/libraries/{lib.id}/search"
+    r = httpx.post(search, json={"query": "notice period of a senior engineer", "top_k": 3},
+                   timeout=60)
+    assert r.status_code == 200, r.text
+    hits = r.json()["data"]
+    assert 1 <= len(hits) <= 3 and hits[0]["document_name"] == "handbook.md"
+    assert "notice" in hits[0]["text"].lower() and -1 <= hits[0]["vector_score"] <= 1
+    assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
+    r = httpx.post(search, json={"query": "Lyon", "mode": "text", "document_ids": [pdf.id]},
+                   timeout=60)
+    assert r.status_code == 200 and {h["document_id"] for h in r.json()["data"]} == {pdf.id}
+    assert r.json()["data"][0]["page"] == 2
+    for bad in ({"query": ""}, {"query": "x", "top_k": 0}, {"query": "x", "mode": "fuzzy"},
+                {"query": "x", "extra": 1}):
+        assert httpx.post(search, json=bad, timeout=30).status_code == 422, bad
+    missing = httpx.post(f"{server.url}/v1/libraries/nope/search", json={"query": "x"},
+                         timeout=30)
+    assert missing.status_code == 404 and missing.json()["object"] == "error"
+
     # nothing relevant: said plainly, no invention
     body = raw_ask(server, [lib.id], "What is the boiling point of liquid nitrogen on Mars?")
     msg = body["choices"][0]["message"]

@@ -56,6 +56,33 @@ class LibraryUpdate(_Body):
     description: str | None = None
 
 
+class LibrarySearch(_Body):
+    """souverain: ``POST /v1/libraries/{library_id}/search`` (La Plateforme searches a library
+    only through its ``document_library`` tool; the CLI's ``souverain library search`` and the
+    console's search need the passages themselves)."""
+
+    query: str = Field(min_length=1, max_length=4000, pattern=r"\S",
+                       description="The words to look for (not only spaces).")
+    # JSON Schema's integer includes 18.0: lax, so a schema-valid body is not refused
+    top_k: int = Field(default=5, ge=1, le=50, strict=False)
+    mode: Literal["hybrid", "vector", "text"] = "hybrid"
+    document_ids: list[str] | None = Field(default=None, min_length=1,
+                                           description="Only these documents.")
+    tags: list[str] | None = Field(default=None, min_length=1,
+                                   description="Documents with any of these tags.")
+
+
+def hit_json(hit: Any) -> dict[str, Any]:
+    """One search result: the passage, where it is, and its scores (`score` orders them;
+    `vector_score` is the cosine, comparable across queries)."""
+    return {"chunk_id": hit.chunk_id, "library_id": hit.library_id,
+            "document_id": hit.document_id, "document_name": hit.document_name,
+            "page": hit.page, "heading": hit.heading, "text": hit.text,
+            "start": hit.start, "end": hit.end, "score": float(hit.score),
+            "vector_score": float(hit.vector_score),
+            "text_score": None if hit.text_score is None else float(hit.text_score)}
+
+
 class DocumentUpdate(_Body):
     name: str | None = Field(default=None, min_length=1, max_length=500)
     attributes: dict[str, Any] | None = Field(default=None, description=(

@@ -357,6 +357,14 @@ class ModelCard(BaseModel):
     deprecation_replacement_model: str | None = Field(
         default=None, description="The model to use instead once this one is retired.")
     archived: bool | None = Field(default=None, description="A fine-tuned model's archived flag.")
+    quantization: str | None = Field(default=None, description=(
+        "souverain: the weights' format as served: none, int8 or int4 (with --quantization)."))
+    dtype: str | None = Field(default=None, description=(
+        "souverain: the dtype of activations and KV cache (e.g. float32, bfloat16); 'auto' "
+        "until a lazy model is loaded."))
+    memory_bytes: int | None = Field(default=None, description=(
+        "souverain: the memory the model holds (weights + KV cache) when loaded, else the "
+        "estimate from its checkpoint's header that the memory budget uses."))
     evaluation: dict[str, Any] | None = Field(default=None, description=(
         "souverain: the model's latest evaluation run {latest_run_id, report_url, created_at, "
         "passed} (GET /v1/observability/evaluation-runs_v2/{id})."))
@@ -381,6 +389,10 @@ class ErrorBody(BaseModel):
 class Health(BaseModel):
     status: Literal["ok", "draining"]
     models: dict[str, str] = Field(description="model id -> loaded | not loaded")
+    api_keys: bool = Field(default=False, description=(
+        "souverain: whether API calls need a key (Authorization: Bearer); the console asks "
+        "for one before its first call."))
+    version: str | None = Field(default=None, description="souverain: the server's version.")
 
 
 # -- legacy completions (OpenAI) ------------------------------------------------------------

@@ -118,12 +118,12 @@ onLangChange(() => render());
 window.addEventListener("hashchange", render);
 document.documentElement.lang = lang();
 
-// first visit: find out whether the server wants a key before drawing a page
+// first visit: /health (no key needed) says whether the API wants a key; without one in this
+// tab, ask before drawing a page (so no call is made only to be refused). A stored key the
+// server no longer accepts gets the dialog from the first 401.
 (async () => {
-  try {
-    await api.get("/v1/models");
-  } catch (e) {
-    if (e.status === 401) await new Promise((resolve) => keyWaiters.push(resolve));
-  }
+  let health = null;
+  try { health = await api.get("/health"); } catch { /* the page will say it cannot reach it */ }
+  if (health && health.api_keys && !api.getKey()) await askForKey("");
   render();
 })();

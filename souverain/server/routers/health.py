@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
+from souverain import __version__
 from souverain.server import state
 from souverain.server.access import authorize
 from souverain.server.keyfile import KeyInfo
@@ -17,7 +18,8 @@ router = APIRouter()
 @router.get("/health", response_model=Health, tags=["ops"], summary="Liveness")
 async def health(request: Request) -> Health:
     return Health(status="ok", models={m.name: "loaded" if m.loaded else "not loaded"
-                                       for m in state.registry(request).models})
+                                       for m in state.registry(request).models},
+                  api_keys=state.config(request).api_keys is not None, version=__version__)
 
 
 @router.get("/metrics", tags=["ops"], summary="Prometheus metrics",

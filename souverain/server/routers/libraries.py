@@ -5,7 +5,9 @@ SDK models. Mounted only when libraries are on.
 ``GET/POST /v1/libraries``, ``GET/PATCH/PUT/DELETE /v1/libraries/{library_id}``,
 ``GET/POST /v1/libraries/{library_id}/documents`` (multipart upload),
 ``GET/PATCH/PUT/DELETE /v1/libraries/{library_id}/documents/{document_id}``,
-``GET …/text_content``, ``GET …/status``, ``POST …/reprocess``.
+``GET …/text_content``, ``GET …/status``, ``POST …/reprocess``; and souverain's
+``POST /v1/libraries/{library_id}/search`` (the passages the ``document_library`` tool would
+retrieve, with their scores).
 
 Every store call runs on a worker thread (SQLite, LanceDB and parsing block); a `RAGError` it
 raises becomes a 404 (no such library or document) or a 400. A DELETE puts what it erased
@@ -33,9 +35,11 @@ from souverain.server.libraries import (
     LEGACY_STATUS,
     DocumentUpdate,
     LibraryCreate,
+    LibrarySearch,
     LibraryService,
     LibraryUpdate,
     document_json,
+    hit_json,
     library_json,
     rag_api_error,
     upload_mime,
@@ -164,6 +168,22 @@ async def upload_document(library_id: str, request: Request,
     service = state.libraries(request)
     doc = await _call(service.add_upload, library_id, data, name, upload_mime(file.content_type))
     return document_json(doc)
+
+
+@router.post("/v1/libraries/{library_id}/search", tags=_TAGS,
+             summary="souverain: search a library's passages (hybrid, vector or text)",
+             responses=_ERRORS)
+async def search_library(library_id: str, body: LibrarySearch, request: Request,
+                         key: KeyInfo | None = Depends(authorize)) -> dict[str, Any]:
+    service = state.libraries(request)
+
+    def work() -> list[Any]:
+        lib = service.store.get_library(library_id)  # 404 before any embedding work
+        return service.store.search([lib.id], body.query, body.top_k, mode=body.mode,
+                                    document_ids=body.document_ids, tags=body.tags)
+    hits = await _call(work)
+    return {"object": "list", "library_id": library_id, "query": body.query,
+            "mode": body.mode, "data": [hit_json(h) for h in hits]}
 
 
 @router.get("/v1/libraries/{library_id}/documents/{document_id}", tags=_TAGS,

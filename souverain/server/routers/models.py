@@ -53,7 +53,19 @@ def model_card(request: Request, m: ServedModel, name: str | None = None,
         type="fine-tuned" if ft else "base",
         root=m.name if ft else None,
         job=(ft.job or None) if ft else None,  # None: an adapter from --lora-modules
+        quantization=m.config.quantization,
+        dtype=(str(m.engine.engine.dtype).removeprefix("torch.") if m.engine is not None
+               else m.config.dtype),
+        memory_bytes=None if ft else _memory(m),  # an adapter shares its base's memory
     )
+
+
+def _memory(m: ServedModel) -> int | None:
+    """Weights + KV when loaded; the load-time estimate otherwise (None: no header to read)."""
+    try:
+        return m.memory_bytes() if m.loaded else m.estimate_bytes()
+    except Exception:  # an unreadable checkpoint: its load will say why
+        return None
 
 
 @router.get("/v1/models", response_model=ModelList, responses=error_responses(401, 403, 429),
@@ -77,7 +89,13 @@ async def list_models(request: Request,
     if held and evaluations.privileged(request, key):
         held = {}
     return ModelList(data=[with_evaluation(request, with_lifecycle(request, c)) for c in cards
-                           if not lifecycle.deleted(c.id) and c.id not in held])
+                           if not lifecycle.deleted(c.id) and c.id not in held
+                           and _key_may_use(key, c)])
+
+
+def _key_may_use(key: KeyInfo | None, card: ModelCard) -> bool:
+    """A key restricted to some models (``models=a,b``) lists only those (by id or alias)."""
+    return key is None or key.models is None or any(map(key.allows, [card.id, *card.aliases]))
 
 
 def with_evaluation(request: Request, card: ModelCard) -> ModelCard:
