@@ -712,6 +712,11 @@ class TestAuth:
         assert err["type"] == "rate_limit_error" and err["code"] == "rate_limited"
         retry = r.headers["retry-after"]
         assert retry.isdigit() and 1 <= int(retry) <= 60 / RPM + 1, retry
+        # /metrics (Prometheus, the console's health page) spends no budget: still served,
+        # and it still needs the key
+        for _ in range(3):
+            assert httpx.get(url + "/metrics", headers=bearer(key), timeout=30).status_code == 200
+        assert httpx.get(url + "/metrics", timeout=30).status_code == 401
         # another key has its own bucket
         r = httpx.get(url + "/v1/models", headers=bearer(keyed["keys"]["alice"]), timeout=30)
         assert r.status_code == 200

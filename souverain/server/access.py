@@ -24,8 +24,7 @@ from souverain.server.ratelimit import RateLimiter
 
 async def authorize(request: Request) -> KeyInfo | None:
     """The caller's key (None without keys), or a 401/403; then a 429 over its rate limit."""
-    config = state.config(request)
-    key = _authenticate(request, config.api_keys, config.insecure_no_auth)
+    key = await authorize_unmetered(request)
     limiter = state.limiter(request)
     if limiter is not None:
         wait = limiter.check_request(bucket(key))
@@ -33,6 +32,14 @@ async def authorize(request: Request) -> KeyInfo | None:
             seconds = max(1, math.ceil(wait))
             raise APIError(429, f"Rate limit reached for this API key; retry in {seconds} s.",
                            code="rate_limited", headers={"Retry-After": str(seconds)})
+    return key
+
+
+async def authorize_unmetered(request: Request) -> KeyInfo | None:
+    """`authorize` without the rate limit: ``/metrics``, which Prometheus (every 15 s) and the
+    console's health page (every 2 s) read, must not spend a key's request budget."""
+    config = state.config(request)
+    key = _authenticate(request, config.api_keys, config.insecure_no_auth)
     if key is not None:
         note(request).update(key_id=key.key_id, key_name=key.name)
     return key

@@ -7,7 +7,7 @@ from fastapi.responses import Response
 
 from souverain import __version__
 from souverain.server import state
-from souverain.server.access import authorize
+from souverain.server.access import authorize_unmetered
 from souverain.server.keyfile import KeyInfo
 from souverain.server.openapi import error_responses
 from souverain.server.protocol import Health
@@ -23,7 +23,8 @@ async def health(request: Request) -> Health:
 
 
 @router.get("/metrics", tags=["ops"], summary="Prometheus metrics",
-            responses={200: {"content": {"text/plain": {}}}, **error_responses(401, 403, 429)})
-async def prometheus(request: Request, key: KeyInfo | None = Depends(authorize)) -> Response:
+            responses={200: {"content": {"text/plain": {}}}, **error_responses(401, 403)})
+async def prometheus(request: Request,
+                     key: KeyInfo | None = Depends(authorize_unmetered)) -> Response:
     body, content_type = state.metrics(request).render()
     return Response(body, media_type=content_type)
