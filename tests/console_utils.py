@@ -103,6 +103,20 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, every: float =
                          + (f" (last error: {last!r})" if last else ""))
 
 
+def text_of(driver: Any, selector: str) -> str:
+    """The visible text of the first element matching the CSS ``selector``."""
+    return str(driver.find_element("css selector", selector).text)
+
+
+def write_files(folder: Path, files: dict[str, bytes]) -> dict[str, Path]:
+    """``files`` written into ``folder`` (for a page's file input): name -> path."""
+    paths = {}
+    for name, data in files.items():
+        paths[name] = folder / name
+        paths[name].write_bytes(data)
+    return paths
+
+
 def screenshots(driver: Any, name: str) -> list[Path]:
     """``<name>-desktop.png`` and ``<name>-phone.png`` of the current page (full height)."""
     SHOTS.mkdir(parents=True, exist_ok=True)

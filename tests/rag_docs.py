@@ -29,6 +29,15 @@ Up to five unused days can be carried over to the next year.
 """
 
 
+# a two-page PDF (make_pdf) whose page 2 holds the fact the RAG tests ask for
+TRAVEL_PAGES = [
+    "Acme travel policy. Section 1: Booking. All trips are booked through the travel desk at "
+    "least two weeks ahead. Economy class is the rule for flights under six hours.",
+    "Section 2: Daily allowances. The per diem for a business trip to Lyon is 87 euros; for "
+    "Paris it is 112 euros. Receipts are not required for the per diem.",
+]
+
+
 def _escape(text: str) -> str:
     return text.replace("\\", "\\\\").replace("(", "\\(").replace(")", "\\)")
 

@@ -72,8 +72,12 @@ def test_shell_and_files_are_served_with_a_strict_csp(server: ServerProcess) -> 
         r = httpx.get(f"{server.url}/console/{bad}", timeout=30)
         assert r.status_code == 404, (bad, r.status_code)
         assert "application/json" in r.headers["content-type"]
-    # the shell needs no key; the API behind it does
+    # the shell needs no key; the API behind it does, and /health (public) says so, with
+    # which optional families this server serves (the pages say what is turned off)
     assert httpx.get(server.url + "/v1/models", timeout=30).status_code == 401
+    health = httpx.get(server.url + "/health", timeout=30).json()
+    assert health["api_keys"] is True and health["version"]
+    assert health["features"] == {"libraries": False, "fine_tuning": True, "batch": True}
 
 
 def test_console_files_name_no_other_host() -> None:
@@ -178,6 +182,10 @@ def test_a_tour_of_every_page_contacts_only_the_server(server: ServerProcess,
             wait_for(lambda page=page: d.find_element(CSS, f"#page-{page}").text.strip(), 60,
                      what=f"the {page} page")
             assert d.find_element(CSS, f"#nav-{page}").get_attribute("aria-current") == "page"
+        # started with --no-libraries: the documents page says so (and calls no missing route)
+        d.find_element(CSS, "#nav-documents").click()
+        wait_for(lambda: "--no-libraries" in d.find_element(CSS, "#page-documents").text, 30,
+                 what="the documents page saying libraries are off")
         for page in PAGES:  # at phone width too: the menu opens and closes
             d.set_window_size(390, 844)
             d.find_element(CSS, "#menu-toggle").click()

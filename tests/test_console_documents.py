@@ -16,19 +16,19 @@ from typing import Any
 
 import httpx
 import pytest
-from console_utils import browser, console_errors, foreign_requests, screenshots, wait_for
-from rag_docs import HANDBOOK_MD, make_pdf
+from console_utils import (
+    browser,
+    console_errors,
+    foreign_requests,
+    screenshots,
+    text_of,
+    wait_for,
+    write_files,
+)
+from rag_docs import HANDBOOK_MD, TRAVEL_PAGES, make_pdf
 from server_utils import ServerProcess
 
 CSS = "css selector"
-TRAVEL_PAGES = [
-    "Acme travel policy. Section 1: Booking. All trips are booked through the travel desk at "
-    "least two weeks ahead. Economy class is the rule for flights under six hours.",
-    "Section 2: Daily allowances. The per diem for a business trip to Lyon is 87 euros; for "
-    "Paris it is 112 euros. Receipts are not required for the per diem.",
-]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Any:
     home = tmp_path_factory.mktemp("console-documents")
@@ -43,21 +43,13 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("uploads")
     out = {"handbook.md": HANDBOOK_MD.encode(), "travel-policy.pdf": make_pdf(TRAVEL_PAGES),
            "broken.pdf": b"%PDF-1.4\n1 0 obj << /Type /Catalog >>\ngarbage"}
-    paths = {}
-    for name, data in out.items():
-        paths[name] = folder / name
-        paths[name].write_bytes(data)
-    return paths
+    return write_files(folder, out)
 
 
 @pytest.fixture(scope="module")
 def driver(server: ServerProcess) -> Any:
     with browser() as d:
         yield d
-
-
-def _text(d: Any, selector: str) -> str:
-    return str(d.find_element(CSS, selector).text)
 
 
 def _status(d: Any, name: str) -> str | None:
@@ -78,9 +70,9 @@ def test_create_a_library_and_upload_documents(driver: Any, server: ServerProces
                                                files: dict[str, Path]) -> None:
     d = driver
     d.get(server.url + "/#/documents")
-    wait_for(lambda: "No library yet" in _text(d, "#libraries"), 60, what="the empty list")
+    wait_for(lambda: "No library yet" in text_of(d, "#libraries"), 60, what="the empty list")
     d.find_element(CSS, "#library-create").click()  # no name: said, nothing sent
-    wait_for(lambda: "Give the library a name" in _text(d, "#library-form"), 10,
+    wait_for(lambda: "Give the library a name" in text_of(d, "#library-form"), 10,
              what="the missing name")
     d.find_element(CSS, "#library-name").send_keys("Acme policies")
     d.find_element(CSS, "#library-description").send_keys("HR and travel rules")
@@ -88,8 +80,8 @@ def test_create_a_library_and_upload_documents(driver: Any, server: ServerProces
     # straight into the new library
     wait_for(lambda: "library=" in d.current_url and d.find_elements(CSS, "#document-files"),
              30, what="the new library's page")
-    assert "Acme policies" in _text(d, "#page-documents h1")
-    assert "HR and travel rules" in _text(d, "#page-documents")
+    assert "Acme policies" in text_of(d, "#page-documents h1")
+    assert "HR and travel rules" in text_of(d, "#page-documents")
     libs = httpx.get(server.url + "/v1/libraries", timeout=30).json()["data"]
     assert [(x["name"], x["description"]) for x in libs] == [("Acme policies",
                                                                "HR and travel rules")]
@@ -141,18 +133,18 @@ def test_ask_answers_with_citations_that_open_the_passage(driver: Any,
         "How much is the per diem for a business trip to Lyon?")
     d.find_element(CSS, "#ask-button").click()
     wait_for(lambda: d.find_elements(CSS, "#sources"), 180, what="the answer and its sources")
-    answer = _text(d, "#answer-text")
+    answer = text_of(d, "#answer-text")
     assert answer and "Sources:" not in answer  # the server's list is drawn as buttons
     citations = d.find_elements(CSS, "#answer button.citation")
-    assert citations, _text(d, "#answer")
+    assert citations, text_of(d, "#answer")
     # the first passage given is the PDF's second page (retrieval, not the model, decides)
     first = d.find_element(CSS, "#sources li")
     assert "travel-policy.pdf" in first.text and "page 2" in first.text
     first.find_element(CSS, "button.citation").click()
     wait_for(lambda: d.find_elements(CSS, "#passage .passage-text"), 10, what="the passage")
-    assert _text(d, "#passage .passage-doc") == "travel-policy.pdf"
-    assert _text(d, "#passage .passage-page") == "2"
-    assert "87 euros" in _text(d, "#passage .passage-text")
+    assert text_of(d, "#passage .passage-doc") == "travel-policy.pdf"
+    assert text_of(d, "#passage .passage-page") == "2"
+    assert "87 euros" in text_of(d, "#passage .passage-text")
     assert first.find_element(CSS, "button.citation").get_attribute("aria-pressed") == "true"
 
     # passage search: the handbook's notice period section, with its heading
@@ -187,12 +179,12 @@ def test_delete_a_document_and_the_library(driver: Any, server: ServerProcess) -
 
     d.execute_script("window.scrollTo(0, 0)")  # the link is under the sticky header otherwise
     d.find_element(CSS, "#libraries-back").click()
-    wait_for(lambda: "Acme policies" in _text(d, "#libraries"), 30, what="the library list")
-    assert _text(d, "#libraries td[data-label=Documents]") == "2"  # two documents left
+    wait_for(lambda: "Acme policies" in text_of(d, "#libraries"), 30, what="the library list")
+    assert text_of(d, "#libraries td[data-label=Documents]") == "2"  # two documents left
     d.find_element(CSS, "#libraries .confirm button.danger").click()
-    assert "with its documents (2)" in _text(d, "#libraries .confirm")
+    assert "with its documents (2)" in text_of(d, "#libraries .confirm")
     d.find_element(CSS, "#libraries .confirm button.danger").click()
-    wait_for(lambda: "No library yet" in _text(d, "#libraries"), 30, what="the empty list")
+    wait_for(lambda: "No library yet" in text_of(d, "#libraries"), 30, what="the empty list")
     assert httpx.get(server.url + "/v1/libraries", timeout=30).json()["data"] == []
     assert foreign_requests(d, server.url) == []
     assert console_errors(d) == []
@@ -201,9 +193,9 @@ def test_delete_a_document_and_the_library(driver: Any, server: ServerProcess) -
 def test_in_french(server: ServerProcess) -> None:
     with browser("fr-FR") as d:
         d.get(server.url + "/#/documents")
-        wait_for(lambda: "Aucune bibliothèque" in _text(d, "#libraries"), 60,
+        wait_for(lambda: "Aucune bibliothèque" in text_of(d, "#libraries"), 60,
                  what="the French page")
-        page = _text(d, "#page-documents")
+        page = text_of(d, "#page-documents")
         assert "Bibliothèques" in page and "Nouvelle bibliothèque" in page
         assert foreign_requests(d, server.url) == []
         assert console_errors(d) == []

@@ -21,7 +21,15 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
-from console_utils import browser, console_errors, foreign_requests, screenshots, wait_for
+from console_utils import (
+    browser,
+    console_errors,
+    foreign_requests,
+    screenshots,
+    text_of,
+    wait_for,
+    write_files,
+)
 from server_utils import ServerProcess
 
 CSS = "css selector"
@@ -71,21 +79,13 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
                                  {"custom_id": "empty", "body": {"messages": []}},  # refused
                                  chat_line("third", "Where?")]),
     }
-    paths = {}
-    for name, data in out.items():
-        paths[name] = folder / name
-        paths[name].write_bytes(data)
-    return paths
+    return write_files(folder, out)
 
 
 @pytest.fixture(scope="module")
 def driver(server: ServerProcess) -> Any:
     with browser() as d:
         yield d
-
-
-def _text(d: Any, selector: str) -> str:
-    return str(d.find_element(CSS, selector).text)
 
 
 def _status(d: Any) -> str | None:
@@ -105,7 +105,7 @@ def _checkbox(d: Any, filename: str) -> Any:
 def _upload(d: Any, path: Path) -> None:
     """A file through the page's file input; waits for the page to say it is uploaded."""
     d.find_element(CSS, "#ft-upload").send_keys(str(path))
-    wait_for(lambda: f"{path.name} is uploaded" in _text(d, "#ft-files-panel .upload-status"),
+    wait_for(lambda: f"{path.name} is uploaded" in text_of(d, "#ft-files-panel .upload-status"),
              30, what=f"{path.name} uploaded")
     wait_for(lambda: _checkbox(d, path.name).is_selected(), 10,
              what=f"{path.name} ticked as a training file")
@@ -116,7 +116,7 @@ def test_refused_training_files_name_their_lines(driver: Any, server: ServerProc
     d = driver
     d.get(server.url + "/#/finetuning")
     wait_for(lambda: d.find_elements(CSS, "#ft-upload"), 60, what="the fine-tuning page")
-    assert "No training file yet" in _text(d, "#ft-files")
+    assert "No training file yet" in text_of(d, "#ft-files")
 
     # 1. refused at upload: the API's message, under the line it names, with that line
     d.find_element(CSS, "#ft-upload").send_keys(str(files["bad.jsonl"]))
@@ -126,7 +126,7 @@ def test_refused_training_files_name_their_lines(driver: Any, server: ServerProc
     assert "Line 3" in item.text and "bad.jsonl line 3 is not valid JSON" in item.text
     item.find_element(CSS, "summary").click()
     assert item.find_element(CSS, "pre").text == '{"messages": [{"role": "user"'
-    assert "The server refused bad.jsonl" in _text(d, "#ft-files-panel .upload-error")
+    assert "The server refused bad.jsonl" in text_of(d, "#ft-files-panel .upload-error")
     listed = httpx.get(server.url + "/v1/files", timeout=30).json()
     assert listed["data"] == []  # nothing stored
     # the only browser errors so far: the refused upload's 400
@@ -135,7 +135,7 @@ def test_refused_training_files_name_their_lines(driver: Any, server: ServerProc
 
     # 2. refused by the job's validation (the base model's rules): the job lists each line
     _upload(d, files["roles.jsonl"])
-    assert "roles.jsonl" in _text(d, "#ft-files")
+    assert "roles.jsonl" in text_of(d, "#ft-files")
     d.find_element(CSS, "#ft-create").click()
     wait_for(lambda: "job=" in d.current_url, 30, what="the new job's page")
     wait_for(lambda: _status(d) == "FAILED_VALIDATION", 120, what="the job to fail validation")
@@ -143,7 +143,7 @@ def test_refused_training_files_name_their_lines(driver: Any, server: ServerProc
                        what="the validation errors")
     assert problem.get_attribute("data-line") == "2"
     assert "Line 2" in problem.text and "roles.jsonl line 2" in problem.text
-    assert "Data refused" in _text(d, "#ft-job-status")
+    assert "Data refused" in text_of(d, "#ft-job-status")
     assert not d.find_elements(CSS, "#ft-open-playground")
     assert console_errors(d) == []
 
@@ -196,7 +196,7 @@ def test_a_job_started_from_the_page_shows_its_loss_curve_grow(
         if status == "SUCCESS":
             break
         assert status not in ("FAILED", "FAILED_VALIDATION", "CANCELLED"), \
-            _text(d, "#page-finetuning")
+            text_of(d, "#page-finetuning")
         assert time.monotonic() < deadline, (status, seen)
         if points and (not seen or points != seen[-1]):
             seen.append(points)
@@ -215,15 +215,15 @@ def test_a_job_started_from_the_page_shows_its_loss_curve_grow(
                                                                         "validation loss"}
 
     # Done: the fine-tuned model, one click from the playground
-    assert "Done" in _text(d, "#ft-job-status")
+    assert "Done" in text_of(d, "#ft-job-status")
     link = wait_for(lambda: d.find_element(CSS, "#ft-open-playground"), 10, what="the link")
     fragment = urlsplit(link.get_attribute("href")).fragment
     assert fragment.startswith("/playground?")
     assert parse_qs(fragment.split("?", 1)[1])["model"] == [done["fine_tuned_model"]]
     assert done["fine_tuned_model"].startswith("ft:tiny:sums:")
-    assert _text(d, "#ft-model-name") == done["fine_tuned_model"]
+    assert text_of(d, "#ft-model-name") == done["fine_tuned_model"]
     assert len(d.find_elements(CSS, "#ft-checkpoints tbody tr")) == len(done["checkpoints"]) > 0
-    assert "Training finished" in _text(d, "#ft-events")
+    assert "Training finished" in text_of(d, "#ft-events")
     assert not d.find_elements(CSS, "#ft-cancel")
     screenshots(d, "finetuning")
     assert foreign_requests(d, server.url) == []
@@ -247,7 +247,7 @@ def test_stop_a_running_job_from_its_page(driver: Any, server: ServerProcess) ->
     assert "Stop this training job?" in alert.text
     alert.accept()
     wait_for(lambda: _status(d) == "CANCELLED", 60, what="the job to stop")
-    assert "Stopped" in _text(d, "#ft-job-status")
+    assert "Stopped" in text_of(d, "#ft-job-status")
     assert not d.find_elements(CSS, "#ft-cancel") and not d.find_elements(CSS, "#ft-open-playground")
     job = httpx.get(f"{server.url}/v1/fine_tuning/jobs/{job_id}", timeout=30).json()
     assert job["status"] == "CANCELLED" and job["fine_tuned_model"] is None
@@ -264,9 +264,9 @@ def test_a_batch_job_from_the_page(driver: Any, server: ServerProcess,
                                                    "downloadPath": str(tmp_path)})
     d.get(server.url + "/#/batches")
     wait_for(lambda: d.find_elements(CSS, "#batch-upload"), 60, what="the batches page")
-    assert "No batch job yet" in _text(d, "#batch-jobs")
+    assert "No batch job yet" in text_of(d, "#batch-jobs")
     d.find_element(CSS, "#batch-upload").send_keys(str(files["requests.jsonl"]))
-    wait_for(lambda: "requests.jsonl is uploaded: 4 lines" in _text(d, "#batch-form"), 30,
+    wait_for(lambda: "requests.jsonl is uploaded: 4 lines" in text_of(d, "#batch-form"), 30,
              what="the requests file uploaded")
     chosen = Select(d.find_element(CSS, "#batch-file")).first_selected_option
     assert chosen.text.startswith("requests.jsonl")
@@ -317,14 +317,14 @@ def test_a_batch_job_from_the_page(driver: Any, server: ServerProcess,
 def test_in_french(server: ServerProcess) -> None:
     with browser("fr-FR") as d:
         d.get(server.url + "/#/finetuning")
-        wait_for(lambda: "Fichiers d'entraînement" in _text(d, "#page-finetuning"), 60,
+        wait_for(lambda: "Fichiers d'entraînement" in text_of(d, "#page-finetuning"), 60,
                  what="the French fine-tuning page")
-        page = _text(d, "#page-finetuning")
+        page = text_of(d, "#page-finetuning")
         assert "Affinage" in page and "Lancer l'entraînement" in page
-        assert "Terminé" in _text(d, "#ft-jobs")  # the job trained above
+        assert "Terminé" in text_of(d, "#ft-jobs")  # the job trained above
         d.get(server.url + "/#/batches")
-        wait_for(lambda: "Nouveau lot" in _text(d, "#page-batches"), 60,
+        wait_for(lambda: "Nouveau lot" in text_of(d, "#page-batches"), 60,
                  what="the French batches page")
-        assert "Terminé" in _text(d, "#batch-jobs")
+        assert "Terminé" in text_of(d, "#batch-jobs")
         assert foreign_requests(d, server.url) == []
         assert console_errors(d) == []

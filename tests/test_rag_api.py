@@ -15,7 +15,7 @@ import time
 import httpx
 import pytest
 
-from rag_docs import HANDBOOK_MD, make_pdf
+from rag_docs import HANDBOOK_MD, TRAVEL_PAGES, make_pdf
 from server_utils import ServerProcess
 
 # generous timeouts: CI machines are busy, and nothing here is latency-bound
@@ -24,14 +24,6 @@ http = httpx.Client(timeout=120)
 mistralai = pytest.importorskip("mistralai")
 from mistralai.client import Mistral  # noqa: E402
 from mistralai.client import errors as sdk_errors  # noqa: E402
-
-TRAVEL_PAGES = [
-    "Acme travel policy. Section 1: Booking. All trips are booked through the travel desk at "
-    "least two weeks ahead. Economy class is the rule for flights under six hours.",
-    "Section 2: Daily allowances. The per diem for a business trip to Lyon is 87 euros; for "
-    "Paris it is 112 euros. Receipts are not required for the per diem.",
-]
-
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory):

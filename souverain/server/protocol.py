@@ -393,6 +393,9 @@ class Health(BaseModel):
         "souverain: whether API calls need a key (Authorization: Bearer); the console asks "
         "for one before its first call."))
     version: str | None = Field(default=None, description="souverain: the server's version.")
+    features: dict[str, bool] = Field(default_factory=dict, description=(
+        "souverain: which optional API families this server serves: libraries (/v1/libraries),"
+        " fine_tuning (/v1/files, /v1/fine_tuning), batch (/v1/batch/jobs)."))
 
 
 # -- legacy completions (OpenAI) ------------------------------------------------------------

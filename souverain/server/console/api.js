@@ -119,6 +119,15 @@ export function upload(path, formData, onProgress, { signal } = {}) {
   });
 }
 
+let healthOnce = null;
+/** The server's /health (no key needed), asked once per page load: its `features` say which
+ *  optional API families are served ({libraries, fine_tuning, batch}), so a page can say one
+ *  is turned off instead of calling a route that is not there. */
+export function serverInfo() {
+  healthOnce ||= get("/health").catch((e) => { healthOnce = null; throw e; });
+  return healthOnce;
+}
+
 /** Parse Prometheus text format into [{name, labels, value}] (the /metrics page). */
 export function parseMetrics(text) {
   const out = [];

@@ -123,7 +123,7 @@ document.documentElement.lang = lang();
 // server no longer accepts gets the dialog from the first 401.
 (async () => {
   let health = null;
-  try { health = await api.get("/health"); } catch { /* the page will say it cannot reach it */ }
+  try { health = await api.serverInfo(); } catch { /* the page will say it cannot reach it */ }
   if (health && health.api_keys && !api.getKey()) await askForKey("");
   render();
 })();

@@ -17,9 +17,12 @@ router = APIRouter()
 
 @router.get("/health", response_model=Health, tags=["ops"], summary="Liveness")
 async def health(request: Request) -> Health:
+    config = state.config(request)
     return Health(status="ok", models={m.name: "loaded" if m.loaded else "not loaded"
                                        for m in state.registry(request).models},
-                  api_keys=state.config(request).api_keys is not None, version=__version__)
+                  api_keys=config.api_keys is not None, version=__version__,
+                  features={"libraries": config.libraries, "fine_tuning": config.finetune,
+                            "batch": request.app.state.batch is not None})
 
 
 @router.get("/metrics", tags=["ops"], summary="Prometheus metrics",

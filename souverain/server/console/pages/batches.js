@@ -22,6 +22,7 @@ const EXAMPLE = '{"custom_id": "letter-1", "body": {"messages": [{"role": "user"
 add({
   en: {
     "batches.title": "Batches",
+    "batches.off": "Batch jobs are turned off on this server (they need fine-tuning's files API: started with --no-finetune or --no-batch).",
     "batches.intro": "Send many requests at once, for example a summary of each of 500 letters. They run in the background; download the results when the job is done.",
     "batches.off": "Batch jobs are turned off on this server.",
     "batches.new": "New batch job",
@@ -59,6 +60,7 @@ add({
   },
   fr: {
     "batches.title": "Lots",
+    "batches.off": "Les traitements par lots sont désactivés sur ce serveur (ils demandent l'API de fichiers de l'affinage : lancé avec --no-finetune ou --no-batch).",
     "batches.intro": "Envoyez beaucoup de requêtes d'un coup, par exemple le résumé de 500 courriers. Elles tournent en arrière-plan ; téléchargez les résultats quand le lot est fini.",
     "batches.off": "Les lots sont désactivés sur ce serveur.",
     "batches.new": "Nouveau lot",
@@ -97,6 +99,11 @@ add({
 });
 
 export async function render(root) {
+  const info = await api.serverInfo();
+  if (!(info.features && info.features.batch)) {
+    root.append(h("h1", {}, t("batches.title")), h("p", { class: "warn", role: "status", id: "batches-off" }, t("batches.off")));
+    return null;
+  }
   const ac = new AbortController();
   let timer = null;
   let gone = false;

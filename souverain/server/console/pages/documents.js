@@ -161,15 +161,11 @@ const SOURCES = "\n\nSources:\n"; // what the server appends to a grounded answe
 const MODEL_KEY = "souverain.documents.model";
 const enc = encodeURIComponent;
 
-// Whether the server serves the Libraries API, from /openapi.json (asked once: a request to
-// a route that is not there would be a 404 in the browser's console).
-let librariesOn = null;
-async function hasLibraries(signal) {
-  if (librariesOn === null) {
-    const spec = await api.get("/openapi.json", { signal });
-    librariesOn = Boolean(spec && spec.paths && spec.paths["/v1/libraries"]);
-  }
-  return librariesOn;
+// Whether the server serves the Libraries API (/health's features: no call to a route that
+// is not there, which the browser would log as an error).
+async function hasLibraries() {
+  const info = await api.serverInfo();
+  return Boolean(info.features && info.features.libraries);
 }
 
 /** The page's timers and requests, all stopped by dispose(). */
@@ -196,7 +192,7 @@ export async function render(root, ctx) {
   const life = lifetime();
   root.append(h("h1", {}, t("documents.title")));
   try {
-    if (!(await hasLibraries(life.signal))) {
+    if (!(await hasLibraries())) {
       root.append(h("p", { class: "warn", role: "status" }, t("documents.off")));
     } else if (ctx.params.get("library")) {
       await libraryPage(root, ctx, ctx.params.get("library"), life);

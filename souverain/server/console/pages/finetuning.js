@@ -29,6 +29,7 @@ const POLICY_EXAMPLE = '{"suites": ["safety"], "limit": 40, "thresholds": '
 add({
   en: {
     "finetuning.title": "Fine-tuning",
+    "finetuning.off": "Fine-tuning is turned off on this server (it was started with --no-finetune).",
     "finetuning.intro": "Teach a model your way of answering: upload example conversations, start a training job, watch it learn, then try the new model in the playground.",
     "finetuning.off": "Fine-tuning is turned off on this server.",
     "finetuning.files": "1. Training files",
@@ -123,6 +124,7 @@ add({
   },
   fr: {
     "finetuning.title": "Affinage",
+    "finetuning.off": "L'affinage est désactivé sur ce serveur (il a été lancé avec --no-finetune).",
     "finetuning.intro": "Apprenez à un modèle votre façon de répondre : envoyez des conversations d'exemple, lancez un entraînement, suivez-le, puis essayez le nouveau modèle dans le bac à sable.",
     "finetuning.off": "L'affinage est désactivé sur ce serveur.",
     "finetuning.files": "1. Fichiers d'entraînement",
@@ -218,6 +220,11 @@ add({
 });
 
 export async function render(root, ctx) {
+  const info = await api.serverInfo();
+  if (!(info.features && info.features.fine_tuning)) {
+    root.append(h("h1", {}, t("finetuning.title")), h("p", { class: "warn", role: "status", id: "finetuning-off" }, t("finetuning.off")));
+    return null;
+  }
   const jobId = ctx.params.get("job");
   return jobId ? renderJob(root, ctx, jobId) : renderOverview(root, ctx);
 }
