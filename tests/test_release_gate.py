@@ -282,6 +282,28 @@ def test_bad_policies_are_refused_at_creation(server: ServerProcess, keys: dict)
         assert param in r.json()["message"], r.json()
 
 
+def test_a_job_that_ends_without_a_model_skips_its_gate(server: ServerProcess,
+                                                         keys: dict) -> None:
+    """Not "pending" forever: a job whose data fails validation has no model to evaluate."""
+    bad = jsonl(HELPFUL).replace(b'"role": "assistant"', b'"role": "robot"', 1)
+    up = httpx.post(f"{server.url}/v1/files", headers=auth(keys, "user"), timeout=30,
+                    files={"file": ("robot.jsonl", bad)}, data={"purpose": "fine-tune"})
+    assert up.status_code == 200, up.text
+    r = httpx.post(f"{server.url}/v1/fine_tuning/jobs", headers=auth(keys, "user"), timeout=30,
+                   json={"model": "tiny", "training_files": [up.json()["id"]],
+                         "hyperparameters": HYPER, "evaluation": POLICY})
+    assert r.status_code == 200, r.text
+    deadline = time.monotonic() + 120
+    while (job := job_of(server, keys, r.json()["id"]))["status"] not in (
+            "FAILED_VALIDATION", "FAILED", "SUCCESS"):
+        assert time.monotonic() < deadline, job
+        time.sleep(0.5)
+    assert job["status"] == "FAILED_VALIDATION", job
+    assert job["evaluation"]["status"] == "skipped"
+    assert job["evaluation"]["reasons"] == [
+        "the job ended FAILED_VALIDATION: there is no model to evaluate"]
+
+
 def test_server_policy_check_agrees_with_policy_parse() -> None:
     from souverain.eval.policy import Policy
     from souverain.eval.suites import SUITES

@@ -24,6 +24,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from souverain.finetune import classifier_data, jsonl
 from souverain.finetune.jsonl import DEFAULT_MAX_LINE_BYTES
 from souverain.finetune.store import (
+    CANCELLED,
+    FAILED,
+    FAILED_VALIDATION,
     Busy,
     Conflict,
     FileRecord,
@@ -135,8 +138,12 @@ def evaluation_json(j: JobRecord) -> dict[str, Any] | None:
     if j.evaluation is None:
         return None
     run = j.evaluation_run_id
-    return {"policy": j.evaluation, "status": j.evaluation_status or "pending",
-            "reasons": list(j.evaluation_reasons or []), "run_id": run,
+    status, reasons = j.evaluation_status or "pending", list(j.evaluation_reasons or [])
+    if status == "pending" and j.status in (FAILED, FAILED_VALIDATION, CANCELLED):
+        # no model was made: the gate will never run (not "pending" forever)
+        status, reasons = "skipped", [f"the job ended {j.status}: there is no model to "
+                                      "evaluate"]
+    return {"policy": j.evaluation, "status": status, "reasons": reasons, "run_id": run,
             "report_url": f"/v1/observability/evaluation-runs_v2/{run}/report" if run else None}
 
 
