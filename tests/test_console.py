@@ -208,3 +208,23 @@ def test_no_console_turns_it_off(tiny_llama: dict, tmp_path: Path) -> None:
         assert httpx.get(srv.url + "/v1/models", timeout=30).status_code == 200
     finally:
         assert srv.stop() == 0, srv.log()
+
+
+def test_doctor_confirms_the_console_loads_nothing_from_another_host(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from souverain import doctor
+    from souverain.server import console
+
+    def finding() -> Any:
+        return next(f for f in doctor.egress_findings({})
+                    if f.name.startswith("`souverain serve` web console"))
+
+    ok = finding()
+    assert not ok.egress and "none naming another host" in ok.state
+    assert "default-src 'self'" in ok.state
+    # a file that names a CDN is reported, with the place and the fix
+    (tmp_path / "app.js").write_text('import "https://cdn.example.com/x.js";\n')
+    (tmp_path / "index.html").write_text("<!DOCTYPE html>\n")
+    monkeypatch.setattr(console, "CONSOLE_DIR", tmp_path)
+    bad = finding()
+    assert bad.egress and "app.js:1: https://cdn.example.com" in bad.state and bad.fix
