@@ -24,7 +24,6 @@ add({
     "batches.title": "Batches",
     "batches.off": "Batch jobs are turned off on this server (they need fine-tuning's files API: started with --no-finetune or --no-batch).",
     "batches.intro": "Send many requests at once, for example a summary of each of 500 letters. They run in the background; download the results when the job is done.",
-    "batches.off": "Batch jobs are turned off on this server.",
     "batches.new": "New batch job",
     "batches.fileHelp": "A JSONL file: one request per line, each with a custom_id to find its result.",
     "batches.formatTitle": "What should a line look like?",
@@ -62,7 +61,6 @@ add({
     "batches.title": "Lots",
     "batches.off": "Les traitements par lots sont désactivés sur ce serveur (ils demandent l'API de fichiers de l'affinage : lancé avec --no-finetune ou --no-batch).",
     "batches.intro": "Envoyez beaucoup de requêtes d'un coup, par exemple le résumé de 500 courriers. Elles tournent en arrière-plan ; téléchargez les résultats quand le lot est fini.",
-    "batches.off": "Les lots sont désactivés sur ce serveur.",
     "batches.new": "Nouveau lot",
     "batches.fileHelp": "Un fichier JSONL : une requête par ligne, chacune avec un custom_id pour retrouver son résultat.",
     "batches.formatTitle": "À quoi doit ressembler une ligne ?",
@@ -121,7 +119,7 @@ export async function render(root) {
       listInputs(ac.signal)]);
   } catch (err) {
     if (err.name === "AbortError") return () => {};
-    fill(top, err.status === 404 ? h("p", { class: "warn", role: "alert" }, t("batches.off")) : errorBox(err));
+    fill(top, errorBox(err));
     return () => ac.abort();
   }
 

@@ -31,7 +31,6 @@ add({
     "finetuning.title": "Fine-tuning",
     "finetuning.off": "Fine-tuning is turned off on this server (it was started with --no-finetune).",
     "finetuning.intro": "Teach a model your way of answering: upload example conversations, start a training job, watch it learn, then try the new model in the playground.",
-    "finetuning.off": "Fine-tuning is turned off on this server.",
     "finetuning.files": "1. Training files",
     "finetuning.filesHelp": "A JSONL file: one example per line, each a conversation with the answer you want.",
     "finetuning.formatTitle": "What should a line look like?",
@@ -126,7 +125,6 @@ add({
     "finetuning.title": "Affinage",
     "finetuning.off": "L'affinage est désactivé sur ce serveur (il a été lancé avec --no-finetune).",
     "finetuning.intro": "Apprenez à un modèle votre façon de répondre : envoyez des conversations d'exemple, lancez un entraînement, suivez-le, puis essayez le nouveau modèle dans le bac à sable.",
-    "finetuning.off": "L'affinage est désactivé sur ce serveur.",
     "finetuning.files": "1. Fichiers d'entraînement",
     "finetuning.filesHelp": "Un fichier JSONL : un exemple par ligne, chacun une conversation avec la réponse attendue.",
     "finetuning.formatTitle": "À quoi doit ressembler une ligne ?",
@@ -267,7 +265,7 @@ async function renderOverview(root, ctx) {
       .then((r) => r.data)]);
   } catch (err) {
     if (err.name === "AbortError") return () => {};
-    fill(offBox, err.status === 404 ? h("p", { class: "warn", role: "alert" }, t("finetuning.off")) : errorBox(err));
+    fill(offBox, errorBox(err));
     return () => ac.abort();
   }
 
