@@ -1,0 +1,15 @@
+"""Tensor parallelism over ``torch.distributed`` ranks (Megatron style), not yet wired into the
+engine or the CLI.
+
+- `souverain.distributed.tensor_parallel`: `shard_model_` splits a loaded `Transformer`
+  (float, int8 or int4) into rank r of K's shard: heads and FFN (and Mixtral's experts)
+  column- / row-parallel, one all-reduce per block half;
+- `souverain.distributed.worker`: `TPWorker` (a rank's shard + its own paged KV cache, one
+  `run(StepInputs) -> logits` per engine step, inputs broadcast from rank 0), `load_shard`,
+  `init_process_group`;
+- `souverain.distributed.launch`: `LocalTensorParallel` (K spawned processes on this machine,
+  gloo on 127.0.0.1 or NCCL) and the ``torchrun`` entry point (``python -m
+  souverain.distributed``).
+
+Importing this package imports nothing heavy; import the modules you use.
+"""
