@@ -1,5 +1,5 @@
-"""Tensor parallelism over ``torch.distributed`` ranks (Megatron style), not yet wired into the
-engine or the CLI.
+"""Past one process: tensor parallelism over ``torch.distributed`` ranks (Megatron style), not
+yet wired into the engine or the CLI, and routing requests over replicas.
 
 - `souverain.distributed.tensor_parallel`: `shard_model_` splits a loaded `Transformer`
   (float, int8 or int4) into rank r of K's shard: heads and FFN (and Mixtral's experts)
@@ -9,7 +9,10 @@ engine or the CLI.
   `init_process_group`;
 - `souverain.distributed.launch`: `LocalTensorParallel` (K spawned processes on this machine,
   gloo on 127.0.0.1 or NCCL) and the ``torchrun`` entry point (``python -m
-  souverain.distributed``).
+  souverain.distributed``);
+- `souverain.distributed.routing`: which replica serves a request (`PrefixAwareRouter`: the
+  longest cached prompt prefix, load as the tie-breaker; `RoundRobin`), from request bodies
+  alone; pure Python, not yet wired into a front door.
 
 Importing this package imports nothing heavy; import the modules you use.
 """
