@@ -95,6 +95,10 @@ def bench(
         "under 15% of the CPUs (they are measured either way and reported)"),
     json_path: str | None = typer.Option(None, "--json", help="also write the results here"),
     markdown: bool = typer.Option(False, "--markdown", help="print a Markdown table"),
+    speculative: str = typer.Option(
+        "none", "--speculative",
+        help="souverain runs without (none) and with prompt-lookup speculative decoding "
+             "(ngram), e.g. none,ngram; the extraction row (copy b=1) shows what it buys"),
     render: str | None = typer.Option(
         None, "--render", metavar="JSON",
         help="print the table of a saved --json report (with --markdown for BENCHMARKS.md) "
@@ -106,7 +110,7 @@ def bench(
         llama_concurrency=llama_concurrency, llama_flash_attn=llama_flash_attn,
         repeats=repeats, cache_dir=cache_dir, quick=quick, prepare_only=prepare_only,
         no_bandwidth=no_bandwidth, timeout=timeout, wait_quiet=wait_quiet,
-        json_path=json_path, markdown=markdown, render=render)
+        json_path=json_path, markdown=markdown, render=render, speculative=speculative)
     raise typer.Exit(run_bench(options, "python -m souverain.bench " + _given_flags(ctx)))
 
 

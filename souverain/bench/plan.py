@@ -43,6 +43,15 @@ class BenchOptions:
     json_path: str | None
     markdown: bool
     render: str | None
+    speculative: str = "none"
+
+    def speculative_modes(self) -> list[str | None]:
+        """``--speculative``: souverain runs without (none) and with each mode (ngram)."""
+        modes = [m.strip().lower() for m in self.speculative.split(",") if m.strip()]
+        bad = [m for m in modes if m not in ("none", "ngram")]
+        if bad:
+            raise SystemExit(f"unknown --speculative mode(s) {bad}; choose from none, ngram")
+        return [None if m == "none" else m for m in modes] or [None]
 
     def format_list(self) -> list[str]:
         """``--formats`` as a list (mistral-1b's GGUF files)."""
@@ -99,9 +108,11 @@ def _plan_mistral_1b(o: BenchOptions, engines: list[str], quants: list[str]
         p = paths["gguf"][fmt]
         if "souverain" in engines:
             for q in quants:
-                runs.append({"engine": "souverain", "path": str(p), "quantization": q,
-                             "dtype": o.dtype, "source": fmt.upper(),
-                             "label": f"souverain · {fmt.upper()} GGUF · quant {q}"})
+                for spec in o.speculative_modes():
+                    runs.append({"engine": "souverain", "path": str(p), "quantization": q,
+                                 "dtype": o.dtype, "source": fmt.upper(), "speculative": spec,
+                                 "label": f"souverain · {fmt.upper()} GGUF · quant {q}"
+                                          + (f" · {spec}" if spec else "")})
         if "llama.cpp" in engines:
             runs.append({"engine": "llama.cpp", "path": str(p), "source": fmt.upper(),
                          "label": f"llama.cpp · {fmt.upper()} GGUF"})
@@ -126,8 +137,10 @@ def _plan_model(o: BenchOptions, engines: list[str], quants: list[str]
     runs: list[dict[str, Any]] = []
     for q in quants:
         if "souverain" in engines:
-            runs.append({"engine": "souverain", "path": str(path), "quantization": q,
-                         "dtype": o.dtype, "source": src, "label": f"souverain · quant {q}"})
+            for spec in o.speculative_modes():
+                runs.append({"engine": "souverain", "path": str(path), "quantization": q,
+                             "dtype": o.dtype, "source": src, "speculative": spec,
+                             "label": f"souverain · quant {q}" + (f" · {spec}" if spec else "")})
     if "llama.cpp" in engines:
         if is_gguf:
             runs.append({"engine": "llama.cpp", "path": str(path), "source": src,

@@ -23,6 +23,9 @@ def build_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     bw = report.get("bandwidth", {}).get("read_gbs_best")
     header = ["engine · weights", "load s", "prefill tok/s", "decode b=1 tok/s",
               "MB/token", "GB/s (% bound)"]
+    copy = any(r.get("copy_tok_s") for r in report["runs"])
+    if copy:  # the extraction workload: b=1 decode while the answer copies the prompt
+        header += ["copy b=1 tok/s (accepted · tok/step)"]
     header += [f"x{n}: agg tok/s · TTFT p50/p95 s" for n in levels]
     header += ["RSS load / peak MB"]
     rows = []
@@ -45,6 +48,11 @@ def build_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
                    fmt(r.get("decode_tok_s"), ".1f") if first else "",
                    fmt(bpt / 1e6 if bpt else None) if first else "",
                    (fmt(gbs, ".1f") + pct) if first else ""]
+            if copy:
+                acc = r.get("copy_acceptance")
+                row.append((fmt(r.get("copy_tok_s"), ".1f")
+                            + (f" ({100 * acc:.0f}% · {r['copy_tokens_per_step']:.2f})"
+                               if acc is not None else "")) if first else "")
             for n in levels:
                 c = conc.get(str(n))
                 row.append("—" if not c else f"{c['aggregate_tok_s']:.0f} · "
@@ -137,7 +145,10 @@ def report_notes(report: dict[str, Any]) -> list[str]:
                  f"tokens after {w['decode_prompt_len']}; concurrency {report['concurrency']} with "
                  f"prompts of {w['prompt_lengths'][0]}..{w['prompt_lengths'][1]} tokens, "
                  f"{w['new_tokens']} new "
-                 "each; greedy, EOS ignored; aggregate = new tokens / wall time (prefill included)")
+                 "each; greedy, EOS ignored; aggregate = new tokens / wall time (prefill included)"
+                 + (f"; copy: {w['new_tokens']} new tokens after a {w['copy_prompt_len']}-token "
+                    "chat prompt asking to copy a record (extraction)"
+                    if w.get("copy_prompt_len") else ""))
     lines.append(f"command: {report['command']}")
     return lines
 
@@ -157,5 +168,39 @@ def target_lines(report: dict[str, Any]) -> list[str]:
         if c16:
             ratio = c16["aggregate_tok_s"] / ref["decode_tok_s"]
             parts.append(f"agg x16 / llama.cpp b1 {ratio:.2f}x (target >= 4x)")
+        if s.get("copy_tok_s") and ref.get("copy_tok_s"):
+            parts.append(f"copy b1 {s['copy_tok_s'] / ref['copy_tok_s']:.2f}x"
+                         + (" (target >= 2x with ngram)" if s.get("copy_acceptance") is not None
+                            else ""))
         out.append(f"targets, {s['label']} vs {ref['label']}: " + "; ".join(parts))
+    out.extend(speculative_lines(runs))
+    return out
+
+
+def speculative_lines(runs: list[dict[str, Any]]) -> list[str]:
+    """Each souverain run with speculation against the same run without: the copy and free
+    decode ratios, and whether the greedy copy answer is token for token the same."""
+    out = []
+    plain = {(r.get("source"), r.get("quantization")): r for r in runs
+             if r["engine"] == "souverain" and not r.get("speculative")}
+    llama = {r.get("source"): r for r in runs if r["engine"] == "llama.cpp"}
+    for s in (r for r in runs if r["engine"] == "souverain" and r.get("speculative")):
+        base = plain.get((s.get("source"), s.get("quantization")))
+        if base is None:
+            continue
+        parts = []
+        if s.get("copy_tok_s") and base.get("copy_tok_s"):
+            parts.append(f"copy b1 {s['copy_tok_s'] / base['copy_tok_s']:.2f}x "
+                         "(target >= 2x)")
+            same = s.get("copy_ids") == base.get("copy_ids")
+            parts.append("same greedy answer" if same else "DIFFERENT greedy answer")
+        if s.get("decode_tok_s") and base.get("decode_tok_s"):
+            parts.append(f"free decode b1 {s['decode_tok_s'] / base['decode_tok_s']:.2f}x "
+                         "(target >= 1x)")
+        ref = llama.get(s.get("source"))
+        if ref is not None and ref.get("copy_ids") and s.get("copy_ids"):
+            n = min(len(ref["copy_ids"]), len(s["copy_ids"]))
+            agree = next((i for i in range(n) if ref["copy_ids"][i] != s["copy_ids"][i]), n)
+            parts.append(f"first {agree} of {n} copy tokens equal to llama.cpp's")
+        out.append(f"speculation, {s['label']} vs {base['label']}: " + "; ".join(parts))
     return out

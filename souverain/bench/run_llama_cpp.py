@@ -25,7 +25,8 @@ def run_llama(spec: dict[str, Any], run: dict[str, Any], work: dict[str, Any],
     flash_attn = spec.get("llama_flash_attn", False)
     result["version"] = llama_cpp.__version__
     n_ctx = max(1024, len(work["prefill_prompts"][0]) + 64,
-                len(work["decode_prompt"]) + work["new_tokens"] + 64)
+                len(work["decode_prompt"]) + work["new_tokens"] + 64,
+                len(work.get("copy_prompt") or []) + work["new_tokens"] + 64)
     t = time.perf_counter()
     llm = Llama(model_path=run["path"], n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx,
                 n_batch=512, n_ubatch=512, flash_attn=flash_attn, verbose=False)
@@ -39,6 +40,11 @@ def run_llama(spec: dict[str, Any], run: dict[str, Any], work: dict[str, Any],
     stamps = _generate(llm, work["decode_prompt"], work["new_tokens"])
     result["decode_tok_s"] = decode_rate(stamps)
     result["decode_tokens"] = len(stamps)
+    if work.get("copy_prompt"):
+        ids: list[int] = []
+        stamps = _generate(llm, work["copy_prompt"], work["new_tokens"], ids)
+        result["copy_tok_s"] = decode_rate(stamps)
+        result["copy_ids"] = ids
 
     modes = spec.get("llama_concurrency", "batched")
     result["concurrent"] = {}
@@ -51,13 +57,16 @@ def run_llama(spec: dict[str, Any], run: dict[str, Any], work: dict[str, Any],
                        for n, prompts in work["concurrent"].items()}
 
 
-def _generate(llm: Any, prompt: list[int], n_new: int) -> list[float]:
-    """Timestamps of ``n_new`` greedy tokens from a fresh context."""
+def _generate(llm: Any, prompt: list[int], n_new: int,
+              ids: list[int] | None = None) -> list[float]:
+    """Timestamps of ``n_new`` greedy tokens from a fresh context (the tokens into ``ids``)."""
     llm.reset()
     stamps: list[float] = []
-    for _tok in llm.generate(prompt, temp=0.0, top_k=1, top_p=1.0, min_p=0.0,
-                             repeat_penalty=1.0, reset=True):
+    for tok in llm.generate(prompt, temp=0.0, top_k=1, top_p=1.0, min_p=0.0,
+                            repeat_penalty=1.0, reset=True):
         stamps.append(time.perf_counter())  # EOS does not stop Llama.generate
+        if ids is not None:
+            ids.append(int(tok))
         if len(stamps) == n_new:
             break
     return stamps

@@ -32,7 +32,8 @@ def run_souverain(spec: dict[str, Any], run: dict[str, Any], work: dict[str, Any
     t = time.perf_counter()
     engine = LLMEngine(run["path"], EngineConfig(
         dtype=run.get("dtype", "auto"), quantization=run.get("quantization", "none"),
-        threads=spec["threads"], max_num_batched_tokens=512, max_num_seqs=64))
+        threads=spec["threads"], max_num_batched_tokens=512, max_num_seqs=64,
+        speculative=run.get("speculative")))
     result["mode"] = "LLMEngine"
     result["load_s"] = time.perf_counter() - t
     result["rss_load"] = rss()
@@ -50,6 +51,19 @@ def run_souverain(spec: dict[str, Any], run: dict[str, Any], work: dict[str, Any
     stamps, _, _ = batches.run([work["decode_prompt"]], work["new_tokens"])
     result["decode_tok_s"] = decode_rate(stamps[0])
     result["decode_tokens"] = len(stamps[0])
+    if work.get("copy_prompt"):
+        before = engine.stats()
+        stamps, _, _ = batches.run([work["copy_prompt"]], work["new_tokens"])
+        after = engine.stats()
+        result["copy_tok_s"] = decode_rate(stamps[0])
+        result["copy_ids"] = batches.last_ids[0]
+        drafts = after["spec_draft_tokens"] - before["spec_draft_tokens"]
+        if drafts:
+            result["copy_acceptance"] = (after["spec_accepted_tokens"]
+                                         - before["spec_accepted_tokens"]) / drafts
+            result["copy_tokens_per_step"] = (
+                (after["spec_emitted_tokens"] - before["spec_emitted_tokens"])
+                / (after["spec_verify_steps"] - before["spec_verify_steps"]))
     result["concurrent"] = {}
     for n, prompts in work["concurrent"].items():
         stamps, arrival, t0 = batches.run(prompts, work["new_tokens"])
@@ -66,6 +80,7 @@ class _Batches:
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
         self.tags = itertools.count()  # request ids stay unique across batches
+        self.last_ids: list[list[int]] = []  # the last batch's generated ids, per request
 
     def run(self, prompts: list[list[int]],
             n_new: int) -> tuple[list[list[float]], list[float], float]:
@@ -81,11 +96,14 @@ class _Batches:
             arrival.append(time.perf_counter())
             self.engine.add_request(f"b{tag}-{i}", p, params)
         seen = [0] * len(prompts)
+        self.last_ids = [[] for _ in prompts]
         while self.engine.has_unfinished():
             outs = self.engine.step()
             now = time.perf_counter()
             for o in outs:
                 _record(o, now, stamps, seen, arrival)
+                if o.finished:
+                    self.last_ids[int(o.request_id.rsplit("-", 1)[1])] = o.token_ids
         return stamps, arrival, t0
 
     def first_token_seconds(self, prompt: list[int]) -> float:

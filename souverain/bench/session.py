@@ -18,7 +18,7 @@ from souverain.bench.measure import log
 from souverain.bench.mistral_1b import ensure_mistral_1b
 from souverain.bench.plan import BenchOptions, llama_cpp_version, plan_runs
 from souverain.bench.report import print_report
-from souverain.bench.workload import make_workload
+from souverain.bench.workload import copy_prompt, make_workload
 
 
 def run_bench(o: BenchOptions, command: str) -> int:
@@ -40,6 +40,9 @@ def run_bench(o: BenchOptions, command: str) -> int:
     levels = o.concurrency_levels()
     runs, files, vocab = plan_runs(o)
     work = make_workload(vocab, o.quick, levels, o.repeats)
+    copy = copy_workload(o)
+    if copy is not None:
+        work["copy_prompt"] = copy
     report = _new_report(o, levels, work, command)
     for name, path in files.items():
         report["formats"][name] = gguf_bytes_per_token(path)
@@ -63,6 +66,18 @@ def run_bench(o: BenchOptions, command: str) -> int:
     return 1 if any(r.get("error") for r in report["runs"]) else 0
 
 
+def copy_workload(o: BenchOptions) -> list[int] | None:
+    """The extraction prompt for a real chat model (one with a tokenizer); None for the
+    random mistral-1b, which copies nothing."""
+    if o.model == "mistral-1b":
+        return None
+    from souverain.weights import load, resolve
+
+    name = "smollm2-135m-instruct" if o.model == "smollm2" else o.model
+    tokenizer = load(resolve(name)).tokenizer
+    return None if tokenizer is None else copy_prompt(tokenizer)
+
+
 def _new_report(o: BenchOptions, levels: list[int], work: dict[str, Any],
                 command: str) -> dict[str, Any]:
     """The report before any run: what was asked, on which machine, with which workload."""
@@ -72,7 +87,8 @@ def _new_report(o: BenchOptions, levels: list[int], work: dict[str, Any],
         "command": command, "concurrency": levels, "formats": {}, "runs": [],
         "workload": {"prefill_len": len(work["prefill_prompts"][0]),
                      "decode_prompt_len": len(work["decode_prompt"]),
-                     "new_tokens": work["new_tokens"], "prompt_lengths": work["prompt_lengths"]},
+                     "new_tokens": work["new_tokens"], "prompt_lengths": work["prompt_lengths"],
+                     "copy_prompt_len": len(work.get("copy_prompt") or [])},
         "versions": {"python": platform.python_version(),
                      "llama-cpp-python": llama_cpp_version()},
     }

@@ -10,6 +10,30 @@ from __future__ import annotations
 import random
 from typing import Any
 
+# The extraction workload (speculative decoding's case): the answer copies spans of a long
+# prompt, as RAG answers, form extraction and code edits do. A real chat model is asked to
+# copy this record; prompt lookup drafts the copied spans.
+COPY_DOCUMENT = """\
+Incident report 2026-114, Lyon regional hospital, pharmacy department.
+On 3 March 2026 at 14:20, a nurse on ward 4B noticed that the infusion pump in room 12 showed
+a dose of 40 mg per hour instead of the prescribed 4 mg per hour. The pump was stopped at
+once and the patient, a 67-year-old man admitted for pneumonia, was examined by the duty
+physician, Dr. Claire Martin. No harm was found. The prescription in the electronic record
+read 4 mg per hour; the order sent to the pump read 40 mg per hour. The pharmacy traced the
+error to a unit conversion in the interface between the prescribing software and the pump
+server, introduced by the software update of 28 February 2026. The vendor was informed on
+4 March 2026 and shipped a correction on 6 March 2026. Until then, every infusion order was
+checked by a second nurse before the pump was started. The safety committee reviewed the case
+on 10 March 2026 and asked for an audit of all orders sent since 28 February 2026: 1,284
+orders were checked and 3 more conversion errors were found, none of them harmful."""
+COPY_INSTRUCTION = "Copy the incident report above exactly, word for word, line by line."
+
+
+def copy_prompt(tokenizer: Any) -> list[int]:
+    """The extraction workload's prompt in the model's own chat format."""
+    return tokenizer.encode_chat([{"role": "user",
+                                   "content": COPY_DOCUMENT + "\n\n" + COPY_INSTRUCTION}])
+
 
 def make_workload(vocab_size: int, quick: bool, concurrency: list[int], repeats: int = 1,
                   seed: int = 0) -> dict[str, Any]:

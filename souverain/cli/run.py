@@ -23,6 +23,8 @@ from souverain.cli.common import (
     ModelArg,
     QuantOpt,
     SeedOpt,
+    SpecTokensOpt,
+    SpeculativeOpt,
     TemperatureOpt,
     ThreadsOpt,
     TopPOpt,
@@ -42,7 +44,8 @@ if TYPE_CHECKING:
 
 
 def load_llm(model: str, dtype: str, threads: int | None, quantization: str = "none",
-             kv_cache_gib: float | None = None) -> LLM:
+             kv_cache_gib: float | None = None, speculative: str | None = None,
+             num_speculative_tokens: int = 5) -> LLM:
     """Load ``model`` with a progress bar on stderr, then print one line describing it."""
     from souverain.llm import LLM
 
@@ -53,7 +56,8 @@ def load_llm(model: str, dtype: str, threads: int | None, quantization: str = "n
             bar.update(task, completed=done, total=total)
 
         llm = LLM(model, dtype=dtype, quantization=quantization, threads=threads,
-                  progress=progress, kv_cache_gib=kv_cache_gib)
+                  progress=progress, kv_cache_gib=kv_cache_gib, speculative=speculative,
+                  num_speculative_tokens=num_speculative_tokens)
     a = llm.args
     err.print(f"[dim]{llm.checkpoint.path} · {llm.checkpoint.format} · "
               f"{a.n_params / 1e6:.0f}M params · {str(llm.dtype).replace('torch.', '')} · "
@@ -105,6 +109,8 @@ def chat(
     threads: int | None = ThreadsOpt,
     quantization: str = QuantOpt,
     kv_cache_gib: float | None = KvOpt,
+    speculative: str | None = SpeculativeOpt,
+    num_speculative_tokens: int = SpecTokensOpt,
 ) -> None:
     """Chat with a model in the terminal; answers stream as they are generated.
 
@@ -117,7 +123,8 @@ def chat(
     """
     with user_errors():
         params = sampling(max_tokens, temperature, top_p, seed)
-        llm = load_llm(model, dtype, threads, quantization, kv_cache_gib)
+        llm = load_llm(model, dtype, threads, quantization, kv_cache_gib, speculative,
+                       num_speculative_tokens)
         llm._require_tokenizer("chat")
         history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
         interactive = sys.stdin.isatty()
@@ -154,6 +161,8 @@ def generate(
     threads: int | None = ThreadsOpt,
     quantization: str = QuantOpt,
     kv_cache_gib: float | None = KvOpt,
+    speculative: str | None = SpeculativeOpt,
+    num_speculative_tokens: int = SpecTokensOpt,
 ) -> None:
     """Continue a prompt once and stream the text to stdout (stats go to stderr).
 
@@ -163,7 +172,8 @@ def generate(
     """
     with user_errors():
         params = sampling(max_tokens, temperature, top_p, seed)
-        llm = load_llm(model, dtype, threads, quantization, kv_cache_gib)
+        llm = load_llm(model, dtype, threads, quantization, kv_cache_gib, speculative,
+                       num_speculative_tokens)
         if chat_mode:
             chunks = llm.stream_chat([{"role": "user", "content": prompt}], params)
         else:

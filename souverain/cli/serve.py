@@ -20,6 +20,8 @@ from souverain.cli.common import (
     KvOpt,
     ModelArg,
     QuantOpt,
+    SpecTokensOpt,
+    SpeculativeOpt,
     ThreadsOpt,
     err,
     loading_bar,
@@ -372,6 +374,8 @@ def serve(
     threads: int | None = ThreadsOpt,
     max_model_len: int | None = MaxModelLenOpt,
     max_num_seqs: int = MaxNumSeqsOpt,
+    speculative: str | None = SpeculativeOpt,
+    num_speculative_tokens: int = SpecTokensOpt,
     log_level: str = LogLevelOpt,
 ) -> None:
     """Serve La Plateforme's HTTP API (chat completions, FIM, models, metrics) on this machine.
@@ -400,7 +404,8 @@ def serve(
         def engine_config() -> EngineConfig:
             return EngineConfig(dtype=dtype, quantization=quantization, threads=threads,
                                 kv_cache_gib=kv_cache_gib, max_model_len=max_model_len,
-                                max_num_seqs=max_num_seqs)
+                                max_num_seqs=max_num_seqs, speculative=speculative,
+                                num_speculative_tokens=num_speculative_tokens)
 
         served = served_models(model, name, more_models, engine_config)
         moderation_name = moderation_model_name(served, moderation_model, engine_config)

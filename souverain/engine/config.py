@@ -19,6 +19,15 @@ class EngineConfig:
     contexts). The budget is the only KV memory the engine ever uses; when it runs out,
     sequences are preempted and recomputed, never dropped.
 
+    Speculative decoding (`souverain.engine.speculative`): ``speculative="ngram"`` drafts up to
+    ``num_speculative_tokens`` tokens per decoding sequence by prompt lookup (suffixes of
+    ``prompt_lookup_min``..``prompt_lookup_max`` tokens), verified in the step's forward;
+    outputs are unchanged (greedy and seeded sampling alike). It pauses while more than
+    ``speculative_disable_batch_size`` sequences decode at once. The draft length of each
+    sequence follows its acceptance rate and ``speculative_row_cost``, what one more row adds
+    to a one-row forward (None: measured when the engine starts); a cost of 1 or more (linear
+    kernels that do not batch) turns speculation off.
+
     LoRA: at most ``max_loras`` adapters resident at once (and ``lora_budget_gib`` of their
     float32 weights, if set); loading one more evicts the least recently used adapter that no
     unfinished request uses.
@@ -36,6 +45,12 @@ class EngineConfig:
     max_model_len: int | None = None
     max_loras: int = 8
     lora_budget_gib: float | None = None
+    speculative: str | None = None
+    num_speculative_tokens: int = 5
+    prompt_lookup_min: int = 2
+    prompt_lookup_max: int = 4
+    speculative_disable_batch_size: int = 8
+    speculative_row_cost: float | None = None
 
     def __post_init__(self) -> None:
         checks = [
@@ -54,6 +69,18 @@ class EngineConfig:
              "lora_budget_gib must be > 0"),
             (self.quantization in ("none", "int8", "int4"),
              f"quantization={self.quantization!r} must be none, int8 or int4"),
+            (self.speculative in (None, "ngram"),
+             f"speculative={self.speculative!r} must be 'ngram' (prompt lookup) or unset"),
+            (1 <= self.num_speculative_tokens <= 16,
+             f"num_speculative_tokens={self.num_speculative_tokens} must be in 1..16"),
+            (1 <= self.prompt_lookup_min <= self.prompt_lookup_max <= 16,
+             f"prompt_lookup_min={self.prompt_lookup_min} and prompt_lookup_max="
+             f"{self.prompt_lookup_max} must satisfy 1 <= min <= max <= 16"),
+            (self.speculative_row_cost is None or self.speculative_row_cost >= 0,
+             f"speculative_row_cost={self.speculative_row_cost} must be >= 0"),
+            (self.speculative_disable_batch_size >= 1,
+             f"speculative_disable_batch_size={self.speculative_disable_batch_size} "
+             "must be >= 1"),
         ]
         for ok, message in checks:
             if not ok:

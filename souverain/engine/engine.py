@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import os
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
@@ -36,12 +37,15 @@ from souverain.engine.sequence import (
     Sequence,
     now,
 )
+from souverain.engine.speculative import NgramIndex, SpecState, SpecStats
 from souverain.errors import RequestError, TokenizerError
 from souverain.models.loader import ProgressFn
 from souverain.runtime import configure_threads
 from souverain.tokenizer import IncrementalDetokenizer, Tokenizer
 from souverain.weights import load
 from souverain.weights.adapter import LoRAAdapter, load_adapter
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -97,6 +101,39 @@ class LLMEngine:
         self._seq_ids = itertools.count()
         self._request_ids = itertools.count()
         self.eos_ids = set(self.tokenizer.eos_ids) if self.tokenizer is not None else set()
+        self.spec_stats = SpecStats()
+        self.spec_row_cost: float | None = None  # see `_measure_row_cost`
+        self.speculative = config.speculative
+        if self.speculative is not None:
+            self.spec_row_cost = cost = (config.speculative_row_cost
+                                         if config.speculative_row_cost is not None
+                                         else self._measure_row_cost())
+            if cost >= 1:
+                logger.warning(
+                    "speculative decoding turned off: one more row costs %.2f of a one-row "
+                    "forward with this model and CPU (its linear kernels do not batch small "
+                    "row counts), so verifying drafts cannot pay; use another --quantization "
+                    "(float weights batch well) to speculate.", cost)
+                self.speculative = None
+
+    def _measure_row_cost(self) -> float:
+        """What one more row adds to a one-row forward (logits included), relative to it:
+        the best of 3 timings of 1 and ``1 + num_speculative_tokens`` rows (after a warm-up),
+        as a verification step runs them. ~0.1 for float weights (a forward reads every
+        weight once, however many rows); ~1 for kernels that loop over rows."""
+        k = self.config.num_speculative_tokens
+
+        def seconds(n: int) -> float:
+            best = float("inf")
+            for _ in range(3):
+                t = now()
+                self.runner.prompt_logits([1] * n)
+                best = min(best, now() - t)
+            return best
+
+        seconds(1 + k)  # warm-up
+        one = seconds(1)
+        return max(0.0, (seconds(1 + k) - one) / (k * one))
 
     def _max_model_len(self) -> int:
         """Most tokens one sequence may reach: the context, within the KV budget."""
@@ -196,8 +233,14 @@ class LLMEngine:
             detok = (IncrementalDetokenizer(self.tokenizer, ids, p.skip_special_tokens)
                      if self.tokenizer is not None else None)
             stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_ids)
-            seqs.append(Sequence(next(self._seq_ids), request_id, index, ids, p, detok,
-                                 stop_ids, limit, arrival, lora=lora_ref))
+            seq = Sequence(next(self._seq_ids), request_id, index, ids, p, detok,
+                           stop_ids, limit, arrival, lora=lora_ref)
+            if self.speculative == "ngram":
+                seq.spec = SpecState(NgramIndex(self.config.prompt_lookup_min,
+                                                self.config.prompt_lookup_max),
+                                     self.config.num_speculative_tokens,
+                                     self.spec_row_cost or 0.0)
+            seqs.append(seq)
         return _Request(request_id, ids, seqs, RequestMetrics(arrival), lora=lora_ref)
 
     def submit(self, req: _Request) -> None:
@@ -241,6 +284,8 @@ class LLMEngine:
     # -- one step --------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one batched forward and return the requests that progressed."""
+        if self.speculative is not None:
+            self._propose_drafts()
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return []
@@ -253,13 +298,28 @@ class LLMEngine:
         """After the forward: the new KV is committed, then the sampled tokens go into the
         outputs."""
         t = now()
-        self._commit_computed(scheduled)
+        # a sequence with drafts commits once the runner says how many were accepted
+        self._commit_computed([item for item in scheduled if not item.draft])
         self.runner.record_prompt_logprobs(batch)
         if not batch.sampling:
             return []
-        tokens, logprobs = self.runner.sample(batch, logits)
-        touched = self._append_tokens(batch.sampling, tokens, logprobs, t)
+        new_tokens = self.runner.sample(batch, logits)
+        drafted = {item.seq.seq_id: item for item in scheduled if item.draft}
+        touched = self._append_tokens(batch.sampling, new_tokens, drafted, t)
         return self._outputs(touched, t)
+
+    def _propose_drafts(self) -> None:
+        """Draft tokens for the running sequences that decode (`souverain.engine.speculative`):
+        none when more decode at once than ``speculative_disable_batch_size``."""
+        decoding = [s for s in self.scheduler.running
+                    if s.spec is not None and s.num_tokens - s.num_computed == 1]
+        if len(decoding) > self.config.speculative_disable_batch_size:
+            return
+        for seq in decoding:
+            assert seq.spec is not None
+            # every accepted draft and the token after them must fit within the limit
+            room = seq.limit - seq.num_tokens - 1
+            seq.draft = seq.spec.propose(seq.token_ids, room) if room > 0 else []
 
     def _commit_computed(self, scheduled: list[ScheduledSeq]) -> None:
         """The scheduled tokens' K/V are in the cache now: full blocks join the prefix cache,
@@ -269,22 +329,48 @@ class LLMEngine:
             self.blocks.commit_computed(item.seq)
             self.blocks.release_outside_window(item.seq)
 
-    def _append_tokens(self, seqs: list[Sequence], tokens: list[int],
-                       logprobs: list[TokenLogprob | None], t: float) -> dict[str, _Request]:
-        """Each sequence's new token (finished sequences leave the scheduler); returns the
-        requests that progressed."""
+    def _append_tokens(self, seqs: list[Sequence],
+                       new_tokens: list[list[tuple[int, TokenLogprob | None]]],
+                       drafted: dict[int, ScheduledSeq], t: float) -> dict[str, _Request]:
+        """Each sequence's new tokens, in order, until one finishes it (finished sequences
+        leave the scheduler); a sequence that verified drafts commits the K/V of the tokens
+        it kept. Returns the requests that progressed."""
         touched: dict[str, _Request] = {}
-        for seq, token, lp in zip(seqs, tokens, logprobs):
+        for seq, toks in zip(seqs, new_tokens):
             req = self.requests.get(seq.request_id)
             if req is None:
                 continue
-            self._append_token(seq, token, lp)
+            for token, lp in toks:
+                self._append_token(seq, token, lp)
+                if seq.output.finished:
+                    break
+            item = drafted.get(seq.seq_id)
+            if item is not None:
+                self._commit_verified(item, len(toks))
             if req.metrics.first_token_time is None:
                 req.metrics.first_token_time = t
             if seq.output.finished:
                 self.scheduler.finish(seq)
             touched[req.request_id] = req
         return touched
+
+    def _commit_verified(self, item: ScheduledSeq, emitted: int) -> None:
+        """The step computed K/V for the last token and ``len(item.draft)`` drafts; the first
+        ``emitted - 1`` drafts were accepted, so K/V up to and including them is valid (the
+        rest of those slots are overwritten when their positions are computed again)."""
+        seq, spec = item.seq, item.seq.spec
+        seq.num_computed = min(seq.num_computed + emitted, seq.num_tokens)
+        self.blocks.commit_computed(seq)
+        self.blocks.release_outside_window(seq)
+        accepted = emitted - 1
+        stats = self.spec_stats
+        stats.verify_steps += 1
+        stats.draft_tokens += len(item.draft)
+        stats.accepted_tokens += accepted
+        stats.emitted_tokens += emitted
+        if spec is not None:
+            spec.update(len(item.draft), accepted)
+        seq.draft = []
 
     def _outputs(self, touched: dict[str, _Request], t: float) -> list[RequestOutput]:
         """A snapshot per progressed request; finished requests are forgotten."""
@@ -307,12 +393,12 @@ class LLMEngine:
         out, p = seq.output, seq.params
         seq.token_ids.append(token)
         out.token_ids.append(token)
-        out.delta_token_ids = [token]
+        out.delta_token_ids.append(token)  # several per step with speculative decoding
         if out.logprobs is not None and logprob is not None:
             out.logprobs.append(logprob)
         if token in seq.stop_ids:
             out.finish_reason = "stop"
-            out.delta_text = self._flush(seq)
+            out.delta_text += self._flush(seq)
             return
         piece = seq.detokenizer.add(token) if seq.detokenizer is not None else ""
         text = seq.held_text + piece
@@ -322,14 +408,14 @@ class LLMEngine:
                 out.finish_reason = "stop"
                 seq.held_text = ""
                 out.text += text[:cut]
-                out.delta_text = text[:cut]
+                out.delta_text += text[:cut]
                 return
         # hold back a tail that could still grow into a stop string with the next tokens
         keep = max((k for s in p.stop for k in range(1, len(s)) if text.endswith(s[:k])),
                    default=0)
         shown, seq.held_text = text[:len(text) - keep], text[len(text) - keep:]
         out.text += shown
-        out.delta_text = shown
+        out.delta_text += shown
         if seq.num_tokens >= seq.limit:
             hit_max = p.max_tokens is not None and len(out.token_ids) >= p.max_tokens
             out.finish_reason = "length" if hit_max else "model_length"
@@ -355,4 +441,8 @@ class LLMEngine:
             "prefix_cache_hits": self.scheduler.prefix_hit_tokens,
             "loras": len(self.runner.loras.resident),
             "lora_evictions": self.runner.loras.num_evictions,
+            "spec_verify_steps": self.spec_stats.verify_steps,
+            "spec_draft_tokens": self.spec_stats.draft_tokens,
+            "spec_accepted_tokens": self.spec_stats.accepted_tokens,
+            "spec_emitted_tokens": self.spec_stats.emitted_tokens,
         }

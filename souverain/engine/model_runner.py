@@ -37,13 +37,16 @@ class StepBatch:
 
     The T new tokens of every scheduled sequence are concatenated in scheduling order; the S
     sequences whose last known token is in the batch (decodes, and prefills that reach the
-    end of their tokens) sample one token each, from the logits of that token's row.
+    end of their tokens) sample one token each, from the logits of that token's row. A
+    sequence with ``d`` draft tokens (speculative decoding) feeds them after its last token
+    and has ``1 + d`` consecutive logits rows, checked in order by `ModelRunner.sample`.
     """
 
     token_ids: torch.Tensor  # (T,)
     positions: torch.Tensor  # (T,) absolute position of each token in its sequence
     attn: PagedAttention  # per sequence: its slice and block table; the K/V slot of each token
-    logits_indices: torch.Tensor  # (S,) flat row of each sampling sequence's last token
+    logits_indices: torch.Tensor  # (S + drafts,) flat rows of each sampling sequence's
+    # last token and its draft tokens
     sampling: list[Sequence]  # the S sequences that sample this step, in logits order
     lora_rows: dict[int, list[int]]  # adapter slot -> its flat rows (the other rows: base)
     # prompt logprobs: the flat rows whose logits score the next prompt token, and for each
@@ -51,6 +54,7 @@ class StepBatch:
     prompt_rows: torch.Tensor | None = None
     prompt_targets: list[tuple[Sequence, int]] = field(default_factory=list)
     prompt_logits: torch.Tensor | None = None  # (len(prompt_targets), vocab), set by `run`
+    drafts: list[list[int]] = field(default_factory=list)  # per sampling sequence ([]: none)
 
 
 class ModelRunner:
@@ -101,6 +105,7 @@ class ModelRunner:
         lora_rows: dict[int, list[int]] = {}
         prompt_rows: list[int] = []
         targets: list[tuple[Sequence, int]] = []
+        drafts: list[list[int]] = []
         for item in scheduled:
             seq, n, c = item.seq, item.num_new, item.seq.num_computed
             if seq.lora is not None:
@@ -112,12 +117,15 @@ class ModelRunner:
                 for p in range(first, min(c + n, seq.num_prompt_tokens - 1)):
                     prompt_rows.append(len(tokens) + p - c)
                     targets.append((seq, p + 1))
-            tokens.extend(seq.token_ids[c:c + n])
+            draft = item.draft
+            tokens.extend(seq.token_ids[c:c + n - len(draft)])
+            tokens.extend(draft)
             positions.extend(range(c, c + n))
             slices.append(SeqSlice(c, n, seq.block_table, seq.num_prompt_tokens))
-            if c + n == seq.num_tokens:
+            if c + n - len(draft) == seq.num_tokens:
                 sampling.append(seq)
-                rows.append(len(tokens) - 1)
+                drafts.append(draft)
+                rows.extend(range(len(tokens) - 1 - len(draft), len(tokens)))
         device = self.device
         with torch.inference_mode():  # inference tensors: no autograd bookkeeping (detach_)
             return StepBatch(
@@ -128,7 +136,7 @@ class ModelRunner:
                 sampling=sampling, lora_rows=lora_rows,
                 prompt_rows=(torch.tensor(prompt_rows, dtype=torch.long, device=device)
                              if prompt_rows else None),
-                prompt_targets=targets)
+                prompt_targets=targets, drafts=drafts)
 
     def run(self, batch: StepBatch) -> torch.Tensor:
         """One forward over the whole batch: every new token's K/V written to its slot;
@@ -148,18 +156,45 @@ class ModelRunner:
                 self.loras.end_step()
 
     def sample(self, batch: StepBatch, logits: torch.Tensor
-               ) -> tuple[list[int], list[TokenLogprob | None]]:
-        """One token (and its logprobs when asked) per sampling sequence; a sequence short of
-        its ``min_tokens`` cannot stop yet (its stop ids are banned)."""
+               ) -> list[list[tuple[int, TokenLogprob | None]]]:
+        """The new tokens (and their logprobs when asked) of each sampling sequence.
+
+        Without drafts, one token per sequence. A sequence with drafts gets its rows walked
+        in order (see `souverain.engine.speculative`): row ``i`` is sampled exactly as a
+        normal step would be with the tokens accepted so far as output, and the walk goes on
+        while the token equals draft ``i`` (and is not a stop id). A sequence short of its
+        ``min_tokens`` cannot stop yet (its stop ids are banned)."""
         logits = logits.cpu()
-        with torch.inference_mode():  # logits is an inference tensor: edit it in that mode
-            for i, seq in enumerate(batch.sampling):
-                if len(seq.output_token_ids) < seq.params.min_tokens and seq.stop_ids:
-                    logits[i, list(seq.stop_ids)] = float("-inf")
-        return sample_batch(logits, [
-            SamplingRow(seq.params, seq.generator, seq.prompt_token_ids, seq.output_token_ids)
-            for seq in batch.sampling
-        ])
+        seqs, drafts = batch.sampling, batch.drafts or [[] for _ in batch.sampling]
+        starts, row = [], 0
+        for d in drafts:
+            starts.append(row)
+            row += 1 + len(d)
+        results: list[list[tuple[int, TokenLogprob | None]]] = [[] for _ in seqs]
+        active = list(range(len(seqs)))
+        i = 0
+        while active:
+            x = logits if row == len(active) else logits.index_select(
+                0, torch.tensor([starts[j] + i for j in active]))
+            rows = []
+            with torch.inference_mode():  # logits is an inference tensor: edit it in that mode
+                for r, j in enumerate(active):
+                    seq = seqs[j]
+                    out = seq.output_token_ids
+                    if i:
+                        out += [t for t, _ in results[j]]
+                    if len(out) < seq.params.min_tokens and seq.stop_ids:
+                        x[r, list(seq.stop_ids)] = float("-inf")
+                    rows.append(SamplingRow(seq.params, seq.generator, seq.prompt_token_ids, out))
+            tokens, logprobs = sample_batch(x, rows)
+            still = []
+            for j, token, lp in zip(active, tokens, logprobs):
+                results[j].append((token, lp))
+                d = drafts[j]
+                if i < len(d) and token == d[i] and token not in seqs[j].stop_ids:
+                    still.append(j)
+            active, i = still, i + 1
+        return results
 
     @staticmethod
     def record_prompt_logprobs(batch: StepBatch) -> None:

@@ -1,9 +1,11 @@
 """`Scheduler`: which sequences run in the next step, and how many of their tokens.
 
 Continuous batching with a per-step token budget (``max_num_batched_tokens``):
-1. Running sequences first, oldest first: a decoding sequence needs one token, a sequence
-   still prefilling takes the next chunk of its prompt that fits the budget (chunked prefill,
-   so a long prompt never starves the decodes running beside it).
+1. Running sequences first, oldest first: a decoding sequence needs one token (plus its
+   draft tokens under speculative decoding, cut to the budget and dropped before anything
+   is preempted for them), a sequence still prefilling takes the next chunk of its prompt
+   that fits the budget (chunked prefill, so a long prompt never starves the decodes
+   running beside it).
 2. Then waiting sequences, by priority (``SamplingParams.priority``, lower first: interactive
    requests before batch lines) and first come first served within a priority, while budget,
    ``max_num_seqs`` and KV blocks allow; each starts from its longest cached prefix.
@@ -19,7 +21,7 @@ newest-first preemption.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from souverain.engine.block_manager import BlockManager
 from souverain.engine.sequence import Sequence, SequenceStatus
@@ -28,7 +30,8 @@ from souverain.engine.sequence import Sequence, SequenceStatus
 @dataclass
 class ScheduledSeq:
     seq: Sequence
-    num_new: int  # tokens computed this step, from seq.num_computed
+    num_new: int  # tokens computed this step, from seq.num_computed (draft tokens included)
+    draft: list[int] = field(default_factory=list)  # the draft tokens verified this step
 
 
 class Scheduler:
@@ -64,6 +67,19 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_tokens - seq.num_computed, budget)
+            draft: list[int] = []
+            if seq.draft and n == 1 and seq.num_tokens - seq.num_computed == 1:
+                draft = seq.draft[:budget - 1]
+                # never preempt anyone for a draft: its extra blocks must leave one free
+                # block for each running sequence after it
+                extra = (self.blocks.blocks_needed(seq.num_computed + 1 + len(draft))
+                         - max(len(seq.block_table),
+                               self.blocks.blocks_needed(seq.num_computed + 1)))
+                if extra > 0 and extra > (self.blocks.num_free_blocks
+                                          - (len(self.running) - i - 1)):
+                    draft = []
+                n += len(draft)
+            seq.draft = draft
             while not self.blocks.can_allocate(seq, seq.num_computed + n):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -72,9 +88,11 @@ class Scheduler:
             if seq.status is not SequenceStatus.RUNNING:
                 break  # seq itself was preempted: nothing newer is left running either
             self.blocks.allocate(seq, seq.num_computed + n)
-            scheduled.append(ScheduledSeq(seq, n))
+            scheduled.append(ScheduledSeq(seq, n, draft))
             budget -= n
             i += 1
+        for seq in self.running[i:]:  # not scheduled this step: no draft to verify
+            seq.draft = []
         # 2. waiting sequences, by priority then first come first served
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
@@ -115,6 +133,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
+        seq.draft = []
         self.blocks.free_sequence(seq)
         seq.num_computed = 0
         seq.num_cached = 0

@@ -14,6 +14,7 @@ from souverain.tokenizer import IncrementalDetokenizer
 
 if TYPE_CHECKING:
     from souverain.engine.lora import LoRARef
+    from souverain.engine.speculative import SpecState
 
 
 class SequenceStatus(enum.Enum):
@@ -119,6 +120,10 @@ class Sequence:
         self.lora = lora  # the adapter it generates with (None: base); kept over preemption
         # seeds the prefix-cache hash chain: blocks are only shared within one adapter
         self.hash_seed = 0 if lora is None else lora.hash_seed
+        # speculative decoding: the proposer's state (None: off), and this step's draft
+        # tokens (verified by the step's forward; never in token_ids until accepted)
+        self.spec: SpecState | None = None
+        self.draft: list[int] = []
 
     @property
     def num_tokens(self) -> int:

@@ -21,6 +21,11 @@ Exported (all prefixed ``souverain_``):
 * read from each engine at scrape time (see :meth:`ServerMetrics.add_engine_source`):
   ``queue_depth``, ``running_sequences``, ``kv_blocks_used``, ``kv_blocks_free``,
   ``prefix_cache_hit_rate`` (gauges) and ``preemptions_total`` (counter), all ``{model}``;
+  with ``--speculative``: ``spec_draft_tokens_total``, ``spec_accepted_tokens_total``,
+  ``spec_verify_steps_total``, ``spec_emitted_tokens_total`` (counters),
+  ``spec_acceptance_rate`` (accepted / drafted) and ``spec_tokens_per_step`` (tokens a
+  verifying step emits on average: the decode speed-up before the verification's own cost)
+  (gauges, since start);
 * the ``process_*`` metrics (CPU, resident memory, open fds) of this process.
 """
 
@@ -75,6 +80,13 @@ def _reader(stats: dict) -> Callable[[str], float | None]:
     return num
 
 
+_SPEC_COUNTERS = {
+    "spec_draft_tokens": "Speculative decoding: draft tokens verified.",
+    "spec_accepted_tokens": "Speculative decoding: draft tokens accepted.",
+    "spec_verify_steps": "Speculative decoding: sequence-steps that verified drafts.",
+    "spec_emitted_tokens": "Speculative decoding: tokens emitted by verifying steps.",
+}
+
 class _EngineCollector(Collector):
     """Turns engine ``stats()`` dicts into gauges at scrape time."""
 
@@ -115,6 +127,19 @@ class _EngineCollector(Collector):
                 "Sequences preempted for lack of KV-cache blocks.",
                 labels=["model"],
             ),
+            **{key: CounterMetricFamily(f"souverain_{key}", text, labels=["model"])
+               for key, text in _SPEC_COUNTERS.items()},
+            "spec_acceptance_rate": GaugeMetricFamily(
+                "souverain_spec_acceptance_rate",
+                "Speculative decoding: share of draft tokens accepted (0-1, since start).",
+                labels=["model"],
+            ),
+            "spec_tokens_per_step": GaugeMetricFamily(
+                "souverain_spec_tokens_per_step",
+                "Speculative decoding: tokens emitted per verifying sequence-step (1 = no "
+                "gain; since start).",
+                labels=["model"],
+            ),
         }
 
     def describe(self) -> Iterator[Metric]:  # registration must not call the sources
@@ -152,6 +177,15 @@ class _EngineCollector(Collector):
                 fam["hit_rate"].add_metric(labels, (hits or 0.0) / queries if queries else 0.0)
             if preemptions is not None:
                 fam["preemptions"].add_metric(labels, preemptions)
+            spec = {key: num(key) for key in _SPEC_COUNTERS}
+            if spec["spec_verify_steps"]:  # only engines that verified drafts
+                for key, value in spec.items():
+                    fam[key].add_metric(labels, value or 0.0)
+                drafted, accepted = spec["spec_draft_tokens"], spec["spec_accepted_tokens"]
+                fam["spec_acceptance_rate"].add_metric(
+                    labels, (accepted or 0.0) / drafted if drafted else 0.0)
+                fam["spec_tokens_per_step"].add_metric(
+                    labels, (spec["spec_emitted_tokens"] or 0.0) / spec["spec_verify_steps"])
         yield from fam.values()
 
 
