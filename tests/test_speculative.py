@@ -18,12 +18,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.stats import chisquare
+from test_engine import make_prompts
+from test_multi_lora import random_adapter
 
 from souverain import EngineConfig, LLMEngine, SamplingParams
 from souverain.engine.speculative import NgramIndex, SpecState, best_k
 from souverain.errors import RequestError
-from test_engine import make_prompts
-from test_multi_lora import random_adapter
 
 GREEDY = dict(temperature=0, ignore_eos=True)
 
@@ -46,13 +46,15 @@ class Oracle:
         return draft
 
 
-def engine(entry: dict, speculative: bool, **options) -> LLMEngine:
+def engine(entry: dict, speculative: bool | str, **options) -> LLMEngine:
+    """``speculative``: False (off), True (prompt lookup) or a draft model's path."""
     options.setdefault("block_size", 4)
     options.setdefault("kv_cache_tokens", 4096)
     if speculative:  # not measured: a loaded machine must not turn drafting off here
         options.setdefault("speculative_row_cost", 0.1)
-    return LLMEngine(entry["consolidated"], EngineConfig(
-        dtype="float32", speculative="ngram" if speculative else None, **options))
+    options["speculative"] = (speculative if isinstance(speculative, str)
+                              else "ngram" if speculative else None)
+    return LLMEngine(entry["consolidated"], EngineConfig(dtype="float32", **options))
 
 
 def run(eng: LLMEngine, prompts: list[list[int]], params: SamplingParams | list,
@@ -270,7 +272,8 @@ def test_ngram_index_matches_brute_force(ids, n_min, span, k, steps):
 
 
 def test_bad_settings_refused():
-    for bad in (dict(speculative="medusa"), dict(num_speculative_tokens=0),
+    for bad in (dict(speculative=" "), dict(speculative_quantization="int3"),
+                dict(num_speculative_tokens=0), dict(speculative_row_cost=-1),
                 dict(prompt_lookup_min=3, prompt_lookup_max=2),
                 dict(speculative_disable_batch_size=0)):
         with pytest.raises(RequestError, match="invalid engine setting"):
@@ -332,3 +335,33 @@ def test_prompt_lookup_on_a_copying_answer(smollm2_engines):
     s = smollm2_engines["ngram"].stats()
     assert s["spec_accepted_tokens"] > 0.5 * s["spec_draft_tokens"] > 0
     assert s["spec_emitted_tokens"] / s["spec_verify_steps"] > 2
+
+
+@pytest.mark.parametrize("draft", ["llama", "mixtral"])
+def test_draft_model_greedy_equal(draft, tiny_models):
+    """A draft model (the target itself: nearly every draft accepted; an unrelated random
+    model: nearly every draft rejected) never changes the greedy outputs, in staggered
+    batches with chunked prefill and under preemption; its K/V lives in the target's blocks,
+    all free at the end."""
+    target = tiny_models["llama"]
+    prompts = make_prompts(6, seed=8)
+    params = [SamplingParams(max_tokens=m, **GREEDY) for m in (20, 7, 25, 2, 16, 20)]
+    for options in (dict(max_num_batched_tokens=16), dict(kv_cache_tokens=64,
+                                                          max_num_batched_tokens=16)):
+        plain = run(engine(target, False, **options), prompts, params, every=2)
+        eng = engine(target, str(tiny_models[draft]["consolidated"]), **options)
+        assert eng.drafter is not None
+        spec = run(eng, prompts, params, every=2)
+        assert spec == plain
+        s = eng.stats()
+        assert s["spec_verify_steps"] > 0
+        rate = s["spec_accepted_tokens"] / s["spec_draft_tokens"]
+        assert rate > 0.9 if draft == "llama" else rate < 0.5
+        assert eng.blocks.num_free_blocks == eng.blocks.num_usable_blocks
+
+
+def test_draft_model_refusals(tiny_mistral, tiny_llama):
+    with pytest.raises(RequestError, match="sliding window"):  # tiny Mistral has one
+        engine(tiny_mistral, str(tiny_llama["consolidated"]))
+    with pytest.raises(RequestError, match="vocabulary"):
+        engine(tiny_llama, "smollm2-135m-instruct")

@@ -21,12 +21,15 @@ class EngineConfig:
 
     Speculative decoding (`souverain.engine.speculative`): ``speculative="ngram"`` drafts up to
     ``num_speculative_tokens`` tokens per decoding sequence by prompt lookup (suffixes of
-    ``prompt_lookup_min``..``prompt_lookup_max`` tokens), verified in the step's forward;
+    ``prompt_lookup_min``..``prompt_lookup_max`` tokens); any other value names a draft model
+    (alias, file or folder with the same vocabulary; `souverain.engine.draft`, quantized as
+    ``speculative_quantization``) that drafts greedily. Drafts are verified in the step's forward;
     outputs are unchanged (greedy and seeded sampling alike). It pauses while more than
     ``speculative_disable_batch_size`` sequences decode at once. The draft length of each
-    sequence follows its acceptance rate and ``speculative_row_cost``, what one more row adds
-    to a one-row forward (None: measured when the engine starts); a cost of 1 or more (linear
-    kernels that do not batch) turns speculation off.
+    sequence follows its acceptance rate and ``speculative_row_cost``, what one drafted token
+    costs relative to a plain decode step: the extra verification row, plus the draft model's
+    forward if there is one (None: measured when the engine starts); a cost of 1 or more
+    (linear kernels that do not batch, a draft model not much smaller) turns speculation off.
 
     LoRA: at most ``max_loras`` adapters resident at once (and ``lora_budget_gib`` of their
     float32 weights, if set); loading one more evicts the least recently used adapter that no
@@ -51,6 +54,7 @@ class EngineConfig:
     prompt_lookup_max: int = 4
     speculative_disable_batch_size: int = 8
     speculative_row_cost: float | None = None
+    speculative_quantization: str = "none"
 
     def __post_init__(self) -> None:
         checks = [
@@ -69,8 +73,11 @@ class EngineConfig:
              "lora_budget_gib must be > 0"),
             (self.quantization in ("none", "int8", "int4"),
              f"quantization={self.quantization!r} must be none, int8 or int4"),
-            (self.speculative in (None, "ngram"),
-             f"speculative={self.speculative!r} must be 'ngram' (prompt lookup) or unset"),
+            (self.speculative is None or bool(str(self.speculative).strip()),
+             "speculative must be 'ngram' (prompt lookup), a draft model, or unset"),
+            (self.speculative_quantization in ("none", "int8", "int4"),
+             f"speculative_quantization={self.speculative_quantization!r} must be none, "
+             "int8 or int4"),
             (1 <= self.num_speculative_tokens <= 16,
              f"num_speculative_tokens={self.num_speculative_tokens} must be in 1..16"),
             (1 <= self.prompt_lookup_min <= self.prompt_lookup_max <= 16,

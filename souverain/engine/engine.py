@@ -27,6 +27,7 @@ import torch
 
 from souverain.engine.block_manager import BlockManager
 from souverain.engine.config import EngineConfig
+from souverain.engine.draft import DraftModel
 from souverain.engine.lora import LoRARef
 from souverain.engine.model_runner import ModelRunner, StepBatch
 from souverain.engine.sampling import SamplingParams, TokenLogprob
@@ -103,37 +104,46 @@ class LLMEngine:
         self.eos_ids = set(self.tokenizer.eos_ids) if self.tokenizer is not None else set()
         self.spec_stats = SpecStats()
         self.spec_row_cost: float | None = None  # see `_measure_row_cost`
+        self._drafted: list[Sequence] = []  # sequences the draft model drafted for this step
         self.speculative = config.speculative
+        self.drafter: DraftModel | None = None
         if self.speculative is not None:
-            self.spec_row_cost = cost = (config.speculative_row_cost
-                                         if config.speculative_row_cost is not None
-                                         else self._measure_row_cost())
+            if self.speculative != "ngram":
+                self.drafter = DraftModel(self.speculative, args, config, runner.num_blocks,
+                                          progress)
+            cost = config.speculative_row_cost
+            if cost is None:
+                cost, step = self._measure_row_cost()
+                if self.drafter is not None:  # each drafted token also costs a draft forward
+                    cost += self.drafter.step_seconds() / step
+            self.spec_row_cost = cost
             if cost >= 1:
                 logger.warning(
-                    "speculative decoding turned off: one more row costs %.2f of a one-row "
-                    "forward with this model and CPU (its linear kernels do not batch small "
-                    "row counts), so verifying drafts cannot pay; use another --quantization "
-                    "(float weights batch well) to speculate.", cost)
-                self.speculative = None
+                    "speculative decoding turned off: a drafted token costs %.2f of a plain "
+                    "decode step with this model and CPU (the quantized kernels do not batch "
+                    "small row counts here, or the draft model is not much smaller), so "
+                    "verifying drafts cannot pay; use float weights or a smaller draft model "
+                    "to speculate.", cost)
+                self.speculative = self.drafter = None
 
-    def _measure_row_cost(self) -> float:
-        """What one more row adds to a one-row forward (logits included), relative to it:
-        the best of 3 timings of 1 and ``1 + num_speculative_tokens`` rows (after a warm-up),
-        as a verification step runs them. ~0.1 for float weights (a forward reads every
-        weight once, however many rows); ~1 for kernels that loop over rows."""
+    def _step_seconds(self, n: int = 1) -> float:
+        """The best of 3 timings of an ``n``-row forward of the target (logits included)."""
+        best = float("inf")
+        for _ in range(3):
+            t = now()
+            self.runner.prompt_logits([1] * n)
+            best = min(best, now() - t)
+        return best
+
+    def _measure_row_cost(self) -> tuple[float, float]:
+        """(what one more row adds to a one-row forward, relative to it; the one-row time):
+        timings of 1 and ``1 + num_speculative_tokens`` rows (after a warm-up), as a
+        verification step runs them. ~0.1 for float weights (a forward reads every weight
+        once, however many rows); ~1 for kernels that loop over rows."""
         k = self.config.num_speculative_tokens
-
-        def seconds(n: int) -> float:
-            best = float("inf")
-            for _ in range(3):
-                t = now()
-                self.runner.prompt_logits([1] * n)
-                best = min(best, now() - t)
-            return best
-
-        seconds(1 + k)  # warm-up
-        one = seconds(1)
-        return max(0.0, (seconds(1 + k) - one) / (k * one))
+        self._step_seconds(1 + k)  # warm-up
+        one = self._step_seconds(1)
+        return max(0.0, (self._step_seconds(1 + k) - one) / (k * one)), one
 
     def _max_model_len(self) -> int:
         """Most tokens one sequence may reach: the context, within the KV budget."""
@@ -235,10 +245,11 @@ class LLMEngine:
             stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_ids)
             seq = Sequence(next(self._seq_ids), request_id, index, ids, p, detok,
                            stop_ids, limit, arrival, lora=lora_ref)
-            if self.speculative == "ngram":
-                seq.spec = SpecState(NgramIndex(self.config.prompt_lookup_min,
-                                                self.config.prompt_lookup_max),
-                                     self.config.num_speculative_tokens,
+            if self.speculative is not None:
+                proposer = (None if self.drafter is not None else
+                            NgramIndex(self.config.prompt_lookup_min,
+                                       self.config.prompt_lookup_max))
+                seq.spec = SpecState(proposer, self.config.num_speculative_tokens,
                                      self.spec_row_cost or 0.0)
             seqs.append(seq)
         return _Request(request_id, ids, seqs, RequestMetrics(arrival), lora=lora_ref)
@@ -286,12 +297,18 @@ class LLMEngine:
         """Run one batched forward and return the requests that progressed."""
         if self.speculative is not None:
             self._propose_drafts()
-        scheduled = self.scheduler.schedule()
-        if not scheduled:
-            return []
-        batch = self.runner.prepare(scheduled)
-        logits = self.runner.run(batch)
-        return self._postprocess(scheduled, batch, logits)
+        try:
+            scheduled = self.scheduler.schedule()
+            if not scheduled:
+                return []
+            batch = self.runner.prepare(scheduled)
+            logits = self.runner.run(batch)
+            return self._postprocess(scheduled, batch, logits)
+        finally:
+            for seq in self._drafted:  # drafted K/V stays valid only for the tokens kept
+                # (a draft the scheduler cut or dropped included)
+                seq.draft_computed = min(seq.draft_computed, seq.num_computed)
+            self._drafted = []
 
     def _postprocess(self, scheduled: list[ScheduledSeq], batch: StepBatch,
                      logits: torch.Tensor) -> list[RequestOutput]:
@@ -315,11 +332,37 @@ class LLMEngine:
                     if s.spec is not None and s.num_tokens - s.num_computed == 1]
         if len(decoding) > self.config.speculative_disable_batch_size:
             return
+        if self.drafter is not None:
+            self._draft_with_model(decoding)
+            return
         for seq in decoding:
             assert seq.spec is not None
             # every accepted draft and the token after them must fit within the limit
             room = seq.limit - seq.num_tokens - 1
             seq.draft = seq.spec.propose(seq.token_ids, room) if room > 0 else []
+
+    def _draft_with_model(self, decoding: list[Sequence]) -> None:
+        """The draft model's greedy drafts for ``decoding``, in one batch per drafted token;
+        their K/V slots are allocated first (a draft is shortened rather than take a block
+        another running sequence may need)."""
+        assert self.drafter is not None
+        lengths = []
+        reserve = len(self.scheduler.running)
+        for seq in decoding:
+            assert seq.spec is not None
+            k = seq.spec.length(seq.limit - seq.num_tokens - 1)
+            while k > 0:  # the draft model writes K/V up to position num_tokens + k - 2
+                extra = self.blocks.blocks_needed(seq.num_tokens + k - 1) - len(seq.block_table)
+                if extra <= 0 or extra <= self.blocks.num_free_blocks - reserve:
+                    break
+                k -= 1
+            if k > 0:
+                self.blocks.allocate(seq, seq.num_tokens + k - 1)
+            lengths.append(k)
+        if any(lengths):
+            for seq, draft in zip(decoding, self.drafter.propose(decoding, lengths)):
+                seq.draft = draft
+            self._drafted = decoding
 
     def _commit_computed(self, scheduled: list[ScheduledSeq]) -> None:
         """The scheduled tokens' K/V are in the cache now: full blocks join the prefix cache,

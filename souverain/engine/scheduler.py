@@ -134,6 +134,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         seq.draft = []
+        seq.draft_computed = 0
         self.blocks.free_sequence(seq)
         seq.num_computed = 0
         seq.num_cached = 0

@@ -124,6 +124,7 @@ class Sequence:
         # tokens (verified by the step's forward; never in token_ids until accepted)
         self.spec: SpecState | None = None
         self.draft: list[int] = []
+        self.draft_computed = 0  # with a draft model: leading tokens whose draft K/V is valid
 
     @property
     def num_tokens(self) -> int:

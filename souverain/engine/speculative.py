@@ -19,6 +19,9 @@ has exactly the target distribution, and with a seed it is the *same* sequence a
 speculation: every emitted token consumes one uniform, as a normal step does.
 
 Proposers:
+- `souverain.engine.draft.DraftModel` (``--speculative MODEL``): a smaller model with the same
+  vocabulary drafts greedily for every decoding sequence at once, its K/V in the target's
+  blocks; its cost per drafted token joins ``row_cost``;
 - `NgramIndex` (prompt lookup, ``--speculative ngram``): the longest suffix of the sequence
   (``ngram_max`` down to ``ngram_min`` tokens) that occurred earlier in the prompt or the
   text so far; the tokens that followed its latest earlier occurrence are the drafts. Costs
@@ -109,7 +112,7 @@ class SpecState:
     and the engine's measured ``row_cost``. When no draft pays, it proposes nothing for a
     doubling number of steps (up to 32), then tries one token again to re-measure."""
 
-    proposer: Proposer
+    proposer: Proposer | None  # None: a draft model proposes for the whole batch
     k_max: int
     row_cost: float = 0.0
     accepted: float = 0.0  # decayed count of accepted draft positions
@@ -121,17 +124,25 @@ class SpecState:
     def alpha(self) -> float:
         return (self.accepted + 1.6) / (self.accepted + self.rejected + 2.0)
 
-    def propose(self, ids: list[int], room: int) -> list[int]:
-        """Draft tokens for the next step: at most the best length and at most ``room``."""
+    def length(self, room: int) -> int:
+        """How many tokens to draft next: the best length, at most ``room`` (0: none)."""
         k = best_k(self.alpha, self.row_cost, self.k_max)
         if k == 0:
             if self.skip > 0:
                 self.skip -= 1
-                self.proposer.propose(ids, 0)  # keep any index current
-                return []
+                return 0
             self.skip, self.backoff = self.backoff, min(32, 2 * self.backoff)
             k = 1  # explore: the acceptance rate may have changed
-        return self.proposer.propose(ids, min(k, room))
+        return max(0, min(k, room))
+
+    def propose(self, ids: list[int], room: int) -> list[int]:
+        """Draft tokens for the next step from this sequence's own proposer."""
+        assert self.proposer is not None
+        k = self.length(room)
+        if k == 0:
+            self.proposer.propose(ids, 0)  # keep any index current
+            return []
+        return self.proposer.propose(ids, k)
 
     def update(self, proposed: int, accepted: int) -> None:
         """After a verification of ``proposed`` drafts of which ``accepted`` were accepted
