@@ -62,9 +62,10 @@ QuantOpt = typer.Option("none", "--quantization", "-q",
 SpeculativeOpt = typer.Option(
     None, "--speculative",
     help="Speculative decoding: ngram (prompt lookup: drafts the tokens that followed the "
-         "text's latest suffix earlier in the prompt or answer, checked in the same forward). "
-         "Outputs are unchanged; answers that copy their input (RAG, extraction, code edits) "
-         "come several times faster. Off by default.")
+         "text's latest suffix earlier in the prompt or answer, checked in the same forward), "
+         "or a draft model (alias, .gguf or folder: a smaller model with the same tokenizer, "
+         "e.g. a smaller family member). Outputs are unchanged; answers that copy their input "
+         "(RAG, extraction, code edits) come several times faster with ngram. Off by default.")
 SpecTokensOpt = typer.Option(5, "--num-speculative-tokens", min=1, max=16,
                              help="Most draft tokens per step with --speculative (adapted "
                                   "per request to its acceptance rate).")

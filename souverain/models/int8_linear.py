@@ -60,6 +60,14 @@ if _HAS_QLINEAR:
     _qlinear_prepack = torch.ops.onednn.qlinear_prepack.default
 
 
+def fast_int8() -> bool:
+    """Whether int8 matmuls run on integer dot-product units here: souverain's VNNI kernel or
+    oneDNN's exact VNNI / AMX path. False on AVX2-only CPUs (AMD Zen 2/3, older Intel), where
+    `aten._int_mm` is several times slower than a bf16 matmul of the same weight (SmolLM2's
+    head at batch 1 on AMD EPYC Zen 3: 31.6 ms int8 vs 3.7 ms bf16 vs 2.2 ms int4)."""
+    return _vnni_layout() or _HAS_QLINEAR
+
+
 def _vnni_layout() -> bool:
     """Whether new `Int8Linear`s pack for souverain's own VNNI kernel (`kernels.int8_linear`):
     the kernels built, on a CPU with AVX-512 VNNI. Otherwise oneDNN's packing."""
