@@ -28,6 +28,9 @@ Workloads (``--model``):
   64, hidden 5632, vocab 32768, sliding window 4096, rope_theta 1e6; 0.86B parameters) written
   once into ``--cache-dir``: a Hugging Face folder (bf16 safetensors; transformers runs it) and
   F16 / Q8_0 / Q4_0 GGUF files of the same weights (souverain and llama.cpp run those).
+* ``mistral-7b``: the same, in Mistral 7B v0.3's shape (dim 4096, 32 layers, 32/8 heads,
+  head_dim 128, hidden 14336, no window; 7.25B parameters; 14.5 GB of safetensors in shards):
+  ``--model mistral-7b --formats q4_0,q8_0 --quantization int4,int8 --safetensors``.
 * any path or alias souverain can load (llama.cpp only runs ``.gguf`` files).
 
 Rows measured per engine (prompts are seeded random token ids, identical for every engine;
@@ -64,7 +67,8 @@ bench_app = typer.Typer(help=HELP, add_completion=False, subcommand_metavar="",
 def bench(
     ctx: typer.Context,
     model: str = typer.Option("smollm2", "--model",
-                              help="smollm2 | mistral-1b | a path or alias souverain loads"),
+                              help="smollm2 | mistral-1b | mistral-7b (random, Mistral 7B's "
+                                   "shape) | a path or alias souverain loads"),
     threads: int | None = typer.Option(None, "--threads", help="threads for every engine "
                                        "(default: physical cores)"),
     engines: str = typer.Option(",".join(ENGINES), "--engines"),
@@ -73,7 +77,12 @@ def bench(
     dtype: str = typer.Option("auto", "--dtype", help="souverain dtype (default auto)"),
     hf_dtype: str = typer.Option("float32", "--hf-dtype",
                                  help="transformers dtype (default float32)"),
-    formats: str = typer.Option("f16,q8_0,q4_0", "--formats", help="mistral-1b GGUF formats"),
+    formats: str = typer.Option("f16,q8_0,q4_0", "--formats",
+                                help="GGUF formats of mistral-1b / mistral-7b"),
+    safetensors: bool = typer.Option(
+        False, "--safetensors",
+        help="mistral-1b / mistral-7b: also run souverain on the bf16 safetensors folder "
+             "(quantized at load as --quantization says)"),
     concurrency: str = typer.Option("8,16,32", "--concurrency",
                                     help="concurrent request counts"),
     llama_concurrency: LlamaConcurrency = typer.Option("batched", "--llama-concurrency"),
@@ -110,7 +119,8 @@ def bench(
         llama_concurrency=llama_concurrency, llama_flash_attn=llama_flash_attn,
         repeats=repeats, cache_dir=cache_dir, quick=quick, prepare_only=prepare_only,
         no_bandwidth=no_bandwidth, timeout=timeout, wait_quiet=wait_quiet,
-        json_path=json_path, markdown=markdown, render=render, speculative=speculative)
+        json_path=json_path, markdown=markdown, render=render, speculative=speculative,
+        safetensors=safetensors)
     raise typer.Exit(run_bench(options, "python -m souverain.bench " + _given_flags(ctx)))
 
 

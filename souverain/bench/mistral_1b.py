@@ -1,8 +1,12 @@
-"""The ``mistral-1b`` workload's checkpoint: a random Mistral-shaped model (dim 2048, 16
-layers, 32/8 heads, head_dim 64, hidden 5632, vocab 32768, sliding window 4096, rope_theta
-1e6; 0.86B parameters) written once into the bench's cache folder, as a Hugging Face folder
-(bf16 safetensors; transformers runs it) and F16 / Q8_0 / Q4_0 GGUF files of the same weights
-(souverain and llama.cpp run those).
+"""The random Mistral-shaped checkpoints of the bench, written once into its cache folder as
+a Hugging Face folder (bf16 safetensors; transformers, and souverain with --quantization, run
+it) and F16 / Q8_0 / Q4_0 GGUF files of the same weights (souverain and llama.cpp run those):
+
+- ``mistral-1b``: dim 2048, 16 layers, 32/8 heads, head_dim 64, hidden 5632, vocab 32768,
+  sliding window 4096, rope_theta 1e6 (0.86B parameters);
+- ``mistral-7b``: Mistral 7B v0.3's shape: dim 4096, 32 layers, 32/8 heads, head_dim 128,
+  hidden 14336, vocab 32768, no window (7.25B parameters; 14.5 GB of bf16 safetensors, written
+  in shards of 4 layers so the writer never holds the whole model).
 
 The format conventions (q/k permutation, GGUF names and metadata) are `souverain.bench.formats`'.
 """
@@ -30,6 +34,11 @@ MISTRAL_1B: dict[str, Any] = dict(
     dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, head_dim=64, hidden_dim=5632,
     vocab_size=32768, sliding_window=4096, rope_theta=1e6, norm_eps=1e-5,
     max_position_embeddings=32768, init_std=0.02, seed=0)
+MISTRAL_7B: dict[str, Any] = dict(
+    dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128, hidden_dim=14336,
+    vocab_size=32768, sliding_window=None, rope_theta=1e6, norm_eps=1e-5,
+    max_position_embeddings=32768, init_std=0.02, seed=0, layers_per_shard=4)
+RANDOM_MODELS: dict[str, dict[str, Any]] = {"mistral-1b": MISTRAL_1B, "mistral-7b": MISTRAL_7B}
 GGUF_FORMATS = ("f16", "q8_0", "q4_0")
 
 
@@ -71,23 +80,58 @@ def hf_shapes(c: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def _shards(c: dict[str, Any]) -> list[list[str]]:
+    """The tensor names of each safetensors file: one file, or ``layers_per_shard`` layers per
+    file (embeddings with the first, the final norm and head with the last)."""
+    names = list(hf_shapes(c))
+    per = c.get("layers_per_shard")
+    if not per:
+        return [names]
+    shards: list[list[str]] = [[]]
+    for name in names:
+        parts = name.split(".")
+        layer = int(parts[2]) if parts[1] == "layers" else None
+        if layer is not None and layer > 0 and layer % per == 0 and name.endswith(
+                "input_layernorm.weight"):
+            shards.append([])
+        shards[-1].append(name)
+    return shards
+
+
+def _shard_files(c: dict[str, Any]) -> list[str]:
+    n = len(_shards(c))
+    return (["model.safetensors"] if n == 1 else
+            [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
+
+
 def write_mistral_hf(folder: Path, c: dict[str, Any]) -> None:
     """Seeded random weights (normal(0, init_std), norms = 1, as transformers' own init) saved
-    as bf16 safetensors + config.json + the v3 tokenizer."""
+    as bf16 safetensors (+ an index when sharded) + config.json + the v3 tokenizer; one shard
+    in memory at a time."""
     import torch
     from safetensors.torch import save_file
 
     gen = torch.Generator().manual_seed(c["seed"])
-    state = {}
-    for name, shape in hf_shapes(c).items():
-        if len(shape) == 1:
-            state[name] = torch.ones(shape, dtype=torch.bfloat16)
-        else:
-            state[name] = (torch.randn(shape, generator=gen) * c["init_std"]).to(torch.bfloat16)
+    shapes = hf_shapes(c)
     tmp = folder.with_name(folder.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    weight_map = {}
+    for names, file in zip(_shards(c), _shard_files(c)):
+        state = {}
+        for name in names:
+            shape = shapes[name]
+            if len(shape) == 1:
+                state[name] = torch.ones(shape, dtype=torch.bfloat16)
+            else:
+                state[name] = (torch.randn(shape, generator=gen) * c["init_std"]).to(
+                    torch.bfloat16)
+            weight_map[name] = file
+        save_file(state, str(tmp / file), metadata={"format": "pt"})
+        del state
+    if len(_shard_files(c)) > 1:
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {}, "weight_map": weight_map}, indent=1) + "\n")
     (tmp / "config.json").write_text(json.dumps(hf_config_dict(c), indent=2) + "\n")
     (tmp / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": 1, "eos_token_id": 2, "do_sample": False}) + "\n")
@@ -103,39 +147,45 @@ def write_mistral_gguf(hf_folder: Path, path: Path, fmt: str, c: dict[str, Any])
     from safetensors import safe_open
 
     tmp = path.with_name(path.name + ".partial")
-    w = llama_gguf_writer(tmp, f"souverain-bench-mistral-1b-{fmt}", c,
+    w = llama_gguf_writer(tmp, f"souverain-bench-{path.stem}", c,
                           c["max_position_embeddings"], fmt)
     add_sentencepiece_vocab(w, v3_tokenizer_path())
-    with safe_open(str(hf_folder / "model.safetensors"), framework="pt") as f:
-        for name in hf_shapes(c):
-            t = f.get_tensor(name).float()
-            if name.endswith("q_proj.weight"):
-                t = permute_rotate_half_to_interleaved(t, c["n_heads"])
-            elif name.endswith("k_proj.weight"):
-                t = permute_rotate_half_to_interleaved(t, c["n_kv_heads"])
-            arr = np.ascontiguousarray(t.numpy())
-            add_gguf_tensor(w, gguf_name(name), arr, "f32" if arr.ndim == 1 else fmt)
+    for names, file in zip(_shards(c), _shard_files(c)):
+        with safe_open(str(hf_folder / file), framework="pt") as f:
+            for name in names:
+                t = f.get_tensor(name).float()
+                if name.endswith("q_proj.weight"):
+                    t = permute_rotate_half_to_interleaved(t, c["n_heads"])
+                elif name.endswith("k_proj.weight"):
+                    t = permute_rotate_half_to_interleaved(t, c["n_kv_heads"])
+                arr = np.ascontiguousarray(t.numpy())
+                add_gguf_tensor(w, gguf_name(name), arr, "f32" if arr.ndim == 1 else fmt)
     finish_gguf(w)
     tmp.rename(path)
 
 
 def ensure_mistral_1b(cache_dir: Path, formats: list[str]) -> dict[str, Any]:
-    """Write (once) the HF folder and the requested GGUF files; return their paths."""
-    c = MISTRAL_1B
-    root = cache_dir / "mistral-1b"
+    """`ensure_random_model` of ``mistral-1b``."""
+    return ensure_random_model("mistral-1b", cache_dir, formats)
+
+
+def ensure_random_model(model: str, cache_dir: Path, formats: list[str]) -> dict[str, Any]:
+    """Write (once) ``model``'s HF folder and the requested GGUF files; return their paths."""
+    c = RANDOM_MODELS[model]
+    root = cache_dir / model
     hf = root / "hf"
     log_path = root / "written.json"
     written = json.loads(log_path.read_text()) if log_path.is_file() else {}
     root.mkdir(parents=True, exist_ok=True)
-    if not (hf / "model.safetensors").is_file():
-        log(f"writing the random ~0.86B Mistral-shaped checkpoint into {hf} (once)")
+    if not all((hf / f).is_file() for f in _shard_files(c)):
+        log(f"writing the random {model} Mistral-shaped checkpoint into {hf} (once)")
         t = time.perf_counter()
         write_mistral_hf(hf, c)
         written["hf_bf16_s"] = round(time.perf_counter() - t, 1)
         log(f"  HF bf16 folder: {written['hf_bf16_s']} s")
     out: dict[str, Any] = {"hf": hf, "gguf": {}}
     for fmt in formats:
-        path = root / f"mistral-1b-{fmt}.gguf"
+        path = root / f"{model}-{fmt}.gguf"
         if not path.is_file():
             log(f"writing {path.name} (once)")
             t = time.perf_counter()

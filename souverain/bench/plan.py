@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from souverain.bench.measure import log
-from souverain.bench.mistral_1b import GGUF_FORMATS, MISTRAL_1B, ensure_mistral_1b
+from souverain.bench.mistral_1b import GGUF_FORMATS, RANDOM_MODELS, ensure_random_model
 
 ENGINES = ("souverain", "llama.cpp", "transformers")
 LLAMA_CPP_INSTALL = ("llama-cpp-python is not installed: `pip install llama-cpp-python` "
@@ -44,6 +44,7 @@ class BenchOptions:
     markdown: bool
     render: str | None
     speculative: str = "none"
+    safetensors: bool = False
 
     def speculative_modes(self) -> list[str | None]:
         """``--speculative``: souverain runs without (none) and with each mode (ngram)."""
@@ -84,8 +85,8 @@ def plan_runs(o: BenchOptions) -> tuple[list[dict[str, Any]], dict[str, Path], i
     if bad:
         raise SystemExit(f"unknown engine(s) {bad}; choose from {', '.join(ENGINES)}")
     quants = [q.strip() for q in o.quantization.split(",") if q.strip()]
-    if o.model == "mistral-1b":
-        runs, files, vocab = _plan_mistral_1b(o, engines, quants)
+    if o.model in RANDOM_MODELS:
+        runs, files, vocab = _plan_random_model(o, engines, quants)
     else:
         runs, files, vocab = _plan_model(o, engines, quants)
     if any(r["engine"] == "llama.cpp" for r in runs) and llama_cpp_version() is None:
@@ -94,14 +95,15 @@ def plan_runs(o: BenchOptions) -> tuple[list[dict[str, Any]], dict[str, Path], i
     return runs, files, vocab
 
 
-def _plan_mistral_1b(o: BenchOptions, engines: list[str], quants: list[str]
-                     ) -> tuple[list[dict[str, Any]], dict[str, Path], int]:
-    """souverain and llama.cpp on each GGUF format, transformers on the HF folder."""
+def _plan_random_model(o: BenchOptions, engines: list[str], quants: list[str]
+                       ) -> tuple[list[dict[str, Any]], dict[str, Path], int]:
+    """souverain and llama.cpp on each GGUF format, transformers on the HF folder (and
+    souverain on it too with ``--safetensors``)."""
     formats = o.format_list()
     bad = [f for f in formats if f not in GGUF_FORMATS]
     if bad:
         raise SystemExit(f"unknown format(s) {bad}; choose from {', '.join(GGUF_FORMATS)}")
-    paths = ensure_mistral_1b(Path(o.cache_dir).expanduser(), formats)
+    paths = ensure_random_model(o.model, Path(o.cache_dir).expanduser(), formats)
     files = {fmt.upper(): paths["gguf"][fmt] for fmt in formats}
     runs: list[dict[str, Any]] = []
     for fmt in formats:
@@ -116,11 +118,16 @@ def _plan_mistral_1b(o: BenchOptions, engines: list[str], quants: list[str]
         if "llama.cpp" in engines:
             runs.append({"engine": "llama.cpp", "path": str(p), "source": fmt.upper(),
                          "label": f"llama.cpp · {fmt.upper()} GGUF"})
+    if "souverain" in engines and o.safetensors:
+        for q in quants:
+            runs.append({"engine": "souverain", "path": str(paths["hf"]), "quantization": q,
+                         "dtype": o.dtype, "source": "HF bf16 safetensors",
+                         "label": f"souverain · HF bf16 safetensors · quant {q}"})
     if "transformers" in engines:
         runs.append({"engine": "transformers", "path": str(paths["hf"]), "dtype": o.hf_dtype,
                      "source": "HF bf16 safetensors",
                      "label": f"transformers · HF folder · {o.hf_dtype}"})
-    return runs, files, MISTRAL_1B["vocab_size"]
+    return runs, files, RANDOM_MODELS[o.model]["vocab_size"]
 
 
 def _plan_model(o: BenchOptions, engines: list[str], quants: list[str]

@@ -15,7 +15,7 @@ from souverain.bench.bytes_per_token import gguf_bytes_per_token
 from souverain.bench.launch import launch
 from souverain.bench.machine import loadavg, wait_quiet
 from souverain.bench.measure import log
-from souverain.bench.mistral_1b import ensure_mistral_1b
+from souverain.bench.mistral_1b import RANDOM_MODELS, ensure_random_model
 from souverain.bench.plan import BenchOptions, llama_cpp_version, plan_runs
 from souverain.bench.report import print_report
 from souverain.bench.workload import copy_prompt, make_workload
@@ -32,9 +32,9 @@ def run_bench(o: BenchOptions, command: str) -> int:
 
         o = dataclasses.replace(o, threads=physical_cores())
     if o.prepare_only:
-        if o.model != "mistral-1b":
-            raise SystemExit("--prepare-only applies to --model mistral-1b")
-        paths = ensure_mistral_1b(Path(o.cache_dir).expanduser(), o.format_list())
+        if o.model not in RANDOM_MODELS:
+            raise SystemExit("--prepare-only applies to --model mistral-1b | mistral-7b")
+        paths = ensure_random_model(o.model, Path(o.cache_dir).expanduser(), o.format_list())
         print(json.dumps(paths, indent=2, default=str))
         return 0
     levels = o.concurrency_levels()
@@ -68,8 +68,8 @@ def run_bench(o: BenchOptions, command: str) -> int:
 
 def copy_workload(o: BenchOptions) -> list[int] | None:
     """The extraction prompt for a real chat model (one with a tokenizer); None for the
-    random mistral-1b, which copies nothing."""
-    if o.model == "mistral-1b":
+    random models, which copy nothing."""
+    if o.model in RANDOM_MODELS:
         return None
     from souverain.weights import load, resolve
 
@@ -104,6 +104,8 @@ def _measure(o: BenchOptions, base: dict[str, Any], run: dict[str, Any],
     res = launch({**base, "run": run}, o.timeout)
     res["others_cpu_share_before"] = quiet
     res["source"] = run.get("source")
+    res["quantization"] = run.get("quantization")
+    res["speculative"] = run.get("speculative")
     res["loadavg_before_after"] = [load_before, loadavg()]
     if run["engine"] == "llama.cpp":
         g = next((f for n, f in formats.items() if files[n] == Path(run["path"])), None)
