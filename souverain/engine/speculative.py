@@ -15,24 +15,28 @@ distribution q that is a point mass on the draft token d). Leviathan et al.'s re
 sampling accepts d with probability min(1, p(d)/q(d)) = p(d) and otherwise draws from
 norm(max(0, p - q)), which is p without d. Drawing t ~ p and accepting when t == d does both
 at once: P(accept) = p(d), and a rejected step emits t ~ p | t != d. So the emitted sequence
-has exactly the target distribution, and with a seed it is the *same* sequence as without
-speculation: every emitted token consumes one uniform, as a normal step does.
+has exactly the target distribution. With a seed it consumes the same uniforms as without
+speculation (one per emitted token), so it is the same sequence up to float rounding: the
+verification rows go through matmuls of more rows, whose last bits may differ, which can flip
+a draw that falls within ~1e-6 of a boundary (seen once in ~300 tokens of a nearly flat
+random model). Greedy outputs are identical (tests/test_speculative.py).
 
 Proposers:
 - `souverain.engine.draft.DraftModel` (``--speculative MODEL``): a smaller model with the same
   vocabulary drafts greedily for every decoding sequence at once, its K/V in the target's
   blocks; its cost per drafted token joins ``row_cost``;
 - `NgramIndex` (prompt lookup, ``--speculative ngram``): the longest suffix of the sequence
-  (``ngram_max`` down to ``ngram_min`` tokens) that occurred earlier in the prompt or the
+  (``prompt_lookup_max`` down to ``prompt_lookup_min`` tokens) that occurred earlier in the prompt or the
   text so far; the tokens that followed its latest earlier occurrence are the drafts. Costs
   no model at all: answers that copy spans of their input (RAG, extraction, code edits) are
   drafted well.
 
-`SpecState` adapts ``k`` per sequence to its acceptance (grow after a fully accepted draft,
-shrink to what was accepted otherwise) and backs off (skips proposing for a doubling number of
-steps) while drafts keep being rejected, so free generation pays almost nothing. The engine
-stops proposing when more sequences decode at once than ``spec_disable_batch_size``: a batch
-that large already uses the weights it reads, and verification rows would only add compute.
+`SpecState` picks ``k`` per sequence with `best_k` (tokens a step emits for its acceptance
+rate, over what the step costs with ``k`` more rows) and backs off (skips proposing for a
+doubling number of steps) when no draft pays, so free generation pays almost nothing. The
+engine stops proposing when more sequences decode at once than
+``speculative_disable_batch_size``: a batch that large already uses the weights it reads, and
+verification rows would only add compute.
 """
 
 from __future__ import annotations
