@@ -24,7 +24,7 @@ class EngineConfig:
     ``prompt_lookup_min``..``prompt_lookup_max`` tokens); any other value names a draft model
     (alias, file or folder with the same vocabulary; `souverain.engine.draft`, quantized as
     ``speculative_quantization``) that drafts greedily. Drafts are verified in the step's forward;
-    outputs are unchanged (greedy and seeded sampling alike). It pauses while more than
+    greedy outputs are unchanged and sampled ones keep their distribution. It pauses while more than
     ``speculative_disable_batch_size`` sequences decode at once. The draft length of each
     sequence follows its acceptance rate and ``speculative_row_cost``, what one drafted token
     costs relative to a plain decode step: the extra verification row, plus the draft model's
