@@ -105,6 +105,15 @@ class BlockManager:
         """Whether ``seq`` can grow to hold ``num_tokens`` tokens of KV."""
         return self.blocks_needed(num_tokens) - len(seq.block_table) <= len(self.free)
 
+    def can_spare(self, seq: Sequence, num_tokens: int, reserve: int,
+                  base_tokens: int = 0) -> bool:
+        """Whether ``seq`` can grow to ``num_tokens`` tokens and still leave ``reserve`` free
+        blocks, counting only the blocks beyond those ``base_tokens`` need anyway (for
+        optional growth, such as speculative drafts, that must never cost a preemption)."""
+        extra = self.blocks_needed(num_tokens) - max(len(seq.block_table),
+                                                     self.blocks_needed(base_tokens))
+        return extra <= 0 or extra <= len(self.free) - reserve
+
     def allocate(self, seq: Sequence, num_tokens: int) -> None:
         """Give ``seq`` blocks for its first ``num_tokens`` tokens (call `can_allocate` first)."""
         need = self.blocks_needed(num_tokens) - len(seq.block_table)

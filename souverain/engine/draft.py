@@ -23,7 +23,8 @@ import torch
 
 from souverain.engine.config import EngineConfig
 from souverain.engine.paged_attention import PagedAttention, PagedKVCache, SeqSlice
-from souverain.engine.sequence import Sequence, now
+from souverain.engine.sequence import Sequence
+from souverain.engine.speculative import best_seconds
 from souverain.errors import RequestError
 from souverain.models.attention import PrefillAttention
 from souverain.models.loader import ProgressFn, load_model, parse_dtype
@@ -61,16 +62,15 @@ class DraftModel:
 
     def step_seconds(self) -> float:
         """The best of 3 one-row forwards (after a warm-up): the cost of one drafted token."""
-        best = float("inf")
         with torch.inference_mode():
             tokens = torch.ones(1, dtype=torch.long, device=self.device)
             positions = torch.zeros(1, dtype=torch.long, device=self.device)
-            for i in range(4):
-                t = now()
-                self.model(tokens, positions, PrefillAttention([1]))
-                if i:
-                    best = min(best, now() - t)
-        return best
+
+            def forward() -> object:
+                return self.model(tokens, positions, PrefillAttention([1]))
+
+            forward()  # warm-up
+            return best_seconds(forward)
 
     def propose(self, seqs: list[Sequence], lengths: list[int]) -> list[list[int]]:
         """Greedy drafts of ``lengths[i]`` tokens for ``seqs[i]`` (its blocks must already

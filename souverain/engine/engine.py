@@ -38,7 +38,7 @@ from souverain.engine.sequence import (
     Sequence,
     now,
 )
-from souverain.engine.speculative import NgramIndex, SpecState, SpecStats
+from souverain.engine.speculative import NgramIndex, SpecState, SpecStats, best_seconds
 from souverain.errors import RequestError, TokenizerError
 from souverain.models.loader import ProgressFn
 from souverain.runtime import configure_threads
@@ -128,12 +128,7 @@ class LLMEngine:
 
     def _step_seconds(self, n: int = 1) -> float:
         """The best of 3 timings of an ``n``-row forward of the target (logits included)."""
-        best = float("inf")
-        for _ in range(3):
-            t = now()
-            self.runner.prompt_logits([1] * n)
-            best = min(best, now() - t)
-        return best
+        return best_seconds(lambda: self.runner.prompt_logits([1] * n))
 
     def _measure_row_cost(self) -> tuple[float, float]:
         """(what one more row adds to a one-row forward, relative to it; the one-row time):
@@ -351,10 +346,8 @@ class LLMEngine:
         for seq in decoding:
             assert seq.spec is not None
             k = seq.spec.length(seq.limit - seq.num_tokens - 1)
-            while k > 0:  # the draft model writes K/V up to position num_tokens + k - 2
-                extra = self.blocks.blocks_needed(seq.num_tokens + k - 1) - len(seq.block_table)
-                if extra <= 0 or extra <= self.blocks.num_free_blocks - reserve:
-                    break
+            # the draft model writes K/V up to position num_tokens + k - 2
+            while k > 0 and not self.blocks.can_spare(seq, seq.num_tokens + k - 1, reserve):
                 k -= 1
             if k > 0:
                 self.blocks.allocate(seq, seq.num_tokens + k - 1)

@@ -72,11 +72,9 @@ class Scheduler:
                 draft = seq.draft[:budget - 1]
                 # never preempt anyone for a draft: its extra blocks must leave one free
                 # block for each running sequence after it
-                extra = (self.blocks.blocks_needed(seq.num_computed + 1 + len(draft))
-                         - max(len(seq.block_table),
-                               self.blocks.blocks_needed(seq.num_computed + 1)))
-                if extra > 0 and extra > (self.blocks.num_free_blocks
-                                          - (len(self.running) - i - 1)):
+                if not self.blocks.can_spare(seq, seq.num_computed + 1 + len(draft),
+                                             len(self.running) - i - 1,
+                                             base_tokens=seq.num_computed + 1):
                     draft = []
                 n += len(draft)
             seq.draft = draft
