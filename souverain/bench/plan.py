@@ -7,7 +7,7 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from souverain.bench.measure import log
 from souverain.bench.mistral_1b import GGUF_FORMATS, RANDOM_MODELS, ensure_random_model
@@ -77,9 +77,15 @@ def llama_cpp_version() -> str | None:
         return "?"
 
 
-def plan_runs(o: BenchOptions) -> tuple[list[dict[str, Any]], dict[str, Path], int]:
-    """The runs (one subprocess each), the GGUF files to describe (by name), and the
-    vocabulary size."""
+class Plan(NamedTuple):
+    runs: list[dict[str, Any]]  # one subprocess each
+    files: dict[str, Path]  # the GGUF files to describe, by name
+    vocab: int  # the prompts are drawn from it
+    tokenizer: Any  # the model's (the extraction workload's prompt), None for random models
+
+
+def plan_runs(o: BenchOptions) -> Plan:
+    """The runs, the GGUF files, the vocabulary size and the tokenizer of a session."""
     engines = [e.strip() for e in o.engines.split(",") if e.strip()]
     bad = [e for e in engines if e not in ENGINES]
     if bad:
@@ -87,12 +93,13 @@ def plan_runs(o: BenchOptions) -> tuple[list[dict[str, Any]], dict[str, Path], i
     quants = [q.strip() for q in o.quantization.split(",") if q.strip()]
     if o.model in RANDOM_MODELS:
         runs, files, vocab = _plan_random_model(o, engines, quants)
+        tokenizer = None  # a random model copies nothing: no extraction workload
     else:
-        runs, files, vocab = _plan_model(o, engines, quants)
+        runs, files, vocab, tokenizer = _plan_model(o, engines, quants)
     if any(r["engine"] == "llama.cpp" for r in runs) and llama_cpp_version() is None:
         log(LLAMA_CPP_INSTALL)
         runs = [r for r in runs if r["engine"] != "llama.cpp"]
-    return runs, files, vocab
+    return Plan(runs, files, vocab, tokenizer)
 
 
 def _plan_random_model(o: BenchOptions, engines: list[str], quants: list[str]
@@ -131,13 +138,15 @@ def _plan_random_model(o: BenchOptions, engines: list[str], quants: list[str]
 
 
 def _plan_model(o: BenchOptions, engines: list[str], quants: list[str]
-                ) -> tuple[list[dict[str, Any]], dict[str, Path], int]:
-    """Every engine on the one file or folder souverain resolves (llama.cpp: GGUF only)."""
+                ) -> tuple[list[dict[str, Any]], dict[str, Path], int, Any]:
+    """Every engine on the one file or folder souverain resolves (llama.cpp: GGUF only);
+    also its vocabulary size and tokenizer."""
     from souverain.weights import load, resolve
 
     name = "smollm2-135m-instruct" if o.model == "smollm2" else o.model
     path = resolve(name)
-    vocab = load(path).args.vocab_size
+    checkpoint = load(path)
+    vocab = checkpoint.args.vocab_size
     is_gguf = path.is_file() and path.suffix.lower() == ".gguf"
     src = path.name
     files = {path.name: path} if is_gguf else {}
@@ -162,4 +171,4 @@ def _plan_model(o: BenchOptions, engines: list[str], quants: list[str]
         else:
             r.update(path=str(path))
         runs.append(r)
-    return runs, files, vocab
+    return runs, files, vocab, checkpoint.tokenizer

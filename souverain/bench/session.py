@@ -38,11 +38,10 @@ def run_bench(o: BenchOptions, command: str) -> int:
         print(json.dumps(paths, indent=2, default=str))
         return 0
     levels = o.concurrency_levels()
-    runs, files, vocab = plan_runs(o)
+    runs, files, vocab, tokenizer = plan_runs(o)
     work = make_workload(vocab, o.quick, levels, o.repeats)
-    copy = copy_workload(o)
-    if copy is not None:
-        work["copy_prompt"] = copy
+    if tokenizer is not None:  # the extraction workload needs the model's chat format
+        work["copy_prompt"] = copy_prompt(tokenizer)
     report = _new_report(o, levels, work, command)
     for name, path in files.items():
         report["formats"][name] = gguf_bytes_per_token(path)
@@ -64,18 +63,6 @@ def run_bench(o: BenchOptions, command: str) -> int:
     if o.json_path:
         Path(o.json_path).write_text(json.dumps(report, indent=2, default=str))
     return 1 if any(r.get("error") for r in report["runs"]) else 0
-
-
-def copy_workload(o: BenchOptions) -> list[int] | None:
-    """The extraction prompt for a real chat model (one with a tokenizer); None for the
-    random models, which copy nothing."""
-    if o.model in RANDOM_MODELS:
-        return None
-    from souverain.weights import load, resolve
-
-    name = "smollm2-135m-instruct" if o.model == "smollm2" else o.model
-    tokenizer = load(resolve(name)).tokenizer
-    return None if tokenizer is None else copy_prompt(tokenizer)
 
 
 def _new_report(o: BenchOptions, levels: list[int], work: dict[str, Any],
