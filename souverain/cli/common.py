@@ -64,7 +64,8 @@ SpeculativeOpt = typer.Option(
     help="Speculative decoding: ngram (prompt lookup: drafts the tokens that followed the "
          "text's latest suffix earlier in the prompt or answer, checked in the same forward), "
          "or a draft model (alias, .gguf or folder: a smaller model with the same tokenizer, "
-         "e.g. a smaller family member). Outputs are unchanged; answers that copy their input "
+         "e.g. a smaller family member). Greedy answers are unchanged and sampled ones keep "
+         "their distribution; answers that copy their input "
          "(RAG, extraction, code edits) come several times faster with ngram. Off by default.")
 SpecTokensOpt = typer.Option(5, "--num-speculative-tokens", min=1, max=16,
                              help="Most draft tokens per step with --speculative (adapted "
