@@ -43,11 +43,22 @@ class LLM:
         self.checkpoint = self.engine.checkpoint
         self.args = self.engine.args
         self.tokenizer = self.engine.tokenizer
-        self.model = self.engine.runner.model
+        self.model = self.engine.runner.model  # None under tensor parallelism (in the ranks)
         self.dtype = self.engine.runner.dtype
         self.threads = self.engine.threads
         self.context = self.engine.max_model_len
         self.last_output: RequestOutput | None = None
+
+    def close(self) -> None:
+        """Stop the tensor-parallel rank processes (``tensor_parallel=K``), if any; they
+        also stop when this process exits."""
+        self.engine.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # -- prompts -----------------------------------------------------------------------------
     def _require_tokenizer(self, what: str) -> Tokenizer:

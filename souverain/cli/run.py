@@ -26,6 +26,7 @@ from souverain.cli.common import (
     SpecTokensOpt,
     SpeculativeOpt,
     TemperatureOpt,
+    TensorParallelOpt,
     ThreadsOpt,
     TopPOpt,
     err,
@@ -45,8 +46,9 @@ if TYPE_CHECKING:
 
 def load_llm(model: str, dtype: str, threads: int | None, quantization: str = "none",
              kv_cache_gib: float | None = None, speculative: str | None = None,
-             num_speculative_tokens: int = 5) -> LLM:
-    """Load ``model`` with a progress bar on stderr, then print one line describing it."""
+             num_speculative_tokens: int = 5, tensor_parallel: int = 1) -> LLM:
+    """Load ``model`` with a progress bar on stderr, then print one line describing it
+    (``tensor_parallel`` > 1: its rank processes stop when this process exits)."""
     from souverain.llm import LLM
 
     with loading_bar() as bar:
@@ -57,12 +59,14 @@ def load_llm(model: str, dtype: str, threads: int | None, quantization: str = "n
 
         llm = LLM(model, dtype=dtype, quantization=quantization, threads=threads,
                   progress=progress, kv_cache_gib=kv_cache_gib, speculative=speculative,
-                  num_speculative_tokens=num_speculative_tokens)
+                  num_speculative_tokens=num_speculative_tokens,
+                  tensor_parallel=tensor_parallel)
     a = llm.args
+    tp = f"tensor-parallel {tensor_parallel} ranks · " if tensor_parallel > 1 else ""
     err.print(f"[dim]{llm.checkpoint.path} · {llm.checkpoint.format} · "
               f"{a.n_params / 1e6:.0f}M params · {str(llm.dtype).replace('torch.', '')} · "
-              f"{'' if quantization == 'none' else quantization + ' · '}{llm.threads} threads · "
-              f"KV {llm.engine.kv_tokens} tokens[/]")
+              f"{'' if quantization == 'none' else quantization + ' · '}{tp}{llm.threads} "
+              f"threads · KV {llm.engine.kv_tokens} tokens[/]")
     return llm
 
 
@@ -111,6 +115,7 @@ def chat(
     kv_cache_gib: float | None = KvOpt,
     speculative: str | None = SpeculativeOpt,
     num_speculative_tokens: int = SpecTokensOpt,
+    tensor_parallel: int = TensorParallelOpt,
 ) -> None:
     """Chat with a model in the terminal; answers stream as they are generated.
 
@@ -124,28 +129,34 @@ def chat(
     with user_errors():
         params = sampling(max_tokens, temperature, top_p, seed)
         llm = load_llm(model, dtype, threads, quantization, kv_cache_gib, speculative,
-                       num_speculative_tokens)
-        llm._require_tokenizer("chat")
-        history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
-        interactive = sys.stdin.isatty()
-        if interactive:
-            err.print("[dim]/reset clears the conversation, /exit quits[/]")
-        while True:
-            try:
-                line = input("> " if interactive else "")
-            except EOFError:
-                break
-            text = line.strip()
-            if not text:
-                continue
-            if text in ("/exit", "/quit"):
-                break
-            if text == "/reset":
-                history = history[:1] if system else []
-                continue
-            history.append({"role": "user", "content": text})
-            reply = _stream(llm, llm.stream_chat(history, params))
-            history.append({"role": "assistant", "content": reply})
+                       num_speculative_tokens, tensor_parallel)
+        with llm:
+            _chat_loop(llm, system, params)
+
+
+def _chat_loop(llm: LLM, system: str | None, params: SamplingParams) -> None:
+    """`chat`'s conversation: one line in, one streamed answer out, until /exit or EOF."""
+    llm._require_tokenizer("chat")
+    history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+    interactive = sys.stdin.isatty()
+    if interactive:
+        err.print("[dim]/reset clears the conversation, /exit quits[/]")
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            break
+        if text == "/reset":
+            history = history[:1] if system else []
+            continue
+        history.append({"role": "user", "content": text})
+        reply = _stream(llm, llm.stream_chat(history, params))
+        history.append({"role": "assistant", "content": reply})
 
 
 def generate(
@@ -163,6 +174,7 @@ def generate(
     kv_cache_gib: float | None = KvOpt,
     speculative: str | None = SpeculativeOpt,
     num_speculative_tokens: int = SpecTokensOpt,
+    tensor_parallel: int = TensorParallelOpt,
 ) -> None:
     """Continue a prompt once and stream the text to stdout (stats go to stderr).
 
@@ -172,13 +184,13 @@ def generate(
     """
     with user_errors():
         params = sampling(max_tokens, temperature, top_p, seed)
-        llm = load_llm(model, dtype, threads, quantization, kv_cache_gib, speculative,
-                       num_speculative_tokens)
-        if chat_mode:
-            chunks = llm.stream_chat([{"role": "user", "content": prompt}], params)
-        else:
-            chunks = llm.stream(prompt, params)
-        _stream(llm, chunks)
+        with load_llm(model, dtype, threads, quantization, kv_cache_gib, speculative,
+                      num_speculative_tokens, tensor_parallel) as llm:
+            if chat_mode:
+                chunks = llm.stream_chat([{"role": "user", "content": prompt}], params)
+            else:
+                chunks = llm.stream(prompt, params)
+            _stream(llm, chunks)
 
 
 def _model_info(ckpt: Checkpoint) -> dict[str, Any]:

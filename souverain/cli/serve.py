@@ -22,6 +22,7 @@ from souverain.cli.common import (
     QuantOpt,
     SpecTokensOpt,
     SpeculativeOpt,
+    TensorParallelOpt,
     ThreadsOpt,
     err,
     loading_bar,
@@ -283,6 +284,19 @@ def release_gate(host: str, port: int, config: ServerConfig,
                       data_dir=config.data_dir, models=[m.name for m in served])
 
 
+def check_tensor_parallel(served: list[ServedModel], adapters: list[Any], k: int) -> None:
+    """--tensor-parallel K, refused at start (not at a lazy model's first request): a served
+    model that does not split over K ranks (naming the sizes that do), or --lora-modules."""
+    from souverain.distributed.tensor_parallel import check_shardable
+
+    if k > 1 and adapters:
+        raise SouverainError(f"--lora-modules cannot be served with --tensor-parallel {k}: "
+                             "LoRA adapters are not split over ranks yet; use one or the "
+                             "other.")
+    for m in served:
+        check_shardable(m.checkpoint().args, k)
+
+
 def load_now(registry: ModelRegistry, m: ServedModel) -> None:
     """Load one served model now, with its progress bar (--eager loads each at start-up)."""
     with loading_bar() as bar:
@@ -372,6 +386,7 @@ def serve(
     quantization: str = QuantOpt,
     kv_cache_gib: float | None = KvOpt,
     threads: int | None = ThreadsOpt,
+    tensor_parallel: int = TensorParallelOpt,
     max_model_len: int | None = MaxModelLenOpt,
     max_num_seqs: int = MaxNumSeqsOpt,
     speculative: str | None = SpeculativeOpt,
@@ -405,11 +420,13 @@ def serve(
             return EngineConfig(dtype=dtype, quantization=quantization, threads=threads,
                                 kv_cache_gib=kv_cache_gib, max_model_len=max_model_len,
                                 max_num_seqs=max_num_seqs, speculative=speculative,
-                                num_speculative_tokens=num_speculative_tokens)
+                                num_speculative_tokens=num_speculative_tokens,
+                                tensor_parallel=tensor_parallel)
 
         served = served_models(model, name, more_models, engine_config)
         moderation_name = moderation_model_name(served, moderation_model, engine_config)
         adapters = [lora_module(spec, served) for spec in lora_modules]
+        check_tensor_parallel(served, adapters, tensor_parallel)
         registry = ModelRegistry(served, memory_budget_gib, adapters)
         config = server_config(
             api_keys_file=api_keys_file, insecure_no_auth=insecure_no_auth,

@@ -6,7 +6,10 @@
 shard and its own KV cache (`souverain.distributed.worker`). The caller's process stays out of
 the process group: it hands each step to rank 0 through a pipe (`run(step) -> logits`: one
 call per engine step, what the engine's model runner will make), rank 0 broadcasts it to the
-others, and its logits come back. `close` (or leaving the ``with`` block) stops them.
+others, and its logits come back. `close` (or leaving the ``with`` block) stops them. The
+ranks never outlive the caller: each watches a pipe the caller alone holds open and exits when
+it closes (the caller exited, or was killed), and they ignore SIGINT (a Ctrl-C in the terminal
+is the caller's to handle: it drains, then closes them).
 
 On several machines (or under any launcher that sets ``RANK`` / ``WORLD_SIZE`` /
 ``MASTER_ADDR`` / ``MASTER_PORT``), each process calls `init_process_group` +
@@ -24,7 +27,9 @@ that for a greedy continuation of a few token ids::
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import threading
 import traceback
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -78,18 +83,23 @@ class LocalTensorParallel:
         self.config = config
         ctx = torch.multiprocessing.get_context("spawn")
         self._conn, child = ctx.Pipe()
+        # the ranks' lifeline: only this process holds its write end, so its closing (this
+        # process exits, however) is an EOF for every rank
+        lifeline, self._lifeline = ctx.Pipe(duplex=False)
         port = free_port()
         self._procs = [ctx.Process(target=_rank_main, name=f"souverain-tp-rank{r}", daemon=True,
-                                   args=(r, port, config, child if r == 0 else None))
+                                   args=(r, port, config, child if r == 0 else None, lifeline))
                        for r in range(config.world)]
         for p in self._procs:
             p.start()
         child.close()
+        lifeline.close()
         try:
-            self._receive()  # "ready" once every rank holds its shard
+            ready = self._receive()  # once every rank holds its shard
         except BaseException:
             self.close()
             raise
+        self.shard_bytes: int = int(ready["shard_bytes"])  # rank 0's weights (each rank alike)
 
     def run(self, step: StepInputs) -> torch.Tensor:
         """One forward of ``step`` on every rank: rank 0's float32 logits."""
@@ -113,6 +123,7 @@ class LocalTensorParallel:
                 p.terminate()
                 p.join(timeout=5)
         self._conn.close()
+        self._lifeline.close()
         self._procs = []
 
     def __enter__(self) -> LocalTensorParallel:
@@ -147,11 +158,17 @@ class LocalTensorParallel:
         return value
 
 
-def _rank_main(rank: int, port: int, config: TPConfig, conn: Connection | None) -> None:
+def _rank_main(rank: int, port: int, config: TPConfig, conn: Connection | None,
+               lifeline: Connection | None = None) -> None:
     """A spawned rank: join the group, build shard + cache, then serve (rank 0: from the
-    pipe). Rank 0 reports any exception through the pipe; the others exit non-zero."""
+    pipe). Rank 0 reports any exception through the pipe; the others exit non-zero. Every
+    rank ends at once when ``lifeline`` closes (its parent is gone)."""
     import torch.distributed as dist
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent's to handle (see module)
+    if lifeline is not None:
+        threading.Thread(target=_exit_with_parent, args=(lifeline,), daemon=True,
+                         name="souverain-tp-lifeline").start()
     try:
         torch.set_num_threads(config.threads or max(1, (os.cpu_count() or 1) // config.world))
         device = f"cuda:{rank}" if config.device == "cuda" else config.device
@@ -161,7 +178,9 @@ def _rank_main(rank: int, port: int, config: TPConfig, conn: Connection | None) 
         if conn is None:
             worker.serve()
         else:
-            conn.send(("ok", "ready"))
+            from souverain.models.quantize import quantized_bytes
+
+            conn.send(("ok", {"shard_bytes": quantized_bytes(worker.model)}))
             while (step := conn.recv()) is not None:
                 # numpy: a plain pickle (a tensor would cross as a shared-memory handle)
                 conn.send(("ok", worker.run(step).cpu().numpy()))
@@ -174,6 +193,16 @@ def _rank_main(rank: int, port: int, config: TPConfig, conn: Connection | None) 
             conn.send(("error", (_picklable(exc), traceback.format_exc())))
         except (BrokenPipeError, OSError):
             pass
+
+
+def _exit_with_parent(lifeline: Connection) -> None:
+    """Block until the parent's end of ``lifeline`` closes, then end this rank now (it may
+    be waiting in a collective that will never complete)."""
+    try:
+        lifeline.recv()
+    except (EOFError, OSError):
+        pass
+    os._exit(0)
 
 
 def _build_worker(config: TPConfig, rank: int, device: str) -> TPWorker:

@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from souverain.distributed.tensor_parallel import check_shardable, shard_model_, shard_of
 from souverain.engine.paged_attention import PagedAttention, PagedKVCache, SeqSlice
+from souverain.models.attention import PrefillAttention
 from souverain.models.loader import load_model, parse_dtype
 from souverain.models.transformer import Transformer
 
@@ -39,6 +40,12 @@ class StepInputs:
     positions: list[int]  # (T,) absolute position of each
     seqs: list[SeqSlice]  # per sequence: start, new tokens, block table, prompt length
     logits_indices: list[int] | None = None  # flat rows to compute logits for (None: all)
+    # rows whose logits also come back, first, through a head call of their own (prompt
+    # logprobs: the sampling rows' logits are then computed exactly as without them)
+    prompt_rows: list[int] | None = None
+    # no KV cache: each of these lengths is a whole prompt from position 0 (`seqs` unused),
+    # the engine's `prompt_logits` (nothing is written to the cache)
+    prefill_lens: list[int] | None = None
 
 
 def init_process_group(rank: int, world: int, *, backend: str | None = None,
@@ -130,14 +137,21 @@ class TPWorker:
             self._broadcast(None)
 
     def forward(self, step: StepInputs) -> torch.Tensor:
-        """This rank's forward of ``step`` (every rank of the group must run it together)."""
+        """This rank's forward of ``step`` (every rank of the group must run it together):
+        the logits of ``prompt_rows`` (if any), then those of ``logits_indices``."""
         with torch.inference_mode():
             tokens = torch.tensor(step.token_ids, dtype=torch.long, device=self.device)
             positions = torch.tensor(step.positions, dtype=torch.long, device=self.device)
-            attn = PagedAttention(self.cache, step.seqs, self.device)
+            attn = (PrefillAttention(step.prefill_lens) if step.prefill_lens is not None
+                    else PagedAttention(self.cache, step.seqs, self.device))
             rows = (None if step.logits_indices is None else
                     torch.tensor(step.logits_indices, dtype=torch.long, device=self.device))
-            return self.model(tokens, positions, attn, logits_indices=rows)
+            if not step.prompt_rows:
+                return self.model(tokens, positions, attn, logits_indices=rows)
+            h = self.model.hidden(tokens, positions, attn)
+            scored = torch.tensor(step.prompt_rows, dtype=torch.long, device=self.device)
+            return torch.cat([self.model.head(h.index_select(0, scored)),
+                              self.model.head(h if rows is None else h.index_select(0, rows))])
 
     def _broadcast(self, step: StepInputs | None) -> StepInputs | None:
         if self.world == 1:

@@ -92,6 +92,7 @@ class AsyncLLMEngine:
         self._commands.put(("stop", None))
         self._wake.set()
         self._thread.join(timeout=30)
+        self.engine.close()  # the tensor-parallel ranks, if any
 
     # -- the engine thread -------------------------------------------------------------------
     def _loop(self) -> None:

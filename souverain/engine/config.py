@@ -34,6 +34,12 @@ class EngineConfig:
     LoRA: at most ``max_loras`` adapters resident at once (and ``lora_budget_gib`` of their
     float32 weights, if set); loading one more evicts the least recently used adapter that no
     unfinished request uses.
+
+    Tensor parallelism: ``tensor_parallel`` K > 1 runs the forward on K rank processes of this
+    machine (`souverain.distributed`: gloo on the CPU), each holding 1/K of the heads and FFN
+    units (and of every Mixtral expert) and a KV cache of its own kv heads; the engine process
+    keeps scheduling and sampling, without the weights. K must divide the model's heads, kv
+    heads and FFN size; LoRA adapters are refused.
     """
 
     dtype: str = "auto"
@@ -55,6 +61,7 @@ class EngineConfig:
     speculative_disable_batch_size: int = 8
     speculative_row_cost: float | None = None
     speculative_quantization: str = "none"
+    tensor_parallel: int = 1
 
     def __post_init__(self) -> None:
         checks = [
@@ -69,6 +76,8 @@ class EngineConfig:
              f"({2 * self.block_size} tokens)"),
             (self.kv_cache_gib is None or self.kv_cache_gib > 0, "kv_cache_gib must be > 0"),
             (self.max_loras >= 1, f"max_loras={self.max_loras} must be >= 1"),
+            (self.tensor_parallel >= 1,
+             f"tensor_parallel={self.tensor_parallel} must be >= 1"),
             (self.lora_budget_gib is None or self.lora_budget_gib > 0,
              "lora_budget_gib must be > 0"),
             (self.quantization in ("none", "int8", "int4"),

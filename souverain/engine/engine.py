@@ -83,11 +83,22 @@ class LLMEngine:
         self.config = config = config or EngineConfig()
         self.threads = configure_threads(config.threads)
         self.checkpoint = load(model)
-        self.args = args = self.checkpoint.args
+        self.args = self.checkpoint.args
         self.tokenizer: Tokenizer | None = self.checkpoint.tokenizer
-        self.runner = runner = ModelRunner(self.checkpoint, config, progress)
+        self.tensor_parallel = config.tensor_parallel
+        self.runner = ModelRunner(self.checkpoint, config, progress, self.threads)
+        try:
+            self._set_up(progress)
+        except BaseException:
+            self.close()  # no rank process left behind by a failed start
+            raise
+
+    def _set_up(self, progress: ProgressFn | None) -> None:
+        """The rest of `__init__`, once the runner holds the model (or its ranks do)."""
+        config, args, runner = self.config, self.args, self.runner
         # the runner's, named here for callers (the server's memory accounting, `LLM`, tests);
-        # a step reaches them only through the runner
+        # a step reaches them only through the runner. Under tensor parallelism the model and
+        # the cache are in the rank processes (None here).
         self.model, self.cache, self.loras = runner.model, runner.cache, runner.loras
         self.dtype, self.kv_bytes_per_token = runner.dtype, runner.kv_bytes_per_token
 
@@ -126,6 +137,16 @@ class LLMEngine:
                     "to speculate.", cost)
                 self.speculative = self.drafter = None
 
+    def weight_bytes(self) -> int:
+        """Bytes of the model's weights (quantized as loaded), in this process or, under
+        tensor parallelism, over all its ranks."""
+        return self.runner.weight_bytes
+
+    def close(self) -> None:
+        """Release what outlives the object: the tensor-parallel rank processes (an engine
+        without them has nothing to release). The engine cannot step afterwards."""
+        self.runner.close()
+
     def _step_seconds(self, n: int = 1) -> float:
         """The best of 3 timings of an ``n``-row forward of the target (logits included)."""
         return best_seconds(lambda: self.runner.prompt_logits([1] * n))
@@ -159,6 +180,11 @@ class LLMEngine:
         """Make ``adapter`` (in memory, or a folder / lora.safetensors on disk) servable as
         ``lora=name``. Past ``max_loras`` / ``lora_budget_gib`` the least recently used
         adapter no unfinished request uses is evicted; if all are in use, RequestError."""
+        if self.tensor_parallel > 1:
+            raise RequestError(
+                f"LoRA adapter {name!r} cannot be served with tensor parallelism "
+                f"(tensor_parallel={self.tensor_parallel}): adapters are not split over "
+                "ranks yet; serve this model with --tensor-parallel 1 to use adapters.")
         if not isinstance(adapter, LoRAAdapter):
             adapter = load_adapter(adapter, n_heads=self.args.n_heads,
                                    n_kv_heads=self.args.n_kv_heads)
@@ -481,4 +507,5 @@ class LLMEngine:
             "spec_draft_tokens": self.spec_stats.draft_tokens,
             "spec_accepted_tokens": self.spec_stats.accepted_tokens,
             "spec_emitted_tokens": self.spec_stats.emitted_tokens,
+            "tensor_parallel": self.tensor_parallel,
         }

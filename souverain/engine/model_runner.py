@@ -6,12 +6,20 @@ The engine hands it the sequences the scheduler picked; the runner describes the
 owns the weights, the KV cache, the resident LoRA adapters (and the lock that keeps adapter
 changes out of a forward); the engine owns requests, the scheduler, the block manager (which
 slots each sequence may use) and the outputs.
+
+With ``EngineConfig.tensor_parallel`` K > 1 the weights and the KV cache are not here: K rank
+processes (`souverain.distributed.launch.LocalTensorParallel`) each hold a shard and a paged
+cache of their own kv heads, with the same ``num_blocks`` x ``block_size`` slots, so the block
+tables this process computes address every rank's cache. `run` and `prompt_logits` send the
+step's plain description to rank 0 and get its logits back; preparing, sampling and everything
+the engine does stays here. No LoRA adapter (the engine refuses them).
 """
 
 from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, cast
 
 import torch
 
@@ -24,9 +32,14 @@ from souverain.engine.sampling import TokenLogprob
 from souverain.engine.scheduler import ScheduledSeq
 from souverain.engine.sequence import Sequence
 from souverain.models.loader import ProgressFn, load_model, parse_dtype
+from souverain.models.quantize import quantized_bytes
+from souverain.models.transformer import Transformer
 from souverain.runtime import available_memory
 from souverain.weights.args import ModelArgs
 from souverain.weights.checkpoint import Checkpoint
+
+if TYPE_CHECKING:
+    from souverain.distributed.launch import LocalTensorParallel
 
 GiB = 1 << 30
 
@@ -44,7 +57,9 @@ class StepBatch:
 
     token_ids: torch.Tensor  # (T,)
     positions: torch.Tensor  # (T,) absolute position of each token in its sequence
-    attn: PagedAttention  # per sequence: its slice and block table; the K/V slot of each token
+    # per sequence: its slice and block table; the K/V slot of each token (None under tensor
+    # parallelism: the ranks build their own from ``slices``)
+    attn: PagedAttention | None
     logits_indices: torch.Tensor  # (S + drafts,) flat rows of each sampling sequence's
     # last token and its draft tokens
     sampling: list[Sequence]  # the S sequences that sample this step, in logits order
@@ -55,6 +70,7 @@ class StepBatch:
     prompt_targets: list[tuple[Sequence, int]] = field(default_factory=list)
     prompt_logits: torch.Tensor | None = None  # (len(prompt_targets), vocab), set by `run`
     drafts: list[list[int]] = field(default_factory=list)  # per sampling sequence ([]: none)
+    slices: list[SeqSlice] = field(default_factory=list)  # per scheduled sequence
 
 
 class ModelRunner:
@@ -62,33 +78,68 @@ class ModelRunner:
     the steps the engine schedules (see module docstring)."""
 
     def __init__(self, checkpoint: Checkpoint, config: EngineConfig,
-                 progress: ProgressFn | None = None):
+                 progress: ProgressFn | None = None, threads: int | None = None):
         args = checkpoint.args
         self.dtype = parse_dtype(config.model_dtype(args))
-        self.model = load_model(checkpoint, self.dtype, progress=progress,
-                                quantization=config.quantization)
-        self.device = self.model.device
-        if self.device.type == "cpu":
-            kernels.available()  # built once per machine (~30 s), here rather than mid-request
+        # every rank's kv heads together: the KV budget is the machine's, whatever K
         self.kv_bytes_per_token = PagedKVCache.bytes_per_token(args.n_layers, args.n_kv_heads,
                                                                args.head_dim, self.dtype)
-        self.num_blocks = self._kv_blocks(config, args)
-        self.cache = PagedKVCache(args.n_layers, self.num_blocks, config.block_size,
-                                  args.n_kv_heads, args.head_dim, self.dtype, self.device)
+        self.model: Transformer | None = None
+        self.cache: PagedKVCache | None = None
+        self.tp: LocalTensorParallel | None = None
+        if config.tensor_parallel > 1:
+            self.device = torch.device("cpu")
+            self.num_blocks = self._kv_blocks(config, args, self._weights_estimate(config, args))
+            self.tp = self._start_ranks(checkpoint, config, threads)
+            self.weight_bytes = self.tp.shard_bytes * config.tensor_parallel
+        else:
+            self.model = load_model(checkpoint, self.dtype, progress=progress,
+                                    quantization=config.quantization)
+            self.device = self.model.device
+            if self.device.type == "cpu":
+                kernels.available()  # built once per machine (~30 s), not mid-request
+            self.weight_bytes = quantized_bytes(self.model)
+            self.num_blocks = self._kv_blocks(config, args)
+            self.cache = PagedKVCache(args.n_layers, self.num_blocks, config.block_size,
+                                      args.n_kv_heads, args.head_dim, self.dtype, self.device)
         budget = config.lora_budget_gib
-        self.loras = LoRAManager(self.model, args, config.max_loras,
+        # under tensor parallelism the manager stays empty: the engine refuses adapters
+        self.loras = LoRAManager(cast(Transformer, self.model), args, config.max_loras,
                                  None if budget is None else int(budget * GiB))
         # adapters may be added from other threads (the server) while the engine thread steps
         self.lora_lock = threading.Lock()
 
-    def _kv_blocks(self, config: EngineConfig, args: ModelArgs) -> int:
-        """Blocks of the KV budget (see `EngineConfig`), sized after the weights are loaded."""
+    def _start_ranks(self, checkpoint: Checkpoint, config: EngineConfig,
+                     threads: int | None) -> LocalTensorParallel:
+        """K rank processes holding their shards and caches (`CheckpointError` naming the
+        sizes that work, before any starts, if the model does not split over K)."""
+        from souverain.distributed.launch import LocalTensorParallel, TPConfig
+
+        k = config.tensor_parallel
+        return LocalTensorParallel(TPConfig(
+            str(checkpoint.path), world=k, dtype=str(self.dtype).removeprefix("torch."),
+            quantization=config.quantization, num_blocks=self.num_blocks,
+            block_size=config.block_size,
+            threads=max(1, (config.threads or threads or k) // k)))
+
+    def _weights_estimate(self, config: EngineConfig, args: ModelArgs) -> int:
+        """What the ranks' weights will take, from the header alone (they load after the
+        KV budget is sized): bytes per parameter of the quantization or the dtype."""
+        per = {"int8": 1.0, "int4": 0.5}.get(config.quantization,
+                                             float(torch.empty((), dtype=self.dtype)
+                                                   .element_size()))
+        return int(args.n_params * per)
+
+    def _kv_blocks(self, config: EngineConfig, args: ModelArgs, loading: int = 0) -> int:
+        """Blocks of the KV budget (see `EngineConfig`), sized after the weights are loaded
+        (or with ``loading`` bytes of weights still to come)."""
         if config.kv_cache_tokens is not None:
             tokens = config.kv_cache_tokens
         elif config.kv_cache_gib is not None:
             tokens = int(config.kv_cache_gib * GiB // self.kv_bytes_per_token)
         else:
-            budget = min(4 * GiB, 0.25 * (available_memory() or 8 * GiB))
+            free = max(0, available_memory() - loading) if available_memory() else 0
+            budget = min(4 * GiB, 0.25 * (free or 8 * GiB))
             tokens = min(int(budget // self.kv_bytes_per_token),
                          config.max_num_seqs * config.context(args))
         return max(2, tokens // config.block_size)
@@ -131,7 +182,9 @@ class ModelRunner:
             return StepBatch(
                 token_ids=torch.tensor(tokens, dtype=torch.long, device=device),
                 positions=torch.tensor(positions, dtype=torch.long, device=device),
-                attn=PagedAttention(self.cache, slices, device),
+                attn=(None if self.cache is None else
+                      PagedAttention(self.cache, slices, device)),
+                slices=slices,
                 logits_indices=torch.tensor(rows, dtype=torch.long, device=device),
                 sampling=sampling, lora_rows=lora_rows,
                 prompt_rows=(torch.tensor(prompt_rows, dtype=torch.long, device=device)
@@ -143,6 +196,9 @@ class ModelRunner:
         returns the float32 logits of the sampling rows, ``(S, vocab)``. Prompt-logprob rows
         go through the head in a call of their own (`batch.prompt_logits`), so the sampling
         rows' logits are computed exactly as without them."""
+        if self.tp is not None:
+            return self._run_ranks(batch)
+        assert self.model is not None and batch.attn is not None
         with self.lora_lock, torch.inference_mode():
             self.loras.begin_step(batch.lora_rows, len(batch.token_ids))
             try:
@@ -154,6 +210,22 @@ class ModelRunner:
                 return self.model.head(h.index_select(0, batch.logits_indices))
             finally:
                 self.loras.end_step()
+
+    def _run_ranks(self, batch: StepBatch) -> torch.Tensor:
+        """`run` on the tensor-parallel ranks: the step's plain description to rank 0, its
+        logits back (the prompt-logprob rows first, in a head call of their own there too)."""
+        from souverain.distributed.worker import StepInputs
+
+        assert self.tp is not None
+        scored = None if batch.prompt_rows is None else batch.prompt_rows.tolist()
+        step = StepInputs(batch.token_ids.tolist(), batch.positions.tolist(), batch.slices,
+                          batch.logits_indices.tolist(), prompt_rows=scored)
+        with self.lora_lock:  # one step on the ranks' pipe at a time
+            logits = self.tp.run(step)
+        if scored is None:
+            return logits
+        batch.prompt_logits = logits[:len(scored)]
+        return logits[len(scored):]
 
     def sample(self, batch: StepBatch, logits: torch.Tensor
                ) -> list[list[tuple[int, TokenLogprob | None]]]:
@@ -219,6 +291,21 @@ class ModelRunner:
     def prompt_logits(self, token_ids: list[int], lora: str | None = None) -> torch.Tensor:
         """Logits of every position of one whole prompt, without the KV cache: float32
         ``[len(token_ids), vocab]``, with the loaded adapter ``lora`` if given."""
+        if self.tp is not None:
+            from souverain.distributed.worker import StepInputs
+
+            if lora is not None:
+                self.loras.ref(lora)  # none is ever loaded here: RequestError naming none
+            n = len(token_ids)
+            with self.lora_lock:
+                return self.tp.run(StepInputs(list(token_ids), list(range(n)), [],
+                                              prefill_lens=[n]))
+        assert self.model is not None
         with self.lora_lock, self.loras.applied(lora), torch.inference_mode():
             tokens = torch.tensor(token_ids, dtype=torch.long, device=self.device)
             return self.model(tokens, torch.arange(len(token_ids), device=self.device))
+
+    def close(self) -> None:
+        """Stop the tensor-parallel ranks, if any (the engine is unusable afterwards)."""
+        if self.tp is not None:
+            self.tp.close()

@@ -129,6 +129,12 @@ class _EngineCollector(Collector):
             ),
             **{key: CounterMetricFamily(f"souverain_{key}", text, labels=["model"])
                for key, text in _SPEC_COUNTERS.items()},
+            "tensor_parallel": GaugeMetricFamily(
+                "souverain_tensor_parallel_size",
+                "Rank processes the model's forward is split over (--tensor-parallel; 1: "
+                "the server's own process).",
+                labels=["model"],
+            ),
             "spec_acceptance_rate": GaugeMetricFamily(
                 "souverain_spec_acceptance_rate",
                 "Speculative decoding: share of draft tokens accepted (0-1, since start).",
@@ -177,6 +183,8 @@ class _EngineCollector(Collector):
                 fam["hit_rate"].add_metric(labels, (hits or 0.0) / queries if queries else 0.0)
             if preemptions is not None:
                 fam["preemptions"].add_metric(labels, preemptions)
+            if (tp := num("tensor_parallel")) is not None:
+                fam["tensor_parallel"].add_metric(labels, tp)
             spec = {key: num(key) for key in _SPEC_COUNTERS}
             if spec["spec_verify_steps"]:  # only engines that verified drafts
                 for key, value in spec.items():

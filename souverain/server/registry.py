@@ -28,7 +28,6 @@ from typing import Any
 from souverain.engine import AsyncLLMEngine
 from souverain.engine.config import EngineConfig
 from souverain.errors import SouverainError
-from souverain.models.quantize import quantized_bytes
 from souverain.server.errors import APIError, in_thread
 from souverain.weights import Checkpoint, load
 
@@ -67,7 +66,7 @@ class ServedModel:
         if self.engine is None:
             return 0
         eng = self.engine.engine
-        weights = quantized_bytes(eng.model)
+        weights = eng.weight_bytes()  # over its tensor-parallel ranks too
         return int(weights + eng.kv_tokens * eng.kv_bytes_per_token)
 
     def estimate_bytes(self) -> int:
