@@ -1,5 +1,6 @@
-"""Past one process: tensor parallelism over ``torch.distributed`` ranks (Megatron style), not
-yet wired into the engine or the CLI, and routing requests over replicas.
+"""Past one process: tensor parallelism over ``torch.distributed`` ranks (Megatron style), the
+engine's ``--tensor-parallel K`` (`EngineConfig.tensor_parallel`: local ranks), and routing
+requests over replicas.
 
 - `souverain.distributed.tensor_parallel`: `shard_model_` splits a loaded `Transformer`
   (float, int8 or int4) into rank r of K's shard: heads and FFN (and Mixtral's experts)

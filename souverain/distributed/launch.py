@@ -5,8 +5,8 @@
 (gloo; NCCL for ``device="cuda"`` where there are GPUs), each load the checkpoint and keep its
 shard and its own KV cache (`souverain.distributed.worker`). The caller's process stays out of
 the process group: it hands each step to rank 0 through a pipe (`run(step) -> logits`: one
-call per engine step, what the engine's model runner will make), rank 0 broadcasts it to the
-others, and its logits come back. `close` (or leaving the ``with`` block) stops them. The
+call per engine step, what the engine's model runner makes under ``--tensor-parallel K``),
+rank 0 broadcasts it to the others, and its logits come back. `close` (or leaving the ``with`` block) stops them. The
 ranks never outlive the caller: each watches a pipe the caller alone holds open and exits when
 it closes (the caller exited, or was killed), and they ignore SIGINT (a Ctrl-C in the terminal
 is the caller's to handle: it drains, then closes them).

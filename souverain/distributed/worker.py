@@ -2,7 +2,7 @@
 
 A `TPWorker` holds rank r's shard (`souverain.distributed.tensor_parallel`) and a
 `PagedKVCache` of its own kv heads only (``n_kv_heads / K``), addressed by the same block
-tables on every rank. The driver (the engine's model runner, later) lives with rank 0 and
+tables on every rank. The driver (the engine's model runner) lives with rank 0 and
 calls `TPWorker.run(step)` once per step: rank 0 broadcasts the step's inputs
 (`broadcast_object_list`, so ranks may be processes on other machines), every rank runs the
 same forward (the all-reduces inside keep them in step), and rank 0 returns the logits (every
