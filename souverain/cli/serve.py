@@ -287,9 +287,11 @@ def release_gate(host: str, port: int, config: ServerConfig,
 def check_tensor_parallel(served: list[ServedModel], adapters: list[Any], k: int) -> None:
     """--tensor-parallel K, refused at start (not at a lazy model's first request): a served
     model that does not split over K ranks (naming the sizes that do), or --lora-modules."""
+    if k == 1:
+        return  # (no checkpoint header opened for it)
     from souverain.distributed.tensor_parallel import check_shardable
 
-    if k > 1 and adapters:
+    if adapters:
         raise SouverainError(f"--lora-modules cannot be served with --tensor-parallel {k}: "
                              "LoRA adapters are not split over ranks yet; use one or the "
                              "other.")
