@@ -71,11 +71,11 @@ SpecTokensOpt = typer.Option(5, "--num-speculative-tokens", min=1, max=16,
                              help="Most draft tokens per step with --speculative (adapted "
                                   "per request to its acceptance rate).")
 TensorParallelOpt = typer.Option(
-    1, "--tensor-parallel", min=1,
+    1, "--tensor-parallel", min=1, metavar="K",
     help="Split the model's forward over K rank processes (tensor parallelism: each holds "
          "1/K of the attention heads, of the FFN and of every Mixtral expert, quantized "
          "weights included, and the KV cache of its own heads; one all-reduce per block half, "
-         "gloo on the CPU). The answers and the API are the same as with 1. On one machine "
+         "gloo on the CPU). The API and the greedy answers are those of 1. On one machine "
          "it mostly helps a model that does not fit one process's, or one CPU socket's, "
          "memory; each rank gets --threads / K threads. K must divide the model's heads, kv "
          "heads and FFN size; not with --lora-modules. Ranks on several machines: torchrun "
