@@ -8,7 +8,8 @@ same engine in one process.
 - `souverain serve TINY_MISTRAL --tensor-parallel 2` driven by the official SDKs: the greedy
   answers of the engine in this process, streamed too; /metrics names the size; the ranks
   exit when the server is killed (SIGKILL: no shutdown code runs);
-- a size that does not divide the model: exit 2 and one sentence naming the sizes that work.
+- a size that does not divide the model: exit 2 and one sentence naming the sizes that work;
+  `--lora-modules` with it: exit 2 naming both.
 """
 
 from __future__ import annotations
@@ -170,3 +171,14 @@ def test_unshardable_size_exits_2_naming_the_sizes_that_work(tiny_mistral, comma
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert "cannot be split over" in lines[0] and "use a tensor-parallel size among 1, 2" \
         in lines[0]
+
+
+def test_serve_refuses_lora_modules_with_tensor_parallel(tiny_mistral, tmp_path) -> None:
+    result = CliRunner().invoke(app, [
+        "serve", str(tiny_mistral["consolidated"]), "--tensor-parallel", "2", "--lazy",
+        "--lora-modules", f"support={tmp_path}", "--no-libraries", "--no-finetune",
+        "--no-audit", "--no-batch", "--embed-model", "none"])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip() == (
+        "error: --lora-modules cannot be served with --tensor-parallel 2: LoRA adapters are "
+        "not split over ranks yet; use one or the other.")

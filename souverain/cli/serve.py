@@ -284,14 +284,14 @@ def release_gate(host: str, port: int, config: ServerConfig,
                       data_dir=config.data_dir, models=[m.name for m in served])
 
 
-def check_tensor_parallel(served: list[ServedModel], adapters: list[Any], k: int) -> None:
+def check_tensor_parallel(served: list[ServedModel], lora_modules: list[str], k: int) -> None:
     """--tensor-parallel K, refused at start (not at a lazy model's first request): a served
     model that does not split over K ranks (naming the sizes that do), or --lora-modules."""
     if k == 1:
         return  # (no checkpoint header opened for it)
     from souverain.distributed.tensor_parallel import check_shardable
 
-    if adapters:
+    if lora_modules:
         raise SouverainError(f"--lora-modules cannot be served with --tensor-parallel {k}: "
                              "LoRA adapters are not split over ranks yet; use one or the "
                              "other.")
@@ -427,8 +427,8 @@ def serve(
 
         served = served_models(model, name, more_models, engine_config)
         moderation_name = moderation_model_name(served, moderation_model, engine_config)
+        check_tensor_parallel(served, lora_modules, tensor_parallel)
         adapters = [lora_module(spec, served) for spec in lora_modules]
-        check_tensor_parallel(served, adapters, tensor_parallel)
         registry = ModelRegistry(served, memory_budget_gib, adapters)
         config = server_config(
             api_keys_file=api_keys_file, insecure_no_auth=insecure_no_auth,
