@@ -138,8 +138,8 @@ class ModelRunner:
         elif config.kv_cache_gib is not None:
             tokens = int(config.kv_cache_gib * GiB // self.kv_bytes_per_token)
         else:
-            free = max(0, available_memory() - loading) if available_memory() else 0
-            budget = min(4 * GiB, 0.25 * (free or 8 * GiB))
+            avail = available_memory()
+            budget = min(4 * GiB, 0.25 * (max(0, avail - loading) if avail else 8 * GiB))
             tokens = min(int(budget // self.kv_bytes_per_token),
                          config.max_num_seqs * config.context(args))
         return max(2, tokens // config.block_size)
