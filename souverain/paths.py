@@ -11,6 +11,10 @@ CPU kernels compiled on this machine).
 One server per data folder: `DataDirLock` (an flock on ``server.lock`` in the data folder,
 held for the server's life; the kernel drops it when the process ends, kill -9 included).
 Servers that cooperate share a jobs database (``--jobs-db``), each with its own data folder.
+
+A process's liveness, for work it owns in a shared database (a fine-tuning job, a document
+being ingested, an erasure): `OwnerLock` (an flock on ``<token>.lock`` in a folder of its
+kind, held for the owner's life).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import uuid
 from pathlib import Path
 
 
@@ -114,3 +119,46 @@ def server_holding(root: Path | None = None) -> str | None:
         return None
     finally:
         os.close(fd)
+
+
+class OwnerLock:
+    """A process's liveness, as the kernel sees it: an exclusive `flock` on
+    ``<dir>/<token>.lock`` held for the owner's life. The kernel drops it when the process
+    ends however it ends (kill -9 included), so a free lock means a dead owner, even where its
+    pid now names another process (pid reuse, a container restarted with the same pids).
+    The fine-tuning worker (`souverain.finetune.store.WorkerLock`), the batch runner and the
+    document libraries' ingestions each keep theirs in their own folder."""
+
+    def __init__(self, owners_dir: Path):
+        self.token = uuid.uuid4().hex
+        owners_dir.mkdir(parents=True, exist_ok=True)
+        self.path = owners_dir / f"{self.token}.lock"
+        self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            self.path.unlink(missing_ok=True)
+            os.close(self._fd)
+            self._fd = None
+
+    @staticmethod
+    def held(owners_dir: Path, token: str | None) -> bool | None:
+        """True if the owner ``token`` is alive, False if it is gone (its lock file is then
+        removed), None when there is no lock file to tell (no token, or another machine's
+        folder)."""
+        if not token or not token.isalnum():
+            return None
+        path = owners_dir / f"{token}.lock"
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        finally:
+            os.close(fd)  # (closing drops the lock taken just now, if it was)
+        path.unlink(missing_ok=True)
+        return False

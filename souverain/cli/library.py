@@ -1,5 +1,6 @@
 """`souverain library ...`: document libraries on this machine (create, list, add, search,
-docs, remove, delete, verify), all through one `LibraryStore` under the data folder. The store,
+docs, remove, delete, verify), all through one `LibraryStore` under the data folder (or the
+folder and database that servers sharing libraries were given: --libraries-dir, --libraries-db). The store,
 the parsers and the embedder are imported inside the commands. `remove` and `delete` append
 what they erased to the audit log under the data folder (as the server's DELETE routes do).
 """
@@ -22,12 +23,28 @@ if TYPE_CHECKING:
     from souverain.rag.store import Erasure, LibraryStore
 
 
-def library_store(data_dir: str | None) -> LibraryStore:
-    """The libraries under ``data_dir`` (default: the data home's libraries/ folder)."""
+LibrariesDirOpt = typer.Option(
+    None, "--libraries-dir",
+    help="The libraries folder a server was given with --libraries-dir (default: "
+         "DATA_DIR/libraries).")
+LibrariesDbOpt = typer.Option(
+    None, "--libraries-db",
+    help="The metadata database a server was given with --libraries-db, e.g. a shared "
+         "postgresql+psycopg://USER:PASS@HOST/DB (default: meta.sqlite in the libraries "
+         "folder).")
+
+
+def library_store(data_dir: str | None, folder: str | None = None,
+                  db: str | None = None) -> LibraryStore:
+    """The libraries under ``data_dir`` (default: the data home's libraries/ folder), or in
+    ``folder`` with their metadata in the database ``db`` (the servers' --libraries-dir and
+    --libraries-db: the same libraries as theirs)."""
     from souverain.paths import libraries_dir
     from souverain.rag.store import LibraryStore
 
-    return LibraryStore(libraries_dir(Path(data_dir).expanduser() if data_dir else None))
+    root = Path(folder).expanduser() if folder else \
+        libraries_dir(Path(data_dir).expanduser() if data_dir else None)
+    return LibraryStore(root, db=db)
 
 
 def audit_erasure(data_dir: str | None, command: str, erasure: Erasure) -> None:
@@ -62,10 +79,12 @@ def library_create(
     description: str | None = typer.Option(None, "--description", "-d",
                                               help="What the library holds (shown in lists)."),
     data_dir: str | None = DataDirOpt,
+    libraries_dir: str | None = LibrariesDirOpt,
+    libraries_db: str | None = LibrariesDbOpt,
 ) -> None:
     """Create an empty library; then add documents with `souverain library add NAME PATH...`."""
     with user_errors():
-        lib = library_store(data_dir).create_library(name, description)
+        lib = library_store(data_dir, libraries_dir, libraries_db).create_library(name, description)
         err.print(f"created library {lib.name} ({lib.id}); add documents with "
                   f"`souverain library add {lib.name} PATH...`")
 
@@ -74,10 +93,12 @@ def library_create(
 def library_list(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     data_dir: str | None = DataDirOpt,
+    libraries_dir: str | None = LibrariesDirOpt,
+    libraries_db: str | None = LibrariesDbOpt,
 ) -> None:
     """List the libraries: name, id, documents, total size, description."""
     with user_errors():
-        libs = library_store(data_dir).list_libraries()
+        libs = library_store(data_dir, libraries_dir, libraries_db).list_libraries()
         if as_json:
             out.print_json(data=[{"id": x.id, "name": x.name, "description": x.description,
                                   "nb_documents": x.nb_documents, "total_size": x.total_size,
@@ -108,6 +129,8 @@ def library_add(
         help="Refuse any path (after resolving symlinks) outside these folders (repeatable). "
              "Default: $SOUVERAIN_ALLOWED_ROOTS (':'-separated) if set, else no restriction."),
     data_dir: str | None = DataDirOpt,
+    libraries_dir: str | None = LibrariesDirOpt,
+    libraries_db: str | None = LibrariesDbOpt,
 ) -> None:
     """Add files and folders to a library (parsed, cut, embedded and indexed locally).
 
@@ -123,7 +146,7 @@ def library_add(
     with user_errors():
         from souverain.rag.ingest import ingest_paths
 
-        store = library_store(data_dir)
+        store = library_store(data_dir, libraries_dir, libraries_db)
         store.get_library(library)  # an unknown library fails before the bar appears
         with Progress(TextColumn("[bold]adding[/]"), BarColumn(), MofNCompleteColumn(),
                       TextColumn("files · {task.description}"), TimeElapsedColumn(),
@@ -158,6 +181,8 @@ def library_search(
                                   help="Only documents with one of these tags (repeatable)."),
     as_json: bool = typer.Option(False, "--json", help="Print the hits as JSON."),
     data_dir: str | None = DataDirOpt,
+    libraries_dir: str | None = LibrariesDirOpt,
+    libraries_db: str | None = LibrariesDbOpt,
 ) -> None:
     """Find the passages of a library that best match a query.
 
@@ -168,7 +193,7 @@ def library_search(
       souverain library search policies "notice period for managers" -k 3
     """
     with user_errors():
-        hits = library_store(data_dir).search([library], query, k=k, tags=tag or None,
+        hits = library_store(data_dir, libraries_dir, libraries_db).search([library], query, k=k, tags=tag or None,
                                                mode=mode)  # type: ignore[arg-type]
         if as_json:
             out.print_json(data=[{"rank": i + 1, "score": h.score, "similarity": h.vector_score,
@@ -199,10 +224,12 @@ def library_docs(
                                          help="Only names containing this."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     data_dir: str | None = DataDirOpt,
+    libraries_dir: str | None = LibrariesDirOpt,
+    libraries_db: str | None = LibrariesDbOpt,
 ) -> None:
     """List a library's documents: id, name, status, pages, passages, size, error."""
     with user_errors():
-        store = library_store(data_dir)
+        store = library_store(data_dir, libraries_dir, libraries_db)
         docs, total = store.list_documents(library, search=search, limit=1_000_000)
         if as_json:
             out.print_json(data=[{"id": d.id, "name": d.name, "status": d.status,
@@ -228,11 +255,13 @@ def library_remove(
     document: str = typer.Argument(..., help="Document id or name (see `souverain library "
                                              "docs`)."),
     data_dir: str | None = DataDirOpt,
+    libraries_dir: str | None = LibrariesDirOpt,
+    libraries_db: str | None = LibrariesDbOpt,
 ) -> None:
     """Remove one document (its passages, stored copy and extracted text) from a library;
     recorded in the audit log."""
     with user_errors():
-        store = library_store(data_dir)
+        store = library_store(data_dir, libraries_dir, libraries_db)
         doc = store.get_document(library, document)
         erasure = store.delete_document(doc.library_id, doc.id)
         store.purge()
@@ -246,11 +275,13 @@ def library_delete(
     library: str = LibraryArg,
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
     data_dir: str | None = DataDirOpt,
+    libraries_dir: str | None = LibrariesDirOpt,
+    libraries_db: str | None = LibrariesDbOpt,
 ) -> None:
     """Delete a library with all its documents and passages (asks first unless --yes);
     recorded in the audit log."""
     with user_errors():
-        store = library_store(data_dir)
+        store = library_store(data_dir, libraries_dir, libraries_db)
         lib = store.get_library(library)
         if not yes and not typer.confirm(f"Delete library {lib.name} and its "
                                          f"{lib.nb_documents} documents?"):
@@ -269,6 +300,8 @@ def library_verify(
                                   "deletions, and process again the documents whose passages "
                                   "or text do not match."),
     data_dir: str | None = DataDirOpt,
+    libraries_dir: str | None = LibrariesDirOpt,
+    libraries_db: str | None = LibrariesDbOpt,
 ) -> None:
     """Check that the passages (vector and full-text index) and the stored files agree with
     the documents' records: nothing of a deleted document left, nothing missing.
@@ -280,7 +313,7 @@ def library_verify(
       souverain library verify --fix
     """
     with user_errors():
-        store = library_store(data_dir)
+        store = library_store(data_dir, libraries_dir, libraries_db)
         report = store.verify(fix=fix)
         if fix:
             from souverain.errors import RAGError

@@ -78,6 +78,18 @@ DataDirOpt = typer.Option(
 LibrariesOpt = typer.Option(
     True, "--libraries/--no-libraries",
     help="Serve the Libraries API and the document_library chat tool.")
+LibrariesDbOpt = typer.Option(
+    None, "--libraries-db",
+    help="Document libraries' metadata database: sqlite:///PATH (default: meta.sqlite in the "
+         "libraries folder) or postgresql+psycopg://USER:PASS@HOST/DB (it may be the "
+         "--jobs-db database: the tables do not clash). Servers that share one, and one "
+         "--libraries-dir, share their libraries: a document uploaded through one is "
+         "listed, searched and deleted through any.")
+LibrariesDirOpt = typer.Option(
+    None, "--libraries-dir",
+    help="Where the libraries' document bytes and passage index live (default: "
+         "DATA_DIR/libraries); for several servers, a folder on storage they all mount, "
+         "with a PostgreSQL --libraries-db.")
 FinetuneOpt = typer.Option(
     True, "--finetune/--no-finetune",
     help="Serve /v1/files and /v1/fine_tuning/jobs, with a training worker process "
@@ -248,7 +260,8 @@ def server_config(*, api_keys_file: str | None, insecure_no_auth: bool, max_pend
                   finetune_threads: int, max_jsonl_line_kib: float = 1024.0,
                   audit_retention_days: int = 0,
                   audit_content_retention_days: int = 30, batch: bool = True,
-                  batch_concurrency: int = 4) -> ServerConfig:
+                  batch_concurrency: int = 4, libraries_db: str | None = None,
+                  libraries_dir: str | None = None) -> ServerConfig:
     """The flags as `ServerConfig`: MiB -> bytes, the data folder expanded, the keys file
     read, the audit log opened, ``none`` and 0 -> None."""
     from souverain.server.app import ServerConfig
@@ -261,6 +274,9 @@ def server_config(*, api_keys_file: str | None, insecure_no_auth: bool, max_pend
                         default_temperature=default_temperature,
                         data_dir=Path(data_dir).expanduser() if data_dir else None,
                         libraries=libraries, max_upload_bytes=int(max_upload_mib * MiB),
+                        libraries_db=libraries_db,
+                        libraries_dir=Path(libraries_dir).expanduser() if libraries_dir
+                        else None,
                         embed_model=None if embed_model.lower() == "none" else embed_model,
                         audit=_audit_log(audit, audit_log, audit_content, data_dir,
                                          audit_retention_days, audit_content_retention_days),
@@ -365,6 +381,8 @@ def serve(
     max_upload_mib: float = MaxUploadOpt,
     data_dir: str | None = DataDirOpt,
     libraries: bool = LibrariesOpt,
+    libraries_db: str | None = LibrariesDbOpt,
+    libraries_dir: str | None = LibrariesDirOpt,
     finetune: bool = FinetuneOpt,
     jobs_db: str | None = JobsDbOpt,
     max_file_mib: float = MaxFileOpt,
@@ -440,7 +458,8 @@ def serve(
             jobs_db=jobs_db, max_file_mib=max_file_mib, finetune_threads=finetune_threads,
             max_jsonl_line_kib=max_jsonl_line_kib, audit_retention_days=audit_retention_days,
             audit_content_retention_days=audit_content_retention_days, batch=batch,
-            batch_concurrency=batch_concurrency)
+            batch_concurrency=batch_concurrency, libraries_db=libraries_db,
+            libraries_dir=libraries_dir)
         config.moderation_model = moderation_name
         config.withdrawn_fallback = withdrawn_fallback
         config.console = console

@@ -17,7 +17,6 @@ VALIDATED -> CANCELLED at once; a job a worker holds -> CANCELLATION_REQUESTED -
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import os
 import socket
@@ -45,7 +44,7 @@ from souverain.finetune.jobs_db import (
     open_engine,
     safe_url,
 )
-from souverain.paths import data_home
+from souverain.paths import OwnerLock, data_home
 
 QUEUED, STARTED, VALIDATING, VALIDATED, RUNNING = (
     "QUEUED", "STARTED", "VALIDATING", "VALIDATED", "RUNNING")
@@ -494,45 +493,9 @@ class JobStore(Transactions):
         return {j.fine_tuned_model: j for j in jobs if j.fine_tuned_model and j.adapter_dir}
 
 
-class WorkerLock:
-    """A worker process's liveness, as the kernel sees it: an exclusive `flock` on
-    ``workers/<token>.lock`` held for the worker's life. The kernel drops it when the process
-    ends however it ends (kill -9 included), so a free lock means a dead worker, even where its
-    pid now names another process (pid reuse, a container restarted with the same pids)."""
-
-    def __init__(self, workers_dir: Path):
-        self.token = uuid.uuid4().hex
-        workers_dir.mkdir(parents=True, exist_ok=True)
-        self.path = workers_dir / f"{self.token}.lock"
-        self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-
-    def release(self) -> None:
-        if self._fd is not None:
-            self.path.unlink(missing_ok=True)
-            os.close(self._fd)
-            self._fd = None
-
-    @staticmethod
-    def held(workers_dir: Path, token: str | None) -> bool | None:
-        """True if the worker ``token`` is alive, False if it is gone (its lock file is then
-        removed), None when there is no lock file to tell (no token, or another machine's
-        data folder)."""
-        if not token or not token.isalnum():
-            return None
-        path = workers_dir / f"{token}.lock"
-        try:
-            fd = os.open(path, os.O_RDWR)
-        except OSError:
-            return None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            return True
-        finally:
-            os.close(fd)  # (closing drops the lock taken just now, if it was)
-        path.unlink(missing_ok=True)
-        return False
+# a worker process's liveness: an flock on ``workers/<token>.lock`` held for its life (the
+# kernel drops it however the process ends; see `souverain.paths.OwnerLock`)
+WorkerLock = OwnerLock
 
 
 @contextmanager

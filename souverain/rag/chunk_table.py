@@ -7,14 +7,21 @@ it raises to stop the ingestion of a document deleted meanwhile (nothing is comm
 use and new rows are merged into it incrementally; an IVF-PQ vector index is built only for
 large tables. The table itself (created lazily) and the lock around index maintenance are
 `LibraryStore`'s.
+
+Several processes may write the table at once (servers sharing a libraries folder): LanceDB
+rebases concurrent appends, deletes and updates onto each other's commits itself (none is
+lost), but gives up a compaction or an index build preempted by another commit ("Retryable
+commit conflict"): `retry_conflicts` runs those again.
 """
 
 from __future__ import annotations
 
+import random
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pyarrow as pa
 
@@ -33,6 +40,29 @@ FTS_MERGE_ROWS = 1_000
 # Below this many chunks an exact (flat) vector scan is fast enough; above it `optimize` builds
 # an IVF-PQ index (see benchmarks/rag_search.py).
 VECTOR_INDEX_MIN_ROWS = 100_000
+# A commit LanceDB gave up because another process committed first is tried this many times.
+COMMIT_ATTEMPTS = 8
+
+T = TypeVar("T")
+
+
+def is_commit_conflict(exc: BaseException) -> bool:
+    """LanceDB's "Retryable commit conflict" (another writer's commit preempted this one)."""
+    text = str(exc).lower()
+    return "commit conflict" in text or "retryable" in text
+
+
+def retry_conflicts(op: Callable[[], T], attempts: int = COMMIT_ATTEMPTS) -> T:
+    """``op()``, run again (after a short random pause) while LanceDB reports a commit
+    conflict with another process's commit; the last conflict is raised."""
+    for n in range(attempts):
+        try:
+            return op()
+        except (RuntimeError, OSError, ValueError) as exc:
+            if n == attempts - 1 or not is_commit_conflict(exc):
+                raise
+            time.sleep(random.uniform(0.02, 0.1) * (n + 1))
+    raise AssertionError("unreachable")
 
 
 def utc(value: datetime) -> datetime:
@@ -148,11 +178,11 @@ def create_fts(table: Any) -> None:
     # Language-neutral: no stemming and no stop-word list (documents are French, English,
     # German...); accents folded so "ete" finds "été". BM25's IDF already discounts
     # frequent words.
-    table.create_index(
+    retry_conflicts(lambda: table.create_index(
         "embed_text",
         config=FTS(stem=False, remove_stop_words=False, ascii_folding=True, lower_case=True),
         replace=True,
-    )
+    ))
 
 
 def ensure_fts(table: Any, lock: AbstractContextManager[Any]) -> bool:
@@ -176,7 +206,7 @@ def maintain_fts(table: Any) -> None:
     name = next(i.name for i in table.list_indices() if "embed_text" in i.columns)
     stats = table.index_stats(name)
     if stats is not None and stats.num_unindexed_rows >= FTS_MERGE_ROWS:
-        table.optimize()
+        retry_conflicts(table.optimize)
 
 
 def optimize(table: Any, dim: Callable[[], int], vector_index: bool | None) -> None:
@@ -197,4 +227,4 @@ def optimize(table: Any, dim: Callable[[], int], vector_index: bool | None) -> N
             num_sub_vectors=max(1, dim() // 8),
             replace=True,
         )
-    table.optimize()
+    retry_conflicts(table.optimize)

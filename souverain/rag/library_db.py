@@ -1,47 +1,106 @@
-"""The SQLite half of the document libraries: libraries and documents rows (``meta.sqlite``).
+"""The SQL half of the document libraries: libraries and documents rows, the erasures not
+finished yet, and the processes that own work in them.
 
-`LibraryDB` owns the connections (one per thread, WAL, foreign keys on) and every SQL
-statement about libraries and documents; it returns `LibraryInfo` / `DocumentInfo` records, or
-None where a row does not exist. Checking names, error messages, the document files and the
-chunk table are `LibraryStore`'s (store.py).
+SQLAlchemy Core over ``sqlite:///PATH`` (default: ``meta.sqlite`` in the libraries folder; WAL,
+foreign keys on, a busy timeout, deleted rows overwritten) or ``postgresql+psycopg://...``
+(`souverain serve --libraries-db`: several servers share one set of libraries; its tables,
+``libraries``, ``documents``, ``erasures`` and ``library_owners``, live beside the jobs
+database's ``ft_*`` ones without clashing). A data folder made before these columns existed
+opens unchanged: the missing ones are added (nullable).
+
+`LibraryDB` owns every SQL statement about libraries and documents; it returns `LibraryInfo` /
+`DocumentInfo` records, or None where a row does not exist. Checking names, error messages, the
+document files and the chunk table are `LibraryStore`'s (store.py). Every transaction is short
+(SQLite: a write starts with ``BEGIN IMMEDIATE``, a read with a deferred ``BEGIN`` that WAL never
+blocks); nothing slow runs inside one.
 
 Erasure is write-ahead: deleting a document (or a library) removes its rows and records an
 ``erasures`` row in the same transaction; the store then deletes the chunks and files and only
 then drops the ``erasures`` row, so an erasure a crash interrupted is finished at the next
-start (`pending_erasures`). The rows are the source of truth: what has no row is not shown.
+start (`pending_erasures`, `claim_erasures`). The rows are the source of truth: what has no row
+is not shown.
+
+Ownership (several processes on one database): a document queued or being ingested, and an
+erasure under way, name their ``owner``, the token of the `LibraryStore` doing it; each store
+with work registers a ``library_owners`` row (host, pid, heartbeat) and holds an `OwnerLock`
+under the libraries folder. Work changes hands only by compare-and-set on its owner
+(`claim_document`, `claim_erasures`), so two processes never both take it.
 """
 
 from __future__ import annotations
 
 import json
-import sqlite3
-import threading
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from souverain.errors import RAGError
+
 Status = Literal["todo", "in_progress", "done", "error"]
 
-_SCHEMA_SQL = """
-CREATE TABLE IF NOT EXISTS libraries (
-    id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, description TEXT,
-    created_at TEXT NOT NULL, updated_at TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS documents (
-    id TEXT PRIMARY KEY,
-    library_id TEXT NOT NULL REFERENCES libraries(id) ON DELETE CASCADE,
-    name TEXT NOT NULL, mime_type TEXT, extension TEXT, size INTEGER NOT NULL,
-    hash TEXT NOT NULL, created_at TEXT NOT NULL, updated_at TEXT NOT NULL,
-    status TEXT NOT NULL, error TEXT, number_of_pages INTEGER,
-    tokens_processing_total INTEGER NOT NULL DEFAULT 0, nb_chunks INTEGER NOT NULL DEFAULT 0,
-    tags TEXT NOT NULL DEFAULT '[]', source_path TEXT);
-CREATE INDEX IF NOT EXISTS documents_by_name ON documents(library_id, name);
-CREATE TABLE IF NOT EXISTS erasures (
-    id TEXT PRIMARY KEY, kind TEXT NOT NULL CHECK (kind IN ('document', 'library')),
-    library_id TEXT NOT NULL, requested_at TEXT NOT NULL);
-"""
+metadata = sa.MetaData()
+libraries_t = sa.Table(
+    "libraries", metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("name", sa.Text, nullable=False, unique=True),
+    sa.Column("description", sa.Text),
+    sa.Column("created_at", sa.Text, nullable=False),  # ISO 8601, UTC (sorts as text)
+    sa.Column("updated_at", sa.Text, nullable=False),
+)
+documents_t = sa.Table(
+    "documents", metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("library_id", sa.Text, sa.ForeignKey("libraries.id", ondelete="CASCADE"),
+              nullable=False),
+    sa.Column("name", sa.Text, nullable=False),
+    sa.Column("mime_type", sa.Text),
+    sa.Column("extension", sa.Text),
+    sa.Column("size", sa.BigInteger, nullable=False),
+    sa.Column("hash", sa.Text, nullable=False),
+    sa.Column("created_at", sa.Text, nullable=False),
+    sa.Column("updated_at", sa.Text, nullable=False),
+    sa.Column("status", sa.Text, nullable=False),
+    sa.Column("error", sa.Text),
+    sa.Column("number_of_pages", sa.Integer),
+    sa.Column("tokens_processing_total", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("nb_chunks", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("tags", sa.Text, nullable=False, server_default="[]"),  # JSON list
+    sa.Column("source_path", sa.Text),
+    # the store that queued or is ingesting it ('todo', 'in_progress'); NULL: nobody
+    sa.Column("owner", sa.Text),
+    sa.Index("documents_by_name", "library_id", "name"),
+)
+erasures_t = sa.Table(
+    "erasures", metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("kind", sa.Text, sa.CheckConstraint("kind IN ('document', 'library')"),
+              nullable=False),
+    sa.Column("library_id", sa.Text, nullable=False),
+    sa.Column("requested_at", sa.Text, nullable=False),
+    sa.Column("owner", sa.Text),  # the store finishing it; NULL: rows of older versions
+)
+owners_t = sa.Table(
+    "library_owners", metadata,
+    sa.Column("token", sa.String(64), primary_key=True),  # its `OwnerLock`'s token
+    sa.Column("host", sa.Text, nullable=False),
+    sa.Column("pid", sa.Integer, nullable=False),
+    sa.Column("started_at", sa.Float, nullable=False),
+    sa.Column("heartbeat_at", sa.Float, nullable=False),  # its clock, epoch seconds
+)
+# columns added since a table was first created: added to older databases at open
+_ADDED = {documents_t: ("owner",), erasures_t: ("owner",)}
+_READ = "souverain_read_only"  # execution option of a connection that only reads
+
+
+class NameTaken(Exception):
+    """Another library has that name (names are unique)."""
 
 
 @dataclass(frozen=True)
@@ -75,293 +134,478 @@ class DocumentInfo:
     source_path: str | None = None
 
 
+@dataclass(frozen=True)
+class Owner:
+    """A `library_owners` row: a process that owns (or owned) work in the libraries."""
+
+    token: str
+    host: str
+    pid: int
+    heartbeat_at: float
+
+
 def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat()
 
 
-def _document_info(row: sqlite3.Row) -> DocumentInfo:
+def default_url(root: Path) -> str:
+    """The metadata of the libraries folder ``root``: its ``meta.sqlite``."""
+    return f"sqlite:///{root / 'meta.sqlite'}"
+
+
+def safe_url(url: str) -> str:
+    """The URL without its password."""
+    try:
+        return sa.engine.make_url(url).render_as_string(hide_password=True)
+    except sa.exc.ArgumentError:
+        return url.rsplit("@", 1)[-1]
+
+
+def _document_info(row: Any) -> DocumentInfo:
     return DocumentInfo(
-        row["id"],
-        row["library_id"],
-        row["name"],
-        row["mime_type"],
-        row["extension"],
-        int(row["size"]),
-        row["hash"],
-        datetime.fromisoformat(row["created_at"]),
-        datetime.fromisoformat(row["updated_at"]),
-        row["status"],
-        row["error"],
-        row["number_of_pages"],
-        int(row["tokens_processing_total"]),
-        int(row["nb_chunks"]),
-        json.loads(row["tags"]),
-        row["source_path"],
+        row.id,
+        row.library_id,
+        row.name,
+        row.mime_type,
+        row.extension,
+        int(row.size),
+        row.hash,
+        datetime.fromisoformat(row.created_at),
+        datetime.fromisoformat(row.updated_at),
+        row.status,
+        row.error,
+        row.number_of_pages,
+        int(row.tokens_processing_total),
+        int(row.nb_chunks),
+        json.loads(row.tags),
+        row.source_path,
     )
 
 
+_DOC_COLUMNS = [c for c in documents_t.c if c.name != "owner"]
+
+
+def open_engine(url: str, busy_timeout_s: float = 30.0) -> Engine:
+    """An engine on ``url``. SQLite: the folder created; WAL, foreign keys, deleted rows
+    overwritten (``secure_delete``: names are personal data), immediate write transactions
+    and deferred read ones, ``busy_timeout_s`` of waiting for another writer's lock.
+    PostgreSQL: connections checked before use, a connect timeout."""
+    if not url.startswith("sqlite"):
+        connect = {"connect_timeout": int(busy_timeout_s)} if url.startswith("postgresql") \
+            else {}
+        return sa.create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=20,
+                                connect_args=connect)
+    path = sa.engine.make_url(url).database
+    if path and path != ":memory:":
+        Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    engine = sa.create_engine(url, connect_args={"timeout": busy_timeout_s},
+                              pool_size=5, max_overflow=20)
+
+    @sa.event.listens_for(engine, "connect")
+    def _connect(dbapi: Any, _record: Any) -> None:
+        dbapi.isolation_level = None  # BEGIN is ours (below)
+        cur = dbapi.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")  # readers never wait for the writer
+        cur.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute("PRAGMA secure_delete=ON")
+        cur.close()
+
+    @sa.event.listens_for(engine, "begin")
+    def _begin(conn: Connection) -> None:
+        # a writer takes the write lock up front (a deferred transaction that upgrades later
+        # can fail at once when another process writes); a reader never asks for it
+        read = conn.get_execution_options().get(_READ, False)
+        conn.exec_driver_sql("BEGIN" if read else "BEGIN IMMEDIATE")
+
+    return engine
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """A connection that failed (not a statement that did): no point trying again."""
+    return isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated or \
+        "connect" in str(getattr(exc, "orig", exc)).lower()
+
+
+def _open_error(url: str, exc: BaseException) -> RAGError:
+    if isinstance(exc, (sa.exc.ArgumentError, ImportError)):  # a bad URL or a missing driver
+        return RAGError(f"Cannot open the libraries database {safe_url(url)} ({exc}); use "
+                        "sqlite:///PATH or postgresql+psycopg://USER:PASS@HOST/DB.")
+    lines = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    reason = lines[0] if lines else type(exc).__name__
+    return RAGError(f"Cannot open the libraries database {safe_url(url)}: {reason}; check "
+                    "that it is reachable, or pass another --libraries-db.")
+
+
 class LibraryDB:
-    """Libraries and documents in one SQLite file. Thread-safe: each thread gets its own
-    connection; writes run in ``BEGIN IMMEDIATE`` transactions (`tx`)."""
+    """Libraries, documents, erasures and owners in one SQL database (see the module
+    docstring). Thread-safe: every call takes a pooled connection for one short
+    transaction."""
 
-    def __init__(self, path: Path):
-        self.path = path
-        self._local = threading.local()
-        self._conns: list[sqlite3.Connection] = []
-        self._lock = threading.Lock()
-        self.con().executescript(_SCHEMA_SQL)
+    def __init__(self, url: str | Path, busy_timeout_s: float = 30.0):
+        """``url``: a SQLAlchemy URL, or the path of a SQLite file. Raises `RAGError` (one
+        sentence) when the database cannot be opened."""
+        self.url = url if isinstance(url, str) else f"sqlite:///{url}"
+        try:
+            self.engine = open_engine(self.url, busy_timeout_s)
+            for attempt in range(3):
+                try:
+                    metadata.create_all(self.engine)
+                    self._add_missing_columns()
+                    break
+                except (sa.exc.ProgrammingError, sa.exc.IntegrityError,
+                        sa.exc.OperationalError) as exc:
+                    # two servers starting at once on a new database: one creates a table
+                    # the other had just found missing; looking again finds it
+                    if attempt == 2 or _unreachable(exc):
+                        raise
+                    time.sleep(0.2 * (attempt + 1))
+        except (sa.exc.SQLAlchemyError, OSError, ImportError) as exc:
+            raise _open_error(self.url, exc) from None
+        self.is_sqlite = self.engine.dialect.name == "sqlite"
 
-    def con(self) -> sqlite3.Connection:
-        """This thread's connection (opened on first use)."""
-        con = getattr(self._local, "con", None)
-        if con is None:
-            con = sqlite3.connect(
-                self.path, timeout=30, isolation_level=None, check_same_thread=False
-            )
-            con.row_factory = sqlite3.Row
-            con.execute("PRAGMA journal_mode=WAL")
-            con.execute("PRAGMA foreign_keys=ON")
-            con.execute("PRAGMA synchronous=NORMAL")
-            # deleted rows are overwritten, not left in free pages (names are personal data)
-            con.execute("PRAGMA secure_delete=ON")
-            self._local.con = con
-            with self._lock:
-                self._conns.append(con)
-        return con
+    def _add_missing_columns(self) -> None:
+        inspector = sa.inspect(self.engine)
+        for table, names in _ADDED.items():
+            have = {c["name"] for c in inspector.get_columns(table.name)}
+            with self.engine.begin() as c:
+                for name in names:
+                    if name not in have:
+                        kind = table.c[name].type.compile(dialect=self.engine.dialect)
+                        c.exec_driver_sql(f"ALTER TABLE {table.name} ADD COLUMN {name} {kind}")
 
     @contextmanager
-    def tx(self) -> Iterator[sqlite3.Connection]:
+    def tx(self) -> Iterator[Connection]:
         """A write transaction: committed on success, rolled back on any exception."""
-        con = self.con()
-        con.execute("BEGIN IMMEDIATE")
-        try:
-            yield con
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
-        con.execute("COMMIT")
+        with self.engine.begin() as c:
+            yield c
+
+    @contextmanager
+    def read(self) -> Iterator[Connection]:
+        """A read-only transaction (SQLite: deferred, which a writer never blocks)."""
+        with self.engine.connect() as conn:
+            conn.execution_options(**{_READ: True})
+            with conn.begin():
+                yield conn
 
     def close(self) -> None:
         """Close every connection (the database is unusable afterwards)."""
-        with self._lock:
-            for con in self._conns:
-                try:
-                    con.close()
-                except sqlite3.Error:
-                    pass
-            self._conns.clear()
-            self._local = threading.local()
+        self.engine.dispose()
 
     # -- libraries ------------------------------------------------------------------------------
 
-    def _library_info(self, row: sqlite3.Row) -> LibraryInfo:
-        n, size = (
-            self.con()
-            .execute(
-                "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM documents WHERE library_id = ?",
-                (row["id"],),
-            )
-            .fetchone()
-        )
-        return LibraryInfo(
-            row["id"],
-            row["name"],
-            row["description"],
-            datetime.fromisoformat(row["created_at"]),
-            datetime.fromisoformat(row["updated_at"]),
-            int(n),
-            int(size),
-        )
+    def _libraries(self, where: Any = None, order: Any = None, limit: int | None = None
+                   ) -> list[LibraryInfo]:
+        d = documents_t
+        counts = (sa.select(d.c.library_id, sa.func.count().label("n"),
+                            sa.func.coalesce(sa.func.sum(d.c.size), 0).label("size"))
+                  .group_by(d.c.library_id).subquery())
+        q = (sa.select(libraries_t, counts.c.n, counts.c.size)
+             .select_from(libraries_t.outerjoin(counts, counts.c.library_id == libraries_t.c.id)))
+        if where is not None:
+            q = q.where(where)
+        q = q.order_by(*(order if order is not None else
+                         (libraries_t.c.created_at, libraries_t.c.name)))
+        if limit is not None:
+            q = q.limit(limit)
+        with self.read() as c:
+            rows = c.execute(q).all()
+        return [LibraryInfo(r.id, r.name, r.description, datetime.fromisoformat(r.created_at),
+                            datetime.fromisoformat(r.updated_at), int(r.n or 0),
+                            int(r.size or 0)) for r in rows]
 
     def insert_library(self, library_id: str, name: str, description: str | None) -> None:
-        """Raises `sqlite3.IntegrityError` when the name is taken."""
+        """Raises `NameTaken` when the name is taken."""
         now = now_iso()
-        with self.tx() as con:
-            con.execute(
-                "INSERT INTO libraries VALUES (?, ?, ?, ?, ?)",
-                (library_id, name, description, now, now),
-            )
+        try:
+            with self.tx() as c:
+                c.execute(libraries_t.insert().values(
+                    id=library_id, name=name, description=description, created_at=now,
+                    updated_at=now))
+        except sa.exc.IntegrityError:
+            raise NameTaken(name) from None
 
     def libraries(self) -> list[LibraryInfo]:
-        rows = self.con().execute("SELECT * FROM libraries ORDER BY created_at, name").fetchall()
-        return [self._library_info(r) for r in rows]
+        return self._libraries()
 
     def library(self, id_or_name: str) -> LibraryInfo | None:
         """The library with that id or, failing that, that name."""
-        row = (
-            self.con()
-            .execute(
-                "SELECT * FROM libraries WHERE id = ? OR name = ? ORDER BY id = ? DESC LIMIT 1",
-                (id_or_name, id_or_name, id_or_name),
-            )
-            .fetchone()
-        )
-        return None if row is None else self._library_info(row)
+        t = libraries_t
+        found = self._libraries(sa.or_(t.c.id == id_or_name, t.c.name == id_or_name),
+                                [sa.case((t.c.id == id_or_name, 0), else_=1)], 1)
+        return found[0] if found else None
 
     def update_library(self, library_id: str, name: str, description: str | None) -> None:
-        """Raises `sqlite3.IntegrityError` when the name is taken."""
-        with self.tx() as con:
-            con.execute(
-                "UPDATE libraries SET name = ?, description = ?, updated_at = ? WHERE id = ?",
-                (name, description, now_iso(), library_id),
-            )
+        """Raises `NameTaken` when the name is taken."""
+        try:
+            with self.tx() as c:
+                c.execute(libraries_t.update().where(libraries_t.c.id == library_id)
+                          .values(name=name, description=description, updated_at=now_iso()))
+        except sa.exc.IntegrityError:
+            raise NameTaken(name) from None
 
     def document_ids(self, library_id: str) -> list[str]:
-        rows = self.con().execute("SELECT id FROM documents WHERE library_id = ?", (library_id,))
-        return [r[0] for r in rows]
+        with self.read() as c:
+            return list(c.execute(sa.select(documents_t.c.id)
+                                  .where(documents_t.c.library_id == library_id)).scalars())
 
-    def delete_library(self, library_id: str) -> list[str]:
+    def delete_library(self, library_id: str, owner: str | None = None) -> list[str]:
         """Delete the library's row and its documents' rows, and record their erasure (one
-        transaction); returns the ids of the documents deleted."""
+        transaction, the erasures owned by ``owner``); returns the ids of the documents
+        deleted."""
         now = now_iso()
-        with self.tx() as con:
-            ids = [r[0] for r in con.execute(
-                "SELECT id FROM documents WHERE library_id = ?", (library_id,))]
-            con.executemany(
-                "INSERT OR REPLACE INTO erasures VALUES (?, 'document', ?, ?)",
-                [(i, library_id, now) for i in ids])
-            con.execute("INSERT OR REPLACE INTO erasures VALUES (?, 'library', ?, ?)",
-                        (library_id, library_id, now))
-            con.execute("DELETE FROM documents WHERE library_id = ?", (library_id,))
-            con.execute("DELETE FROM libraries WHERE id = ?", (library_id,))
+        with self.tx() as c:
+            ids = list(c.execute(sa.select(documents_t.c.id)
+                                 .where(documents_t.c.library_id == library_id)).scalars())
+            _record_erasures(c, [(i, "document", library_id) for i in ids]
+                             + [(library_id, "library", library_id)], now, owner)
+            c.execute(documents_t.delete().where(documents_t.c.library_id == library_id))
+            c.execute(libraries_t.delete().where(libraries_t.c.id == library_id))
         return ids
 
     # -- documents ------------------------------------------------------------------------------
+
+    def _documents(self, where: Any, order: Iterable[Any] = (), limit: int | None = None,
+                   offset: int | None = None) -> list[DocumentInfo]:
+        q = sa.select(*_DOC_COLUMNS).where(where).order_by(*order)
+        if limit is not None:
+            q = q.limit(limit)
+        if offset is not None:
+            q = q.offset(offset)
+        with self.read() as c:
+            return [_document_info(r) for r in c.execute(q).all()]
 
     def newest_document(
         self, library_id: str, name: str, sha256: str | None = None
     ) -> DocumentInfo | None:
         """The newest document of that name (and those bytes, given their ``sha256``)."""
-        sql = "SELECT * FROM documents WHERE library_id = ? AND name = ?"
-        args = [library_id, name]
+        d = documents_t
+        where = sa.and_(d.c.library_id == library_id, d.c.name == name)
         if sha256 is not None:
-            sql += " AND hash = ?"
-            args.append(sha256)
-        row = self.con().execute(sql + " ORDER BY created_at DESC LIMIT 1", args).fetchone()
-        return None if row is None else _document_info(row)
+            where = sa.and_(where, d.c.hash == sha256)
+        found = self._documents(where, [d.c.created_at.desc()], 1)
+        return found[0] if found else None
 
     def document(self, library_id: str, id_or_name: str) -> DocumentInfo | None:
         """The document with that id or, failing that, the newest of that name."""
-        row = (
-            self.con()
-            .execute(
-                "SELECT * FROM documents WHERE library_id = ? AND (id = ? OR name = ?) "
-                "ORDER BY id = ? DESC, created_at DESC LIMIT 1",
-                (library_id, id_or_name, id_or_name, id_or_name),
-            )
-            .fetchone()
-        )
-        return None if row is None else _document_info(row)
+        d = documents_t
+        found = self._documents(
+            sa.and_(d.c.library_id == library_id,
+                    sa.or_(d.c.id == id_or_name, d.c.name == id_or_name)),
+            [sa.case((d.c.id == id_or_name, 0), else_=1), d.c.created_at.desc()], 1)
+        return found[0] if found else None
 
-    def insert_document(self, values: dict[str, Any]) -> None:
-        """A new document row (status 'todo'); its library's ``updated_at`` moves too."""
-        cols = ", ".join(values)
-        with self.tx() as con:
-            con.execute(
-                f"INSERT INTO documents ({cols}, status) "
-                f"VALUES ({', '.join('?' for _ in values)}, 'todo')",
-                tuple(values.values()),
-            )
-            con.execute(
-                "UPDATE libraries SET updated_at = ? WHERE id = ?",
-                (values["updated_at"], values["library_id"]),
-            )
+    def insert_document(self, values: dict[str, Any], owner: str | None = None) -> None:
+        """A new document row (status 'todo', queued by ``owner``); its library's
+        ``updated_at`` moves too."""
+        with self.tx() as c:
+            c.execute(documents_t.insert().values(**values, status="todo", owner=owner))
+            c.execute(libraries_t.update().where(libraries_t.c.id == values["library_id"])
+                      .values(updated_at=values["updated_at"]))
 
-    def update_document(self, doc_id: str, **fields: Any) -> bool:
+    def update_document(self, doc_id: str, *, held_by: str | None = None,
+                        **fields: Any) -> bool:
         """Set ``fields`` (column -> value) and ``updated_at``; False when the row is gone
-        (the document was deleted)."""
+        (the document was deleted) or, given ``held_by``, no longer owned by it. A status
+        other than 'in_progress' releases the document (its owner is cleared)."""
         cols = {**fields, "updated_at": now_iso()}
-        with self.tx() as con:
-            cur = con.execute(
-                f"UPDATE documents SET {', '.join(f'{k} = ?' for k in cols)} WHERE id = ?",
-                (*cols.values(), doc_id),
-            )
-            return cur.rowcount > 0
+        if cols.get("status") not in (None, "in_progress"):
+            cols.setdefault("owner", None)
+        where = documents_t.c.id == doc_id
+        if held_by is not None:
+            where = sa.and_(where, documents_t.c.owner == held_by)
+        with self.tx() as c:
+            return c.execute(documents_t.update().where(where).values(**cols)).rowcount > 0
 
     def status(self, doc_id: str) -> Status | None:
         """The document's status, or None when it does not exist (any more)."""
-        row = self.con().execute("SELECT status FROM documents WHERE id = ?", (doc_id,))
-        found = row.fetchone()
+        found = self.holder(doc_id)
         return None if found is None else found[0]
+
+    def holder(self, doc_id: str) -> tuple[Status, str | None] | None:
+        """(status, owner) of the document, or None when it does not exist (any more)."""
+        with self.read() as c:
+            row = c.execute(sa.select(documents_t.c.status, documents_t.c.owner)
+                            .where(documents_t.c.id == doc_id)).first()
+        return None if row is None else (row[0], row[1])
+
+    def claim_document(self, doc_id: str, owner: str, seen: tuple[str, str | None]) -> bool:
+        """Mark the document 'in_progress', owned by ``owner``, if its (status, owner) are
+        still ``seen`` (compare-and-set: of two processes, one wins)."""
+        d = documents_t
+        status, was = seen
+        where = sa.and_(d.c.id == doc_id, d.c.status == status,
+                        d.c.owner.is_(None) if was is None else d.c.owner == was)
+        with self.tx() as c:
+            return c.execute(d.update().where(where).values(
+                status="in_progress", owner=owner, error=None, updated_at=now_iso())
+            ).rowcount == 1
+
+    def release_queued(self, owner: str) -> int:
+        """Documents ``owner`` queued and did not start are anybody's again."""
+        d = documents_t
+        with self.tx() as c:
+            return c.execute(d.update().where(d.c.owner == owner, d.c.status == "todo")
+                             .values(owner=None)).rowcount
 
     def done_ids(self, doc_ids: Iterable[str]) -> set[str]:
         """Those of ``doc_ids`` whose document exists and is 'done' (searchable)."""
         ids, out = list(dict.fromkeys(doc_ids)), set[str]()
-        con = self.con()
-        for i in range(0, len(ids), 500):  # SQLite caps the number of parameters
-            part = ids[i : i + 500]
-            rows = con.execute(
-                f"SELECT id FROM documents WHERE status = 'done' AND id IN "
-                f"({', '.join('?' for _ in part)})", part)
-            out.update(r[0] for r in rows)
+        d = documents_t
+        with self.read() as c:
+            for i in range(0, len(ids), 500):  # SQLite caps the number of parameters
+                out.update(c.execute(sa.select(d.c.id).where(
+                    d.c.status == "done", d.c.id.in_(ids[i : i + 500]))).scalars())
         return out
 
-    def unfinished(self) -> list[tuple[str, str]]:
-        """(library id, document id) of every document 'todo' or 'in_progress', oldest first."""
-        rows = self.con().execute(
-            "SELECT library_id, id FROM documents WHERE status IN ('todo', 'in_progress') "
-            "ORDER BY created_at, id")
-        return [(r[0], r[1]) for r in rows.fetchall()]
+    def unfinished(self) -> list[tuple[str, str, str | None]]:
+        """(library id, document id, owner) of every document 'todo' or 'in_progress',
+        oldest first."""
+        d = documents_t
+        with self.read() as c:
+            rows = c.execute(sa.select(d.c.library_id, d.c.id, d.c.owner)
+                             .where(d.c.status.in_(("todo", "in_progress")))
+                             .order_by(d.c.created_at, d.c.id)).all()
+        return [(r[0], r[1], r[2]) for r in rows]
 
     def all_documents(self) -> list[DocumentInfo]:
         """Every document of every library (for `LibraryStore.verify`)."""
-        rows = self.con().execute("SELECT * FROM documents ORDER BY library_id, created_at")
-        return [_document_info(r) for r in rows.fetchall()]
+        d = documents_t
+        return self._documents(sa.true(), [d.c.library_id, d.c.created_at])
 
     def library_ids(self) -> set[str]:
-        return {r[0] for r in self.con().execute("SELECT id FROM libraries")}
+        with self.read() as c:
+            return set(c.execute(sa.select(libraries_t.c.id)).scalars())
 
     def older_versions(self, doc: DocumentInfo) -> list[str]:
         """Ids of the other documents of ``doc``'s name in its library, created before it."""
-        rows = self.con().execute(
-            "SELECT id FROM documents WHERE library_id = ? AND name = ? AND id != ? AND "
-            "created_at <= ?",
-            (doc.library_id, doc.name, doc.id, doc.created_at.isoformat()),
-        )
-        return [r[0] for r in rows.fetchall()]
+        d = documents_t
+        with self.read() as c:
+            return list(c.execute(sa.select(d.c.id).where(
+                d.c.library_id == doc.library_id, d.c.name == doc.name, d.c.id != doc.id,
+                d.c.created_at <= doc.created_at.isoformat())).scalars())
 
     def documents(
         self, library_id: str, search: str | None, offset: int, limit: int, order: str
     ) -> tuple[list[DocumentInfo], int]:
-        """One page of a library's documents in ``order`` (an ORDER BY clause the caller
-        checked), and how many there are; ``search`` matches a part of the name."""
-        where, args = "library_id = ?", [library_id]
+        """One page of a library's documents in ``order`` (``"<column> ASC|DESC"``, a column
+        the caller checked), and how many there are; ``search`` matches a part of the name."""
+        d = documents_t
+        where = d.c.library_id == library_id
         if search:
-            where += " AND name LIKE ? ESCAPE '\\'"
             escaped = search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-            args.append(f"%{escaped}%")
-        con = self.con()
-        total = con.execute(f"SELECT COUNT(*) FROM documents WHERE {where}", args).fetchone()[0]
-        rows = con.execute(
-            f"SELECT * FROM documents WHERE {where} ORDER BY {order}, name, id "
-            "LIMIT ? OFFSET ?",
-            (*args, max(0, limit), max(0, offset)),
-        )
-        return [_document_info(r) for r in rows.fetchall()], int(total)
+            where = sa.and_(where, d.c.name.like(f"%{escaped}%", escape="\\"))
+        column, direction = order.split()
+        key = d.c[column].desc() if direction.upper() == "DESC" else d.c[column].asc()
+        with self.read() as c:
+            total = c.execute(sa.select(sa.func.count()).select_from(d).where(where)).scalar()
+        page = self._documents(where, [key, d.c.name, d.c.id], max(0, limit), max(0, offset))
+        return page, int(total or 0)
 
-    def delete_document(self, doc_id: str) -> bool:
-        """Delete the document's row and record its erasure (one transaction); False when
-        there was no such row (the erasure is recorded all the same: it is idempotent)."""
-        with self.tx() as con:
-            row = con.execute("SELECT library_id FROM documents WHERE id = ?",
-                              (doc_id,)).fetchone()
-            con.execute("INSERT OR REPLACE INTO erasures VALUES (?, 'document', ?, ?)",
-                        (doc_id, row[0] if row else "", now_iso()))
-            cur = con.execute("DELETE FROM documents WHERE id = ?", (doc_id,))
-            return cur.rowcount > 0
+    def delete_document(self, doc_id: str, owner: str | None = None) -> bool:
+        """Delete the document's row and record its erasure, owned by ``owner`` (one
+        transaction); False when there was no such row (the erasure is recorded all the same:
+        it is idempotent)."""
+        with self.tx() as c:
+            lib = c.execute(sa.select(documents_t.c.library_id)
+                            .where(documents_t.c.id == doc_id)).scalar()
+            _record_erasures(c, [(doc_id, "document", lib or "")], now_iso(), owner)
+            return c.execute(documents_t.delete().where(documents_t.c.id == doc_id)
+                             ).rowcount > 0
 
     # -- erasures -------------------------------------------------------------------------------
 
-    def pending_erasures(self) -> list[tuple[str, str, str]]:
-        """(kind, id, library id) of every erasure not finished yet, oldest first."""
-        rows = self.con().execute(
-            "SELECT kind, id, library_id FROM erasures ORDER BY requested_at, id")
-        return [(r[0], r[1], r[2]) for r in rows.fetchall()]
+    def pending_erasures(self) -> list[tuple[str, str, str, str | None]]:
+        """(kind, id, library id, owner) of every erasure not finished yet, oldest first."""
+        e = erasures_t
+        with self.read() as c:
+            rows = c.execute(sa.select(e.c.kind, e.c.id, e.c.library_id, e.c.owner)
+                             .order_by(e.c.requested_at, e.c.id)).all()
+        return [(r[0], r[1], r[2], r[3]) for r in rows]
+
+    def claim_erasures(self, owner: str, alive: Callable[[str], bool]
+                       ) -> list[tuple[str, str, str]]:
+        """Take over the erasures whose owner is gone (or ``owner``'s own, left unfinished):
+        (kind, id, library id) of those taken; one compare-and-set each on its owner, so of
+        two processes finishing erasures, each takes a different one."""
+        e = erasures_t
+        out = []
+        for kind, i, lib, was in self.pending_erasures():
+            if was is not None and was != owner and alive(was):
+                continue  # under way in a live process
+            with self.tx() as c:
+                res = c.execute(e.update().where(
+                    e.c.id == i, e.c.owner.is_(None) if was is None else e.c.owner == was)
+                    .values(owner=owner))
+            if res.rowcount == 1:
+                out.append((kind, i, lib))
+        return out
 
     def erasure_done(self, ids: Iterable[str]) -> None:
-        """The chunks and files of these erasures are gone: forget them, and move the WAL
-        (which still holds the deleted rows' old pages) into the database and truncate it;
+        """The chunks and files of these erasures are gone: forget them. SQLite: then move the
+        WAL (which still holds the deleted rows' old pages) into the database and truncate it;
         best effort: a reader still on an old snapshot keeps it until the next erasure."""
-        with self.tx() as con:
-            con.executemany("DELETE FROM erasures WHERE id = ?", [(i,) for i in ids])
-        self.con().execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        keys = list(ids)
+        with self.tx() as c:
+            for n in range(0, len(keys), 500):
+                c.execute(erasures_t.delete().where(erasures_t.c.id.in_(keys[n : n + 500])))
+        if self.is_sqlite:
+            raw = self.engine.raw_connection()
+            try:
+                cur = raw.cursor()
+                cur.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                cur.fetchall()
+                cur.close()
+            finally:
+                raw.close()
+
+    # -- owners ---------------------------------------------------------------------------------
+
+    def register_owner(self, token: str, host: str, pid: int) -> None:
+        now = time.time()
+        with self.tx() as c:
+            c.execute(owners_t.insert().values(token=token, host=host, pid=pid,
+                                               started_at=now, heartbeat_at=now))
+
+    def beat(self, token: str, host: str, pid: int) -> None:
+        """``token`` is alive now (its row made again if someone pruned it)."""
+        now = time.time()
+        with self.tx() as c:
+            if c.execute(owners_t.update().where(owners_t.c.token == token)
+                         .values(heartbeat_at=now)).rowcount == 0:
+                c.execute(owners_t.insert().values(token=token, host=host, pid=pid,
+                                                   started_at=now, heartbeat_at=now))
+
+    def owner(self, token: str) -> Owner | None:
+        with self.read() as c:
+            r = c.execute(owners_t.select().where(owners_t.c.token == token)).first()
+        return None if r is None else Owner(r.token, r.host, int(r.pid), float(r.heartbeat_at))
+
+    def drop_owner(self, token: str) -> None:
+        with self.tx() as c:
+            c.execute(owners_t.delete().where(owners_t.c.token == token))
+
+    def prune_owners(self, alive: Callable[[str], bool]) -> int:
+        """Forget the owners that are gone and own nothing any more."""
+        with self.read() as c:
+            tokens = list(c.execute(sa.select(owners_t.c.token)).scalars())
+            used = set(c.execute(sa.select(documents_t.c.owner).distinct()).scalars()) | set(
+                c.execute(sa.select(erasures_t.c.owner).distinct()).scalars())
+        gone = [t for t in tokens if t not in used and not alive(t)]
+        if gone:
+            with self.tx() as c:
+                c.execute(owners_t.delete().where(owners_t.c.token.in_(gone)))
+        return len(gone)
+
+
+def _record_erasures(c: Connection, items: list[tuple[str, str, str]], now: str,
+                     owner: str | None) -> None:
+    """(id, kind, library id) erasures, replacing any recorded before under those ids."""
+    ids = [i for i, _, _ in items]
+    for n in range(0, len(ids), 500):
+        c.execute(erasures_t.delete().where(erasures_t.c.id.in_(ids[n : n + 500])))
+    if items:
+        c.execute(erasures_t.insert(), [
+            {"id": i, "kind": kind, "library_id": lib, "requested_at": now, "owner": owner}
+            for i, kind, lib in items])

@@ -1,8 +1,10 @@
-"""Document libraries: metadata in SQLite, chunks and vectors in LanceDB.
+"""Document libraries: metadata in SQL (SQLite or PostgreSQL), chunks and vectors in LanceDB.
 
 Layout under ``root`` (default ``paths.libraries_dir()``)::
 
-    meta.sqlite         libraries and documents (WAL; one connection per thread; library_db.py)
+    meta.sqlite         libraries and documents (library_db.py; the default metadata database:
+                        `LibraryStore`'s ``db`` may name another, e.g. a shared PostgreSQL)
+    owners/<token>.lock the liveness of each process that owns work here (`OwnerLock`)
     lance/chunks.lance  one table for every library's chunks (text, position, vector, tags;
                         written and indexed by chunk_table.py)
     files/<doc_id>      the uploaded bytes, so processing can run (or re-run) later
@@ -26,6 +28,16 @@ document done (an UPDATE that must find the row): whichever of the two sides run
 other's writes and removes them, so a deleted document never survives a race. Search keeps
 only hits whose document row exists and is 'done'. `purge` rewrites the table's files without
 the deleted rows and drops old table versions, so erased text leaves the disk too.
+
+Several processes (servers, the CLI) may share one ``root`` and one metadata database: each
+store that queues or ingests a document, or erases, owns that work under its token (a
+``library_owners`` row with a heartbeat, and an `OwnerLock` under ``owners/``). An ingestion is
+claimed by compare-and-set and checks at each stage that it still owns its document; at start
+a server takes over only the documents and erasures whose owner is dead (`unfinished`,
+`finish_erasures`): its lock free (same host), or its heartbeat older than `STALE_AFTER_S`.
+LanceDB commits concurrent writes itself (appends and deletes are rebased); the commits it
+gives up on (a compaction preempted by another process's delete) are retried
+(`chunk_table.retry_conflicts`).
 """
 
 from __future__ import annotations
@@ -33,8 +45,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import sqlite3
+import os
+import socket
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -46,9 +60,17 @@ import pyarrow as pa
 
 from souverain import paths
 from souverain.errors import RAGError, SouverainError
+from souverain.paths import OwnerLock
 from souverain.rag import chunk_table
-from souverain.rag.chunk_table import sql_str
-from souverain.rag.library_db import DocumentInfo, LibraryDB, LibraryInfo, now_iso
+from souverain.rag.chunk_table import retry_conflicts, sql_str
+from souverain.rag.library_db import (
+    DocumentInfo,
+    LibraryDB,
+    LibraryInfo,
+    NameTaken,
+    default_url,
+    now_iso,
+)
 from souverain.rag.search import (
     Candidates,
     Hit,
@@ -73,6 +95,10 @@ PURGE_KEEP = timedelta(seconds=30)
 # The stages of `process_document` at which it checks that its document still exists (and
 # calls `LibraryStore.on_stage`, if set, right after the check passes).
 STAGES = ("parse", "embed", "commit", "committed", "text")
+# A store with work writes its heartbeat this often; an owner on another host whose heartbeat
+# is older than STALE_AFTER_S is presumed dead (on this host, its lock file says at once).
+HEARTBEAT_S = 5.0
+STALE_AFTER_S = 30.0
 
 
 class LibraryNotFound(RAGError):
@@ -87,12 +113,17 @@ class LibraryExists(RAGError):
     """Another library has that name (names are unique): a conflict, not a bad request."""
 
 
-class _Stop(Exception):
-    """An ingestion stops: its document was deleted, or the store is shutting down."""
+class DocumentBusy(RAGError):
+    """Another live process is ingesting the document (or has it queued)."""
 
-    def __init__(self, deleted: bool):
-        super().__init__("deleted" if deleted else "interrupted")
-        self.deleted = deleted
+
+class _Stop(Exception):
+    """An ingestion stops: its document was deleted, the store is shutting down, or another
+    process took the document over (this one was presumed dead)."""
+
+    def __init__(self, why: str):
+        super().__init__(why)
+        self.why = why  # "deleted" | "interrupted" | "lost"
 
 
 @dataclass(frozen=True)
@@ -137,11 +168,14 @@ def chunk_schema(dim: int) -> pa.Schema:
 
 class LibraryStore:
     """Document libraries on this machine. Thread-safe: the HTTP server calls it from worker
-    threads (SQLite: one connection per thread; LanceDB: its own MVCC commits)."""
+    threads (SQL: a pooled connection per transaction; LanceDB: its own MVCC commits)."""
 
-    def __init__(self, root: Path | None = None, embedder: Embedder | str | None = None):
+    def __init__(self, root: Path | None = None, embedder: Embedder | str | None = None,
+                 db: LibraryDB | str | None = None):
         """`embedder`: a loaded `Embedder`, or a model name/path (loaded on first use, like
-        the default bundled one): listing and reading libraries never wait for a model load."""
+        the default bundled one): listing and reading libraries never wait for a model load.
+        `db`: the metadata database (an open `LibraryDB` or its URL; default: ``meta.sqlite``
+        under ``root``); a bad or unreachable one raises `RAGError`."""
         self.root = Path(root) if root is not None else paths.libraries_dir()
         self.files = self.root / "files"
         self.files.mkdir(parents=True, exist_ok=True)
@@ -150,7 +184,10 @@ class LibraryStore:
         self._lock = threading.RLock()  # lazy init, index maintenance
         self._db: Any = None  # the LanceDB connection
         self._table: Any = None
-        self._meta = LibraryDB(self.root / "meta.sqlite")
+        self._meta = db if isinstance(db, LibraryDB) else LibraryDB(db or default_url(self.root))
+        self.owners_dir = self.root / "owners"
+        self._owner: OwnerLock | None = None  # taken with the first work this store owns
+        self._beating = threading.Event()  # set: the heartbeat thread stops
         self._stopping = threading.Event()  # `interrupt`: ingestions stop at their next check
         # called as on_stage(stage, document_id) at each of STAGES once the document is known
         # to exist (tests pause an ingestion there to delete its document at that point)
@@ -169,13 +206,67 @@ class LibraryStore:
         return self._embedder
 
     def close(self) -> None:
-        """Close every SQLite connection (the store is unusable afterwards)."""
+        """Close every database connection and give up this store's ownership (its queued
+        documents and unfinished erasures are anybody's); the store is unusable afterwards."""
+        self._beating.set()
+        if self._owner is not None:
+            try:
+                self._meta.release_queued(self._owner.token)
+                self._meta.drop_owner(self._owner.token)
+            finally:
+                self._owner.release()
         self._meta.close()
 
     def interrupt(self) -> None:
         """Make every running ingestion stop at its next check, leaving its document 'todo'
-        (processed again at the next start): a server stopping does not wait for them."""
+        (processed again at the next start, by this server or another): a server stopping
+        does not wait for them."""
         self._stopping.set()
+        if self._owner is not None:
+            self._meta.release_queued(self._owner.token)
+
+    # -- ownership (several processes on one set of libraries) -----------------------------------
+
+    @property
+    def token(self) -> str:
+        """This store's owner token: taken on first use (an `OwnerLock` under ``owners/``, a
+        ``library_owners`` row) and kept alive by a heartbeat thread until `close`."""
+        if self._owner is None:
+            with self._lock:
+                if self._owner is None:
+                    lock = OwnerLock(self.owners_dir)
+                    self._meta.register_owner(lock.token, socket.gethostname(), os.getpid())
+                    self._owner = lock
+                    threading.Thread(target=self._heartbeat, args=(lock.token,), daemon=True,
+                                     name="souverain-libraries-heartbeat").start()
+        return self._owner.token
+
+    def _heartbeat(self, token: str) -> None:
+        while not self._beating.wait(HEARTBEAT_S):
+            try:
+                self._meta.beat(token, socket.gethostname(), os.getpid())
+            except Exception:  # the database is away for a moment: the next beat tries again
+                log.warning("libraries heartbeat failed", exc_info=True)
+
+    def alive(self, token: str) -> bool:
+        """Whether the owner ``token`` is alive: this store; on this host, its lock file (the
+        kernel's word, whatever its heartbeat); elsewhere, a heartbeat within STALE_AFTER_S.
+        No ``library_owners`` row: gone."""
+        if self._owner is not None and token == self._owner.token:
+            return True
+        owner = self._meta.owner(token)
+        if owner is None:
+            return False
+        if owner.host == socket.gethostname():
+            held = OwnerLock.held(self.owners_dir, token)
+            if held is False:  # (its lock file is gone now: its row goes too, the death known)
+                self._meta.drop_owner(token)
+            if held is not None:
+                return held
+        return time.time() - owner.heartbeat_at <= STALE_AFTER_S
+
+    def _mine_or_dead(self, owner: str | None) -> bool:
+        return owner is None or owner == self.token or not self.alive(owner)
 
     def _chunks(self, create: bool = True) -> Any:
         """The LanceDB chunk table (created on the first write), or None if absent."""
@@ -195,9 +286,12 @@ class LibraryStore:
                 except (ValueError, FileNotFoundError, RuntimeError):  # not created yet
                     pass
                 if self._table is None and create:
-                    self._table = self._db.create_table(
-                        TABLE, schema=chunk_schema(self.embedder.dim), exist_ok=True
-                    )
+                    try:
+                        self._table = self._db.create_table(
+                            TABLE, schema=chunk_schema(self.embedder.dim), exist_ok=True
+                        )
+                    except Exception:  # another process created it at the same moment
+                        self._table = retry_conflicts(lambda: self._db.open_table(TABLE))
         return self._table
 
     # -- libraries ------------------------------------------------------------------------------
@@ -208,7 +302,7 @@ class LibraryStore:
             raise RAGError("A library needs a non-empty name.")
         try:
             self._meta.insert_library(str(uuid.uuid4()), name, description)
-        except sqlite3.IntegrityError:
+        except NameTaken:
             raise LibraryExists(
                 f"A library named {name!r} already exists; pick another name or add "
                 "documents to it."
@@ -238,7 +332,7 @@ class LibraryStore:
             self._meta.update_library(
                 lib.id, new_name, lib.description if description is None else description
             )
-        except sqlite3.IntegrityError:
+        except NameTaken:
             raise LibraryExists(
                 f"A library named {new_name!r} already exists; pick another name."
             ) from None
@@ -248,7 +342,7 @@ class LibraryStore:
         """Delete a library, its documents, their chunks and files; a running or queued
         ingestion of one of them stops at its next check and leaves nothing behind."""
         lib = self.get_library(id)
-        doc_ids = self._meta.delete_library(lib.id)  # from here on, invisible
+        doc_ids = self._meta.delete_library(lib.id, self.token)  # from here on, invisible
         items = [("document", d, lib.id) for d in doc_ids] + [("library", lib.id, lib.id)]
         chunks, nbytes = self._erase(items)
         return Erasure(lib.id, doc_ids, chunks, nbytes)
@@ -303,7 +397,8 @@ class LibraryStore:
                     "updated_at": now,
                     "tags": json.dumps(sorted(set(tags))),
                     "source_path": source_path,
-                }
+                },
+                owner=self.token,  # queued here: another process leaves it alone
             )
         except BaseException:
             self._remove_files(doc_id)
@@ -341,8 +436,7 @@ class LibraryStore:
         from souverain.rag.parse import parse_document
 
         doc = self.get_document(library, doc_id)
-        if not self._meta.update_document(doc.id, status="in_progress", error=None):
-            raise self._deleted_meanwhile(doc)
+        self._claim(doc)
         table = self._chunks()
         check = self._checkpoint(doc.id)
         try:
@@ -358,9 +452,11 @@ class LibraryStore:
             check("committed")
             (self.files / f"{doc.id}.txt").write_text(parsed.text, encoding="utf-8")
             check("text")
-            # the last check: an UPDATE that finds the row, after every write of this run
+            # the last check: an UPDATE that finds the row still ours, after every write of
+            # this run
             if not self._meta.update_document(
                 doc.id,
+                held_by=self.token,
                 status="done",
                 error=None,
                 number_of_pages=parsed.number_of_pages,
@@ -369,42 +465,69 @@ class LibraryStore:
                 nb_chunks=n_chunks,
                 tokens_processing_total=n_tokens,
             ):
-                raise _Stop(deleted=True)
+                raise _Stop("deleted" if self._meta.status(doc.id) is None else "lost")
         except _Stop as stop:
-            self._stopped(doc, table, stop.deleted)
+            self._stopped(doc, table, stop.why)
         except Exception as exc:
-            if self._meta.status(doc.id) is None:  # e.g. its bytes went with the deletion
-                self._stopped(doc, table, deleted=True)
+            holder = self._meta.holder(doc.id)
+            if holder is None:  # e.g. its bytes went with the deletion
+                self._stopped(doc, table, "deleted")
+            if holder[1] != self.token:
+                self._stopped(doc, table, "lost")
             self._processing_failed(doc, table, exc)
             return self.get_document(doc.library_id, doc.id)
         for old_id in self._meta.older_versions(doc):
-            self._meta.delete_document(old_id)
+            self._meta.delete_document(old_id, self.token)
             self._erase([("document", old_id, doc.library_id)])
         with self._lock:
             chunk_table.maintain_fts(table)
         return self.get_document(doc.library_id, doc.id)
 
+    def _claim(self, doc: DocumentInfo) -> None:
+        """Own ``doc``'s ingestion ('in_progress'), unless another live process has it queued
+        or under way (`DocumentBusy`); compare-and-set, so of two processes one wins."""
+        while True:
+            seen = self._meta.holder(doc.id)
+            if seen is None:
+                raise self._deleted_meanwhile(doc)
+            status, owner = seen
+            if status in ("todo", "in_progress") and not self._mine_or_dead(owner):
+                raise DocumentBusy(
+                    f"Document {doc.name!r} ({doc.id}) is being processed by another server "
+                    "sharing these libraries.")
+            if self._meta.claim_document(doc.id, self.token, seen):
+                return
+
     def _checkpoint(self, doc_id: str) -> Callable[[str], None]:
-        """``check(stage)``: raises `_Stop` when the document is gone (or the store is
-        stopping), then calls `on_stage`."""
+        """``check(stage)``: raises `_Stop` when the document is gone, no longer this store's
+        (or the store is stopping), then calls `on_stage`."""
 
         def check(stage: str) -> None:
             if self._stopping.is_set():
-                raise _Stop(deleted=False)
-            if self._meta.status(doc_id) is None:
-                raise _Stop(deleted=True)
+                raise _Stop("interrupted")
+            holder = self._meta.holder(doc_id)
+            if holder is None:
+                raise _Stop("deleted")
+            if holder[1] != self.token:
+                raise _Stop("lost")
             if self.on_stage is not None:
                 self.on_stage(stage, doc_id)
 
         return check
 
-    def _stopped(self, doc: DocumentInfo, table: Any, deleted: bool) -> NoReturn:
+    def _stopped(self, doc: DocumentInfo, table: Any, why: str) -> NoReturn:
         """An ingestion stopped early. Deleted: remove whatever this run wrote (chunks, text;
         the upload itself is the erasure's to remove and count) and raise `DocumentNotFound`.
-        Interrupted: drop this run's chunks and leave the document 'todo' for the next start."""
+        Interrupted: drop this run's chunks and leave the document 'todo' (anybody's) for the
+        next start. Lost (another process took it over, this one presumed dead): touch
+        nothing, the chunks are the new owner's."""
+        if why == "lost":
+            raise DocumentBusy(
+                f"Document {doc.name!r} ({doc.id}) was taken over by another server sharing "
+                "these libraries; this server left it to it.")
         table.delete(f"document_id = {sql_str(doc.id)}")
-        if not deleted:
-            self._meta.update_document(doc.id, status="todo", error=None)
+        if why == "interrupted":
+            self._meta.update_document(doc.id, held_by=self.token, status="todo", error=None)
             raise DocumentNotFound(
                 f"Processing of {doc.name!r} was interrupted; it is queued again at the next "
                 "start."
@@ -434,7 +557,8 @@ class LibraryStore:
             table.delete(f"document_id = {sql_str(doc.id)}")
         finally:
             self._meta.update_document(
-                doc.id, status="error", error=message, nb_chunks=0, tokens_processing_total=0
+                doc.id, held_by=self.token, status="error", error=message, nb_chunks=0,
+                tokens_processing_total=0,
             )
 
     def list_documents(
@@ -456,9 +580,18 @@ class LibraryStore:
         return self._meta.documents(lib.id, search, offset, limit, order)
 
     def unfinished(self) -> list[tuple[str, str]]:
-        """(library id, document id) of every document 'todo' or 'in_progress' (left so by
-        a stopped server, or queued), oldest first."""
-        return self._meta.unfinished()
+        """(library id, document id) of every document 'todo' or 'in_progress' that no live
+        process owns (left so by a stopped server, or queued by this store), oldest first;
+        those another live server has queued or is ingesting are its own."""
+        alive: dict[str, bool] = {}
+        out = []
+        for lib_id, doc_id, owner in self._meta.unfinished():
+            if owner is not None and owner not in alive:
+                alive[owner] = not self._mine_or_dead(owner)
+            if owner is None or not alive[owner]:
+                out.append((lib_id, doc_id))
+        self._meta.prune_owners(self.alive)
+        return out
 
     def get_document(self, library: str, doc_id: str) -> DocumentInfo:
         """A document by id (or, failing that, by name) in a library."""
@@ -521,7 +654,8 @@ class LibraryStore:
         """Delete a document, its chunks, its stored bytes and extracted text; a running or
         queued ingestion of it stops at its next check and leaves nothing behind."""
         doc = self.get_document(library, doc_id)
-        self._meta.delete_document(doc.id)  # from here on, invisible (search, lists, API)
+        # from here on, invisible (search, lists, API)
+        self._meta.delete_document(doc.id, self.token)
         chunks, nbytes = self._erase([("document", doc.id, doc.library_id)])
         return Erasure(doc.library_id, [doc.id], chunks, nbytes)
 
@@ -547,8 +681,11 @@ class LibraryStore:
 
     def finish_erasures(self) -> Erasure | None:
         """Finish the erasures a crash interrupted (their rows are gone, their chunks or files
-        may not be); None when there were none."""
-        items = self._meta.pending_erasures()
+        may not be): those whose owner is dead, and this store's own left unfinished (not
+        another live server's, under way); None when there were none."""
+        if not self._meta.pending_erasures():
+            return None
+        items = self._meta.claim_erasures(self.token, self.alive)
         if not items:
             return None
         chunks, nbytes = self._erase(items)
@@ -556,6 +693,12 @@ class LibraryStore:
         log.info("finished %d interrupted erasures (%d chunks, %d bytes)", len(items), chunks,
                  nbytes)
         return Erasure(items[0][2], docs, chunks, nbytes)
+
+    def interrupted_erasures(self) -> int:
+        """Erasures not finished whose owner is gone (or this store): not one a live server
+        is doing right now."""
+        return sum(1 for *_, owner in self._meta.pending_erasures()
+                   if self._mine_or_dead(owner))
 
     def _remove_files(self, doc_id: str, upload: bool = True) -> int:
         """Remove a document's stored bytes (unless not ``upload``) and extracted text;
@@ -584,7 +727,7 @@ class LibraryStore:
 
         with self._lock, warnings.catch_warnings():
             warnings.simplefilter("ignore")  # LanceDB warns about keep=0 and concurrent readers
-            table.optimize(cleanup_older_than=keep)
+            retry_conflicts(lambda: table.optimize(cleanup_older_than=keep))
 
     def verify(self, fix: bool = False) -> VerifyReport:
         """Check that the chunk table and the stored files agree with the metadata; with

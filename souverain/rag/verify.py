@@ -1,9 +1,10 @@
 """`LibraryStore.verify`: do the chunk table and the stored files agree with the metadata?
 
-The metadata (``meta.sqlite``) is the source of truth. Inconsistent are: chunks whose document
+The metadata (``meta.sqlite``, or the shared ``--libraries-db``) is the source of truth. Inconsistent are: chunks whose document
 (or library) row does not exist, 'done' documents whose chunk count differs from their rows in
 the table or whose extracted text is missing, files under ``files/`` that belong to no
-document, documents whose uploaded bytes are missing, and erasures a crash interrupted.
+document, documents whose uploaded bytes are missing, and erasures a crash interrupted (not
+those another live server sharing the libraries is doing right now).
 
 ``fix`` removes the orphans (chunks, files), finishes the erasures and resets 'done' documents
 with missing or miscounted chunks (or missing text) to 'todo', their chunks dropped: whoever
@@ -77,12 +78,12 @@ class VerifyReport:
 def verify(store: LibraryStore, fix: bool = False) -> VerifyReport:
     """See the module docstring."""
     meta = store._meta
-    pending = meta.pending_erasures()
+    pending = store.interrupted_erasures()
     if fix and pending:
         store.finish_erasures()
     docs = {d.id: d for d in meta.all_documents()}
     libraries = meta.library_ids()
-    report = VerifyReport(documents=len(docs), pending_erasures=0 if fix else len(pending))
+    report = VerifyReport(documents=len(docs), pending_erasures=0 if fix else pending)
     rows = _chunk_rows(store)
     report.chunks = sum(rows.values())
     per_doc: Counter[str] = Counter()

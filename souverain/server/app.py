@@ -80,6 +80,11 @@ class ServerConfig:
     default_temperature: float = 0.7
     data_dir: Path | None = None  # document libraries live under data_dir/libraries
     libraries: bool = True  # the Libraries API and the document_library tool
+    # where document bytes and the chunk table live (None: data_dir/libraries), and their
+    # metadata database URL (None: sqlite in that folder); shared storage + one PostgreSQL
+    # let several servers share the libraries
+    libraries_dir: Path | None = None
+    libraries_db: str | None = None
     max_upload_bytes: int = 100 * MiB  # one document upload (multipart) at most
     embed_model: str | None = "souverain-embed"  # POST /v1/embeddings; None = none served
     audit: AuditLog | None = None  # one JSON line per call (souverain.audit)
@@ -152,7 +157,8 @@ def _init_state(app: FastAPI, registry: ModelRegistry, config: ServerConfig) -> 
     admission = AdmissionQueue(config.max_pending)
     limiter = (RateLimiter(config.rate_limit_rpm, config.rate_limit_tpm)
                if config.rate_limit_rpm or config.rate_limit_tpm else None)
-    library_service = (LibraryService(libraries_dir(config.data_dir), config.embed_model)
+    library_service = (LibraryService(config.libraries_dir or libraries_dir(config.data_dir),
+                                      config.embed_model, config.libraries_db)
                        if config.libraries else None)
     jobs = JobStore(config.jobs_db, config.data_dir) if config.finetune else None
     # the lifecycle rows live in the jobs database (shared by the servers on it), else in a

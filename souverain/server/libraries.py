@@ -11,6 +11,11 @@ Deleting a document drops its queued ingestion, and a running one stops at its n
 `souverain.rag.store`); a purge some time after an erasure removes the deleted text from the
 chunk table's files. Signed URLs do not apply to a server on your own machine and are not
 offered.
+
+Several servers may share one set of libraries (``--libraries-dir`` on shared storage,
+``--libraries-db`` a shared PostgreSQL): each ingests the documents uploaded through it, and at
+start, then every `ADOPT_EVERY_S`, takes over only the documents and erasures whose owner died
+(see `souverain.rag.store`), never those another live server has queued or under way.
 """
 
 from __future__ import annotations
@@ -32,6 +37,10 @@ if TYPE_CHECKING:
     from souverain.rag.store import Erasure, LibraryStore
 
 log = logging.getLogger("souverain.server.libraries")
+
+# How often a server looks for documents and erasures left by a server that died (sharing the
+# libraries with this one) and takes them over.
+ADOPT_EVERY_S = 60.0
 
 # mistralai's legacy `processing_status` strings next to the current `process_status`
 LEGACY_STATUS = {"todo": "Pending", "in_progress": "Running", "done": "Completed",
@@ -133,9 +142,17 @@ class LibraryService:
     thread that processes uploads in order (parsing and embedding are CPU-bound; one at a time
     leaves the other cores to generation)."""
 
-    def __init__(self, root: Path | None = None, embed_model: str | None = None):
+    def __init__(self, root: Path | None = None, embed_model: str | None = None,
+                 db_url: str | None = None):
+        """``root``: the libraries folder (document bytes, chunk table); ``db_url``: the
+        metadata database (default: SQLite under ``root``), opened now: a bad or unreachable
+        one is a `RAGError` at start, not at the first request."""
+        from souverain.paths import libraries_dir
+        from souverain.rag.library_db import LibraryDB, default_url
+
         self.root = root
         self.embed_model = embed_model
+        self.db = LibraryDB(db_url or default_url(root or libraries_dir()))
         self._store: LibraryStore | None = None
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="souverain-ingest")
@@ -144,6 +161,7 @@ class LibraryService:
         self._purge_timer: threading.Timer | None = None
         self._last_erasure = 0.0
         self._closed = False
+        self._adopting = threading.Event()  # set: the periodic take-over stops
 
     @property
     def store(self) -> LibraryStore:
@@ -152,7 +170,7 @@ class LibraryService:
                 from souverain.rag.store import LibraryStore
 
                 # the embedder loads on the first upload or search, not to list libraries
-                store = LibraryStore(self.root, self.embed_model)
+                store = LibraryStore(self.root, self.embed_model, self.db)
                 try:
                     store.finish_erasures()
                 except Exception:  # still recorded (and invisible): the next start retries
@@ -172,18 +190,39 @@ class LibraryService:
                 self._purge_later()
             except Exception:  # the first request that needs them tries again, and says why
                 log.exception("could not open the document libraries at start")
+            threading.Thread(target=self._adopt_loop, name="souverain-libraries-adopt",
+                             daemon=True).start()
 
         thread = threading.Thread(target=run, name="souverain-libraries-start", daemon=True)
         thread.start()
         return thread
 
     def _requeue(self, store: LibraryStore) -> None:
-        """Documents a stopped server left 'todo' or 'in_progress' are processed again."""
-        unfinished = store.unfinished()
+        """Documents a stopped server left 'todo' or 'in_progress' are processed again (not
+        those another live server sharing the libraries owns)."""
+        with self._queued_lock:
+            queued = set(self._queued)
+        unfinished = [(lib, doc) for lib, doc in store.unfinished() if doc not in queued]
         for library_id, document_id in unfinished:
             self.schedule(library_id, document_id, store)
         if unfinished:
             log.info("queued %d documents left unprocessed", len(unfinished))
+
+    def _adopt_loop(self) -> None:
+        while not self._adopting.wait(ADOPT_EVERY_S):
+            self._adopt()
+
+    def _adopt(self) -> None:
+        """Take over what a server sharing these libraries left when it died: its erasures,
+        then its documents."""
+        store = self._store
+        if store is None or self._closed:
+            return
+        try:
+            store.finish_erasures()
+            self._requeue(store)
+        except Exception:
+            log.exception("could not take over the work of a stopped server")
 
     def add_upload(self, library_id: str, data: bytes, name: str, mime: str | None) -> Any:
         """Store an uploaded document and queue its processing (blocking: call it on a worker
@@ -274,6 +313,7 @@ class LibraryService:
     def shutdown(self) -> None:
         """Stop: queued ingestions are dropped, a running one stops at its next check (its
         document stays 'todo' and is processed again at the next start)."""
+        self._adopting.set()
         with self._queued_lock:
             self._closed = True
             if self._purge_timer is not None:
