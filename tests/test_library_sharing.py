@@ -174,6 +174,7 @@ def test_work_of_a_live_owner_is_left_alone_and_a_dead_ones_taken_over(
     # an erasure A records is A's to finish while A lives; once, by one other store after
     a._meta.delete_document(a.register_document(lib.id, b"x", "x.txt").id, a.token)
     assert b.interrupted_erasures() == 0 and b.finish_erasures() is None
+    assert a.finish_erasures(mine=False) is None  # (the periodic take-over: not its own)
     a.close()  # a clean stop: queued documents and erasures are anybody's
     assert b.unfinished() == [(lib.id, doc.id)]
     c = LibraryStore(root, "unused-embedder", db=db_url)

@@ -524,15 +524,16 @@ class LibraryDB:
                              .order_by(e.c.requested_at, e.c.id)).all()
         return [(r[0], r[1], r[2], r[3]) for r in rows]
 
-    def claim_erasures(self, owner: str, alive: Callable[[str], bool]
+    def claim_erasures(self, owner: str, alive: Callable[[str], bool], own: bool = True
                        ) -> list[tuple[str, str, str]]:
-        """Take over the erasures whose owner is gone (or ``owner``'s own, left unfinished):
+        """Take over the erasures whose owner is gone (or, with ``own``, ``owner``'s own, left
+        unfinished; ``alive(owner)`` must then say True):
         (kind, id, library id) of those taken; one compare-and-set each on its owner, so of
         two processes finishing erasures, each takes a different one."""
         e = erasures_t
         out = []
         for kind, i, lib, was in self.pending_erasures():
-            if was is not None and was != owner and alive(was):
+            if was is not None and (was != owner or not own) and alive(was):
                 continue  # under way in a live process
             with self.tx() as c:
                 res = c.execute(e.update().where(

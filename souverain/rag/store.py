@@ -679,13 +679,13 @@ class LibraryStore:
         self._meta.erasure_done(i for _, i, _ in items)
         return chunks, nbytes
 
-    def finish_erasures(self) -> Erasure | None:
+    def finish_erasures(self, mine: bool = True) -> Erasure | None:
         """Finish the erasures a crash interrupted (their rows are gone, their chunks or files
-        may not be): those whose owner is dead, and this store's own left unfinished (not
-        another live server's, under way); None when there were none."""
+        may not be): those whose owner is dead, and (``mine``) this store's own left
+        unfinished; never another live server's, under way. None when there were none."""
         if not self._meta.pending_erasures():
             return None
-        items = self._meta.claim_erasures(self.token, self.alive)
+        items = self._meta.claim_erasures(self.token, self.alive, own=mine)
         if not items:
             return None
         chunks, nbytes = self._erase(items)

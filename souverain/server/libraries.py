@@ -219,7 +219,7 @@ class LibraryService:
         if store is None or self._closed:
             return
         try:
-            store.finish_erasures()
+            store.finish_erasures(mine=False)  # (this server's own are under way)
             self._requeue(store)
         except Exception:
             log.exception("could not take over the work of a stopped server")
