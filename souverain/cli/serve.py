@@ -7,9 +7,12 @@ command.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable
+from contextvars import ContextVar
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -170,6 +173,35 @@ MaxModelLenOpt = typer.Option(
 MaxNumSeqsOpt = typer.Option(64, "--max-num-seqs", min=1,
                              help="Sequences decoded together in one batch.")
 LogLevelOpt = typer.Option("info", "--log-level", help="debug, info, warning, error.")
+ReplicasOpt = typer.Option(
+    1, "--replicas", min=1,
+    help="Serve the same API from N replicas on Ray Serve behind this one address: a local "
+         "Ray instance, or the cluster of --ray-address. Requests sharing a prompt prefix go "
+         "to the replica holding it in its cache; keys, jobs, libraries and rate limits are "
+         "shared; /metrics shows every replica, labelled. A replica that dies is restarted.")
+RayAddressOpt = typer.Option(
+    None, "--ray-address",
+    help="Run the replicas on this Ray cluster (auto, or HOST:6379 of `ray start --head`) "
+         "instead of a local instance; share --data-dir storage and a PostgreSQL --jobs-db "
+         "between its machines.")
+ReplicaCpusOpt = typer.Option(
+    None, "--replica-cpus", min=0.0,
+    help="CPUs Ray reserves for each replica (default: --threads, or this machine's cores "
+         "divided among the replicas).")
+
+
+class ReplicaHook:
+    """How a replica of `--replicas` runs `serve`: with the data-folder lock it already holds,
+    a say in the `ServerConfig` (the shared rate limiter), and the app handed back to it
+    instead of run by uvicorn."""
+
+    def __init__(self, lock: DataDirLock, configure: Callable[[ServerConfig], None]):
+        self.lock = lock
+        self.configure = configure
+        self.app: Any = None
+
+
+REPLICA_HOOK: ContextVar[ReplicaHook | None] = ContextVar("souverain_replica_hook", default=None)
 
 
 def _default_name(model: str) -> str:
@@ -411,6 +443,9 @@ def serve(
     max_num_seqs: int = MaxNumSeqsOpt,
     speculative: str | None = SpeculativeOpt,
     num_speculative_tokens: int = SpecTokensOpt,
+    replicas: int = ReplicasOpt,
+    ray_address: str | None = RayAddressOpt,
+    replica_cpus: float | None = ReplicaCpusOpt,
     log_level: str = LogLevelOpt,
 ) -> None:
     """Serve La Plateforme's HTTP API (chat completions, FIM, models, metrics) on this machine.
@@ -426,12 +461,20 @@ def serve(
           --api-keys-file keys.txt --host 0.0.0.0 --quantization int8
       souverain serve --model codestral=/models/codestral.gguf --lazy --memory-budget-gib 12
       souverain serve /models/mistral-7b --lora-modules support=runs/support/checkpoints/final
+      souverain serve --replicas 2 --data-dir /srv/souverain   # 2 replicas on a local Ray
     """
+    opts = dict(locals())  # every flag, as given (what --replicas hands each replica)
+    hook = REPLICA_HOOK.get()
+    if hook is None and (replicas > 1 or ray_address):
+        with user_errors():
+            serve_replicas(opts)
+        return
     with user_errors():
         # one server per data folder, checked before anything is imported or loaded (held
         # until exit)
-        lock = hold_data_dir(data_dir, host, port, libraries=libraries, finetune=finetune,
-                             audit=audit and not audit_log)
+        lock = hook.lock if hook is not None else hold_data_dir(
+            data_dir, host, port, libraries=libraries, finetune=finetune,
+            audit=audit and not audit_log)
         from souverain.engine.config import EngineConfig
         from souverain.server.app import create_app
         from souverain.server.registry import ModelRegistry, lora_module
@@ -465,13 +508,113 @@ def serve(
         config.console = console
         if finetune:  # the release gate of the jobs that carry an evaluation policy
             config.gate_keeper = release_gate(host, port, config, served)
+        if hook is not None:
+            hook.configure(config)
         logging.basicConfig(level=log_level.upper(),
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         if not lazy:
             for m in served:
                 load_now(registry, m)
         app = create_app(registry, config)
+        if hook is not None:  # a replica: Ray Serve runs the app (souverain.server.replicas)
+            hook.app = app
+            return
         announce(served, host, port, config, api_keys_file)
         run_uvicorn(app, host, port, log_level)
         if lock is not None:
             lock.release()
+
+
+# -- --replicas: the same server on Ray Serve (souverain.server.replicas) ----------------------
+def serve_replicas(opts: dict[str, Any]) -> None:
+    """`serve --replicas N [--ray-address A]`: hold DATA_DIR, deploy N replicas of this very
+    command (each in DATA_DIR/replicas/<slot>, sharing the jobs database, the libraries and
+    the rate limits) behind one address, and wait for SIGINT/SIGTERM."""
+    from souverain.paths import data_home
+    from souverain.server import replicas as rs
+
+    n, address = opts["replicas"], opts["ray_address"]
+    root = Path(opts["data_dir"]).expanduser() if opts["data_dir"] else data_home()
+    lock = hold_data_dir(str(root), opts["host"], opts["port"], libraries=True,
+                         finetune=True, audit=True)
+    assert lock is not None  # (it writes there)
+    shared = dict(opts, replicas=1, ray_address=None, replica_cpus=None)
+    if address is None:  # one machine: its cores divided among the replicas
+        shared["threads"] = opts["threads"] or max(1, (os.cpu_count() or 1) // n)
+    if address is not None:  # machines share no SQLite file: PostgreSQL, shared storage
+        if (opts["finetune"] or opts["batch"]) and \
+                not str(opts["jobs_db"] or "").startswith("postgresql"):
+            raise SouverainError(
+                "Replicas on a Ray cluster share fine-tuning and batch jobs through one "
+                "database: pass --jobs-db postgresql+psycopg://USER:PASS@HOST/DB (or "
+                "--no-finetune --no-batch).")
+        if opts["libraries"] and not (
+                str(opts.get("libraries_db") or "").startswith("postgresql")
+                and opts.get("libraries_dir")):
+            raise SouverainError(
+                "Replicas on a Ray cluster share document libraries through one metadata "
+                "database and one folder: pass --libraries-db postgresql+psycopg://... and "
+                "--libraries-dir on storage every machine mounts (or --no-libraries).")
+    if shared["jobs_db"] is None:
+        (root / "finetune").mkdir(parents=True, exist_ok=True)
+        shared["jobs_db"] = f"sqlite:///{root / 'finetune' / 'jobs.sqlite'}"
+    if "libraries_dir" in shared and shared["libraries_dir"] is None:
+        shared["libraries_dir"] = str(root / "libraries")
+    cpus = opts["replica_cpus"] if opts["replica_cpus"] is not None \
+        else float(shared["threads"] or 1)
+    plan = rs.ReplicaPlan(
+        replicas=n, build=partial(replica_app, shared, str(root)), host=opts["host"],
+        port=opts["port"], ray_address=address, cpus_per_replica=cpus,
+        max_ongoing_requests=opts["max_pending"], rate_limit_rpm=opts["rate_limit_rpm"],
+        rate_limit_tpm=opts["rate_limit_tpm"])
+    where = f"the Ray cluster at {address}" if address else "a local Ray instance"
+    err.print(f"[bold]souverain[/] starting {n} replica(s) on {where} "
+              f"({cpus:g} CPU(s) each; data folder {root})")
+    try:
+        rs.deploy(plan)
+        err.print(f"[bold]souverain[/] {n} replica(s) serving on "
+                  f"http://{opts['host']}:{opts['port']} (metrics of every replica: /metrics)")
+        rs.wait_forever()
+    except RuntimeError as exc:  # a replica that could not start: its error is logged above
+        raise SouverainError(f"The replicas did not start: {str(exc).splitlines()[0]}") \
+            from None
+    finally:
+        rs.shutdown(local=address is None)
+        lock.release()
+
+
+def replica_app(opts: dict[str, Any], root: str) -> tuple[Any, Any, str]:
+    """In a replica: the first free DATA_DIR/replicas/<slot> (its lock held), then `serve` with
+    these flags there, its app handed back (not run); returns (app, lock, folder)."""
+    import typer as _typer
+
+    from souverain.paths import DataDirInUse, DataDirLock
+    from souverain.server import replicas as rs
+
+    for slot in range(1024):
+        folder = Path(root) / "replicas" / str(slot)
+        try:
+            lock = DataDirLock(folder, url=f"http://{opts['host']}:{opts['port']}")
+            break
+        except DataDirInUse:
+            continue
+    else:
+        raise SouverainError(f"Every replica folder under {root}/replicas is in use.")
+
+    def configure(config: ServerConfig) -> None:
+        config.rate_limiter = rs.shared_limiter(opts["rate_limit_rpm"], opts["rate_limit_tpm"])
+
+    hook = ReplicaHook(lock, configure)
+    token = REPLICA_HOOK.set(hook)
+    try:
+        serve(**dict(opts, data_dir=str(folder)))
+    except _typer.Exit as exc:
+        lock.release()
+        raise RuntimeError(f"the replica could not start (exit code {exc.exit_code}); its "
+                           "error is in the log above") from None
+    finally:
+        REPLICA_HOOK.reset(token)
+    if hook.app is None:
+        lock.release()
+        raise RuntimeError("the replica built no app")
+    return hook.app, lock, str(folder)

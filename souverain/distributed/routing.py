@@ -167,6 +167,12 @@ class _Replicas:
         k = self._turn % len(candidates)
         return candidates[k:] + candidates[:k]
 
+    def begin(self, replica: str) -> None:
+        """A request went to `replica` without `choose` picking it (the caller's fallback):
+        one more in flight there until its `finish`."""
+        with self._lock:
+            self._get(replica).in_flight += 1
+
     def finish(self, replica: str) -> None:
         """A request routed to `replica` ended (answered, failed or cancelled)."""
         with self._lock:

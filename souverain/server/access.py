@@ -27,7 +27,7 @@ async def authorize(request: Request) -> KeyInfo | None:
     key = await authorize_unmetered(request)
     limiter = state.limiter(request)
     if limiter is not None:
-        wait = limiter.check_request(bucket(key))
+        wait = await limiter.check_request_async(bucket(key))
         if wait is not None:
             seconds = max(1, math.ceil(wait))
             raise APIError(429, f"Rate limit reached for this API key; retry in {seconds} s.",

@@ -77,6 +77,9 @@ class ServerConfig:
     max_request_bytes: int = 4 * MiB
     rate_limit_rpm: float | None = None
     rate_limit_tpm: float | None = None
+    # a limiter shared with other replicas (`souverain.server.replicas.RemoteRateLimiter`),
+    # used instead of this server's own buckets
+    rate_limiter: RateLimiter | None = None
     default_temperature: float = 0.7
     data_dir: Path | None = None  # document libraries live under data_dir/libraries
     libraries: bool = True  # the Libraries API and the document_library tool
@@ -155,8 +158,9 @@ def _init_state(app: FastAPI, registry: ModelRegistry, config: ServerConfig) -> 
     for m in registry.models:
         metrics.add_engine_source(m.name, _engine_stats(m))
     admission = AdmissionQueue(config.max_pending)
-    limiter = (RateLimiter(config.rate_limit_rpm, config.rate_limit_tpm)
-               if config.rate_limit_rpm or config.rate_limit_tpm else None)
+    limiter = config.rate_limiter
+    if limiter is None and (config.rate_limit_rpm or config.rate_limit_tpm):
+        limiter = RateLimiter(config.rate_limit_rpm, config.rate_limit_tpm)
     library_service = (LibraryService(config.libraries_dir or libraries_dir(config.data_dir),
                                       config.embed_model, config.libraries_db)
                        if config.libraries else None)

@@ -132,6 +132,10 @@ class RateLimiter:
                 b.requests -= 1.0
             return None
 
+    async def check_request_async(self, key_id: str) -> float | None:
+        """`check_request` for the event loop (a shared limiter awaits its actor here)."""
+        return self.check_request(key_id)
+
     def charge_tokens(self, key_id: str, n: int) -> None:
         """Charge ``n`` tokens (prompt + completion) used by a finished request; may overdraw."""
         if not self.tokens_per_minute or n <= 0:
