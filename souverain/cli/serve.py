@@ -530,10 +530,15 @@ def serve_replicas(opts: dict[str, Any]) -> None:
     """`serve --replicas N [--ray-address A]`: hold DATA_DIR, deploy N replicas of this very
     command (each in DATA_DIR/replicas/<slot>, sharing the jobs database, the libraries and
     the rate limits) behind one address, and wait for SIGINT/SIGTERM."""
+    n, address = opts["replicas"], opts["ray_address"]
+    if address is not None and "RAY_AUTH_MODE" not in os.environ and (
+            os.environ.get("RAY_AUTH_TOKEN") or (Path.home() / ".ray" / "auth_token").exists()):
+        # a cluster with token authentication (Ray's default): present its token, which Ray
+        # reads when it is imported (just below), not when it connects
+        os.environ["RAY_AUTH_MODE"] = "token"
     from souverain.paths import data_home
     from souverain.server import replicas as rs
 
-    n, address = opts["replicas"], opts["ray_address"]
     root = Path(opts["data_dir"]).expanduser() if opts["data_dir"] else data_home()
     lock = hold_data_dir(str(root), opts["host"], opts["port"], libraries=True,
                          finetune=True, audit=True)
