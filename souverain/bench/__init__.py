@@ -14,6 +14,9 @@ reports. Importing this package (or `souverain.bench.command`) does not import t
 - workload.py: the seeded prompts, identical for every engine
 - bytes_per_token.py: bytes of weights read per token (a GGUF file or a torch model)
 - report.py: the table (rich or Markdown) and its notes
+- capacity.py: `souverain plan predict`'s model (a profile + a target load -> replicas,
+  ranks, machines, predicted figures, assumptions); capacity_measure.py: `plan measure` (one
+  replica's curve and memory figures, in process)
 - mistral_1b.py: the random ~1B Mistral-shaped checkpoint (HF folder + GGUF files), once
 - formats.py: format conventions shared with tests/checkpoints.py (q/k permutation, GGUF
   names and metadata, SentencePiece vocabulary)

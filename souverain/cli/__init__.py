@@ -10,6 +10,7 @@
   batch.py     batch run (a file of batch requests, offline, at full batch)
   eval.py      eval moderation (evaluation suites over a server's API)
   doctor.py    doctor (egress, data folders, versions)
+  plan.py      plan measure|predict (capacity planning: a replica's curve -> a deployment)
   bench        `souverain.bench.command.bench_app`, registered here
   common.py    consoles, shared options, `user_errors` (user error -> one sentence, exit 2)
 
@@ -31,6 +32,7 @@ from souverain.cli.finetune import finetune_app
 from souverain.cli.keys import keys_app
 from souverain.cli.library import library_app
 from souverain.cli.models import models_app
+from souverain.cli.plan import plan_app
 from souverain.cli.run import ask, chat, generate, inspect
 from souverain.cli.serve import serve
 
@@ -65,6 +67,7 @@ app.add_typer(library_app, name="library")
 app.add_typer(finetune_app, name="finetune")
 app.add_typer(batch_app, name="batch")
 app.add_typer(eval_app, name="eval")
+app.add_typer(plan_app, name="plan")
 
 
 def main() -> None:
