@@ -100,6 +100,29 @@ def test_engine_on_two_ranks_matches_one_process(tiny_mixtral, one_rank) -> None
         assert [t for t, _ in a.top] == [t for t, _ in b.top]
 
 
+def test_ranks_as_ray_actors_match_one_process(tiny_mixtral, one_rank) -> None:
+    """The same scenario with the two ranks as Ray actors (a local Ray instance: on a cluster
+    Ray places them on any machines), rendezvous at rank 0's node: the same tokens."""
+    import dataclasses
+
+    import ray
+
+    ref, ref_stats = one_rank
+    config = dataclasses.replace(_engine_config(2), tensor_parallel_ray="local")
+    engine = LLMEngine(str(tiny_mixtral["consolidated"]), config)
+    try:
+        assert engine.model is None and len(engine.runner.tp.actors) == 2
+        got = _drive(engine)
+        stats = engine.stats()
+    finally:
+        engine.close()
+        ray.shutdown()
+    for key in ("preemptions", "prefix_cache_hits"):
+        assert stats[key] == ref_stats[key], key
+    for rid in ARRIVALS:
+        assert got[rid][0] == ref[rid][0], rid
+
+
 # --------------------------------------------------------------------------------------
 # souverain serve --tensor-parallel 2, through the SDKs
 # --------------------------------------------------------------------------------------

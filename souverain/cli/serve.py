@@ -183,7 +183,8 @@ RayAddressOpt = typer.Option(
     None, "--ray-address",
     help="Run the replicas on this Ray cluster (auto, or HOST:6379 of `ray start --head`) "
          "instead of a local instance; share --data-dir storage and a PostgreSQL --jobs-db "
-         "between its machines.")
+         "between its machines. With --tensor-parallel K and one replica: this server, its K "
+         "ranks Ray actors on that cluster (local: a Ray instance on this machine).")
 ReplicaCpusOpt = typer.Option(
     None, "--replica-cpus", min=0.0,
     help="CPUs Ray reserves for each replica (default: --threads, or this machine's cores "
@@ -465,7 +466,9 @@ def serve(
     """
     opts = dict(locals())  # every flag, as given (what --replicas hands each replica)
     hook = REPLICA_HOOK.get()
-    if hook is None and (replicas > 1 or ray_address):
+    # --ray-address: the replicas on that cluster; with one replica and --tensor-parallel K,
+    # this server with its K ranks as Ray actors there
+    if hook is None and (replicas > 1 or (ray_address and tensor_parallel == 1)):
         with user_errors():
             serve_replicas(opts)
         return
@@ -484,7 +487,9 @@ def serve(
                                 kv_cache_gib=kv_cache_gib, max_model_len=max_model_len,
                                 max_num_seqs=max_num_seqs, speculative=speculative,
                                 num_speculative_tokens=num_speculative_tokens,
-                                tensor_parallel=tensor_parallel)
+                                tensor_parallel=tensor_parallel,
+                                tensor_parallel_ray=ray_address if tensor_parallel > 1
+                                and hook is None else None)
 
         served = served_models(model, name, more_models, engine_config)
         moderation_name = moderation_model_name(served, moderation_model, engine_config)

@@ -48,7 +48,7 @@ from souverain.distributed.worker import (
 )
 from souverain.errors import SouverainError
 
-__all__ = ["LocalTensorParallel", "TPConfig", "free_port", "greedy", "main"]
+__all__ = ["LocalTensorParallel", "RayTensorParallel", "TPConfig", "free_port", "greedy", "main"]
 
 
 @dataclass(frozen=True)
@@ -281,3 +281,112 @@ def main(argv: list[str] | None = None) -> int:
     dist.destroy_process_group()
     return 0
 
+
+
+# -- ranks as Ray actors (any machines of a Ray cluster) ---------------------------------------
+class _RayRank:
+    """One rank as a Ray actor: its node's address, then the process group and its shard,
+    then rank 0 answers `run` while the others `serve` (one call that lasts their life)."""
+
+    def __init__(self, rank: int, config: TPConfig):
+        self.rank, self.config = rank, config
+        self.worker: TPWorker | None = None
+
+    def address(self) -> tuple[str, int]:
+        """Where rank 0 listens for the rendezvous: this node's IP and a free port on it."""
+        import ray
+
+        ip = ray.util.get_node_ip_address()
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((ip, 0))
+            return ip, int(s.getsockname()[1])
+
+    def setup(self, master_addr: str, master_port: int) -> int:
+        """Join the group (every rank's `setup` runs at once), build the shard and the cache;
+        the shard's bytes."""
+        from souverain.models.quantize import quantized_bytes
+
+        config = self.config
+        torch.set_num_threads(config.threads or max(1, (os.cpu_count() or 1) // config.world))
+        device = f"cuda:{self.rank}" if config.device == "cuda" else config.device
+        init_process_group(self.rank, config.world, device=device, master_addr=master_addr,
+                           master_port=master_port, timeout_s=config.timeout_s)
+        self.worker = _build_worker(config, self.rank, device)
+        return int(quantized_bytes(self.worker.model))
+
+    def serve(self) -> int:
+        assert self.worker is not None
+        return self.worker.serve()
+
+    def run(self, step: StepInputs) -> Any:
+        assert self.worker is not None
+        return self.worker.run(step).cpu().numpy()
+
+    def stop(self) -> None:
+        if self.worker is not None:
+            self.worker.stop()
+
+
+class RayTensorParallel:
+    """K ranks as Ray actors, on whichever machines of the cluster Ray places them (a local
+    Ray instance without ``address``), behind the same `run(step) -> logits` / `close` as
+    `LocalTensorParallel`: rank 0's actor is driven by the caller, rank 0 broadcasts each step
+    to the others over gloo (NCCL on GPUs), exactly as under ``torchrun``. Each actor reserves
+    ``threads`` CPUs; a rank that dies makes the next `run` raise instead of hanging."""
+
+    def __init__(self, config: TPConfig, address: str | None = None):
+        import ray
+
+        from souverain import weights
+
+        check_shardable(weights.load(config.model).args, config.world)
+        self.config = config
+        if not ray.is_initialized() and address:
+            ray.init(address=address, namespace="souverain", log_to_driver=True)
+        elif not ray.is_initialized():  # a local instance, for this process's life
+            ray.init(namespace="souverain", include_dashboard=False, log_to_driver=True)
+        threads = config.threads or max(1, (os.cpu_count() or 1) // config.world)
+        rank_cls: Any = ray.remote(_RayRank)
+        self.actors: list[Any] = [rank_cls.options(
+            num_cpus=threads, num_gpus=1 if config.device == "cuda" else 0,
+            name=None, max_restarts=0).remote(r, config) for r in range(config.world)]
+        try:
+            addr, port = ray.get(self.actors[0].address.remote(), timeout=config.timeout_s)
+            sizes = ray.get([a.setup.remote(addr, port) for a in self.actors],
+                            timeout=config.timeout_s)
+        except BaseException:
+            self.close()
+            raise
+        self.shard_bytes: int = int(sizes[0])
+        self._serving = [a.serve.remote() for a in self.actors[1:]]  # until rank 0 stops
+
+    def run(self, step: StepInputs) -> torch.Tensor:
+        import ray
+
+        try:
+            out = ray.get(self.actors[0].run.remote(step), timeout=self.config.timeout_s)
+        except ray.exceptions.RayError as exc:
+            self.close()
+            raise RuntimeError(f"tensor-parallel ranks stopped: {exc}") from None
+        return torch.from_numpy(out)
+
+    def close(self) -> None:
+        """Stop rank 0 (which releases the others), then end every actor."""
+        import ray
+
+        if not getattr(self, "actors", None):
+            return
+        try:
+            ray.get(self.actors[0].stop.remote(), timeout=10)
+        except Exception:
+            pass
+        for a in self.actors:
+            ray.kill(a)
+        self.actors = []
+
+    def __enter__(self) -> RayTensorParallel:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()

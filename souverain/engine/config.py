@@ -39,7 +39,9 @@ class EngineConfig:
     machine (`souverain.distributed`: gloo on the CPU), each holding 1/K of the heads and FFN
     units (and of every Mixtral expert) and a KV cache of its own kv heads; the engine process
     keeps scheduling and sampling, without the weights. K must divide the model's heads, kv
-    heads and FFN size; LoRA adapters are refused.
+    heads and FFN size; LoRA adapters are refused. ``tensor_parallel_ray``: the ranks are Ray
+    actors instead, on the cluster at that address (or "local": a Ray instance this process
+    starts), placed on whichever machines Ray picks.
     """
 
     dtype: str = "auto"
@@ -62,6 +64,7 @@ class EngineConfig:
     speculative_row_cost: float | None = None
     speculative_quantization: str = "none"
     tensor_parallel: int = 1
+    tensor_parallel_ray: str | None = None
 
     def __post_init__(self) -> None:
         checks = [

@@ -39,7 +39,7 @@ from souverain.weights.args import ModelArgs
 from souverain.weights.checkpoint import Checkpoint
 
 if TYPE_CHECKING:
-    from souverain.distributed.launch import LocalTensorParallel
+    from souverain.distributed.launch import LocalTensorParallel, RayTensorParallel
 
 GiB = 1 << 30
 
@@ -86,7 +86,7 @@ class ModelRunner:
                                                                args.head_dim, self.dtype)
         self.model: Transformer | None = None
         self.cache: PagedKVCache | None = None
-        self.tp: LocalTensorParallel | None = None
+        self.tp: LocalTensorParallel | RayTensorParallel | None = None
         if config.tensor_parallel > 1:
             self.device = torch.device("cpu")
             self.num_blocks = self._kv_blocks(config, args, self._weights_estimate(config, args))
@@ -110,17 +110,21 @@ class ModelRunner:
         self.lora_lock = threading.Lock()
 
     def _start_ranks(self, checkpoint: Checkpoint, config: EngineConfig,
-                     threads: int | None) -> LocalTensorParallel:
+                     threads: int | None) -> LocalTensorParallel | RayTensorParallel:
         """K rank processes holding their shards and caches (`CheckpointError` naming the
         sizes that work, before any starts, if the model does not split over K)."""
-        from souverain.distributed.launch import LocalTensorParallel, TPConfig
+        from souverain.distributed.launch import LocalTensorParallel, RayTensorParallel, TPConfig
 
         k = config.tensor_parallel
-        return LocalTensorParallel(TPConfig(
+        tp = TPConfig(
             str(checkpoint.path), world=k, dtype=str(self.dtype).removeprefix("torch."),
             quantization=config.quantization, num_blocks=self.num_blocks,
             block_size=config.block_size,
-            threads=max(1, (config.threads or threads or k) // k)))
+            threads=max(1, (config.threads or threads or k) // k))
+        if config.tensor_parallel_ray is not None:  # ranks as Ray actors
+            address = config.tensor_parallel_ray
+            return RayTensorParallel(tp, address=None if address == "local" else address)
+        return LocalTensorParallel(tp)
 
     def _weights_estimate(self, config: EngineConfig, args: ModelArgs) -> int:
         """What the ranks' weights will take, from the header alone (they load after the
