@@ -471,6 +471,8 @@ class FrontDoor:
                                else stream.__anext__())
                 break
             except (*lost, asyncio.TimeoutError) as exc:
+                with contextlib.suppress(Exception):
+                    stream.cancel()  # (a pinned request its replica never took)
                 log.warning("replica lost under %s %s (attempt %d): %s", fwd.method, fwd.path,
                             attempt + 1, exc)
                 self.lost += 1
