@@ -343,8 +343,9 @@ class RayTensorParallel:
         self.config = config
         if not ray.is_initialized() and address:
             ray.init(address=address, namespace="souverain", log_to_driver=True)
-        elif not ray.is_initialized():  # a local instance, for this process's life
-            ray.init(namespace="souverain", include_dashboard=False, log_to_driver=True)
+        elif not ray.is_initialized():  # a local instance on loopback, for this process's life
+            ray.init(namespace="souverain", include_dashboard=False, log_to_driver=True,
+                     _node_ip_address="127.0.0.1")
         threads = config.threads or max(1, (os.cpu_count() or 1) // config.world)
         rank_cls: Any = ray.remote(_RayRank)
         self.actors: list[Any] = [rank_cls.options(

@@ -622,7 +622,8 @@ def deploy(plan: ReplicaPlan) -> None:
         else:
             cores = os.cpu_count() or 1
             need = plan.replicas * plan.cpus_per_replica
-            ray.init(namespace=NAMESPACE, include_dashboard=False,
+            # this machine only: Ray's ports on loopback, not on the network
+            ray.init(namespace=NAMESPACE, include_dashboard=False, _node_ip_address="127.0.0.1",
                      num_cpus=max(cores, int(need + 0.999)), log_to_driver=True)
     serve.start(http_options={"host": plan.host, "port": plan.port})
     if plan.rate_limit_rpm or plan.rate_limit_tpm:
