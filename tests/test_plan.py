@@ -57,7 +57,8 @@ def test_replicas_grow_with_users_and_are_the_ceiling_of_the_load() -> None:
         # ceil: R replicas hold the load within the planned concurrency, R - 1 would not
         assert res["per_replica"]["concurrency"] <= c_plan + 1e-6
         if replicas > 1:
-            fewer = predict(prof, target(users=users, replicas=replicas - 1))
+            fewer = predict(prof, target(users=users, replicas=replicas - 1,
+                                         replicas_per_machine=res["replicas_per_machine"]))
             assert fewer["per_replica"]["concurrency"] > c_plan
     assert prev > 1
 

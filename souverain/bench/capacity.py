@@ -21,6 +21,8 @@ The model (each assumption is also printed with every prediction, one line each)
   (T_meas threads), capped by the machine's read bandwidth shared by the replicas on it: decode
   is memory-bandwidth bound, so two replicas on one machine each get half of it (the per-
   replica curve would have to be re-measured at cores / N threads; this scales it instead).
+  A machine's bandwidth: ``machine_bandwidth_gbs``, else the profile's measured read bandwidth
+  scaled by threads up to the profiled machine's cores and flat beyond (conservative).
 * Memory of a replica: weights + KV + the runtime's own (RSS after load - weights, measured);
   KV = kv bytes/token x (c x (P_eff + A) + P x F) (one copy of the shared prefix). When it
   exceeds 90 % of a machine's memory, K tensor-parallel ranks (one per machine, K dividing the
@@ -32,7 +34,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -102,7 +104,7 @@ class Target:
     tpot_slo: float | None = None  # seconds, on the p95
     machine_cores: int | None = None  # default: the profile's machine
     machine_memory_gib: float | None = None
-    machine_bandwidth_gbs: float | None = None  # default: the profile's x cores / threads
+    machine_bandwidth_gbs: float | None = None  # default: see predict
     headroom: float = 0.8
     replicas: int | None = None  # evaluate this many instead of sizing
     replicas_per_machine: int | None = None
@@ -224,16 +226,40 @@ def _ranks_for_memory(prof: dict[str, Any], need: float, usable: float,
 
 
 def predict(prof: dict[str, Any], t: Target) -> dict[str, Any]:
-    """The deployment and its predicted figures (see the module docstring)."""
+    """The deployment and its predicted figures (see the module docstring). Sizing (no
+    ``replicas`` nor ``replicas_per_machine``) tries every packing of 1..cores replicas per
+    machine and keeps the one that meets the SLOs on the fewest machines (then the lowest
+    TTFT p95): on a bandwidth-bound machine, more replicas per machine is not more speed."""
     t.check()
     check_profile(prof)
+    if t.replicas is not None or t.replicas_per_machine is not None:
+        return _predict(prof, t)
+    cores = t.machine_cores or int(prof["machine"].get("physical_cores") or prof["threads"])
+    best: dict[str, Any] | None = None
+    for n in range(1, min(cores, 64) + 1):
+        res = _predict(prof, replace(t, replicas_per_machine=n))
+        key = (not res["slo_met"], res["machines"], res["predicted"]["ttft_p95_s"])
+        if best is None or key < (not best["slo_met"], best["machines"],
+                                  best["predicted"]["ttft_p95_s"]):
+            best = res
+        if res["tensor_parallel"] > 1:
+            break  # one rank per machine: packing does not apply
+    assert best is not None
+    return best
+
+
+def _predict(prof: dict[str, Any], t: Target) -> dict[str, Any]:
     machine = prof["machine"]
     t_meas = int(prof["threads"])
     cores = t.machine_cores or int(machine.get("physical_cores") or t_meas)
     mem_bytes = (t.machine_memory_gib * GiB if t.machine_memory_gib
                  else float(machine.get("memory_bytes") or 0) or 16 * GiB)
     bw_meas = float(machine.get("read_gbs") or 0.0)
-    bandwidth = t.machine_bandwidth_gbs or (bw_meas * cores / t_meas if bw_meas else None)
+    prof_cores = int(machine.get("physical_cores") or t_meas)
+    # read bandwidth grows with the threads reading, up to the profiled machine's cores; past
+    # them nothing is known: flat (conservative) unless --machine-bandwidth-gbs says
+    bandwidth = t.machine_bandwidth_gbs or (
+        bw_meas * max(t_meas, min(cores, prof_cores)) / t_meas if bw_meas else None)
     usable = MEMORY_USABLE * mem_bytes
     mem = prof["memory"]
     weights = float(mem["weight_bytes"])
@@ -264,6 +290,8 @@ def predict(prof: dict[str, Any], t: Target) -> dict[str, Any]:
         per_machine, threads = 1, cores
     else:
         per_machine = t.replicas_per_machine or max(1, cores // min(t_meas, cores))
+        if t.replicas is not None and t.replicas_per_machine is None:
+            per_machine = min(per_machine, t.replicas)  # evaluating fewer than fit
         by_memory = max(1, int(usable // replica_bytes))
         if by_memory < per_machine:
             warnings.append(f"memory allows {by_memory} replica(s) per machine, not "
@@ -351,6 +379,11 @@ def assumptions(prof: dict[str, Any], t: Target, threads: int, speed: float, ran
         f"{threads} threads per replica run {speed / max(ranks, 1):.2f}x the profile's speed: "
         "linear in threads, capped by the machine's read bandwidth shared by its replicas "
         "(decode is memory-bandwidth bound); re-measure at cores / N threads to confirm",
+        "machine read bandwidth: " + (f"{t.machine_bandwidth_gbs:g} GB/s as given"
+                                      if t.machine_bandwidth_gbs else
+                                      "the profile's, scaled by threads up to its machine's "
+                                      f"{prof['machine'].get('physical_cores', '?')} cores, "
+                                      "flat beyond (give --machine-bandwidth-gbs)"),
         f"memory: weights + KV (kv bytes/token x tokens in flight, the shared prefix once) + "
         f"runtime (RSS after load - weights); {MEMORY_USABLE:.0%} of a machine's RAM usable",
         f"SLOs on the p95: TTFT <= {t.ttft_slo if t.ttft_slo else 'none'} s, TPOT <= "

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from souverain.bench.bytes_per_token import find_module, torch_bytes_per_token
 from souverain.bench.capacity import PROFILE_VERSION
+from souverain.bench.machine import cpu_seconds, loadavg, others_share
 from souverain.bench.measure import percentile, prefill_rate, rss
 
 if TYPE_CHECKING:
@@ -116,6 +117,7 @@ def measure_profile(model: str, *, quantization: str = "none", dtype: str = "aut
         return [rng.randrange(low, args.vocab_size) for _ in range(n)]
 
     loop = _ClosedLoop(engine)
+    before, own = cpu_seconds(), _own_cpu()
     # warm-up (kernels, allocator, batch shapes): a short level at the highest concurrency
     loop.run_level(max(concurrency), ids, min(prompt_tokens, 16), 4, 1)
     report("prefill", 0, 1)
@@ -129,8 +131,20 @@ def measure_profile(model: str, *, quantization: str = "none", dtype: str = "aut
     prof["curve"] = curve
     prof["memory"]["rss_peak_bytes"] = rss("VmHWM:")
     prof["preemptions"] = engine.stats()["preemptions"]
-    engine.close()
+    engine.close()  # the ranks' CPU time counts as this process's children's once they end
+    # what else ran meanwhile: the curve is only as good as the machine was quiet
+    prof["others_cpu_share"] = others_share(before, cpu_seconds(), _own_cpu() - own)
+    prof["loadavg_after"] = loadavg()
     return prof
+
+
+def _own_cpu() -> float:
+    """CPU seconds of this process and its children (the tensor-parallel ranks)."""
+    import resource
+
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(
+        resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 class _ClosedLoop:

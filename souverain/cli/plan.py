@@ -82,6 +82,10 @@ def measure(
     out.print(f"weights {m['weight_bytes'] / 2**20:.1f} MiB · KV {m['kv_bytes_per_token']} "
               f"bytes/token · RSS after load {m['rss_after_load_bytes'] / 2**20:.0f} MiB · "
               f"read {prof['machine']['read_gbs']:.1f} GB/s · profile: {output}")
+    share = prof.get("others_cpu_share")
+    if share is not None and share > 0.15:
+        err.print(f"[yellow]warning:[/] other processes used {share:.0%} of the CPUs while "
+                  "measuring: the curve is noisy; measure again on a quiet machine")
 
 
 @plan_app.command()
@@ -102,7 +106,8 @@ def predict(
     machine_memory_gib: float | None = typer.Option(None, "--machine-memory-gib"),
     machine_bandwidth_gbs: float | None = typer.Option(
         None, "--machine-bandwidth-gbs",
-        help="Read bandwidth per machine (default: the profile's x cores / threads)."),
+        help="Read bandwidth per machine, GB/s (default: the profile's, scaled by threads "
+             "up to its machine's cores)."),
     headroom: float = typer.Option(0.8, "--headroom",
                                    help="Plan this share of the SLO-bound concurrency."),
     replicas: int | None = typer.Option(None, "--replicas",
