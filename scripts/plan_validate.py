@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from souverain.bench.capacity import Target, load_profile, predict  # noqa: E402
+from souverain.bench.machine import loadavg  # noqa: E402
 from souverain.bench.measure import percentile  # noqa: E402
 from souverain.eval.target import ServerProcess  # noqa: E402
 
@@ -161,6 +162,7 @@ def main() -> None:
         t = time.perf_counter()
         server = ServerProcess(*flags, startup_timeout=600, env={"SOUVERAIN_HOME": data})
         print(f"started in {time.perf_counter() - t:.0f} s at {server.url}", file=sys.stderr)
+    load_before = loadavg()
     try:
         measured = drive(args.url or server.url, args.users, args.requests,  # type: ignore
                          args.prompt_tokens, args.answer_tokens)
@@ -168,6 +170,7 @@ def main() -> None:
         if server is not None:
             server.stop()
     out: dict[str, Any] = {"replicas": args.replicas, "tensor_parallel": args.tensor_parallel,
+                           "loadavg_before_after": [load_before, loadavg()],
                            "measured": measured}
     if args.profile:
         res = predict(load_profile(args.profile), Target(

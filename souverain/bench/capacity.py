@@ -23,7 +23,8 @@ The model (each assumption is also printed with every prediction, one line each)
   replica curve would have to be re-measured at cores / N threads; this scales it instead).
   A machine's bandwidth: ``machine_bandwidth_gbs``, else the profile's measured read bandwidth
   scaled by threads up to the profiled machine's cores and flat beyond (conservative).
-* Memory of a replica: weights + KV + the runtime's own (RSS after load - weights, measured);
+* Memory of a replica: weights + KV + the runtime's own (peak RSS - weights - the KV the
+  measurement used, or RSS after load - weights if larger);
   KV = kv bytes/token x (c x (P_eff + A) + P x F) (one copy of the shared prefix). When it
   exceeds 90 % of a machine's memory, K tensor-parallel ranks (one per machine, K dividing the
   heads and kv heads) each hold 1/K of weights and KV, read 1/K of the weights per step, and pay
@@ -264,7 +265,12 @@ def _predict(prof: dict[str, Any], t: Target) -> dict[str, Any]:
     mem = prof["memory"]
     weights = float(mem["weight_bytes"])
     kvb = float(mem["kv_bytes_per_token"])
-    overhead = max(0.0, float(mem.get("rss_after_load_bytes", 0)) - weights)
+    # the runtime's own memory: peak RSS less weights and the KV the measurement touched
+    # (RSS after load undercounts memory-mapped weights not yet read)
+    touched = kvb * max(p["concurrency"] for p in prof["curve"]) * (
+        prof["prompt_tokens"] + prof["answer_tokens"])
+    overhead = max(0.0, float(mem.get("rss_after_load_bytes", 0)) - weights,
+                   float(mem.get("rss_peak_bytes", 0)) - weights - touched)
     layers = int(prof["model_args"].get("n_layers", 1))
     warnings: list[str] = []
 
@@ -385,7 +391,8 @@ def assumptions(prof: dict[str, Any], t: Target, threads: int, speed: float, ran
                                       f"{prof['machine'].get('physical_cores', '?')} cores, "
                                       "flat beyond (give --machine-bandwidth-gbs)"),
         f"memory: weights + KV (kv bytes/token x tokens in flight, the shared prefix once) + "
-        f"runtime (RSS after load - weights); {MEMORY_USABLE:.0%} of a machine's RAM usable",
+        f"runtime (peak RSS - weights - KV measured); {MEMORY_USABLE:.0%} of a machine's RAM "
+        "usable",
         f"SLOs on the p95: TTFT <= {t.ttft_slo if t.ttft_slo else 'none'} s, TPOT <= "
         f"{t.tpot_slo if t.tpot_slo else 'none'} s; sizing plans {t.headroom:.0%} of the "
         "largest concurrency that meets them",
