@@ -129,6 +129,10 @@ def test_replicas_sharing_a_machine_share_its_speed() -> None:
 def test_bad_profiles_and_targets() -> None:
     with pytest.raises(PlanError, match="no measured concurrency"):
         check_profile({**profile(), "curve": []})
+    twice = profile()
+    twice["curve"][1] = dict(twice["curve"][1], concurrency=1)
+    with pytest.raises(PlanError, match="repeated concurrency"):
+        check_profile(twice)
     with pytest.raises(PlanError, match="users"):
         predict(profile(), target(users=-1))
     with pytest.raises(PlanError, match="prefix-share"):

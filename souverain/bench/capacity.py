@@ -81,6 +81,9 @@ def check_profile(prof: Any, name: str = "the profile") -> None:
                 not isinstance(point.get(k), (int, float)) or point[k] < 0 for k in CURVE_KEYS):
             raise PlanError(f"{name} has a curve point without non-negative "
                             f"{', '.join(CURVE_KEYS)}")
+    levels = [p["concurrency"] for p in curve]
+    if len(set(levels)) != len(levels) or min(levels) < 1:
+        raise PlanError(f"{name} has repeated concurrency levels or one below 1")
     mem = prof["memory"]
     if not isinstance(mem, dict) or not all(
             isinstance(mem.get(k), int) and mem[k] > 0
