@@ -570,3 +570,22 @@ def test_tiny_temperatures_are_greedy_not_nan():
             assert params.greedy and params.make_generator() is None
             assert sample(x, params, None) == int(x.argmax())
     assert not SamplingParams(temperature=1e-5).greedy
+
+
+@pytest.mark.parametrize("penalty", [5e-324, 1e-30, 1e-40])
+@pytest.mark.parametrize("temperature, top_k", [(0, 0), (0.7, 0), (1.0, 5)])
+def test_a_vanishing_repetition_penalty_still_draws_a_seen_token(penalty, temperature, top_k):
+    """Schemathesis's request (POST /v1/chat/completions, repetition_penalty 5e-324) was a
+    500: the penalty is 0 in float32, v / 0 = inf, and the draw indexed past the vocabulary.
+    Any penalty > 0 the API accepts must give a token; this small, it favours the seen tokens
+    whose logits are positive (v / penalty: the largest by far), as the float64 maths says."""
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(3, 3000, generator=g)
+    seen = [7, 11, 2999]
+    logits[:, seen] = torch.tensor([0.5, 1.5, -0.2])
+    p = SamplingParams(temperature=temperature, top_k=top_k, seed=5, repetition_penalty=penalty)
+    tokens, _ = sample_batch(logits, rows_for([p] * 3, [seen] * 3))
+    assert all(0 <= t < 3000 for t in tokens)
+    assert set(tokens) <= {7, 11}, tokens  # the only logits sent to +inf (or float32's max)
+    if temperature == 0:
+        assert tokens == [11, 11, 11] or tokens == [7, 7, 7]

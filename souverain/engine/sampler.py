@@ -60,6 +60,8 @@ class SamplingRow:
     output_token_ids: Sequence[int]
 
 
+_F32_MAX = float(torch.finfo(torch.float32).max)
+
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
            prompt_token_ids: Sequence[int] = (), output_token_ids: Sequence[int] = ()) -> int:
     """One token from a (vocab,) float32 logits row (a batch of one for `sample_batch`)."""
@@ -192,7 +194,9 @@ def _process_(x: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
         pen = _per_row(torch.tensor([params[j].repetition_penalty for j in rep],
                                     dtype=torch.float32), rep, where, V)
         v = flat[where]  # duplicates all get the same new value
-        flat[where] = torch.where(v > 0, v / pen, v * pen)
+        # a penalty as small as 5e-324 is 0 in float32 (and 1e-30 overflows v / pen): keep
+        # the penalised logits finite, so the row still has a largest logit to draw from
+        flat[where] = torch.where(v > 0, v / pen, v * pen).clamp_(-_F32_MAX, _F32_MAX)
     fp = [j for j, p in enumerate(params) if p.frequency_penalty != 0 or p.presence_penalty != 0]
     if fp:
         where, counts = torch.unique(
