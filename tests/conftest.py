@@ -10,9 +10,13 @@ environment so that every process the tests start (``souverain serve`` ...) inst
 
 from __future__ import annotations
 
+import glob
 import os
+import shutil
+import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -78,3 +82,25 @@ def tiny_models(tiny_mistral: dict, tiny_mixtral: dict, tiny_llama: dict) -> dic
     ``hf``/``consolidated``/``pth`` are folders; ``gguf_*`` are files (all three in one folder).
     Compare against ``checkpoints.hf_reference_logits(entry["hf"], ids)`` / ``hf_greedy``."""
     return {"mistral": tiny_mistral, "mixtral": tiny_mixtral, "llama": tiny_llama}
+
+
+# -- PostgreSQL: a real cluster, started by the project's own script ---------------------------
+def _pg_binaries() -> bool:
+    return bool(shutil.which("initdb") or glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+
+
+@pytest.fixture(scope="module")
+def pg_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A PostgreSQL cluster of the test module's own (scripts/postgres.sh on a free port): its
+    SQLAlchemy URL. Skipped, saying how to install it, where the binaries are missing."""
+    if not _pg_binaries():
+        pytest.skip("PostgreSQL binaries (initdb, pg_ctl) are not installed; "
+                    "scripts/postgres.sh installs the postgresql package and starts a cluster")
+    d = tmp_path_factory.mktemp("pg")
+    script = str(Path(__file__).resolve().parents[1] / "scripts" / "postgres.sh")
+    out = subprocess.run([script, "start", str(d)], capture_output=True, text=True,
+                         env={**os.environ, "SOUVERAIN_PG_NO_INSTALL": "1"}, timeout=120,
+                         check=False)
+    assert out.returncode == 0, out.stderr
+    yield out.stdout.strip().splitlines()[-1]
+    subprocess.run([script, "stop", str(d)], capture_output=True, timeout=60, check=False)

@@ -8,12 +8,9 @@ jobs client, so jobs go through raw HTTP shaped as La Plateforme's spec.
 
 from __future__ import annotations
 
-import glob
 import json
 import os
-import shutil
 import signal
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -58,25 +55,6 @@ GOOD = jsonl([conversation(i) for i in range(24)])
 
 
 # -- the store (SQLite; PostgreSQL too when its binaries are installed) -----------------------
-
-def _pg_binaries() -> bool:
-    return bool(shutil.which("initdb") or glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-
-
-@pytest.fixture(scope="session")
-def pg_url(tmp_path_factory: pytest.TempPathFactory):
-    if not _pg_binaries():
-        pytest.skip("PostgreSQL binaries (initdb, pg_ctl) are not installed; "
-                    "scripts/postgres.sh installs the postgresql package and starts a cluster")
-    d = tmp_path_factory.mktemp("pg")
-    script = str(REPO / "scripts" / "postgres.sh")
-    out = subprocess.run([script, "start", str(d)], capture_output=True, text=True,
-                         env={**os.environ, "SOUVERAIN_PG_NO_INSTALL": "1"}, timeout=120,
-                         check=False)
-    assert out.returncode == 0, out.stderr
-    yield out.stdout.strip().splitlines()[-1]
-    subprocess.run([script, "stop", str(d)], capture_output=True, timeout=60, check=False)
-
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def store(request: pytest.FixtureRequest, tmp_path: Path):

@@ -19,9 +19,6 @@ PostgreSQL is a throw-away cluster of scripts/postgres.sh (skipped without its b
 
 from __future__ import annotations
 
-import glob
-import os
-import shutil
 import signal
 import sqlite3
 import subprocess
@@ -29,7 +26,6 @@ import sys
 import textwrap
 import time
 import uuid
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
@@ -42,25 +38,6 @@ from souverain.rag.library_db import LibraryDB
 from souverain.rag.store import STALE_AFTER_S, DocumentBusy, LibraryStore
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def _pg_binaries() -> bool:
-    return bool(shutil.which("initdb") or glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-
-
-@pytest.fixture(scope="module")
-def pg_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    if not _pg_binaries():
-        pytest.skip("PostgreSQL binaries (initdb, pg_ctl) are not installed; "
-                    "scripts/postgres.sh installs the postgresql package and starts a cluster")
-    d = tmp_path_factory.mktemp("pg")
-    script = str(REPO / "scripts" / "postgres.sh")
-    out = subprocess.run([script, "start", str(d)], capture_output=True, text=True,
-                         env={**os.environ, "SOUVERAIN_PG_NO_INSTALL": "1"}, timeout=120,
-                         check=False)
-    assert out.returncode == 0, out.stderr
-    yield out.stdout.strip().splitlines()[-1]
-    subprocess.run([script, "stop", str(d)], capture_output=True, timeout=60, check=False)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -24,7 +24,6 @@ import httpx
 import pytest
 from mistralai.client import Mistral
 from server_utils import ServerProcess, free_port
-from test_finetune_api import pg_url  # noqa: F401 - the PostgreSQL fixture
 
 from souverain.server.auth import add_key
 
@@ -38,7 +37,7 @@ TRAIN = "".join(json.dumps({"messages": [
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory, tiny_llama: dict,
-            pg_url: str) -> Any:  # noqa: F811
+            pg_url: str) -> Any:
     home = tmp_path_factory.mktemp("replicas")
     keys = home / "keys.txt"
     _, key = add_key(keys, "alice")
