@@ -30,6 +30,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from souverain.finetune.store import JobStore, NotFound, WorkerLock, this_host
+from souverain.sqldb import create_schema
 
 QUEUED, RUNNING, SUCCESS, FAILED = "QUEUED", "RUNNING", "SUCCESS", "FAILED"
 TIMEOUT_EXCEEDED, CANCELLATION_REQUESTED, CANCELLED = (
@@ -112,7 +113,7 @@ class BatchStore:
         self.jobs = jobs
         self.root = jobs.root / "batch"
         self.workers_dir = self.root / "workers"
-        metadata.create_all(jobs.engine)
+        create_schema(jobs.engine, metadata)
 
     def job_dir(self, job_id: str) -> Path:
         """The job's own folder: its inline requests and its journal."""

@@ -622,6 +622,9 @@ def replica_app(opts: dict[str, Any], root: str) -> tuple[Any, Any, str]:
         lock.release()
         raise RuntimeError(f"the replica could not start (exit code {exc.exit_code}); its "
                            "error is in the log above") from None
+    except BaseException:
+        lock.release()  # (its folder free for the replica Ray starts in its place)
+        raise
     finally:
         REPLICA_HOOK.reset(token)
     if hook.app is None:

@@ -24,6 +24,7 @@ from souverain.finetune.jobs_db import eval_runs_t, open_engine, safe_url
 from souverain.finetune.lifecycle import lifecycle_db_url
 from souverain.finetune.store import Conflict, JobsError, NotFound, Transactions, write_atomic
 from souverain.paths import data_home
+from souverain.sqldb import create_schema
 
 RUN_ID = re.compile(r"^evr_[0-9a-f]{24}$")
 
@@ -64,7 +65,7 @@ class EvalRunStore(Transactions):
         self._own_engine = engine is None
         try:
             self.engine = engine or open_engine(self.url)
-            eval_runs_t.create(self.engine, checkfirst=True)
+            create_schema(self.engine, eval_runs_t.metadata, tables=[eval_runs_t])
         except (sa.exc.SQLAlchemyError, OSError, ImportError) as exc:
             reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
             raise JobsError(f"Cannot open the evaluation runs' database {safe_url(self.url)}: "

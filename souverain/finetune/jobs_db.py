@@ -7,20 +7,19 @@ shared by every server on the database; `souverain.finetune.lifecycle`) and ``ev
 SQLAlchemy Core over ``sqlite:///path`` or ``postgresql+psycopg://...``. `JobStore` (store.py)
 owns the transitions and the records built from these rows.
 
-SQLite: WAL, so readers never wait for the writer; a write transaction starts with ``BEGIN
-IMMEDIATE`` (a deferred one that upgrades later can fail at once with "database is locked"
-when another process writes), a read-only one (a connection with the ``READ`` execution
-option) with a plain deferred ``BEGIN``, which WAL never blocks. Every transaction is short:
-nothing slow (validation, training, file I/O) runs inside one.
+The engine and the table creation are `souverain.sqldb`'s (SQLite in WAL with immediate write
+transactions; PostgreSQL's table creation under an advisory lock). Every transaction is
+short: nothing slow (validation, training, file I/O) runs inside one.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
-
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection, Engine
+
+# the jobs database's engine (re-exported for its users in this package)
+from souverain.sqldb import READ as READ
+from souverain.sqldb import open_engine as open_engine
+from souverain.sqldb import safe_url as safe_url
 
 metadata = sa.MetaData()
 files_t = sa.Table(
@@ -126,55 +125,3 @@ eval_runs_t = sa.Table(
     sa.Column("run", sa.JSON, nullable=False),  # EvalRun.to_json()
     sa.Column("html_path", sa.Text),  # the rendered report (under DATA/evaluations/)
 )
-
-
-def safe_url(url: str) -> str:
-    """The URL without its password."""
-    try:
-        return sa.engine.make_url(url).render_as_string(hide_password=True)
-    except sa.exc.ArgumentError:
-        return url.rsplit("@", 1)[-1]
-
-
-READ = "souverain_read_only"  # execution option of a connection that only reads
-
-
-def open_engine(url: str, busy_timeout_s: float = 30.0) -> Engine:
-    """An engine on ``url``; SQLite gets its folder created, WAL, immediate write transactions
-    and deferred read ones, and waits up to ``busy_timeout_s`` for another writer's lock.
-    Raises `sqlalchemy.exc.ArgumentError` or `ImportError` for a bad URL or a missing
-    driver."""
-    if not url.startswith("sqlite"):
-        return sa.create_engine(url, pool_pre_ping=True)
-    path = sa.engine.make_url(url).database
-    if path and path != ":memory:":
-        Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
-    engine = sa.create_engine(url, connect_args={"timeout": busy_timeout_s})
-
-    @sa.event.listens_for(engine, "connect")
-    def _connect(dbapi: Any, _record: Any) -> None:
-        dbapi.isolation_level = None  # we issue BEGIN ourselves (below)
-        cur = dbapi.cursor()
-        cur.execute("PRAGMA journal_mode=WAL")  # readers never wait for the writer
-        cur.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
-        cur.execute("PRAGMA synchronous=NORMAL")
-        cur.close()
-
-    @sa.event.listens_for(engine, "begin")
-    def _begin(conn: Connection) -> None:
-        # a writer takes the write lock up front; a reader never asks for it
-        read = conn.get_execution_options().get(READ, False)
-        conn.exec_driver_sql("BEGIN" if read else "BEGIN IMMEDIATE")
-
-    return engine
-
-
-def add_missing_columns(engine: Engine) -> None:
-    """Columns added to the tables since a database was created (``create_all`` only creates
-    missing tables): ``ALTER TABLE ... ADD COLUMN`` each, nullable."""
-    have = {c["name"] for c in sa.inspect(engine).get_columns(jobs_t.name)}
-    with engine.begin() as c:
-        for col in jobs_t.columns:
-            if col.name not in have:
-                kind = col.type.compile(dialect=engine.dialect)
-                c.exec_driver_sql(f"ALTER TABLE {jobs_t.name} ADD COLUMN {col.name} {kind}")

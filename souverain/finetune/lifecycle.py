@@ -27,6 +27,7 @@ from souverain.errors import SouverainError
 from souverain.finetune.jobs_db import lifecycle_t, open_engine, safe_url
 from souverain.finetune.store import Transactions
 from souverain.paths import data_home
+from souverain.sqldb import create_schema
 
 ACTIONS = ("deprecate", "withdraw", "restore")
 
@@ -94,7 +95,7 @@ class LifecycleStore(Transactions):
         self.url = url or lifecycle_db_url(root)
         try:
             self.engine = engine or open_engine(self.url)
-            lifecycle_t.create(self.engine, checkfirst=True)
+            create_schema(self.engine, lifecycle_t.metadata, tables=[lifecycle_t])
         except (sa.exc.SQLAlchemyError, OSError, ImportError) as exc:
             reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
             raise LifecycleError(f"Cannot open the model lifecycle database "

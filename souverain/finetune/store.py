@@ -35,7 +35,6 @@ from sqlalchemy.engine import Connection, Engine
 from souverain.errors import SouverainError
 from souverain.finetune.jobs_db import (
     READ,
-    add_missing_columns,
     checkpoints_t,
     events_t,
     files_t,
@@ -45,6 +44,7 @@ from souverain.finetune.jobs_db import (
     safe_url,
 )
 from souverain.paths import OwnerLock, data_home
+from souverain.sqldb import add_missing_columns, create_schema
 
 QUEUED, STARTED, VALIDATING, VALIDATED, RUNNING = (
     "QUEUED", "STARTED", "VALIDATING", "VALIDATED", "RUNNING")
@@ -196,8 +196,8 @@ class JobStore(Transactions):
         self.url = url or default_db_url(root)
         try:
             self.engine = open_engine(self.url, busy_timeout_s)
-            metadata.create_all(self.engine)
-            add_missing_columns(self.engine)
+            create_schema(self.engine, metadata,
+                          migrate=lambda conn: add_missing_columns(conn, [jobs_t]))
         except (sa.exc.SQLAlchemyError, OSError, ImportError) as exc:
             raise _open_error(self.url, exc) from None
 

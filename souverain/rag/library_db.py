@@ -39,9 +39,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Connection
 
 from souverain.errors import RAGError
+from souverain.sqldb import READ, add_missing_columns, create_schema, open_engine, safe_url
 
 Status = Literal["todo", "in_progress", "done", "error"]
 
@@ -95,8 +96,6 @@ owners_t = sa.Table(
     sa.Column("heartbeat_at", sa.Float, nullable=False),  # its clock, epoch seconds
 )
 # columns added since a table was first created: added to older databases at open
-_ADDED = {documents_t: ("owner",), erasures_t: ("owner",)}
-_READ = "souverain_read_only"  # execution option of a connection that only reads
 
 
 class NameTaken(Exception):
@@ -153,14 +152,6 @@ def default_url(root: Path) -> str:
     return f"sqlite:///{root / 'meta.sqlite'}"
 
 
-def safe_url(url: str) -> str:
-    """The URL without its password."""
-    try:
-        return sa.engine.make_url(url).render_as_string(hide_password=True)
-    except sa.exc.ArgumentError:
-        return url.rsplit("@", 1)[-1]
-
-
 def _document_info(row: Any) -> DocumentInfo:
     return DocumentInfo(
         row.id,
@@ -185,49 +176,6 @@ def _document_info(row: Any) -> DocumentInfo:
 _DOC_COLUMNS = [c for c in documents_t.c if c.name != "owner"]
 
 
-def open_engine(url: str, busy_timeout_s: float = 30.0) -> Engine:
-    """An engine on ``url``. SQLite: the folder created; WAL, foreign keys, deleted rows
-    overwritten (``secure_delete``: names are personal data), immediate write transactions
-    and deferred read ones, ``busy_timeout_s`` of waiting for another writer's lock.
-    PostgreSQL: connections checked before use, a connect timeout."""
-    if not url.startswith("sqlite"):
-        connect = {"connect_timeout": int(busy_timeout_s)} if url.startswith("postgresql") \
-            else {}
-        return sa.create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=20,
-                                connect_args=connect)
-    path = sa.engine.make_url(url).database
-    if path and path != ":memory:":
-        Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
-    engine = sa.create_engine(url, connect_args={"timeout": busy_timeout_s},
-                              pool_size=5, max_overflow=20)
-
-    @sa.event.listens_for(engine, "connect")
-    def _connect(dbapi: Any, _record: Any) -> None:
-        dbapi.isolation_level = None  # BEGIN is ours (below)
-        cur = dbapi.cursor()
-        cur.execute("PRAGMA journal_mode=WAL")  # readers never wait for the writer
-        cur.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
-        cur.execute("PRAGMA foreign_keys=ON")
-        cur.execute("PRAGMA synchronous=NORMAL")
-        cur.execute("PRAGMA secure_delete=ON")
-        cur.close()
-
-    @sa.event.listens_for(engine, "begin")
-    def _begin(conn: Connection) -> None:
-        # a writer takes the write lock up front (a deferred transaction that upgrades later
-        # can fail at once when another process writes); a reader never asks for it
-        read = conn.get_execution_options().get(_READ, False)
-        conn.exec_driver_sql("BEGIN" if read else "BEGIN IMMEDIATE")
-
-    return engine
-
-
-def _unreachable(exc: BaseException) -> bool:
-    """A connection that failed (not a statement that did): no point trying again."""
-    return isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated or \
-        "connect" in str(getattr(exc, "orig", exc)).lower()
-
-
 def _open_error(url: str, exc: BaseException) -> RAGError:
     if isinstance(exc, (sa.exc.ArgumentError, ImportError)):  # a bad URL or a missing driver
         return RAGError(f"Cannot open the libraries database {safe_url(url)} ({exc}); use "
@@ -248,32 +196,13 @@ class LibraryDB:
         sentence) when the database cannot be opened."""
         self.url = url if isinstance(url, str) else f"sqlite:///{url}"
         try:
-            self.engine = open_engine(self.url, busy_timeout_s)
-            for attempt in range(3):
-                try:
-                    metadata.create_all(self.engine)
-                    self._add_missing_columns()
-                    break
-                except (sa.exc.ProgrammingError, sa.exc.IntegrityError,
-                        sa.exc.OperationalError) as exc:
-                    # two servers starting at once on a new database: one creates a table
-                    # the other had just found missing; looking again finds it
-                    if attempt == 2 or _unreachable(exc):
-                        raise
-                    time.sleep(0.2 * (attempt + 1))
+            self.engine = open_engine(self.url, busy_timeout_s, foreign_keys=True,
+                                      secure_delete=True)  # (names are personal data)
+            create_schema(self.engine, metadata, migrate=lambda conn: add_missing_columns(
+                conn, [documents_t, erasures_t]))
         except (sa.exc.SQLAlchemyError, OSError, ImportError) as exc:
             raise _open_error(self.url, exc) from None
         self.is_sqlite = self.engine.dialect.name == "sqlite"
-
-    def _add_missing_columns(self) -> None:
-        inspector = sa.inspect(self.engine)
-        for table, names in _ADDED.items():
-            have = {c["name"] for c in inspector.get_columns(table.name)}
-            with self.engine.begin() as c:
-                for name in names:
-                    if name not in have:
-                        kind = table.c[name].type.compile(dialect=self.engine.dialect)
-                        c.exec_driver_sql(f"ALTER TABLE {table.name} ADD COLUMN {name} {kind}")
 
     @contextmanager
     def tx(self) -> Iterator[Connection]:
@@ -285,7 +214,7 @@ class LibraryDB:
     def read(self) -> Iterator[Connection]:
         """A read-only transaction (SQLite: deferred, which a writer never blocks)."""
         with self.engine.connect() as conn:
-            conn.execution_options(**{_READ: True})
+            conn.execution_options(**{READ: True})
             with conn.begin():
                 yield conn
 

@@ -219,9 +219,11 @@ class SouverainReplica:
             raise RuntimeError("the replica's server has stopped")
 
     async def __del__(self) -> None:
-        await self.bridge.shutdown()
-        if self._lock is not None:
-            self._lock.release()
+        # (a replica whose __init__ failed has no bridge, and maybe no lock, to give back)
+        if (bridge := getattr(self, "bridge", None)) is not None:
+            await bridge.shutdown()
+        if (lock := getattr(self, "_lock", None)) is not None:
+            lock.release()
 
 
 # -- the request router: prefix-aware over Ray Serve's replicas (imports Ray: this module is
