@@ -259,6 +259,8 @@ def _int4_codes(linear: Int4Linear) -> tuple[torch.Tensor, torch.Tensor, torch.T
     bytes exactly. Should it not (another layout), they are read through the kernel instead:
     identity rows times the weight with every scale 1 and zero 8 give ``q`` itself (exact,
     but K x K x N products)."""
+    if linear.layout == "q4":  # souverain's own layout: the codes are in order
+        return linear.codes()
     n, k = linear.out_features, linear.in_features
     packed = linear.qweight.reshape(n, k // 2)
     tile = min(n, INT4_TILE_N)

@@ -13,6 +13,9 @@ activation dtype:
   row attending to its keys straight from the KV pages (no gather, no padding to the
   longest sequence), exact float32 softmax, GQA by head groups; AVX-512 for head_dim 64/128.
 
+- ``q4_linear(x, qs, dm)``: int4 weights (GGUF's Q4 block order, float16 d and m per block
+  of 32) times int16-quantized activations on the integer dot units (AVX2 ``vpmaddwd``,
+  AVX-512 VNNI ``vpdpwssd``), for `Int4Linear`'s "q4" layout (souverain/models/int4_linear.py).
 The extension is compiled on first use with the machine's C++ compiler
 (``torch.utils.cpp_extension``, ~30 s once, then cached under ``~/.cache/souverain/kernels``,
 one build per source, flags and CPU). Without a compiler, with ``SOUVERAIN_KERNELS=0``, on
