@@ -114,13 +114,19 @@ def test_gguf_q4_blocks_keep_their_float16_scales(qtype_name: str) -> None:
 
 def test_scales_float16_cannot_hold_keep_the_aten_layout() -> None:
     q, s, z = _codes(128, 64)
-    s[100, 1] = 1e-7  # below float16's normal numbers: would lose bits
+    s[100, 1] = 1e5  # beyond float16's range (65504)
     lin = Int4Linear.from_int4(q, s, z, 32)
     assert lin.layout == "aten"  # the whole weight, rows packed before included
     x = torch.randn(2, 64)
     w = (q.view(128, 2, 32).float() - 8) * s[..., None] + z[..., None]
     ref = x.double() @ w.view(128, 64).double().t()
     assert ((lin(x).double() - ref).abs().max() / ref.abs().max()).item() < 2e-2  # bf16 path
+    tiny = Int4Linear.from_int4(q, torch.full_like(s, 1e-7), z, 32)  # float16 subnormals: kept
+    assert tiny.layout == "q4"
+    w = (q.view(128, 2, 32).float() - 8) * 1e-7 + z[..., None]
+    # d's subnormal rounding: <= 15 * 2^-25 per weight; m's float16 rounding: half an ulp
+    atol = 15 * 2.0 ** -25 + 2.0 ** -11 * z.abs().max().item()
+    assert torch.allclose(tiny.dequantize(), w.view(128, 64), rtol=0, atol=atol)
 
 
 def test_env_keeps_pytorchs_kernel(monkeypatch: pytest.MonkeyPatch) -> None:

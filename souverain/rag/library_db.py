@@ -95,7 +95,6 @@ owners_t = sa.Table(
     sa.Column("started_at", sa.Float, nullable=False),
     sa.Column("heartbeat_at", sa.Float, nullable=False),  # its clock, epoch seconds
 )
-# columns added since a table was first created: added to older databases at open
 
 
 class NameTaken(Exception):
