@@ -367,3 +367,24 @@ def test_a_running_gate_runs_again_after_a_restart(
         assert names.count("evaluation-started") == 2
     finally:
         assert again.stop() == 0, again.log()
+
+
+def test_a_card_shows_a_gate_run_the_worker_just_recorded(tmp_path: Path) -> None:
+    """The release gate's run is written by the fine-tuning worker (another process, another
+    connection); the server caches each model's latest run for a second. A fine-tuned model
+    missing from that cache is looked up again, so its card never says "no evaluation" once
+    the job says the gate passed (CI caught the card a moment behind the job)."""
+    from souverain.finetune.eval_runs import EvalRunStore
+    from souverain.server.evaluations import EvaluationService
+
+    url = f"sqlite:///{tmp_path / 'jobs.sqlite'}"
+    server_side = EvaluationService(EvalRunStore(url, root=tmp_path), gates=None)
+    worker_side = EvalRunStore(url, root=tmp_path)
+    model = "ft:tiny:gate:abc123"
+    assert server_side.card_field(model) is None  # (fills the cache: no run yet)
+    run_id = "evr_" + "0" * 23 + "1"
+    worker_side.add({"id": run_id, "candidate": {"model": model}, "created_at": 1.0e9,
+                     "verdict": {"passed": True}, "suites": {}}, None, source="gate")
+    card = server_side.card_field(model)  # within the cache's second
+    assert card is not None and card["latest_run_id"] == run_id and card["passed"] is True
+    assert server_side.card_field("tiny") is None  # a base model: the cache, no new query

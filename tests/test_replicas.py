@@ -42,13 +42,15 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, tiny_llama: dict,
     keys = home / "keys.txt"
     _, key = add_key(keys, "alice")
     _, limited = add_key(keys, "bob")
+    _, background = add_key(keys, "carol")  # the kill test's traffic: its own RPM
     srv = ServerProcess(
         str(tiny_llama["consolidated"]), "--name", "tiny", "--replicas", "2",
         "--data-dir", str(home / "data"), "--api-keys-file", str(keys),
         "--jobs-db", pg_url, "--rate-limit-rpm", str(RPM), "--no-console",
         "--port", str(free_port()), startup_timeout=300)
     try:
-        yield {"srv": srv, "key": key, "limited": limited, "home": home}
+        yield {"srv": srv, "key": key, "limited": limited, "background": background,
+               "home": home}
     finally:
         assert srv.stop() == 0, srv.log()[-3000:]
 
@@ -68,9 +70,11 @@ def replicas(c: dict) -> dict[str, int]:
         for line in text.splitlines() if line.startswith("souverain_replica_info")) if m}
 
 
-def chat(c: dict, content: Any, pin: str | None = None, **kw: Any) -> httpx.Response:
+def chat(c: dict, content: Any, pin: str | None = None, key: str | None = None,
+         **kw: Any) -> httpx.Response:
     messages = content if isinstance(content, list) else [{"role": "user", "content": content}]
-    return httpx.post(c["srv"].url + "/v1/chat/completions", headers=auth(c["key"], pin),
+    return httpx.post(c["srv"].url + "/v1/chat/completions",
+                      headers=auth(key or c["key"], pin),
                       json={"model": "tiny", "messages": messages, "max_tokens": 8,
                             "temperature": 0, **kw}, timeout=120)
 
@@ -161,10 +165,14 @@ def test_killed_replica_loses_only_its_request_and_comes_back(cluster: dict) -> 
     results: list[tuple[int, str | None]] = []
     stop = threading.Event()
 
-    def traffic(i: int) -> None:  # unpinned requests all the while
+    def traffic(i: int) -> None:  # unpinned requests all the while, under the key's RPM
+        # (a key of their own, a few per second: on a fast machine two unthrottled loops
+        # passed --rate-limit-rpm and got 429s, which are not what this test is about)
         while not stop.is_set():
-            r = chat(cluster, f"Background question {i} {len(results)}")
+            r = chat(cluster, f"Background question {i} {len(results)}",
+                     key=cluster["background"])
             results.append((r.status_code, r.headers.get(PIN)))
+            stop.wait(0.25)
 
     on_victim: list[tuple[int, str]] = []
     killed = threading.Event()

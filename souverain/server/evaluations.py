@@ -81,10 +81,11 @@ class EvaluationService:
         """The held models, read now (the listing hides them)."""
         return self.gates.held() if self.gates is not None else {}
 
-    def latest(self) -> dict[str, tuple[str, float, bool | None]]:
+    def latest(self, fresh: bool = False) -> dict[str, tuple[str, float, bool | None]]:
+        """Each model's latest run: read at most once a second (``fresh``: read now)."""
         with self._lock:
             at, latest = self._latest
-            if time.monotonic() - at >= 1.0:
+            if fresh or time.monotonic() - at >= 1.0:
                 latest = self.runs.latest()
                 self._latest = (time.monotonic(), latest)
             return latest
@@ -116,8 +117,13 @@ class EvaluationService:
             raise APIError(403, not_released(held), param="model", code="model_not_released")
 
     def card_field(self, model: str) -> dict[str, Any] | None:
-        """The ``evaluation`` field of a model's card: its latest run (None without one)."""
+        """The ``evaluation`` field of a model's card: its latest run (None without one).
+        A fine-tuned model missing from the cached runs is looked up again now: its release
+        gate's run is written by the fine-tuning worker, another process, and the card must
+        not say "no evaluation" once the job says it passed."""
         found = self.latest().get(model)
+        if found is None and model.startswith("ft:"):
+            found = self.latest(fresh=True).get(model)
         if found is None:
             return None
         run_id, created_at, passed = found
